@@ -1,0 +1,42 @@
+// A random-access, read-only source of bytes: an open file or a buffer in memory. The zip
+// reader and the parallel reader work on this interface so they serve paths and file objects
+// (BytesIO) alike.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace ckptio {
+
+class ByteSource {
+ public:
+  virtual ~ByteSource() = default;
+
+  /// Total size in bytes.
+  virtual std::uint64_t size() const = 0;
+
+  /// Reads exactly `n` bytes at `offset` into `dst`. Throws FormatError naming the source if
+  /// the range runs past the end (a truncated file), IoError if the OS fails. Thread-safe.
+  virtual void read_exact(void* dst, std::size_t n, std::uint64_t offset) const = 0;
+
+  /// A name for messages: the path, or a description such as "<in-memory buffer>".
+  virtual const std::string& name() const = 0;
+};
+
+/// A ByteSource over memory the caller owns and keeps alive and unchanged while it is used.
+class MemorySource final : public ByteSource {
+ public:
+  MemorySource(const void* data, std::uint64_t size, std::string name);
+  std::uint64_t size() const override { return size_; }
+  void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override;
+  const std::string& name() const override { return name_; }
+  const std::uint8_t* data() const { return data_; }
+
+ private:
+  const std::uint8_t* data_;
+  std::uint64_t size_;
+  std::string name_;
+};
+
+}  // namespace ckptio

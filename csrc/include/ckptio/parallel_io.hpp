@@ -1,0 +1,41 @@
+// Parallel positional I/O over batches of ranges. Ranges longer than `chunk_bytes` are split;
+// short ones are grouped, so each task moves about `chunk_bytes` and a batch of 20,000 small
+// tensors costs a few dozen tasks, not 20,000.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "ckptio/byte_source.hpp"
+#include "ckptio/file.hpp"
+#include "ckptio/thread_pool.hpp"
+
+namespace ckptio {
+
+/// `length` bytes of the source at `offset` go to `dst` (caller-owned, alive for the call).
+struct ReadRequest {
+  std::uint64_t offset;
+  std::uint64_t length;
+  void* dst;
+};
+
+/// `length` bytes from `src` go to the file at `offset`.
+struct WriteRequest {
+  std::uint64_t offset;
+  std::uint64_t length;
+  const void* src;
+};
+
+/// Fills every destination. Throws FormatError if a range lies past the end of the source
+/// (checked for all ranges before any I/O), or the first I/O error met.
+void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& requests,
+                 ThreadPool& pool, std::size_t chunk_bytes);
+
+/// Writes every range. Ranges that touch end to end go out in one pwritev. When `crcs` is
+/// given it receives, per request, the CRC-32 of that request's bytes (computed chunk-wise in
+/// parallel while writing, then combined).
+void write_ranges(const File& file, const std::vector<WriteRequest>& requests, ThreadPool& pool,
+                  std::size_t chunk_bytes, std::vector<std::uint32_t>* crcs = nullptr);
+
+}  // namespace ckptio

@@ -1,0 +1,155 @@
+#include "ckptio/parallel_io.hpp"
+
+#include <sys/uio.h>
+
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "ckptio/checksum.hpp"
+#include "ckptio/detail/chunking.hpp"
+#include "ckptio/errors.hpp"
+
+namespace ckptio {
+namespace {
+
+void check_chunk(std::size_t chunk_bytes) {
+  if (chunk_bytes == 0) throw InvalidArgument("chunk_bytes must be positive");
+}
+
+void check_crc_available() {
+  if (!crc32_available()) {
+    throw InvalidArgument("ckptio was built without zlib; CRC-32 is unavailable");
+  }
+}
+
+}  // namespace
+
+void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& requests,
+                 ThreadPool& pool, std::size_t chunk_bytes) {
+  check_chunk(chunk_bytes);
+  // Every range is checked before the first read, so a bad file costs no I/O and leaves no
+  // destination half-filled by some tasks and not others.
+  const std::uint64_t size = source.size();
+  for (const ReadRequest& r : requests) {
+    if (r.offset > size || r.length > size - r.offset) {
+      throw FormatError(source.name() + ": range of " + std::to_string(r.length) +
+                        " bytes at offset " + std::to_string(r.offset) +
+                        " runs past the end of the file (" + std::to_string(size) + " bytes)");
+    }
+    if (r.length > 0 && r.dst == nullptr) {
+      throw InvalidArgument("read_ranges: null destination for a nonzero length");
+    }
+  }
+
+  const detail::TaskPlan plan = detail::plan_tasks(
+      requests.size(), [&](std::size_t i) { return requests[i].length; }, chunk_bytes,
+      pool.size());
+  pool.parallel_for(plan.task_count(), [&](std::size_t t) {
+    for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
+      const detail::Piece& piece = plan.pieces[p];
+      const ReadRequest& r = requests[piece.request];
+      source.read_exact(static_cast<std::uint8_t*>(r.dst) + piece.offset,
+                        static_cast<std::size_t>(piece.length), r.offset + piece.offset);
+    }
+  });
+}
+
+void write_ranges(const File& file, const std::vector<WriteRequest>& requests, ThreadPool& pool,
+                  std::size_t chunk_bytes, std::vector<std::uint32_t>* crcs) {
+  check_chunk(chunk_bytes);
+  if (crcs != nullptr) check_crc_available();
+  for (const WriteRequest& r : requests) {
+    if (r.length > UINT64_MAX - r.offset) {
+      throw InvalidArgument("write_ranges: range end overflows 64 bits");
+    }
+    if (r.length > 0 && r.src == nullptr) {
+      throw InvalidArgument("write_ranges: null source for a nonzero length");
+    }
+  }
+
+  const detail::TaskPlan plan = detail::plan_tasks(
+      requests.size(), [&](std::size_t i) { return requests[i].length; }, chunk_bytes,
+      pool.size());
+  // One slot per piece, so tasks never share a CRC; combined per request afterwards.
+  std::vector<std::uint32_t> piece_crcs(crcs != nullptr ? plan.pieces.size() : 0);
+
+  auto piece_src = [&](const detail::Piece& piece) {
+    return static_cast<const std::uint8_t*>(requests[piece.request].src) + piece.offset;
+  };
+  auto piece_pos = [&](const detail::Piece& piece) {
+    return requests[piece.request].offset + piece.offset;
+  };
+
+  pool.parallel_for(plan.task_count(), [&](std::size_t t) {
+    const std::size_t end = plan.task_start[t + 1];
+    std::vector<struct iovec> iov;
+    std::size_t p = plan.task_start[t];
+    while (p < end) {
+      // A run of pieces that continue one another in the file goes out in one pwritev: a
+      // planned archive's header, payload and descriptor are adjacent.
+      std::size_t q = p + 1;
+      std::uint64_t run_end = piece_pos(plan.pieces[p]) + plan.pieces[p].length;
+      while (q < end && q - p < static_cast<std::size_t>(INT_MAX) &&
+             piece_pos(plan.pieces[q]) == run_end) {
+        run_end += plan.pieces[q].length;
+        ++q;
+      }
+      if (crcs != nullptr) {
+        for (std::size_t k = p; k < q; ++k) {
+          piece_crcs[k] = crc32_update(0, piece_src(plan.pieces[k]),
+                                       static_cast<std::size_t>(plan.pieces[k].length));
+        }
+      }
+      if (q - p == 1) {
+        file.write_all(piece_src(plan.pieces[p]), static_cast<std::size_t>(plan.pieces[p].length),
+                       piece_pos(plan.pieces[p]));
+      } else {
+        iov.clear();
+        for (std::size_t k = p; k < q; ++k) {
+          iov.push_back({const_cast<std::uint8_t*>(piece_src(plan.pieces[k])),
+                         static_cast<std::size_t>(plan.pieces[k].length)});
+        }
+        file.writev_all(iov.data(), static_cast<int>(iov.size()), piece_pos(plan.pieces[p]));
+      }
+      p = q;
+    }
+  });
+
+  if (crcs != nullptr) {
+    crcs->assign(requests.size(), 0);
+    // Pieces are in request order, so folding left to right yields each request's CRC.
+    for (std::size_t p = 0; p < plan.pieces.size(); ++p) {
+      const detail::Piece& piece = plan.pieces[p];
+      (*crcs)[piece.request] = crc32_combine((*crcs)[piece.request], piece_crcs[p], piece.length);
+    }
+  }
+}
+
+namespace detail {
+
+std::vector<std::uint32_t> parallel_crc32(const std::vector<CrcInput>& inputs, ThreadPool& pool,
+                                          std::size_t chunk_bytes) {
+  check_chunk(chunk_bytes);
+  check_crc_available();
+  const TaskPlan plan = plan_tasks(
+      inputs.size(), [&](std::size_t i) { return inputs[i].size; }, chunk_bytes, pool.size());
+  std::vector<std::uint32_t> piece_crcs(plan.pieces.size());
+  pool.parallel_for(plan.task_count(), [&](std::size_t t) {
+    for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
+      const Piece& piece = plan.pieces[p];
+      piece_crcs[p] = crc32_update(
+          0, static_cast<const std::uint8_t*>(inputs[piece.request].data) + piece.offset,
+          static_cast<std::size_t>(piece.length));
+    }
+  });
+  std::vector<std::uint32_t> crcs(inputs.size(), 0);
+  for (std::size_t p = 0; p < plan.pieces.size(); ++p) {
+    const Piece& piece = plan.pieces[p];
+    crcs[piece.request] = crc32_combine(crcs[piece.request], piece_crcs[p], piece.length);
+  }
+  return crcs;
+}
+
+}  // namespace detail
+}  // namespace ckptio

@@ -1,0 +1,315 @@
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ckptio/checksum.hpp"
+#include "ckptio/detail/chunking.hpp"
+#include "ckptio/errors.hpp"
+#include "ckptio/file.hpp"
+#include "ckptio/parallel_io.hpp"
+#include "ckptio/thread_pool.hpp"
+#include "harness.hpp"
+
+using ckptio::File;
+using ckptio::ReadRequest;
+using ckptio::ThreadPool;
+using ckptio::WriteRequest;
+
+namespace {
+
+std::string make_file(const harness::TempDir& dir, const std::vector<std::uint8_t>& data) {
+  const std::string path = dir.file("src.bin");
+  File f = File::open(path, File::Mode::kCreate);
+  f.write_all(data.data(), data.size(), 0);
+  return path;
+}
+
+std::vector<std::uint8_t> read_all(const std::string& path) {
+  File f = File::open(path, File::Mode::kRead);
+  std::vector<std::uint8_t> out(static_cast<std::size_t>(f.size()));
+  f.read_exact(out.data(), out.size(), 0);
+  return out;
+}
+
+// Counts reads so a test can prove that validation happens before any I/O.
+class CountingSource final : public ckptio::ByteSource {
+ public:
+  explicit CountingSource(const std::vector<std::uint8_t>& data)
+      : inner_(data.data(), data.size(), "<counting>") {}
+  std::uint64_t size() const override { return inner_.size(); }
+  void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override {
+    reads.fetch_add(1);
+    inner_.read_exact(dst, n, offset);
+  }
+  const std::string& name() const override { return inner_.name(); }
+  mutable std::atomic<int> reads{0};
+
+ private:
+  ckptio::MemorySource inner_;
+};
+
+struct Lcg {
+  std::uint64_t x;
+  std::uint64_t next(std::uint64_t bound) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    return (x >> 33) % bound;
+  }
+};
+
+}  // namespace
+
+TEST(read_ranges_odd_sizes_and_chunk_splitting) {
+  harness::TempDir dir;
+  const auto data = harness::pattern((3u << 20) + 13, 11);
+  const std::string path = make_file(dir, data);
+  File f = File::open(path, File::Mode::kRead);
+  for (std::size_t threads : {1, 4}) {
+    ThreadPool pool(threads);
+    for (std::size_t chunk : {std::size_t{1}, std::size_t{999}, std::size_t{4096},
+                              std::size_t{1} << 20, std::size_t{8} << 20}) {
+      const std::vector<std::pair<std::uint64_t, std::uint64_t>> ranges = {
+          {0, data.size()}, {1, 12345}, {data.size() - 1, 1}, {777, 0}, {data.size(), 0},
+          {4095, 4097},     {100, 1},   {(1u << 20) + 3, (1u << 20) + 7}};
+      if (chunk == 1) {
+        // Byte-sized tasks over megabytes would only measure the harness.
+        std::vector<std::uint8_t> small(5000);
+        ckptio::read_ranges(f, {{1000, 5000, small.data()}}, pool, chunk);
+        CHECK(std::memcmp(small.data(), data.data() + 1000, small.size()) == 0);
+        continue;
+      }
+      std::vector<std::vector<std::uint8_t>> bufs;
+      std::vector<ReadRequest> reqs;
+      for (const auto& r : ranges) bufs.emplace_back(static_cast<std::size_t>(r.second) + 1, 0xEE);
+      for (std::size_t i = 0; i < ranges.size(); ++i) {
+        reqs.push_back({ranges[i].first, ranges[i].second, bufs[i].data()});
+      }
+      ckptio::read_ranges(f, reqs, pool, chunk);
+      for (std::size_t i = 0; i < ranges.size(); ++i) {
+        const auto len = static_cast<std::size_t>(ranges[i].second);
+        CHECK(std::memcmp(bufs[i].data(), data.data() + ranges[i].first, len) == 0);
+        CHECK(bufs[i][len] == 0xEE);  // nothing past the range
+      }
+    }
+  }
+}
+
+TEST(read_ranges_ten_thousand_small_requests) {
+  harness::TempDir dir;
+  const auto data = harness::pattern(1u << 20, 12);
+  File f = File::open(make_file(dir, data), File::Mode::kRead);
+  ThreadPool pool(4);
+  Lcg rng{42};
+  std::vector<std::uint8_t> out(10000 * 300);
+  std::vector<ReadRequest> reqs;
+  for (std::size_t i = 0; i < 10000; ++i) {
+    const std::uint64_t len = rng.next(300);
+    const std::uint64_t off = rng.next(data.size() - len + 1);
+    reqs.push_back({off, len, out.data() + i * 300});
+  }
+  ckptio::read_ranges(f, reqs, pool, 64 << 10);
+  bool ok = true;
+  for (const auto& r : reqs) {
+    ok = ok && std::memcmp(r.dst, data.data() + r.offset, static_cast<std::size_t>(r.length)) == 0;
+  }
+  CHECK(ok);
+}
+
+TEST(read_ranges_validates_everything_before_any_io) {
+  const auto data = harness::pattern(1000, 13);
+  CountingSource src(data);
+  ThreadPool pool(2);
+  std::vector<std::uint8_t> buf(1000);
+  std::vector<ReadRequest> reqs = {{0, 10, buf.data()}, {10, 10, buf.data()}, {995, 6, buf.data()}};
+  try {
+    ckptio::read_ranges(src, reqs, pool, 4096);
+    CHECK(false);
+  } catch (const ckptio::FormatError& e) {
+    CHECK(std::string(e.what()).find("<counting>") == 0);
+  }
+  CHECK_EQ(src.reads.load(), 0);
+  reqs = {{0, 10, buf.data()}, {UINT64_MAX - 2, 5, buf.data()}};
+  CHECK_THROWS(ckptio::read_ranges(src, reqs, pool, 4096), ckptio::FormatError);
+  reqs = {{1001, 0, buf.data()}};
+  CHECK_THROWS(ckptio::read_ranges(src, reqs, pool, 4096), ckptio::FormatError);
+  CHECK_EQ(src.reads.load(), 0);
+  reqs = {{0, 10, buf.data()}};
+  CHECK_THROWS(ckptio::read_ranges(src, reqs, pool, 0), ckptio::InvalidArgument);
+  reqs = {{0, 10, nullptr}};
+  CHECK_THROWS(ckptio::read_ranges(src, reqs, pool, 4096), ckptio::InvalidArgument);
+  CHECK_EQ(src.reads.load(), 0);
+  ckptio::read_ranges(src, {}, pool, 4096);
+  ckptio::read_ranges(src, {{1000, 0, nullptr}}, pool, 4096);
+  CHECK_EQ(src.reads.load(), 0);
+}
+
+TEST(write_ranges_ten_thousand_small_requests_with_crcs) {
+  if (!ckptio::crc32_available()) return;
+  harness::TempDir dir;
+  const std::string path = dir.file("out.bin");
+  const auto data = harness::pattern(2u << 20, 14);
+  Lcg rng{7};
+  // Mostly adjacent runs (coalesced into pwritev) with occasional gaps and empty requests.
+  std::vector<WriteRequest> reqs;
+  std::uint64_t pos = 0;
+  std::uint64_t src_at = 0;
+  for (int i = 0; i < 10000; ++i) {
+    const std::uint64_t len = rng.next(200);
+    if (rng.next(10) == 0) pos += rng.next(50);
+    reqs.push_back({pos, len, data.data() + src_at});
+    pos += len;
+    src_at = (src_at + len) % (data.size() - 200);
+  }
+  for (std::size_t threads : {1, 3}) {
+    ThreadPool pool(threads);
+    {
+      File f = File::open(path, File::Mode::kCreate);
+      std::vector<std::uint32_t> crcs;
+      ckptio::write_ranges(f, reqs, pool, 4096, &crcs);
+      CHECK_EQ(crcs.size(), reqs.size());
+      bool ok = true;
+      for (std::size_t i = 0; i < reqs.size(); ++i) {
+        ok = ok && crcs[i] == ckptio::crc32_update(0, reqs[i].src, static_cast<std::size_t>(reqs[i].length));
+        if (reqs[i].length == 0) ok = ok && crcs[i] == 0;
+      }
+      CHECK(ok);
+    }
+    const auto back = read_all(path);
+    bool ok = true;
+    for (const auto& r : reqs) {
+      ok = ok && r.offset + r.length <= back.size() &&
+           std::memcmp(back.data() + r.offset, r.src, static_cast<std::size_t>(r.length)) == 0;
+    }
+    CHECK(ok);
+  }
+}
+
+TEST(write_ranges_splits_long_ranges_and_crc_matches_single_pass) {
+  if (!ckptio::crc32_available()) return;
+  harness::TempDir dir;
+  const std::string path = dir.file("big.bin");
+  const auto data = harness::pattern((5u << 20) + 3, 15);
+  ThreadPool pool(4);
+  File f = File::open(path, File::Mode::kCreate);
+  const std::vector<WriteRequest> reqs = {{0, 1000001, data.data()},
+                                          {1000001, data.size() - 1000001, data.data() + 1000001},
+                                          {data.size() + 10, 7, data.data()}};
+  std::vector<std::uint32_t> crcs;
+  ckptio::write_ranges(f, reqs, pool, 65536 + 1, &crcs);
+  CHECK_EQ(crcs[0], ckptio::crc32_update(0, data.data(), 1000001));
+  CHECK_EQ(crcs[1], ckptio::crc32_update(0, data.data() + 1000001, data.size() - 1000001));
+  CHECK_EQ(crcs[2], ckptio::crc32_update(0, data.data(), 7));
+  const std::uint32_t whole = ckptio::crc32_update(0, data.data(), data.size());
+  CHECK_EQ(ckptio::crc32_combine(crcs[0], crcs[1], data.size() - 1000001), whole);
+  f.close();
+  const auto back = read_all(path);
+  CHECK_EQ(back.size(), data.size() + 17);
+  CHECK(std::memcmp(back.data(), data.data(), data.size()) == 0);
+  CHECK(back[data.size()] == 0);
+  CHECK(std::memcmp(back.data() + data.size() + 10, data.data(), 7) == 0);
+}
+
+TEST(write_ranges_rejects_bad_arguments) {
+  harness::TempDir dir;
+  File f = File::open(dir.file("bad.bin"), File::Mode::kCreate);
+  ThreadPool pool(2);
+  const char x = 'x';
+  CHECK_THROWS(ckptio::write_ranges(f, {{0, 1, &x}}, pool, 0), ckptio::InvalidArgument);
+  CHECK_THROWS(ckptio::write_ranges(f, {{0, 1, nullptr}}, pool, 16), ckptio::InvalidArgument);
+  CHECK_THROWS(ckptio::write_ranges(f, {{UINT64_MAX, 2, &x}}, pool, 16), ckptio::InvalidArgument);
+  CHECK_EQ(f.size(), 0u);
+  std::vector<std::uint32_t> crcs = {99};
+  if (ckptio::crc32_available()) {
+    ckptio::write_ranges(f, {{5, 0, nullptr}}, pool, 16, &crcs);
+    CHECK_EQ(crcs.size(), 1u);
+    CHECK_EQ(crcs[0], 0u);
+  }
+  CHECK_EQ(f.size(), 0u);
+}
+
+TEST(checksum_known_values) {
+  if (!ckptio::crc32_available()) {
+    CHECK_THROWS(ckptio::crc32_update(0, "a", 1), ckptio::InvalidArgument);
+    return;
+  }
+  CHECK_EQ(ckptio::crc32_update(0, "123456789", 9), 0xCBF43926u);
+  CHECK_EQ(ckptio::crc32_update(0, nullptr, 0), 0u);
+  const std::uint32_t a = ckptio::crc32_update(0, "12345", 5);
+  const std::uint32_t b = ckptio::crc32_update(0, "6789", 4);
+  CHECK_EQ(ckptio::crc32_combine(a, b, 4), 0xCBF43926u);
+  CHECK_EQ(ckptio::crc32_combine(0, b, 4), b);
+  CHECK_EQ(ckptio::crc32_combine(a, 0, 0), a);
+}
+
+TEST(parallel_crc32_matches_single_pass) {
+  if (!ckptio::crc32_available()) return;
+  const auto data = harness::pattern(3u << 20, 16);
+  ThreadPool pool(3);
+  std::vector<ckptio::detail::CrcInput> inputs = {
+      {data.data(), data.size()}, {nullptr, 0}, {data.data() + 5, 17}, {data.data(), 1u << 20}};
+  const auto crcs = ckptio::detail::parallel_crc32(inputs, pool, 100000);
+  CHECK_EQ(crcs.size(), 4u);
+  for (std::size_t i = 0; i < inputs.size(); ++i) {
+    CHECK_EQ(crcs[i], ckptio::crc32_update(0, inputs[i].data, static_cast<std::size_t>(inputs[i].size)));
+  }
+}
+
+TEST(plan_tasks_groups_and_splits) {
+  const std::vector<std::uint64_t> lengths = {10, 0, 25, 3, 100};
+  const auto plan = ckptio::detail::plan_tasks(
+      lengths.size(), [&](std::size_t i) { return lengths[i]; }, 20, 1);
+  // 138 bytes in tasks of 20 -> 7 tasks; every byte covered once, in order.
+  CHECK_EQ(plan.task_count(), 7u);
+  std::vector<std::uint64_t> covered(lengths.size(), 0);
+  for (const auto& p : plan.pieces) {
+    CHECK_EQ(p.offset, covered[p.request]);
+    CHECK(p.length > 0);
+    covered[p.request] += p.length;
+  }
+  CHECK(covered == lengths);
+  for (std::size_t t = 0; t + 1 < plan.task_count(); ++t) {
+    std::uint64_t bytes = 0;
+    for (std::size_t k = plan.task_start[t]; k < plan.task_start[t + 1]; ++k) bytes += plan.pieces[k].length;
+    CHECK_EQ(bytes, 20u);
+  }
+  const auto empty = ckptio::detail::plan_tasks(
+      3, [](std::size_t) { return std::uint64_t{0}; }, 20, 4);
+  CHECK_EQ(empty.task_count(), 0u);
+}
+
+TEST(parallel_io_errors_from_tasks_propagate) {
+  harness::TempDir dir;
+  const auto data = harness::pattern(1u << 20, 17);
+  const std::string path = make_file(dir, data);
+  File ro = File::open(path, File::Mode::kRead);
+  ThreadPool pool(3);
+  std::vector<WriteRequest> reqs;
+  for (std::size_t i = 0; i < 64; ++i) reqs.push_back({i * 16384, 16384, data.data() + i * 16384});
+  try {
+    ckptio::write_ranges(ro, reqs, pool, 16384);
+    CHECK(false);
+  } catch (const ckptio::IoError& e) {
+    CHECK_EQ(e.code(), EBADF);
+    CHECK_EQ(e.path(), path);
+  }
+  // An error raised by one read task reaches the caller with its type intact.
+  class FailingSource final : public ckptio::ByteSource {
+   public:
+    std::uint64_t size() const override { return 1u << 20; }
+    const std::string& name() const override { return name_; }
+    void read_exact(void*, std::size_t, std::uint64_t offset) const override {
+      if (offset >= (1u << 19)) throw ckptio::IoError(EIO, "pread", name_);
+    }
+
+   private:
+    std::string name_ = "<failing>";
+  } failing;
+  std::vector<std::uint8_t> buf(1u << 20);
+  try {
+    ckptio::read_ranges(failing, {{0, buf.size(), buf.data()}}, pool, 4096);
+    CHECK(false);
+  } catch (const ckptio::IoError& e) {
+    CHECK_EQ(e.code(), EIO);
+  }
+}
