@@ -1,0 +1,146 @@
+// Files, in-memory sources, parallel reads and memory mappings.
+//
+// Ownership across the boundary: a read request carries a raw destination address; the Python
+// caller keeps the owning tensor alive for the call. A Mapping is held by a shared_ptr that the
+// Python object owns; every tensor made from its buffer keeps that Python object alive.
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ckptio/byte_source.hpp"
+#include "ckptio/errors.hpp"
+#include "ckptio/file.hpp"
+#include "ckptio/memory.hpp"
+#include "ckptio/mmap.hpp"
+#include "ckptio/parallel_io.hpp"
+#include "ckptio/thread_pool.hpp"
+#include "register.hpp"
+#include "requests.hpp"
+
+namespace py = pybind11;
+
+namespace ckptio::bindings {
+
+namespace {
+
+/// A ByteSource over a Python buffer (bytes, bytearray, memoryview): keeps the buffer pinned.
+class BufferSource {
+ public:
+  BufferSource(py::buffer buffer, std::string name) : buffer_(std::move(buffer)) {
+    view_ = buffer_.request();
+    if (view_.ndim != 1 || view_.itemsize != 1 || view_.strides[0] != 1) {
+      throw InvalidArgument("BufferSource needs a contiguous byte buffer");
+    }
+    source_ = std::make_unique<MemorySource>(view_.ptr, static_cast<std::uint64_t>(view_.size),
+                                             std::move(name));
+  }
+  const ByteSource& source() const { return *source_; }
+
+ private:
+  py::buffer buffer_;
+  py::buffer_info view_;
+  std::unique_ptr<MemorySource> source_;
+};
+
+py::bytes pread_bytes(const ByteSource& source, std::uint64_t offset, std::uint64_t n) {
+  if (n > source.size()) {
+    throw FormatError(source.name() + ": a record of " + std::to_string(n) +
+                      " bytes cannot fit in a file of " + std::to_string(source.size()));
+  }
+  std::string out(n, '\0');
+  {
+    py::gil_scoped_release nogil;
+    source.read_exact(out.data(), n, offset);
+  }
+  return py::bytes(out);
+}
+
+void read_into(const ByteSource& source, const py::buffer& requests, std::size_t threads,
+               std::size_t chunk_bytes) {
+  std::vector<ReadRequest> batch = parse_read_requests(requests);
+  py::gil_scoped_release nogil;
+  auto pool = shared_pool(threads);
+  read_ranges(source, batch, *pool, chunk_bytes);
+}
+
+}  // namespace
+
+void register_io(py::module_& m) {
+  py::enum_<File::Mode>(m, "FileMode")
+      .value("READ", File::Mode::kRead)
+      .value("CREATE", File::Mode::kCreate)
+      .value("READ_WRITE", File::Mode::kReadWrite);
+
+  py::class_<File>(m, "File")
+      .def_static("open", &File::open, py::arg("path"), py::arg("mode"),
+                  py::call_guard<py::gil_scoped_release>(),
+                  "Opens a file; raises OSError with errno and the path on failure.")
+      .def_static("adopt", &File::adopt, py::arg("fd"), py::arg("name"),
+                  "Wraps a duplicate of an open descriptor.")
+      .def_property_readonly("name", &File::name)
+      .def_property_readonly("fd", &File::fd)
+      .def_property_readonly("size", &File::size)
+      .def_property_readonly("closed", [](const File& f) { return !f.is_open(); })
+      .def("pread", [](const File& f, std::uint64_t offset,
+                       std::uint64_t n) { return pread_bytes(f, offset, n); },
+           py::arg("offset"), py::arg("n"), "Reads exactly n bytes at offset.")
+      .def("read_into", [](const File& f, const py::buffer& requests, std::size_t threads,
+                           std::size_t chunk_bytes) { read_into(f, requests, threads, chunk_bytes); },
+           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"),
+           "Parallel reads; requests is a flat uint64 buffer of (offset, length, address) triples.")
+      .def("sync", &File::sync, py::call_guard<py::gil_scoped_release>())
+      .def("truncate", &File::truncate, py::call_guard<py::gil_scoped_release>())
+      .def("close", &File::close)
+      .def("__enter__", [](File& f) -> File& { return f; }, py::return_value_policy::reference)
+      .def("__exit__", [](File& f, const py::args&) { f.close(); });
+
+  py::class_<BufferSource>(m, "BufferSource")
+      .def(py::init<py::buffer, std::string>(), py::arg("buffer"), py::arg("name"))
+      .def_property_readonly("name", [](const BufferSource& b) { return b.source().name(); })
+      .def_property_readonly("size", [](const BufferSource& b) { return b.source().size(); })
+      .def("pread", [](const BufferSource& b, std::uint64_t offset,
+                       std::uint64_t n) { return pread_bytes(b.source(), offset, n); },
+           py::arg("offset"), py::arg("n"))
+      .def("read_into", [](const BufferSource& b, const py::buffer& requests, std::size_t threads,
+                           std::size_t chunk_bytes) {
+             read_into(b.source(), requests, threads, chunk_bytes);
+           },
+           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"));
+
+  py::class_<Mapping, std::shared_ptr<Mapping>>(m, "Mapping", py::buffer_protocol())
+      .def(py::init([](const File& file, bool shared) { return Mapping::map_file(file, shared); }),
+           py::arg("file"), py::arg("shared"),
+           "Maps the whole file read-write; shared=False is copy-on-write (the file never "
+           "changes).")
+      .def_property_readonly("size", &Mapping::size)
+      .def_property_readonly("shared", &Mapping::shared)
+      .def_property_readonly("address",
+                             [](const Mapping& mp) { return reinterpret_cast<std::uintptr_t>(mp.data()); })
+      .def("will_need", &Mapping::will_need, py::arg("offset"), py::arg("length"))
+      .def_buffer([](Mapping& mp) {
+        return py::buffer_info(mp.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(mp.size())}, {1}, /*readonly=*/false);
+      });
+
+  m.def(
+      "advise_huge_pages",
+      [](std::uintptr_t address, std::size_t nbytes) {
+        advise_huge_pages(reinterpret_cast<void*>(address), nbytes);
+      },
+      py::arg("address"), py::arg("nbytes"),
+      "Asks for transparent huge pages over not-yet-touched memory (best effort).");
+
+  m.def(
+      "memoryview",
+      [](std::uintptr_t address, py::ssize_t nbytes, bool readonly) {
+        if (nbytes < 0) throw InvalidArgument("nbytes must be >= 0");
+        return py::memoryview::from_memory(reinterpret_cast<void*>(address), nbytes, readonly);
+      },
+      py::arg("address"), py::arg("nbytes"), py::arg("readonly") = true,
+      "A memoryview over raw memory. The caller keeps the memory's owner alive while it is used.");
+}
+
+}  // namespace ckptio::bindings

@@ -1,0 +1,187 @@
+"""torch's zip container: reading the record table of any torch archive, writing ckptio's.
+
+The byte layout lives in C++ (``_core.plan_archive``); this module chooses the records, their
+order and alignment (shared/TORCH_FORMAT.md §1.1, docs/format.md) and moves the bytes: in
+parallel into a file descriptor, or sequentially into a writable file object.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import IO, Sequence, Union
+
+import torch
+
+from . import _core
+from .settings import get_options
+
+__all__ = ["ArchiveReader", "Record", "archive_name_for", "torch_records", "write_archive"]
+
+META_ALIGNMENT = 64
+#: Payload: a bytes-like object, or an (address, nbytes) pair of memory the caller keeps alive.
+Payload = Union[bytes, bytearray, memoryview, "tuple[int, int]"]
+Source = Union["_core.File", "_core.BufferSource"]
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str  # relative to the archive prefix
+    data_offset: int
+    size: int
+    method: int
+
+
+class ArchiveReader:
+    """The records of a torch zip archive, validated by the C++ reader."""
+
+    def __init__(self, source: Source, buffer: bytes | None = None) -> None:
+        self.source = source
+        self.name = source.name
+        if buffer is not None:
+            prefix, entries = _core.read_zip_directory(buffer, source.name)
+        else:
+            prefix, entries = _core.read_zip_directory(source)
+        self.prefix: str = prefix
+        self.records: dict[str, Record] = {}
+        for full_name, _header, data_offset, size, method in entries:
+            name = full_name[len(prefix):]
+            self.records[name] = Record(name, data_offset, size, method)
+
+    def has(self, name: str) -> bool:
+        return name in self.records
+
+    def record(self, name: str) -> Record:
+        try:
+            rec = self.records[name]
+        except KeyError:
+            raise _core.CheckpointError(
+                f"{self.name}: the archive has no record '{self.prefix}{name}'") from None
+        if rec.method != 0:
+            raise _core.CheckpointError(
+                f"{self.name}: record '{self.prefix}{name}' is compressed (zip method "
+                f"{rec.method}); torch checkpoints store records uncompressed")
+        return rec
+
+    def read(self, name: str) -> bytes:
+        rec = self.record(name)
+        return self.source.pread(rec.data_offset, rec.size)
+
+    def read_many(self, requests: array.array) -> None:
+        """Parallel reads of (offset, length, address) triples, GIL released."""
+        if len(requests):
+            opts = get_options()
+            self.source.read_into(requests, opts.threads, opts.chunk_bytes)
+
+
+def archive_name_for(target: object) -> str:
+    """The archive name torch.save would pick: the file's stem for a path, else 'archive'."""
+    if isinstance(target, (str, bytes)) or hasattr(target, "__fspath__"):
+        import os
+
+        base = os.path.basename(os.fsdecode(target))  # type: ignore[arg-type]
+        stem = base[: base.rfind(".")] if "." in base else base
+        if stem and stem.isascii() and stem.isprintable():
+            return stem
+    return "archive"
+
+
+def _serialization_id(names: Sequence[str], pickle_bytes: bytes) -> bytes:
+    # torch writes 20 digits hashing the record names + 20 digits of combined CRC and only
+    # logs the value; ckptio writes a deterministic 40-digit value of the same shape.
+    h = hashlib.blake2b(digest_size=16)
+    for n in names:
+        h.update(n.encode())
+        h.update(b"\0")
+    h.update(pickle_bytes)
+    d = h.digest()
+    a = int.from_bytes(d[:8], "little") % 10**20
+    b = int.from_bytes(d[8:], "little") % 10**20
+    return f"{a:020d}{b:020d}".encode()
+
+
+def torch_records(
+    pickle_bytes: bytes,
+    storages: Sequence[Payload],
+    *,
+    data_alignment: int,
+    byteorder: str | None = sys.byteorder,
+) -> tuple[list[tuple[str, int, int]], list[Payload]]:
+    """The records torch.save writes, in its order, as (name, size, alignment) + payloads."""
+    meta: list[tuple[str, Payload]] = [
+        ("data.pkl", pickle_bytes),
+        (".format_version", b"1"),
+        (".storage_alignment", str(data_alignment).encode()),
+    ]
+    if byteorder is not None:
+        meta.append(("byteorder", byteorder.encode()))
+    specs = [(n, len(p), META_ALIGNMENT) for n, p in meta]  # type: ignore[arg-type]
+    payloads: list[Payload] = [p for _, p in meta]
+    for key, payload in enumerate(storages):
+        specs.append((f"data/{key}", _payload_size(payload), data_alignment))
+        payloads.append(payload)
+    tail: list[tuple[str, bytes]] = [("version", b"3\n")]
+    tail.append((".data/serialization_id",
+                 _serialization_id([s[0] for s in specs] + ["version"], pickle_bytes)))
+    for n, p in tail:
+        specs.append((n, len(p), META_ALIGNMENT))
+        payloads.append(p)
+    return specs, payloads
+
+
+def _payload_size(p: Payload) -> int:
+    if isinstance(p, tuple):
+        return int(p[1])
+    return memoryview(p).nbytes
+
+
+def write_archive(
+    target: "_core.File | IO[bytes]",
+    archive_name: str,
+    specs: Sequence[tuple[str, int, int]],
+    payloads: Sequence[Payload],
+    *,
+    crc32: bool,
+) -> None:
+    """Writes an archive: parallel pwrite into a _core.File, sequential writes otherwise."""
+    if crc32 and not _core.crc32_available():
+        raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+    layout = _core.plan_archive(archive_name, list(specs))
+    opts = get_options()
+    if isinstance(target, _core.File):
+        _core.write_archive(target, layout, list(payloads), opts.threads, opts.chunk_bytes,
+                            crc32, opts.preallocate)
+        return
+    crcs = []
+    for i, payload in enumerate(payloads):
+        view = _payload_view(payload)
+        _write_all(target, layout.local_header(i))
+        _write_all(target, view)
+        crc = _core.crc32(view) if crc32 else 0
+        crcs.append(crc)
+        _write_all(target, layout.data_descriptor(i, crc))
+    _write_all(target, layout.central_directory(crcs))
+
+
+def _payload_view(payload: Payload) -> memoryview:
+    if isinstance(payload, tuple):
+        address, nbytes = payload
+        return _core.memoryview(address, nbytes) if nbytes else memoryview(b"")
+    return memoryview(payload).cast("B")
+
+
+def _write_all(f: IO[bytes], data: "bytes | memoryview") -> None:
+    # Raw (unbuffered) file objects may write less than asked; loop like a careful writer.
+    view = memoryview(data)
+    while view.nbytes:
+        n = f.write(view)
+        if n is None or n >= view.nbytes:
+            return
+        view = view[n:]
+
+
+def storage_payload(storage: torch.UntypedStorage) -> tuple[int, int]:
+    """(address, nbytes) of a CPU storage; the caller keeps the storage alive."""
+    return (storage.data_ptr(), storage.nbytes())

@@ -1,0 +1,250 @@
+"""Load side: unpickles data.pkl and materializes its storages.
+
+Two unpicklers share one storage loader:
+
+* weights-only (the default): CPython's C unpickler whose ``find_class`` resolves only what
+  torch's ``weights_only=True`` allows (torch's own allowlist plus
+  ``torch.serialization.add_safe_globals``); every other global is refused before it is
+  imported, so no code from the file runs.
+* full (``weights_only=False``): ``pickle_module.Unpickler`` as torch uses it.
+
+Storages resolve by key, so sharing and views come back exactly as torch rebuilds them. Eager
+CPU loads allocate every storage while unpickling and fill them all afterwards in one parallel
+read (the GIL released). That is safe because the globals tensors are rebuilt with never read
+storage data; the first global outside that set (a user class, a quantized-tensor rebuild...)
+switches the loader to reading each storage as soon as it is created, after flushing what is
+pending, so such code always sees real data.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import array
+import pickle
+from typing import Any, Callable
+
+import torch
+
+from . import _core
+from ._archive import ArchiveReader
+from .errors import CheckpointError, UnsafeGlobalError
+
+__all__ = ["StorageLoader", "make_unpickler"]
+
+# Fresh storages at least this large are advised to use transparent huge pages before they are
+# first touched (one fault per 2 MiB instead of per 4 KiB: the dominant cost of eager loads).
+_HUGE_PAGE_MIN_BYTES = 4 << 20
+
+# Globals that rebuild objects without reading storage data (non-callables such as dtypes are
+# always harmless and are not listed).
+_DATA_BLIND = frozenset({
+    "collections.OrderedDict",
+    "collections.Counter",
+    "builtins.set",
+    "builtins.complex",
+    "builtins.bytearray",
+    "_codecs.encode",
+    "torch.Size",
+    "torch.device",
+    "torch.nn.parameter.Parameter",
+    "torch.Tensor",
+    "torch.storage.UntypedStorage",
+    "torch.serialization._get_layout",
+    "torch._utils._rebuild_tensor",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter",
+    "torch._utils._rebuild_parameter_with_state",
+    "torch._utils._rebuild_meta_tensor_no_storage",
+    "torch._tensor._rebuild_from_type_v2",
+})
+
+
+def _allowed_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler as wou
+
+    allowed = dict(wou._get_allowed_globals())
+    allowed.update(wou._get_user_allowed_globals())
+    return allowed
+
+
+def _fix_import(module: str, name: str) -> tuple[str, str]:
+    # Protocol-2 pickles name Python 3 builtins by their Python 2 paths (__builtin__.set).
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _restore_identity(map_location: Any, location: str) -> bool | None:
+    """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
+    moves it, None if only calling map_location can tell."""
+    if map_location is None:
+        target = location
+    elif isinstance(map_location, dict):
+        target = map_location.get(location, location)
+    elif isinstance(map_location, (str, bytes)):
+        target = map_location.decode() if isinstance(map_location, bytes) else map_location
+    elif isinstance(map_location, torch.device):
+        target = str(map_location)
+    else:
+        return None
+    return target == "cpu"
+
+
+def _is_meta(map_location: Any) -> bool:
+    if isinstance(map_location, (str, bytes)):
+        loc = map_location.decode() if isinstance(map_location, bytes) else map_location
+        return loc == "meta"
+    return isinstance(map_location, torch.device) and map_location.type == "meta"
+
+
+class StorageLoader:
+    """Creates storages for persistent ids, reading them eagerly, lazily or from a mapping."""
+
+    def __init__(
+        self,
+        archive: ArchiveReader,
+        map_location: Any,
+        mapping: "_core.Mapping | None" = None,
+    ) -> None:
+        from torch.serialization import _get_restore_location
+
+        self.archive = archive
+        self.map_location = map_location
+        self.restore_location: Callable[[Any, str], Any] = _get_restore_location(map_location)
+        self.mapping = mapping
+        self.is_meta = _is_meta(map_location)
+        self.loaded: dict[str, torch.storage.TypedStorage] = {}
+        self.pending = array.array("Q")
+        self.deferred = True  # until a data-reading global appears
+
+    # -- persistent ids --------------------------------------------------------------------
+    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
+        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+            raise CheckpointError(
+                f"{self.archive.name}: unsupported persistent id {saved_id!r:.80}; expected "
+                "('storage', type, key, location, numel)")
+        typename, storage_type, key, location, numel = saved_id
+        typename, key, location = (_ascii(typename), _ascii(key), _ascii(location))
+        if typename != "storage" or not isinstance(key, str) or not isinstance(location, str):
+            raise CheckpointError(f"{self.archive.name}: malformed storage id {saved_id!r:.80}")
+        if storage_type is torch.UntypedStorage:
+            dtype = torch.uint8
+        else:
+            dtype = getattr(storage_type, "dtype", None)
+            if not isinstance(dtype, torch.dtype):
+                raise CheckpointError(
+                    f"{self.archive.name}: storage {key!r} has no storage type "
+                    f"({storage_type!r:.60})")
+        if type(numel) is not int or numel < 0:
+            raise CheckpointError(
+                f"{self.archive.name}: storage {key!r} has an invalid element count {numel!r:.40}")
+        cached = self.loaded.get(key)
+        if cached is not None:
+            return cached
+        nbytes = numel * torch._utils._element_size(dtype)
+        storage = self._storage(dtype, nbytes, key, location)
+        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        if typed._data_ptr() != 0:  # as torch: empty storages are not shared
+            self.loaded[key] = typed
+        return typed
+
+    def _storage(self, dtype: torch.dtype, nbytes: int, key: str, location: str) -> Any:
+        if self.is_meta:
+            return torch.UntypedStorage(nbytes, device="meta")
+        rec = self.archive.record(f"data/{key}")
+        if rec.size < nbytes:
+            raise CheckpointError(
+                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
+                f"needs {nbytes}")
+        identity = _restore_identity(self.map_location, location)
+        if self.mapping is not None:
+            storage = self._mapped(rec.data_offset, nbytes)
+        else:
+            storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+            if nbytes:
+                if nbytes >= _HUGE_PAGE_MIN_BYTES:
+                    _core.advise_huge_pages(storage.data_ptr(), nbytes)
+                self.pending.extend((rec.data_offset, nbytes, storage.data_ptr()))
+            if not (self.deferred and identity is True):
+                self.flush()  # the data must be there before map_location or user code sees it
+        return storage if identity is True else self.restore_location(storage, location)
+
+    def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
+        if nbytes == 0:
+            return torch.UntypedStorage(0)
+        # The tensor keeps the Mapping object (and so the mapping) alive.
+        return torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes,
+                                offset=offset).untyped_storage()
+
+    # -- scheduling ------------------------------------------------------------------------
+    def note_global(self, full_name: str, obj: Any) -> None:
+        """Called for each global the pickle names: one that might read storage data ends the
+        deferral of reads."""
+        if self.deferred and callable(obj) and full_name not in _DATA_BLIND:
+            self.flush()
+            self.deferred = False
+
+    def flush(self) -> None:
+        """Reads every pending storage (one parallel batch, GIL released)."""
+        if self.pending:
+            pending, self.pending = self.pending, array.array("Q")
+            self.archive.read_many(pending)
+
+
+def _ascii(value: Any) -> Any:
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+def _unsafe_global_message(full_path: str) -> str:
+    return (
+        f"Weights only load failed: the checkpoint names the global '{full_path}', which is not "
+        "allowed by default. If you trust this class or function, allow it with "
+        f"torch.serialization.add_safe_globals([{full_path}]) or the "
+        f"torch.serialization.safe_globals([{full_path}]) context manager; if you trust the "
+        "whole file, load it with weights_only=False (this can run arbitrary code).")
+
+
+def make_unpickler(
+    data: Any, loader: StorageLoader, *, weights_only: bool, pickle_module: Any,
+    **pickle_load_args: Any
+) -> Any:
+    """An unpickler over `data` (a binary file object) wired to `loader`."""
+    if weights_only:
+        allowed = _allowed_globals()
+
+        class _WeightsOnlyUnpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                module, name = _fix_import(module, name)
+                full = f"{module}.{name}"
+                try:
+                    obj = allowed[full]
+                except KeyError:
+                    raise UnsafeGlobalError(_unsafe_global_message(full)) from None
+                loader.note_global(full, obj)
+                return obj
+
+            def persistent_load(self, pid: Any) -> Any:
+                return loader.persistent_load(pid)
+
+        return _WeightsOnlyUnpickler(data, encoding=pickle_load_args.get("encoding", "utf-8"))
+
+    from torch.serialization import StorageType
+
+    class _Unpickler(pickle_module.Unpickler):  # type: ignore[name-defined,misc]
+        def find_class(self, module: str, name: str) -> Any:
+            if type(name) is str and "Storage" in name:
+                try:
+                    return StorageType(name)
+                except KeyError:
+                    pass
+            if module == "torch.tensor":  # renamed in torch 1.8 (pytorch#51633)
+                module = "torch._tensor"
+            obj = super().find_class(module, name)
+            loader.note_global(f"{module}.{name}", obj)
+            return obj
+
+        def persistent_load(self, pid: Any) -> Any:
+            return loader.persistent_load(pid)
+
+    return _Unpickler(data, **pickle_load_args)

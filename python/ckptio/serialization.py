@@ -1,0 +1,329 @@
+"""``save`` and ``load``: drop-in replacements for ``torch.save`` and ``torch.load``.
+
+Same arguments, same results; the difference is how bytes move. ``save`` writes torch's zip
+format with every ``data/*`` record page-aligned, from a thread pool, into a temporary file
+that is renamed over the target only once complete. ``load`` parses the container in C++,
+unpickles with a restricted unpickler by default, and reads all storages in one parallel
+batch, or maps the file once with ``mmap=True``.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import secrets
+import stat
+import sys
+from typing import IO, Any, Union
+
+import torch
+
+from . import _core
+from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
+from ._pickler import dumps
+from ._unpickler import StorageLoader, make_unpickler
+from .errors import CheckpointError
+from .settings import get_options
+
+__all__ = ["load", "save"]
+
+FileLike = Union[str, os.PathLike, IO[bytes]]
+DEFAULT_PROTOCOL = 2
+
+
+def _is_path(f: object) -> bool:
+    return isinstance(f, (str, bytes)) or hasattr(f, "__fspath__")
+
+
+# ------------------------------------------------------------------------------------- save
+def save(
+    obj: object,
+    f: FileLike,
+    pickle_module: Any = pickle,
+    pickle_protocol: int = DEFAULT_PROTOCOL,
+    _use_new_zipfile_serialization: bool = True,
+    _disable_byteorder_record: bool = False,
+) -> None:
+    """Saves `obj` to `f` exactly as :func:`torch.save` would, only faster.
+
+    The file is torch's zip format with ``data/*`` records aligned to 4096 bytes, so it loads
+    with stock ``torch.load`` in every mode. Saving to a path writes a temporary file next to
+    it and renames it into place: an error or a kill mid-save never leaves a torn file and
+    never removes the previous one.
+
+    Args:
+        obj: anything torch.save accepts (state dicts, optimizer states, nested containers...).
+        f: a path (str or os.PathLike) or a writable binary file object.
+        pickle_module: module providing ``Pickler`` (as torch.save).
+        pickle_protocol: pickle protocol; torch's default 2 keeps weights-only loading working.
+
+    Example::
+
+        >>> ckptio.save(model.state_dict(), "model.pt")
+        >>> model.load_state_dict(ckptio.load("model.pt"))
+    """
+    if not _use_new_zipfile_serialization:
+        # The legacy (pre-1.6) format has no layout to parallelize; torch writes it.
+        torch.save(obj, f, pickle_module, pickle_protocol,
+                   _use_new_zipfile_serialization=False)
+        return
+    if not _is_path(f) and not callable(getattr(f, "write", None)):
+        raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
+    opts = get_options()
+    pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
+    cpu_storages = [s if s.device.type == "cpu" else s.cpu() for s in storages]
+    specs, payloads = torch_records(
+        pickle_bytes, [storage_payload(s) for s in cpu_storages],
+        data_alignment=opts.data_alignment,
+        byteorder=None if _disable_byteorder_record else sys.byteorder)
+    name = archive_name_for(f)
+    if _is_path(f):
+        _write_file_atomically(os.fsdecode(f), name, specs, payloads, opts.crc32, opts.fsync)
+    else:
+        write_archive(f, name, specs, payloads, crc32=opts.crc32)  # type: ignore[arg-type]
+        flush = getattr(f, "flush", None)
+        if callable(flush):
+            flush()
+    del cpu_storages  # payload addresses stayed valid until here
+
+
+def _write_file_atomically(path: str, archive_name: str, specs: Any, payloads: Any,
+                           crc32: bool, fsync: bool) -> None:
+    # Write through a symlink to its target, as open(path, "wb") would.
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    directory = os.path.dirname(os.path.abspath(target))
+    if os.path.isdir(target):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(errno.ENOENT, f"parent directory {directory} does not exist",
+                                path)
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.ckptio-{os.getpid()}-"
+                                  f"{secrets.token_hex(4)}.tmp")
+    # 0o666 minus the umask, as a plain open() would; an existing target keeps its mode.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
+        except FileNotFoundError:
+            pass
+        file = _core.File.adopt(fd, tmp)
+        os.close(fd)
+        fd = -1
+        with file:
+            write_archive(file, archive_name, specs, payloads, crc32=crc32)
+            if fsync:
+                file.sync()
+        os.replace(tmp, target)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------------------------- load
+def _resolve_weights_only(weights_only: bool | None, pickle_module: Any) -> bool:
+    """torch.load's rules: the default is safe unless a pickle_module is given; the
+    TORCH_FORCE_(NO_)WEIGHTS_ONLY_LOAD environment variables override as in torch."""
+    true_values = ("1", "y", "yes", "true")
+    force_on = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in true_values
+    force_off = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in true_values
+    if force_on and force_off:
+        raise RuntimeError("Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or "
+                           "`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` should be set, but both were set.")
+    if force_on:
+        return True
+    if weights_only is None:
+        return not force_off and pickle_module is None
+    return bool(weights_only)
+
+
+def load(
+    f: FileLike,
+    map_location: Any = None,
+    pickle_module: Any = None,
+    *,
+    weights_only: bool | None = None,
+    mmap: bool | None = None,
+    **pickle_load_args: Any,
+) -> Any:
+    """Loads an object saved with :func:`save` or :func:`torch.save`, as :func:`torch.load`.
+
+    Args:
+        f: a path or a readable, seekable binary file object.
+        map_location: None, a device string, a ``torch.device``, a dict mapping saved
+            locations to new ones, or a callable ``(storage, location) -> storage``.
+        pickle_module: only with ``weights_only=False``: the module whose ``Unpickler`` runs.
+        weights_only: True (the default unless `pickle_module` is given) refuses every global
+            torch's weights-only loader refuses: no code from the file runs. False runs the
+            full unpickler; only for files you trust.
+        mmap: map the file and return tensors that view it (zero-copy, copy-on-write) instead
+            of reading it into memory. Needs a path.
+        **pickle_load_args: passed to the unpickler (e.g. ``encoding``) when
+            ``weights_only=False``.
+
+    Raises:
+        CheckpointError: the file is malformed (the message names it and the problem).
+        UnsafeGlobalError: a weights-only load met a global that is not allowed.
+        OSError: the OS failed (missing file, permission, I/O error).
+
+    Example::
+
+        >>> sd = ckptio.load("model.pt", map_location="cpu")
+        >>> sd = ckptio.load("model.pt", mmap=True)  # zero-copy
+    """
+    weights_only = _resolve_weights_only(weights_only, pickle_module)
+    if weights_only:
+        if pickle_module is not None:
+            raise RuntimeError(
+                "Can not safely load weights when explicit pickle_module is specified")
+    elif pickle_module is None:
+        pickle_module = pickle
+    if mmap is None:
+        mmap = _default_mmap()
+    pickle_load_args.setdefault("encoding", "utf-8")
+
+    if _is_path(f):
+        path = os.fsdecode(f)
+        file = _core.File.open(path, _core.FileMode.READ)
+        source: Any = file
+        buffer = None
+    else:
+        if mmap:
+            raise ValueError("f must be a file path in order to use the mmap argument")
+        file, buffer = None, _read_file_object(f)
+        source = _core.BufferSource(buffer, _display_name(f))
+    try:
+        head = source.pread(0, min(4, source.size))
+        if not _core.looks_like_zip(head):
+            return _load_legacy(f, map_location, pickle_module, weights_only, mmap,
+                                source.name, head, pickle_load_args)
+        archive = ArchiveReader(source, buffer)
+        if archive.has("constants.pkl") or not _plain_byteorder(archive):
+            # TorchScript archives and byte-swapped files: torch's own loader handles them.
+            return _load_with_torch(f, map_location, pickle_module, weights_only, mmap,
+                                    pickle_load_args)
+        _check_version(archive)
+        mapping = _core.Mapping(file, _mmap_shared()) if mmap else None
+        return _unpickle(archive, map_location, mapping, weights_only, pickle_module,
+                         pickle_load_args)
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _unpickle(archive: ArchiveReader, map_location: Any, mapping: Any, weights_only: bool,
+              pickle_module: Any, pickle_load_args: dict[str, Any]) -> Any:
+    loader = StorageLoader(archive, map_location, mapping)
+    data = io.BytesIO(archive.read("data.pkl"))
+    unpickler = make_unpickler(data, loader, weights_only=weights_only,
+                               pickle_module=pickle_module, **pickle_load_args)
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    if tls is not None:
+        tls.map_location = map_location  # torch's rebuild helpers consult it
+    try:
+        result = unpickler.load()
+        loader.flush()
+    except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if not weights_only:
+            raise  # arbitrary user code ran; keep its exceptions as they are
+        raise CheckpointError(f"{archive.name}: data.pkl could not be unpickled: "
+                              f"{type(e).__name__}: {e}") from e
+    finally:
+        if tls is not None:
+            tls.map_location = None
+    torch._utils._validate_loaded_sparse_tensors()
+    return result
+
+
+def _check_version(archive: ArchiveReader) -> None:
+    name = ".data/version" if archive.has(".data/version") else "version"
+    if not archive.has(name):
+        raise CheckpointError(f"{archive.name}: the archive has no version record; it is not a "
+                              "torch checkpoint")
+    raw = archive.read(name).strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 10:
+        raise CheckpointError(f"{archive.name}: unsupported archive version {raw[:20]!r} "
+                              "(torch reads versions 1 to 10)")
+
+
+def _plain_byteorder(archive: ArchiveReader) -> bool:
+    if not archive.has("byteorder"):
+        return sys.byteorder == "little"
+    value = archive.read("byteorder")
+    if value not in (b"little", b"big"):
+        raise CheckpointError(f"{archive.name}: unknown byte order {value[:20]!r}")
+    return value.decode() == sys.byteorder
+
+
+def _default_mmap() -> bool:
+    try:
+        from torch.utils.serialization import config
+    except ImportError:
+        return False
+    return bool(config.load.mmap)
+
+
+def _mmap_shared() -> bool:
+    import mmap as _mmap
+
+    getter = getattr(torch.serialization, "get_default_mmap_options", None)
+    return getter is not None and getter() == getattr(_mmap, "MAP_SHARED", -1)
+
+
+def _read_file_object(f: Any) -> bytes:
+    if not callable(getattr(f, "read", None)):
+        raise TypeError(f"f must be a path or a readable binary file object, got {type(f)!r}")
+    getvalue = getattr(f, "getvalue", None)
+    if isinstance(f, io.BytesIO) and callable(getvalue):
+        data = getvalue()
+    else:
+        if callable(getattr(f, "seek", None)):
+            f.seek(0)
+        data = f.read()
+    if not isinstance(data, (bytes, bytearray)):
+        raise TypeError(f"f.read() returned {type(data).__name__}, expected bytes: open the file "
+                        "in binary mode")
+    return bytes(data)
+
+
+def _display_name(f: Any) -> str:
+    name = getattr(f, "name", None)
+    return str(name) if isinstance(name, (str, bytes)) else f"<{type(f).__name__}>"
+
+
+def _load_with_torch(f: Any, map_location: Any, pickle_module: Any, weights_only: bool,
+                     mmap: bool, pickle_load_args: dict[str, Any]) -> Any:
+    if not _is_path(f) and callable(getattr(f, "seek", None)):
+        f.seek(0)
+    return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
+                      **pickle_load_args)
+
+
+def _load_legacy(f: Any, map_location: Any, pickle_module: Any, weights_only: bool, mmap: bool,
+                 name: str, head: bytes, pickle_load_args: dict[str, Any]) -> Any:
+    # Legacy (pre-1.6 / _use_new_zipfile_serialization=False) files start with a pickled
+    # magic number (protocol 2: 0x80 0x02). torch's own parser reads them, under the same
+    # weights_only rules; anything else is not a checkpoint.
+    if len(head) < 2 or head[0] != 0x80:
+        raise CheckpointError(f"{name}: not a torch checkpoint (neither a zip archive nor a "
+                              f"legacy torch file; it starts with {head!r})")
+    if mmap:
+        raise RuntimeError("mmap can only be used with files saved with "
+                           "`torch.save(_use_new_zipfile_serialization=True)`, please torch.save "
+                           "your checkpoint with this option in order to use mmap.")
+    return _load_with_torch(f, map_location, pickle_module, weights_only, False,
+                            pickle_load_args)

@@ -1,0 +1,137 @@
+"""Every tuning knob of ckptio, in one place.
+
+Each knob has a default, a ``CKPTIO_*`` environment variable read at import, a setter
+(:func:`set_options`) and a context manager (:func:`options`). docs/settings.md lists them.
+
+Example::
+
+    import ckptio
+    ckptio.set_options(threads=8)
+    with ckptio.options(crc32=True):
+        ckptio.save(state_dict, "model.pt")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import threading
+from typing import Any, Iterator
+
+__all__ = ["Options", "get_options", "options", "set_options"]
+
+
+def _default_threads() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 16))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The knobs. Values are validated by :func:`set_options` and :func:`options`."""
+
+    #: Parallel I/O threads (the calling thread included). Env: ``CKPTIO_THREADS``.
+    threads: int = dataclasses.field(default_factory=_default_threads)
+    #: Bytes one I/O task moves; big storages are split into chunks of this size, small ones
+    #: grouped up to it. Env: ``CKPTIO_CHUNK_BYTES``.
+    chunk_bytes: int = 8 << 20
+    #: Record alignment of ``data/*`` payloads in files ckptio writes (a power of two, at most
+    #: 32768). Env: ``CKPTIO_DATA_ALIGNMENT``.
+    data_alignment: int = 4096
+    #: Compute zip CRC-32s on save. torch never checks them; zip tools do. Env: ``CKPTIO_CRC32``.
+    crc32: bool = False
+    #: fsync the file and its directory before save returns (survives power loss, costs a
+    #: disk flush). Env: ``CKPTIO_FSYNC``.
+    fsync: bool = False
+    #: Reserve the file's full size before writing (a full disk fails early). Env:
+    #: ``CKPTIO_PREALLOCATE``.
+    preallocate: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
+            raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
+        if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 4096:
+            raise ValueError(f"chunk_bytes must be an int >= 4096, got {self.chunk_bytes!r}")
+        a = self.data_alignment
+        if not isinstance(a, int) or a < 1 or a > 32768 or a & (a - 1):
+            raise ValueError(f"data_alignment must be a power of two <= 32768, got {a!r}")
+        for name in ("crc32", "fsync", "preallocate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+_ENV = {
+    "threads": "CKPTIO_THREADS",
+    "chunk_bytes": "CKPTIO_CHUNK_BYTES",
+    "data_alignment": "CKPTIO_DATA_ALIGNMENT",
+    "crc32": "CKPTIO_CRC32",
+    "fsync": "CKPTIO_FSYNC",
+    "preallocate": "CKPTIO_PREALLOCATE",
+}
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n", ""}
+
+
+def _parse_env(name: str, raw: str, kind: type) -> Any:
+    if kind is bool:
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{_ENV[name]}={raw!r}: expected one of 1/0, true/false, yes/no")
+    try:
+        return int(raw, 0)
+    except ValueError:
+        raise ValueError(f"{_ENV[name]}={raw!r}: expected an integer") from None
+
+
+def _from_environment() -> Options:
+    values: dict[str, Any] = {}
+    defaults = Options()
+    for name, var in _ENV.items():
+        raw = os.environ.get(var)
+        if raw is not None:
+            values[name] = _parse_env(name, raw, type(getattr(defaults, name)))
+    return dataclasses.replace(defaults, **values)
+
+
+_lock = threading.Lock()
+_global = _from_environment()
+_local = threading.local()
+
+
+def get_options() -> Options:
+    """The options in force for the calling thread."""
+    return getattr(_local, "options", None) or _global
+
+
+def set_options(**changes: Any) -> Options:
+    """Changes options process-wide (threads inside an :func:`options` block keep theirs)."""
+    global _global
+    with _lock:
+        _global = dataclasses.replace(_global, **_check_names(changes))
+        return _global
+
+
+@contextlib.contextmanager
+def options(**changes: Any) -> Iterator[Options]:
+    """Overrides options for the calling thread inside a ``with`` block."""
+    previous = getattr(_local, "options", None)
+    _local.options = dataclasses.replace(get_options(), **_check_names(changes))
+    try:
+        yield _local.options
+    finally:
+        _local.options = previous
+
+
+def _check_names(changes: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(changes) - set(_ENV)
+    if unknown:
+        raise TypeError(f"unknown ckptio option(s): {', '.join(sorted(unknown))}; known: "
+                        f"{', '.join(_ENV)}")
+    return changes
