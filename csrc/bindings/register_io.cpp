@@ -125,13 +125,17 @@ void register_io(py::module_& m) {
                                {static_cast<py::ssize_t>(mp.size())}, {1}, /*readonly=*/false);
       });
 
-  m.def(
-      "advise_huge_pages",
-      [](std::uintptr_t address, std::size_t nbytes) {
-        advise_huge_pages(reinterpret_cast<void*>(address), nbytes);
-      },
-      py::arg("address"), py::arg("nbytes"),
-      "Asks for transparent huge pages over not-yet-touched memory (best effort).");
+  py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
+      .def(py::init<std::size_t>(), py::arg("nbytes"),
+           "Uninitialized host memory for one storage; huge-page backed when large.")
+      .def_property_readonly("size", &HostBuffer::size)
+      .def_property_readonly("huge", &HostBuffer::huge)
+      .def_property_readonly(
+          "address", [](const HostBuffer& b) { return reinterpret_cast<std::uintptr_t>(b.data()); })
+      .def_buffer([](HostBuffer& b) {
+        return py::buffer_info(b.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.size())}, {1}, /*readonly=*/false);
+      });
 
   m.def(
       "memoryview",

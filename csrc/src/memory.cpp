@@ -3,24 +3,45 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 
 namespace ckptio {
 
-void advise_huge_pages(void* data, std::size_t n) noexcept {
+HostBuffer::HostBuffer(std::size_t size) : size_(size) {
+  if (size >= kHugePageBytes) {
+    // Over-map by one huge page so the data can start on a 2 MiB boundary: only aligned 2 MiB
+    // ranges can be backed by huge pages.
+    const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+    if (rounded < size || rounded + kHugePageBytes < rounded) throw std::bad_alloc();
+    mapped_ = rounded + kHugePageBytes;
+    void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      mapped_ = 0;
+      throw std::bad_alloc();
+    }
+    base_ = p;
+    const auto addr = reinterpret_cast<std::uintptr_t>(p);
+    const std::uintptr_t aligned = (addr + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+    data_ = reinterpret_cast<void*>(aligned);
 #ifdef MADV_HUGEPAGE
-  constexpr std::uintptr_t kHuge = std::uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<std::uintptr_t>(data);
-  const std::uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const std::uintptr_t last = (begin + n) & ~(kHuge - 1);
-  if (last > first) {
-    // Only the aligned interior: the advice applies to whole VMAs' pages it covers and a
-    // partial huge page could never be used anyway.
-    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#else
-  (void)data;
-  (void)n;
+    (void)madvise(data_, rounded, MADV_HUGEPAGE);  // best effort: THP may be off
 #endif
+    return;
+  }
+  // 64-byte alignment (as torch's CPU allocator); aligned_alloc wants a multiple of it.
+  const std::size_t padded = size == 0 ? 64 : (size + 63) & ~std::size_t{63};
+  base_ = std::aligned_alloc(64, padded);
+  if (base_ == nullptr) throw std::bad_alloc();
+  data_ = base_;
+}
+
+HostBuffer::~HostBuffer() {
+  if (mapped_ != 0) {
+    munmap(base_, mapped_);
+  } else {
+    std::free(base_);
+  }
 }
 
 }  // namespace ckptio

@@ -31,10 +31,6 @@ from .errors import CheckpointError, UnsafeGlobalError
 
 __all__ = ["StorageLoader", "make_unpickler"]
 
-# Fresh storages at least this large are advised to use transparent huge pages before they are
-# first touched (one fault per 2 MiB instead of per 4 KiB: the dominant cost of eager loads).
-_HUGE_PAGE_MIN_BYTES = 4 << 20
-
 # Globals that rebuild objects without reading storage data (non-callables such as dtypes are
 # always harmless and are not listed).
 _DATA_BLIND = frozenset({
@@ -161,10 +157,8 @@ class StorageLoader:
         if self.mapping is not None:
             storage = self._mapped(rec.data_offset, nbytes)
         else:
-            storage = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+            storage = _host_storage(nbytes)
             if nbytes:
-                if nbytes >= _HUGE_PAGE_MIN_BYTES:
-                    _core.advise_huge_pages(storage.data_ptr(), nbytes)
                 self.pending.extend((rec.data_offset, nbytes, storage.data_ptr()))
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
@@ -192,6 +186,70 @@ class StorageLoader:
             self.archive.read_many(pending)
 
 
+def _host_storage(nbytes: int) -> torch.UntypedStorage:
+    """A fresh, non-resizable CPU storage (as torch.load's) in memory ckptio allocates: large
+    ones huge-page backed, so first-touch faults do not dominate the load."""
+    if nbytes == 0:
+        return torch.UntypedStorage(0)
+    return torch.frombuffer(_core.HostBuffer(nbytes), dtype=torch.uint8).untyped_storage()
+
+
+def _check_geometry(name: str, storage: Any, offset: Any, size: Any, stride: Any,
+                    element_size: int) -> None:
+    """Refuses tensor geometry that does not fit in its storage, before torch sees it: a
+    hostile size or stride must not make torch grow a storage or read outside it."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise CheckpointError(f"{name}: a tensor is rebuilt from {type(storage).__name__}, not "
+                              "a storage")
+    ok = (type(offset) is int and offset >= 0 and isinstance(size, (tuple, list))
+          and isinstance(stride, (tuple, list)) and len(size) == len(stride)
+          and all(type(n) is int and n >= 0 for n in size)
+          and all(type(s) is int and s >= 0 for s in stride))
+    if not ok:
+        raise CheckpointError(f"{name}: invalid tensor geometry: offset {offset!r:.40}, size "
+                              f"{size!r:.80}, stride {stride!r:.80}")
+    if 0 in size:
+        return
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    available = storage._untyped_storage.nbytes()
+    if (last + 1) * element_size > available:
+        raise CheckpointError(
+            f"{name}: a tensor of size {tuple(size)} with stride {tuple(stride)} at offset "
+            f"{offset} needs {(last + 1) * element_size} bytes; its storage has {available}")
+
+
+def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
+    """torch's tensor rebuild functions, each preceded by a geometry check."""
+    from torch import _utils
+
+    def rebuild_tensor(storage, storage_offset, size, stride):  # type: ignore[no-untyped-def]
+        _check_geometry(name, storage, storage_offset, size, stride, _element_size(storage))
+        return _utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+    def rebuild_tensor_v2(storage, storage_offset, size, stride, *args):  # type: ignore[no-untyped-def]
+        _check_geometry(name, storage, storage_offset, size, stride, _element_size(storage))
+        return _utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *args)
+
+    def rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,  # type: ignore[no-untyped-def]
+                          backward_hooks, dtype, *args):
+        if not isinstance(dtype, torch.dtype):
+            raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
+        _check_geometry(name, storage, storage_offset, size, stride, dtype.itemsize)
+        return _utils._rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
+                                         backward_hooks, dtype, *args)
+
+    return {
+        "torch._utils._rebuild_tensor": rebuild_tensor,
+        "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
+    }
+
+
+def _element_size(storage: Any) -> int:
+    dtype = getattr(storage, "dtype", torch.uint8)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 1
+
+
 def _ascii(value: Any) -> Any:
     return value.decode("ascii") if isinstance(value, bytes) else value
 
@@ -210,8 +268,9 @@ def make_unpickler(
     **pickle_load_args: Any
 ) -> Any:
     """An unpickler over `data` (a binary file object) wired to `loader`."""
+    checked = _checked_rebuilds(loader.archive.name)
     if weights_only:
-        allowed = _allowed_globals()
+        allowed = {**_allowed_globals(), **checked}
 
         class _WeightsOnlyUnpickler(pickle.Unpickler):
             def find_class(self, module: str, name: str) -> Any:
@@ -240,8 +299,9 @@ def make_unpickler(
                     pass
             if module == "torch.tensor":  # renamed in torch 1.8 (pytorch#51633)
                 module = "torch._tensor"
-            obj = super().find_class(module, name)
-            loader.note_global(f"{module}.{name}", obj)
+            full = f"{module}.{name}"
+            obj = checked.get(full) or super().find_class(module, name)
+            loader.note_global(full, obj)
             return obj
 
         def persistent_load(self, pid: Any) -> Any:

@@ -96,13 +96,13 @@ def _write_file_atomically(path: str, archive_name: str, specs: Any, payloads: A
     directory = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(errno.ENOENT, f"parent directory {directory} does not exist",
-                                path)
     tmp = os.path.join(directory, f".{os.path.basename(target)}.ckptio-{os.getpid()}-"
                                   f"{secrets.token_hex(4)}.tmp")
-    # 0o666 minus the umask, as a plain open() would; an existing target keeps its mode.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        # 0o666 minus the umask, as a plain open() would; an existing target keeps its mode.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    except OSError as e:  # report the caller's path, not the temporary name
+        raise type(e)(e.errno, e.strerror, path) from None
     try:
         try:
             os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
@@ -192,30 +192,35 @@ def load(
         pickle_module = pickle
     if mmap is None:
         mmap = _default_mmap()
-    pickle_load_args.setdefault("encoding", "utf-8")
 
+    shared = bool(mmap) and _mmap_shared()
     if _is_path(f):
         path = os.fsdecode(f)
-        file = _core.File.open(path, _core.FileMode.READ)
+        # A MAP_SHARED mapping writes through to the file, so it needs a writable descriptor.
+        mode = _core.FileMode.READ_WRITE if shared else _core.FileMode.READ
+        file = _core.File.open(path, mode)
         source: Any = file
         buffer = None
     else:
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
+        start = f.tell() if callable(getattr(f, "tell", None)) else None
         file, buffer = None, _read_file_object(f)
         source = _core.BufferSource(buffer, _display_name(f))
     try:
         head = source.pread(0, min(4, source.size))
         if not _core.looks_like_zip(head):
+            _rewind(f, start if buffer is not None else None)
             return _load_legacy(f, map_location, pickle_module, weights_only, mmap,
                                 source.name, head, pickle_load_args)
         archive = ArchiveReader(source, buffer)
         if archive.has("constants.pkl") or not _plain_byteorder(archive):
             # TorchScript archives and byte-swapped files: torch's own loader handles them.
+            _rewind(f, start if buffer is not None else None)
             return _load_with_torch(f, map_location, pickle_module, weights_only, mmap,
                                     pickle_load_args)
         _check_version(archive)
-        mapping = _core.Mapping(file, _mmap_shared()) if mmap else None
+        mapping = _core.Mapping(file, shared) if mmap else None
         return _unpickle(archive, map_location, mapping, weights_only, pickle_module,
                          pickle_load_args)
     finally:
@@ -228,7 +233,8 @@ def _unpickle(archive: ArchiveReader, map_location: Any, mapping: Any, weights_o
     loader = StorageLoader(archive, map_location, mapping)
     data = io.BytesIO(archive.read("data.pkl"))
     unpickler = make_unpickler(data, loader, weights_only=weights_only,
-                               pickle_module=pickle_module, **pickle_load_args)
+                               pickle_module=pickle_module,
+                               **{"encoding": "utf-8", **pickle_load_args})
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if tls is not None:
         tls.map_location = map_location  # torch's rebuild helpers consult it
@@ -285,15 +291,10 @@ def _mmap_shared() -> bool:
 
 
 def _read_file_object(f: Any) -> bytes:
+    """The rest of the file object, from its current position (as torch.load reads it)."""
     if not callable(getattr(f, "read", None)):
         raise TypeError(f"f must be a path or a readable binary file object, got {type(f)!r}")
-    getvalue = getattr(f, "getvalue", None)
-    if isinstance(f, io.BytesIO) and callable(getvalue):
-        data = getvalue()
-    else:
-        if callable(getattr(f, "seek", None)):
-            f.seek(0)
-        data = f.read()
+    data = f.read()
     if not isinstance(data, (bytes, bytearray)):
         raise TypeError(f"f.read() returned {type(data).__name__}, expected bytes: open the file "
                         "in binary mode")
@@ -305,10 +306,13 @@ def _display_name(f: Any) -> str:
     return str(name) if isinstance(name, (str, bytes)) else f"<{type(f).__name__}>"
 
 
+def _rewind(f: Any, position: int | None) -> None:
+    if position is not None:
+        f.seek(position)
+
+
 def _load_with_torch(f: Any, map_location: Any, pickle_module: Any, weights_only: bool,
                      mmap: bool, pickle_load_args: dict[str, Any]) -> Any:
-    if not _is_path(f) and callable(getattr(f, "seek", None)):
-        f.seek(0)
     return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
                       **pickle_load_args)
 

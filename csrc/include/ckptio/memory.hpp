@@ -1,14 +1,38 @@
-// Host memory helpers.
+// Host memory for eager loads.
 #pragma once
 
 #include <cstddef>
+#include <memory>
 
 namespace ckptio {
 
-/// Asks the kernel to back [data, data + n) with transparent huge pages (madvise
-/// MADV_HUGEPAGE on the 2 MiB-aligned interior) before the memory is first touched. First-touch
-/// page faults on fresh 4 KiB pages cost more than reading the file from the page cache; with
-/// huge pages one fault maps 2 MiB. Best effort: errors and kernels without THP are ignored.
-void advise_huge_pages(void* data, std::size_t n) noexcept;
+/// A block of host memory that a loaded storage lives in (Python wraps it with
+/// torch.frombuffer, so the storage owns it and cannot be resized, as torch.load's storages).
+///
+/// Blocks of at least kHugePageBytes are mapped 2 MiB-aligned and advised to use transparent
+/// huge pages before first touch: on fresh memory the 4 KiB page faults cost more than
+/// copying the data from the page cache, and one huge-page fault maps 2 MiB. Smaller blocks
+/// come from the C heap, 64-byte aligned. Contents start undefined.
+class HostBuffer {
+ public:
+  static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
+
+  /// Throws std::bad_alloc when the memory cannot be had.
+  explicit HostBuffer(std::size_t size);
+  ~HostBuffer();
+  HostBuffer(const HostBuffer&) = delete;
+  HostBuffer& operator=(const HostBuffer&) = delete;
+
+  void* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  /// True when the block is a huge-page-advised mapping.
+  bool huge() const noexcept { return mapped_ != 0; }
+
+ private:
+  void* base_ = nullptr;     // what to free / unmap
+  std::size_t mapped_ = 0;   // bytes mapped (0: heap block)
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+};
 
 }  // namespace ckptio
