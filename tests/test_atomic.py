@@ -1,0 +1,182 @@
+"""Saving to a path is atomic: a failed save leaves the previous file untouched and nothing
+new in the directory; a successful one replaces the file as open(path, "wb") would (mode,
+symlinks) and reports OS failures as the matching OSError subclass."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptio
+from ckptio import serialization
+from conftest import assert_same
+
+
+class ExplodingReduce:
+    def __reduce__(self) -> Any:
+        raise ValueError("boom from __reduce__")
+
+
+def _listing(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.fixture
+def previous(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt.pt"
+    ckptio.save({"generation": 1, "w": torch.arange(1000.0)}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"w": torch.ones(3), "fn": lambda x: x}, {"w": torch.ones(3), "bad": ExplodingReduce()}],
+    ids=["lambda", "reduce-raises"],
+)
+def test_pickling_error_keeps_previous_file(previous: Path, payload: Any) -> None:
+    with pytest.raises(Exception) as expected:  # the oracle: what torch.save raises
+        torch.save(payload, io.BytesIO())
+    before = _listing(previous.parent)
+    with pytest.raises(type(expected.value)):
+        ckptio.save(payload, previous)
+    assert _listing(previous.parent) == before
+    assert torch.load(previous)["generation"] == 1
+
+
+@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
+                                 KeyboardInterrupt()], ids=["ENOSPC", "KeyboardInterrupt"])
+def test_error_while_writing_removes_temp_file(previous: Path, monkeypatch: pytest.MonkeyPatch,
+                                               exc: BaseException) -> None:
+    """An error after the temporary file is written (or half written) removes it and leaves
+    the previous file as it was."""
+    real = serialization.write_archive
+    temp_files: list[str] = []
+
+    def write_then_fail(target: Any, *args: Any, **kwargs: Any) -> None:
+        real(target, *args, **kwargs)
+        temp_files.extend(p.name for p in previous.parent.iterdir() if p != previous)
+        raise exc
+
+    monkeypatch.setattr(serialization, "write_archive", write_then_fail)
+    before = _listing(previous.parent)
+    with pytest.raises(type(exc)):
+        ckptio.save({"generation": 2, "w": torch.zeros(5000)}, previous)
+    assert temp_files, "the save did not go through a temporary file next to the target"
+    assert _listing(previous.parent) == before
+    assert torch.load(previous)["generation"] == 1
+
+
+def test_same_storage_as_two_dtypes_is_refused(previous: Path) -> None:
+    x = torch.zeros(4)
+    obj = {"a": x, "b": x.view(torch.int32)}
+    before = _listing(previous.parent)
+    with pytest.raises(RuntimeError, match="different types"):
+        torch.save(obj, io.BytesIO())
+    with pytest.raises(RuntimeError, match="different types"):
+        ckptio.save(obj, previous)
+    assert _listing(previous.parent) == before
+
+
+def test_relative_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ckptio.save({"x": torch.ones(2)}, "relative.pt")
+    ckptio.save({"x": torch.zeros(2)}, "relative.pt")  # and over itself
+    assert [p.name for p in tmp_path.iterdir()] == ["relative.pt"]
+    assert torch.equal(torch.load("relative.pt")["x"], torch.zeros(2))
+
+
+def test_failed_first_save_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        ckptio.save({"bad": ExplodingReduce()}, tmp_path / "new.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_successful_save_leaves_only_the_file(previous: Path) -> None:
+    ckptio.save({"generation": 2}, previous)
+    assert [p.name for p in previous.parent.iterdir()] == ["ckpt.pt"]
+    assert ckptio.load(previous) == {"generation": 2}
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o755], ids=oct)
+def test_overwrite_keeps_permission_bits(previous: Path, mode: int) -> None:
+    os.chmod(previous, mode)
+    ckptio.save({"generation": 2}, previous)
+    assert stat.S_IMODE(os.stat(previous).st_mode) == mode
+    assert ckptio.load(previous)["generation"] == 2
+
+
+def test_new_file_mode_follows_umask(tmp_path: Path) -> None:
+    old = os.umask(0o027)
+    try:
+        ckptio.save({"x": 1}, tmp_path / "ours.pt")
+        torch.save({"x": 1}, tmp_path / "theirs.pt")
+    finally:
+        os.umask(old)
+    ours = stat.S_IMODE(os.stat(tmp_path / "ours.pt").st_mode)
+    assert ours == stat.S_IMODE(os.stat(tmp_path / "theirs.pt").st_mode) == 0o640
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    target = tmp_path / "no" / "such" / "dir" / "ckpt.pt"
+    with pytest.raises(FileNotFoundError) as info:
+        ckptio.save({"x": 1}, target)
+    assert info.value.errno == errno.ENOENT
+    assert info.value.filename is not None and "ckpt.pt" in str(info.value.filename)
+    assert not (tmp_path / "no").exists()
+
+
+def test_path_is_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        ckptio.save({"x": 1}, tmp_path / "d")
+    assert info.value.errno == errno.EISDIR
+    assert list((tmp_path / "d").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+def test_parent_is_a_file(tmp_path: Path) -> None:
+    """A path under a regular file fails as open(path, "wb") fails there (ENOTDIR)."""
+    (tmp_path / "file").write_bytes(b"x")
+    target = tmp_path / "file" / "ckpt.pt"
+    with pytest.raises(OSError) as expected:
+        open(target, "wb")  # noqa: SIM115 - the oracle; it never opens
+    with pytest.raises(OSError) as info:
+        ckptio.save({"x": 1}, target)
+    assert type(info.value) is type(expected.value)
+    assert info.value.errno == expected.value.errno == errno.ENOTDIR
+    assert (tmp_path / "file").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("relative", [True, False], ids=["relative-link", "absolute-link"])
+def test_save_through_symlink(tmp_path: Path, relative: bool) -> None:
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    target = real_dir / "weights.pt"
+    ckptio.save({"generation": 1}, target)
+    link = tmp_path / "latest.pt"
+    link.symlink_to(os.path.relpath(target, tmp_path) if relative else target)
+
+    obj = {"generation": 2, "w": torch.arange(10)}
+    ckptio.save(obj, link)
+    assert link.is_symlink()
+    assert os.readlink(link) == (os.path.relpath(target, tmp_path) if relative else str(target))
+    assert_same(obj, torch.load(target))
+    assert_same(obj, ckptio.load(link))
+    assert sorted(p.name for p in real_dir.iterdir()) == ["weights.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.pt", "real"]
+
+
+def test_save_through_dangling_symlink(tmp_path: Path) -> None:
+    """open(link, "wb") creates the missing target; so does ckptio.save."""
+    link = tmp_path / "latest.pt"
+    link.symlink_to("created.pt")
+    ckptio.save({"x": 1}, link)
+    assert link.is_symlink()
+    assert ckptio.load(tmp_path / "created.pt") == {"x": 1}
