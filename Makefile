@@ -1,12 +1,12 @@
 # One entry point for humans and CI. Every target builds its own virtual environment.
 #   make demo   - set up, then save/load a GPT-2-medium fp16 state dict with ckptio and torch
-#   make test   - set up, then run the C++ unit tests and the Python test suite
+#   make test   - set up, then lint, run the C++ unit tests and the Python test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test install cpp-test py-test asan clean
+.PHONY: demo test install cpp-test py-test lint asan clean
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ cpp-test: $(STAMP)
 py-test: install
 	$(BIN)/python -m pytest
 
-test: cpp-test py-test
+lint: $(STAMP)
+	$(BIN)/ruff check python bench tests
+	$(BIN)/ruff format --check python bench tests
+	$(BIN)/mypy python/ckptio
+
+test: lint cpp-test py-test
 
 # C++ unit tests under AddressSanitizer + UBSan.
 asan: $(STAMP)

@@ -75,10 +75,14 @@ def main() -> None:
 
     print(f"building a GPT-2-medium-shaped fp16 state dict ({args.layers} layers)...")
     sd = gpt2_medium_state_dict(n_layer=args.layers)
-    nbytes = sum(t.untyped_storage().nbytes() for t in
-                 {t.untyped_storage().data_ptr(): t for t in sd.values()}.values())
-    print(f"{len(sd)} tensors, {nbytes / 1e6:.0f} MB, torch {torch.__version__}, "
-          f"ckptio {ckptio.__version__}, {ckptio.get_options().threads} I/O threads\n")
+    nbytes = sum(
+        t.untyped_storage().nbytes()
+        for t in {t.untyped_storage().data_ptr(): t for t in sd.values()}.values()
+    )
+    print(
+        f"{len(sd)} tensors, {nbytes / 1e6:.0f} MB, torch {torch.__version__}, "
+        f"ckptio {ckptio.__version__}, {ckptio.get_options().threads} I/O threads\n"
+    )
 
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         p_ck, p_th = os.path.join(d, "ckptio.pt"), os.path.join(d, "torch.pt")
@@ -94,14 +98,20 @@ def main() -> None:
         rows += [
             ("load", "torch.load", _median(lambda: torch.load(p_th), args.runs)),
             ("load", "ckptio.load", _median(lambda: ckptio.load(p_ck), args.runs)),
-            ("load+touch", "torch.load(mmap=True)",
-             _median(lambda: _touch(torch.load(p_th, mmap=True)), args.runs)),
-            ("load+touch", "ckptio.load(mmap=True)",
-             _median(lambda: _touch(ckptio.load(p_ck, mmap=True)), args.runs)),
+            (
+                "load+touch",
+                "torch.load(mmap=True)",
+                _median(lambda: _touch(torch.load(p_th, mmap=True)), args.runs),
+            ),
+            (
+                "load+touch",
+                "ckptio.load(mmap=True)",
+                _median(lambda: _touch(ckptio.load(p_ck, mmap=True)), args.runs),
+            ),
         ]
     base = {op: t for op, who, t in rows if who.startswith("torch")}
-    print(f"| operation  | candidate              | median (s) | vs torch |")
-    print(f"|------------|------------------------|-----------:|---------:|")
+    print("| operation  | candidate              | median (s) | vs torch |")
+    print("|------------|------------------------|-----------:|---------:|")
     for op, who, t in rows:
         print(f"| {op:<10} | {who:<22} | {t:10.3f} | {base[op] / t:7.2f}x |")
     print(f"\nmedians of {args.runs} runs after a warm-up; page cache warm; all loads verified")

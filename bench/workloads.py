@@ -9,8 +9,9 @@ import torch
 __all__ = ["gpt2_medium_state_dict"]
 
 
-def gpt2_medium_state_dict(dtype: torch.dtype = torch.float16, *, n_layer: int = 24,
-                           seed: int = 0) -> "OrderedDict[str, torch.Tensor]":
+def gpt2_medium_state_dict(
+    dtype: torch.dtype = torch.float16, *, n_layer: int = 24, seed: int = 0
+) -> OrderedDict[str, torch.Tensor]:
     """A GPT-2-medium-shaped state dict (~710 MB in fp16) with lm_head tied to the embedding,
     named as Hugging Face names it."""
     g = torch.Generator().manual_seed(seed)

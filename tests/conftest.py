@@ -48,8 +48,9 @@ class TinyGPT(nn.Module):
         self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
         self.proj = nn.Linear(WIDTH, WIDTH)
         self.ln2 = nn.LayerNorm(WIDTH)
-        self.mlp = nn.Sequential(nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(),
-                                 nn.Linear(4 * WIDTH, WIDTH))
+        self.mlp = nn.Sequential(
+            nn.Linear(WIDTH, 4 * WIDTH), nn.GELU(), nn.Linear(4 * WIDTH, WIDTH)
+        )
         self.ln_f = nn.LayerNorm(WIDTH)
         self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying
@@ -100,8 +101,9 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: 
 def trained_optimizer(kind: str, steps: int = 1) -> tuple[nn.Module, torch.optim.Optimizer]:
     model = make_model()
     if kind == "adamw":
-        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2,
-                                                       weight_decay=0.1)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(
+            model.parameters(), lr=1e-2, weight_decay=0.1
+        )
     elif kind == "sgd-momentum":
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     else:  # pragma: no cover - a typo in a test
@@ -125,20 +127,22 @@ def _same_float(a: float, b: float) -> bool:
     return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
 
 
-def assert_tensor_same(a: torch.Tensor, b: torch.Tensor, where: str = "tensor", *,
-                       values: bool = True) -> None:
+def assert_tensor_same(
+    a: torch.Tensor, b: torch.Tensor, where: str = "tensor", *, values: bool = True
+) -> None:
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     assert a.dtype == b.dtype, f"{where}: dtype {a.dtype} != {b.dtype}"
     assert a.shape == b.shape, f"{where}: shape {tuple(a.shape)} != {tuple(b.shape)}"
     assert a.stride() == b.stride(), f"{where}: stride {a.stride()} != {b.stride()}"
     assert a.storage_offset() == b.storage_offset(), (
-        f"{where}: storage_offset {a.storage_offset()} != {b.storage_offset()}")
+        f"{where}: storage_offset {a.storage_offset()} != {b.storage_offset()}"
+    )
     assert a.requires_grad == b.requires_grad, f"{where}: requires_grad differs"
     assert a.is_conj() == b.is_conj(), f"{where}: conj bit differs"
     assert a.is_neg() == b.is_neg(), f"{where}: neg bit differs"
     assert a.untyped_storage().nbytes() == b.untyped_storage().nbytes(), (
-        f"{where}: storage size {a.untyped_storage().nbytes()} != "
-        f"{b.untyped_storage().nbytes()}")
+        f"{where}: storage size {a.untyped_storage().nbytes()} != {b.untyped_storage().nbytes()}"
+    )
     if not values:
         return
     assert a.device == b.device, f"{where}: device {a.device} != {b.device}"
@@ -256,14 +260,20 @@ def zip_records(path_or_bytes: Path | str | bytes) -> list[ZipRecord]:
     out = []
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         for info in zf.infolist():
-            hdr = data[info.header_offset:info.header_offset + 30]
+            hdr = data[info.header_offset : info.header_offset + 30]
             sig, _ver, flags, method = struct.unpack_from("<IHHH", hdr)
             assert sig == 0x04034B50, f"{info.filename}: no local header at {info.header_offset}"
             assert method == 0, f"{info.filename}: compressed"
             name_len, extra_len = struct.unpack_from("<HH", hdr, 26)
-            out.append(ZipRecord(info.filename, info.header_offset,
-                                 info.header_offset + 30 + name_len + extra_len, info.file_size,
-                                 flags))
+            out.append(
+                ZipRecord(
+                    info.filename,
+                    info.header_offset,
+                    info.header_offset + 30 + name_len + extra_len,
+                    info.file_size,
+                    flags,
+                )
+            )
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 
 import ckptio
 from ckptio import serialization
+
 from conftest import assert_same
 
 
@@ -50,10 +51,14 @@ def test_pickling_error_keeps_previous_file(previous: Path, payload: Any) -> Non
     assert torch.load(previous)["generation"] == 1
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
-                                 KeyboardInterrupt()], ids=["ENOSPC", "KeyboardInterrupt"])
-def test_error_while_writing_removes_temp_file(previous: Path, monkeypatch: pytest.MonkeyPatch,
-                                               exc: BaseException) -> None:
+@pytest.mark.parametrize(
+    "exc",
+    [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
+    ids=["ENOSPC", "KeyboardInterrupt"],
+)
+def test_error_while_writing_removes_temp_file(
+    previous: Path, monkeypatch: pytest.MonkeyPatch, exc: BaseException
+) -> None:
     """An error after the temporary file is written (or half written) removes it and leaves
     the previous file as it was."""
     real = serialization.write_archive

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import ckptio
+
 from conftest import torch_archive_parts, write_plain_zip, zip_records
 
 
@@ -125,14 +126,24 @@ def _truncation_points(data: bytes) -> dict[str, int]:
 
 def _checkpoint_bytes(tmp_path: Path) -> bytes:
     path = tmp_path / "full.pt"
-    ckptio.save({"a": torch.arange(5000, dtype=torch.float32), "b": torch.ones(3000),
-                 "meta": {"epoch": 3}}, path)
+    ckptio.save(
+        {"a": torch.arange(5000, dtype=torch.float32), "b": torch.ones(3000), "meta": {"epoch": 3}},
+        path,
+    )
     return path.read_bytes()
 
 
-TRUNCATIONS = ["first-local-header", "data.pkl-payload", "data-payload", "before-version",
-               "central-directory-start", "central-directory-end", "zip64-eocd", "eocd",
-               "last-byte"]
+TRUNCATIONS = [
+    "first-local-header",
+    "data.pkl-payload",
+    "data-payload",
+    "before-version",
+    "central-directory-start",
+    "central-directory-end",
+    "zip64-eocd",
+    "eocd",
+    "last-byte",
+]
 
 
 @pytest.mark.parametrize("mode", ["eager", "mmap", "buffer", "full"])
@@ -156,8 +167,11 @@ def test_truncations_never_crash(tmp_path: Path) -> None:
     data = _checkpoint_bytes(tmp_path)
     src = tmp_path / "full.pt"
     src.write_bytes(data)
-    points = sorted(set(_truncation_points(data).values()) | set(range(0, 200, 7))
-                    | set(range(len(data) - 200, len(data), 5)))
+    points = sorted(
+        set(_truncation_points(data).values())
+        | set(range(0, 200, 7))
+        | set(range(len(data) - 200, len(data), 5))
+    )
     script = textwrap.dedent(f"""
         import io, json, sys
         import ckptio
@@ -187,12 +201,16 @@ def test_truncations_never_crash(tmp_path: Path) -> None:
             out[cut] = kinds
         json.dump(out, sys.stdout)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
     results = json.loads(proc.stdout)
-    unexpected = {cut: kinds for cut, kinds in results.items()
-                  if any(k not in ("CheckpointError", "OSError") for k in kinds)}
+    unexpected = {
+        cut: kinds
+        for cut, kinds in results.items()
+        if any(k not in ("CheckpointError", "OSError") for k in kinds)
+    }
     assert not unexpected
 
 
@@ -240,8 +258,9 @@ def test_tensor_larger_than_its_storage(tmp_path: Path, record: str) -> None:
             del junk
         print(" ".join(results))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-2000:]}"
     assert "loaded" not in proc.stdout.split(), proc.stdout
 
@@ -276,8 +295,9 @@ def test_unsupported_version(tmp_path: Path, version: bytes) -> None:
 def test_corrupt_pickle(tmp_path: Path) -> None:
     pkl, payloads = torch_archive_parts({"w": torch.ones(2), "s": "hello"})
     path = tmp_path / "pkl.pt"
-    write_plain_zip(path, {"data.pkl": pkl[: len(pkl) // 2], "data/0": payloads[0],
-                           "version": b"3\n"})
+    write_plain_zip(
+        path, {"data.pkl": pkl[: len(pkl) // 2], "data/0": payloads[0], "version": b"3\n"}
+    )
     with pytest.raises(ckptio.CheckpointError, match="pkl.pt"):
         ckptio.load(path)
 
@@ -410,11 +430,14 @@ def test_bad_options(changes: dict[str, Any], error: type[Exception]) -> None:
 # torch.load warns when TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD decides for it; the oracle call
 # below cannot avoid that warning.
 @pytest.mark.filterwarnings(
-    "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected:UserWarning")
-@pytest.mark.parametrize("var", ["TORCH_FORCE_WEIGHTS_ONLY_LOAD",
-                                 "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])
-def test_torch_force_environment_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           var: str) -> None:
+    "ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected:UserWarning"
+)
+@pytest.mark.parametrize(
+    "var", ["TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
+)
+def test_torch_force_environment_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str
+) -> None:
     """torch's overrides apply to ckptio.load too: FORCE wins over weights_only=False, and
     FORCE_NO turns the default (weights_only=None) into a full load."""
     path = tmp_path / "user.pt"

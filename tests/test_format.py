@@ -17,6 +17,7 @@ from torch.utils.serialization import config as torch_config
 
 import ckptio
 from ckptio import _archive, _core
+
 from conftest import (
     assert_same,
     assert_same_sharing,
@@ -31,18 +32,24 @@ from conftest import (
 def _sample() -> dict[str, Any]:
     model, opt = trained_optimizer("adamw")
     base = torch.arange(30, dtype=torch.float32).reshape(6, 5)
-    return {"model": model.state_dict(), "opt": opt.state_dict(), "window": base[2:, 1:4],
-            "base": base, "empty": torch.empty(0), "u16": torch.arange(7).to(torch.uint16),
-            "f8": torch.ones(5).to(torch.float8_e4m3fn),
-            "big": torch.randn(70_000, generator=torch.Generator().manual_seed(0)),
-            "step": 2**40}
+    return {
+        "model": model.state_dict(),
+        "opt": opt.state_dict(),
+        "window": base[2:, 1:4],
+        "base": base,
+        "empty": torch.empty(0),
+        "u16": torch.arange(7).to(torch.uint16),
+        "f8": torch.ones(5).to(torch.float8_e4m3fn),
+        "big": torch.randn(70_000, generator=torch.Generator().manual_seed(0)),
+        "step": 2**40,
+    }
 
 
 def _raw(data: bytes | Path, name: str) -> bytes:
     """A record's payload, read by offset (zipfile.read would check CRCs, which are 0)."""
     data = data if isinstance(data, bytes) else data.read_bytes()
     rec = next(r for r in zip_records(data) if r.name == name)
-    return data[rec.data_offset:rec.data_offset + rec.size]
+    return data[rec.data_offset : rec.data_offset + rec.size]
 
 
 def _n_storages(path: Path) -> int:
@@ -61,8 +68,11 @@ def test_record_order(sample_file: Path) -> None:
     records = zip_records(sample_file)
     n = _n_storages(sample_file)
     assert n > 5
-    expected = (["data.pkl", ".format_version", ".storage_alignment", "byteorder"]
-                + [f"data/{k}" for k in range(n)] + ["version", ".data/serialization_id"])
+    expected = (
+        ["data.pkl", ".format_version", ".storage_alignment", "byteorder"]
+        + [f"data/{k}" for k in range(n)]
+        + ["version", ".data/serialization_id"]
+    )
     assert [r.name for r in records] == [f"sample/{name}" for name in expected]
     # The central directory lists the records in file order.
     offsets = [r.header_offset for r in records]
@@ -120,9 +130,15 @@ def test_storage_payloads_are_the_raw_bytes(sample_file: Path) -> None:
     assert _raw(sample_file, "sample/data/2") == obj["model"]["pos_emb.weight"].numpy().tobytes()
 
 
-@pytest.mark.parametrize(("target", "name"), [("path", "sample"), ("buffer", "archive"),
-                                               ("no-suffix", "weights"),
-                                               ("two-suffixes", "model.v2")])
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [
+        ("path", "sample"),
+        ("buffer", "archive"),
+        ("no-suffix", "weights"),
+        ("two-suffixes", "model.v2"),
+    ],
+)
 def test_archive_name(tmp_path: Path, target: str, name: str) -> None:
     obj = {"t": torch.ones(2)}
     if target == "buffer":
@@ -132,8 +148,7 @@ def test_archive_name(tmp_path: Path, target: str, name: str) -> None:
         torch.save(obj, ref)
         data, ref_data = buf.getvalue(), ref.getvalue()
     else:
-        fname = {"path": "sample.pt", "no-suffix": "weights",
-                 "two-suffixes": "model.v2.pt"}[target]
+        fname = {"path": "sample.pt", "no-suffix": "weights", "two-suffixes": "model.v2.pt"}[target]
         ckptio.save(obj, tmp_path / fname)
         torch.save(obj, tmp_path / ("ref-" + fname))
         data = (tmp_path / fname).read_bytes()
@@ -179,8 +194,9 @@ def test_crc_buffer_target(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------- torch's strictest loading
 @pytest.mark.parametrize("weights_only", [True, False], ids=["weights-only", "full"])
-def test_torch_arithmetic_offsets(sample_file: Path, monkeypatch: pytest.MonkeyPatch,
-                                  weights_only: bool) -> None:
+def test_torch_arithmetic_offsets(
+    sample_file: Path, monkeypatch: pytest.MonkeyPatch, weights_only: bool
+) -> None:
     """torch computes every offset from the layout rules (no local header reads) and, with
     TORCH_SERIALIZATION_DEBUG=1, asserts each against the real header."""
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")
@@ -197,15 +213,21 @@ def test_arithmetic_offsets_control(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     no padding, no data descriptors) fails torch's debug asserts, so passing them means the
     layout is miniz-exact."""
     obj = {"a": torch.ones(100), "b": torch.arange(10)}
-    records = {"data.pkl": torch_archive_parts(obj)[0], ".format_version": b"1",
-               "data/0": obj["a"].numpy().tobytes(), "data/1": obj["b"].numpy().tobytes(),
-               "version": b"3\n"}
+    records = {
+        "data.pkl": torch_archive_parts(obj)[0],
+        ".format_version": b"1",
+        "data/0": obj["a"].numpy().tobytes(),
+        "data/1": obj["b"].numpy().tobytes(),
+        "version": b"3\n",
+    }
     path = tmp_path / "plain.pt"
     write_plain_zip(path, records)
     assert_same(obj, torch.load(path, mmap=True))
     monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")
-    with torch_config.patch("load.calculate_storage_offsets", True), \
-            pytest.raises(RuntimeError, match="Incorrect offset"):
+    with (
+        torch_config.patch("load.calculate_storage_offsets", True),
+        pytest.raises(RuntimeError, match="Incorrect offset"),
+    ):
         torch.load(path, mmap=True)
 
 
@@ -216,9 +238,14 @@ def test_torch_meta_load_uses_arithmetic_offsets(sample_file: Path) -> None:
 
 # ------------------------------------------------------------------------------ golden bytes
 def _golden_object() -> dict[str, Any]:
-    return {"w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
-            "empty": torch.empty(0), "b": torch.tensor([1, 2, 3], dtype=torch.int16),
-            "flag": torch.tensor(True), "n": 7, "name": "golden"}
+    return {
+        "w": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "empty": torch.empty(0),
+        "b": torch.tensor([1, 2, 3], dtype=torch.int16),
+        "flag": torch.tensor(True),
+        "n": 7,
+        "name": "golden",
+    }
 
 
 def _central_directory(data: bytes) -> list[tuple[str, int]]:
@@ -227,9 +254,9 @@ def _central_directory(data: bytes) -> list[tuple[str, int]]:
     count, _size, cd_offset = struct.unpack_from("<HII", data, eocd + 10)
     out, pos = [], cd_offset
     for _ in range(count):
-        assert data[pos:pos + 4] == b"PK\x01\x02"
+        assert data[pos : pos + 4] == b"PK\x01\x02"
         name_len, extra_len, comment_len = struct.unpack_from("<HHH", data, pos + 28)
-        out.append((data[pos + 46:pos + 46 + name_len].decode(), pos))
+        out.append((data[pos + 46 : pos + 46 + name_len].decode(), pos))
         pos += 46 + name_len + extra_len + comment_len
     return out
 
@@ -240,13 +267,13 @@ def _with_serialization_id(data: bytes, sid: bytes) -> bytes:
     out = bytearray(data)
     rec = next(r for r in zip_records(data) if r.name.endswith("/.data/serialization_id"))
     assert rec.size == len(sid) == 40
-    out[rec.data_offset:rec.data_offset + 40] = sid
+    out[rec.data_offset : rec.data_offset + 40] = sid
     crc = struct.pack("<I", zlib.crc32(sid))
     dd = rec.data_offset + 40
-    assert out[dd:dd + 4] == b"PK\x07\x08"
-    out[dd + 4:dd + 8] = crc
+    assert out[dd : dd + 4] == b"PK\x07\x08"
+    out[dd + 4 : dd + 8] = crc
     cd_pos = dict(_central_directory(data))[rec.name]
-    out[cd_pos + 16:cd_pos + 20] = crc
+    out[cd_pos + 16 : cd_pos + 20] = crc
     return bytes(out)
 
 
@@ -265,8 +292,10 @@ def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
     assert n == 4 and b"" in payloads
     keep_alive = []
     if payload_kind == "address":
-        tensors = [torch.frombuffer(bytearray(p), dtype=torch.uint8) if p else torch.empty(0)
-                   for p in payloads]
+        tensors = [
+            torch.frombuffer(bytearray(p), dtype=torch.uint8) if p else torch.empty(0)
+            for p in payloads
+        ]
         keep_alive = tensors
         payloads = [(t.data_ptr(), t.numel()) for t in tensors]
 
@@ -289,8 +318,10 @@ def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
     expected = _with_serialization_id(torch_bytes, our_sid)
     if ours != expected:
         first = next(i for i, (x, y) in enumerate(zip(ours, expected)) if x != y)
-        pytest.fail(f"first difference at byte {first}: ours {ours[first:first + 16]!r}, "
-                    f"torch {expected[first:first + 16]!r}")
+        pytest.fail(
+            f"first difference at byte {first}: ours {ours[first : first + 16]!r}, "
+            f"torch {expected[first : first + 16]!r}"
+        )
 
 
 def test_golden_bytes_without_crc(tmp_path: Path) -> None:
@@ -308,7 +339,7 @@ def test_golden_bytes_without_crc(tmp_path: Path) -> None:
     ours = buf.getvalue()
     rec = next(r for r in zip_records(ours) if r.name.endswith("serialization_id"))
     expected = bytearray(torch_bytes)
-    expected[rec.data_offset:rec.data_offset + 40] = ours[rec.data_offset:rec.data_offset + 40]
+    expected[rec.data_offset : rec.data_offset + 40] = ours[rec.data_offset : rec.data_offset + 40]
     assert ours == bytes(expected)
 
 

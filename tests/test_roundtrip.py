@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckptio
+
 from conftest import (
     assert_same,
     assert_same_sharing,
@@ -43,8 +44,10 @@ def _dtype_values(dtype: torch.dtype) -> torch.Tensor:
     if dtype.is_floating_point:
         if dtype == getattr(torch, "float8_e8m0fnu", None):  # powers of two only
             vals = torch.tensor([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 1024.0, 2.0**-20])
-        elif dtype in (getattr(torch, "float8_e4m3fnuz", None),
-                       getattr(torch, "float8_e5m2fnuz", None)):  # no inf, no -0.0
+        elif dtype in (
+            getattr(torch, "float8_e4m3fnuz", None),
+            getattr(torch, "float8_e5m2fnuz", None),
+        ):  # no inf, no -0.0
             vals = torch.tensor([0.0, -1.5, 2.0, 0.125, -4.0, 3.0, 8.0, float("nan")])
         else:
             vals = torch.tensor([0.0, -1.5, float("nan"), 2.0, -0.0, 0.125, 3.0, -4.0])
@@ -59,13 +62,28 @@ def _dtype_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 DTYPES = [
-    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-    torch.uint16, torch.uint32, torch.uint64,
-    torch.float16, torch.bfloat16, torch.float32, torch.float64,
-    torch.complex64, torch.complex128,
-    torch.float8_e4m3fn, torch.float8_e5m2,
-] + [getattr(torch, n) for n in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
-     if hasattr(torch, n)]
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+] + [
+    getattr(torch, n)
+    for n in ("float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+    if hasattr(torch, n)
+]
 
 
 def case_state_dict_tied() -> Any:
@@ -78,14 +96,24 @@ def case_optimizer(kind: str) -> Callable[[], Any]:
 
 def case_checkpoint() -> Any:
     model, opt = trained_optimizer("adamw", steps=2)
-    return {"epoch": 3, "loss": 2.5, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "rng": torch.get_rng_state()}
+    return {
+        "epoch": 3,
+        "loss": 2.5,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
 
 
 def case_views() -> Any:
     base = torch.arange(30, dtype=torch.float32).reshape(6, 5)
-    return {"base": base, "window": base[2:, 1:4], "flat": base.view(30),
-            "row": base[3], "col": base[:, 2]}
+    return {
+        "base": base,
+        "window": base[2:, 1:4],
+        "flat": base.view(30),
+        "row": base[3],
+        "col": base[:, 2],
+    }
 
 
 def case_same_object_twice() -> Any:
@@ -94,13 +122,21 @@ def case_same_object_twice() -> Any:
 
 
 def case_empty() -> Any:
-    return {"zero": torch.empty(0), "rows": torch.empty(0, 3), "cols": torch.zeros(4, 0),
-            "full": torch.ones(2), "zero2": torch.empty(0, dtype=torch.int64)}
+    return {
+        "zero": torch.empty(0),
+        "rows": torch.empty(0, 3),
+        "cols": torch.zeros(4, 0),
+        "full": torch.ones(2),
+        "zero2": torch.empty(0, dtype=torch.int64),
+    }
 
 
 def case_scalar() -> Any:
-    return {"f": torch.tensor(3.5), "i": torch.tensor(-2, dtype=torch.int64),
-            "b": torch.tensor(True)}
+    return {
+        "f": torch.tensor(3.5),
+        "i": torch.tensor(-2, dtype=torch.int64),
+        "b": torch.tensor(True),
+    }
 
 
 def case_noncontiguous() -> Any:
@@ -158,6 +194,7 @@ def case_dtype(dtype: torch.dtype) -> Callable[[], Any]:
     def build() -> Any:
         t = _dtype_values(dtype)
         return {"t": t, "view": t[1, 1:], "scalar": t[0, 0].clone()}
+
     return build
 
 
@@ -224,8 +261,9 @@ COMBOS = [
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("writer", "reader", "mode"), COMBOS,
-                         ids=[f"{w}-to-{r}-{m}" for w, r, m in COMBOS])
+@pytest.mark.parametrize(
+    ("writer", "reader", "mode"), COMBOS, ids=[f"{w}-to-{r}-{m}" for w, r, m in COMBOS]
+)
 def test_roundtrip(tmp_path: Path, case: str, writer: str, reader: str, mode: str) -> None:
     obj = CASES[case]()
     path = write(writer, obj, tmp_path / "ckpt.pt")
@@ -335,8 +373,11 @@ def test_mmap_storages_are_page_aligned(tmp_path: Path) -> None:
     ckptio.save(case_checkpoint(), path)
     for load in (ckptio.load, torch.load):
         loaded = load(path, mmap=True)
-        ptrs = {t.untyped_storage().data_ptr() for _, t in iter_tensors(loaded)
-                if t.untyped_storage().nbytes()}
+        ptrs = {
+            t.untyped_storage().data_ptr()
+            for _, t in iter_tensors(loaded)
+            if t.untyped_storage().nbytes()
+        }
         assert ptrs and all(p % 4096 == 0 for p in ptrs), load
 
 
@@ -475,20 +516,24 @@ def test_oracle_detects_identity_and_metadata() -> None:
         assert_same({"x": 0.0}, {"x": -0.0})
     with pytest.raises(AssertionError):
         assert_same([1], (1,))
-    assert_same({"x": float("nan"), "t": torch.tensor([float("nan")])},
-                {"x": float("nan"), "t": torch.tensor([float("nan")])})
+    assert_same(
+        {"x": float("nan"), "t": torch.tensor([float("nan")])},
+        {"x": float("nan"), "t": torch.tensor([float("nan")])},
+    )
 
 
 # ------------------------------------------------------------- beyond plain strided tensors
 def _sparse_coo() -> torch.Tensor:
-    return torch.sparse_coo_tensor(torch.tensor([[0, 1, 2], [2, 0, 1]]),
-                                   torch.tensor([3.0, 4.0, 5.0]), (3, 3),
-                                   check_invariants=True)
+    return torch.sparse_coo_tensor(
+        torch.tensor([[0, 1, 2], [2, 0, 1]]),
+        torch.tensor([3.0, 4.0, 5.0]),
+        (3, 3),
+        check_invariants=True,
+    )
 
 
 def _nested() -> torch.Tensor:
-    return torch.nested.nested_tensor([torch.arange(2.0), torch.arange(3.0)],
-                                      layout=torch.jagged)
+    return torch.nested.nested_tensor([torch.arange(2.0), torch.arange(3.0)], layout=torch.jagged)
 
 
 def _quantized() -> torch.Tensor:
@@ -604,8 +649,9 @@ def test_big_endian_file(tmp_path: Path) -> None:
     records["byteorder"] = b"big"
     for key, itemsize in (("0", 4), ("1", 2)):
         raw = records[f"data/{key}"]
-        records[f"data/{key}"] = b"".join(raw[i:i + itemsize][::-1]
-                                          for i in range(0, len(raw), itemsize))
+        records[f"data/{key}"] = b"".join(
+            raw[i : i + itemsize][::-1] for i in range(0, len(raw), itemsize)
+        )
     path = tmp_path / "big.pt"
     write_plain_zip(path, records)
     assert_same(obj, torch.load(path))
@@ -669,21 +715,27 @@ def test_cuda_tensors(tmp_path: Path, mmap: bool) -> None:
 
 
 # ------------------------------------------------------------------------------- property
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_random_views_roundtrip(tmp_path: Path, data: st.DataObject) -> None:
     """Random bytes in a random dtype, viewed through random slices and transposes."""
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     rows, cols = data.draw(st.integers(0, 6), label="rows"), data.draw(st.integers(0, 6))
-    raw = bytearray(data.draw(st.binary(min_size=rows * cols * dtype.itemsize,
-                                        max_size=rows * cols * dtype.itemsize)))
+    raw = bytearray(
+        data.draw(
+            st.binary(min_size=rows * cols * dtype.itemsize, max_size=rows * cols * dtype.itemsize)
+        )
+    )
     if dtype == torch.bool:
         raw = bytearray(b & 1 for b in raw)
-    flat = (torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8))
+    flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
     base = flat.view(dtype).reshape(rows, cols)
-    view = base[data.draw(st.integers(0, rows), label="r0")::data.draw(st.integers(1, 3)),
-                data.draw(st.integers(0, cols), label="c0"):]
+    view = base[
+        data.draw(st.integers(0, rows), label="r0") :: data.draw(st.integers(1, 3)),
+        data.draw(st.integers(0, cols), label="c0") :,
+    ]
     if data.draw(st.booleans(), label="transpose"):
         view = view.t()
     obj = {"view": view, "base": base} if data.draw(st.booleans()) else {"view": view}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import ckptio
+
 from conftest import (
     TinyGPT,
     assert_same,
@@ -112,9 +113,11 @@ def test_entire_model(tmp_path: Path, saver: str) -> None:
     path = tmp_path / "whole.pt"
     SAVERS[saver](model, path)
 
-    for loaded in (ckptio.load(path, weights_only=False),
-                   ckptio.load(path, weights_only=False, mmap=True),
-                   torch.load(path, weights_only=False)):
+    for loaded in (
+        ckptio.load(path, weights_only=False),
+        ckptio.load(path, weights_only=False, mmap=True),
+        torch.load(path, weights_only=False),
+    ):
         assert type(loaded) is WholeModel
         assert loaded.name == "whole-model"
         assert loaded.lm_head.weight is loaded.tok_emb.weight
@@ -159,8 +162,12 @@ def test_general_checkpoint_resume(tmp_path: Path, mmap: bool) -> None:
     opt = _make_adamw(model)
     loss = train(model, opt, steps=3)
     path = tmp_path / "ckpt.pt"
-    ckpt = {"epoch": 3, "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": opt.state_dict(), "loss": loss}
+    ckpt = {
+        "epoch": 3,
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": opt.state_dict(),
+        "loss": loss,
+    }
     ckptio.save(ckpt, path)
 
     resumed, resumed_opt, loaded = _resume(path, ckptio.load, mmap=mmap)
@@ -184,8 +191,14 @@ def test_checkpoint_saved_by_torch_resumes_with_ckptio(tmp_path: Path) -> None:
     opt = _make_adamw(model)
     train(model, opt, steps=2)
     path = tmp_path / "ckpt.pt"
-    torch.save({"epoch": 2, "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": opt.state_dict()}, path)
+    torch.save(
+        {
+            "epoch": 2,
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": opt.state_dict(),
+        },
+        path,
+    )
     resumed, resumed_opt, _ = _resume(path, ckptio.load)
     assert train(model, opt, 1, seed=5) == train(resumed, resumed_opt, 1, seed=5)
     _params_equal(model, resumed)
@@ -204,9 +217,12 @@ def test_several_models_in_one_file(tmp_path: Path, mmap: bool) -> None:
     disc(x).pow(2).mean().backward()
     opt_d.step()
 
-    everything = {"modelA_state_dict": gen.state_dict(), "modelB_state_dict": disc.state_dict(),
-                  "optimizerA_state_dict": opt_g.state_dict(),
-                  "optimizerB_state_dict": opt_d.state_dict()}
+    everything = {
+        "modelA_state_dict": gen.state_dict(),
+        "modelB_state_dict": disc.state_dict(),
+        "optimizerA_state_dict": opt_g.state_dict(),
+        "optimizerB_state_dict": opt_d.state_dict(),
+    }
     path = tmp_path / "all.pt"
     ckptio.save(everything, path)
 

@@ -17,26 +17,45 @@ import pytest
 import torch
 
 import ckptio
+
 from conftest import assert_same, assert_same_sharing, make_model
 
-_PRINT_OPTIONS = ("import dataclasses, json, ckptio; "
-                  "print(json.dumps(dataclasses.asdict(ckptio.get_options())))")
+_PRINT_OPTIONS = (
+    "import dataclasses, json, ckptio; print(json.dumps(dataclasses.asdict(ckptio.get_options())))"
+)
 
 
 def _child_options(env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CKPTIO_")}
-    return subprocess.run([sys.executable, "-c", _PRINT_OPTIONS], env={**clean, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", _PRINT_OPTIONS],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_environment_variables() -> None:
-    proc = _child_options({"CKPTIO_THREADS": "3", "CKPTIO_CHUNK_BYTES": "0x100000",
-                           "CKPTIO_DATA_ALIGNMENT": "512", "CKPTIO_CRC32": "yes",
-                           "CKPTIO_FSYNC": "1", "CKPTIO_PREALLOCATE": "off"})
+    proc = _child_options(
+        {
+            "CKPTIO_THREADS": "3",
+            "CKPTIO_CHUNK_BYTES": "0x100000",
+            "CKPTIO_DATA_ALIGNMENT": "512",
+            "CKPTIO_CRC32": "yes",
+            "CKPTIO_FSYNC": "1",
+            "CKPTIO_PREALLOCATE": "off",
+        }
+    )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"threads": 3, "chunk_bytes": 1 << 20,
-                                       "data_alignment": 512, "crc32": True, "fsync": True,
-                                       "preallocate": False}
+    assert json.loads(proc.stdout) == {
+        "threads": 3,
+        "chunk_bytes": 1 << 20,
+        "data_alignment": 512,
+        "crc32": True,
+        "fsync": True,
+        "preallocate": False,
+    }
 
 
 def test_environment_defaults() -> None:
@@ -45,8 +64,12 @@ def test_environment_defaults() -> None:
     opts = json.loads(proc.stdout)
     assert opts["threads"] >= 1
     assert {k: v for k, v in opts.items() if k != "threads"} == {
-        "chunk_bytes": 8 << 20, "data_alignment": 4096, "crc32": False, "fsync": False,
-        "preallocate": True}
+        "chunk_bytes": 8 << 20,
+        "data_alignment": 4096,
+        "crc32": False,
+        "fsync": False,
+        "preallocate": True,
+    }
 
 
 def test_bad_environment_variable_names_the_variable() -> None:
@@ -109,8 +132,13 @@ def test_set_options(restore_options: None) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"threads": 0}, {"chunk_bytes": 1}, {"data_alignment": 1000}, {"preallocate": None},
-     {"bogus": True}],
+    [
+        {"threads": 0},
+        {"chunk_bytes": 1},
+        {"data_alignment": 1000},
+        {"preallocate": None},
+        {"bogus": True},
+    ],
     ids=["threads=0", "chunk_bytes=1", "data_alignment=1000", "preallocate=None", "unknown"],
 )
 def test_set_options_validation(restore_options: None, changes: dict[str, Any]) -> None:
@@ -129,9 +157,13 @@ def test_options_are_frozen() -> None:
 # --------------------------------------------------------------- knobs do not change bytes
 def _payload() -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
-    return {"model": make_model().state_dict(), "big": torch.randn(200_000, generator=g),
-            "mid": torch.randn(3000, generator=g), "empty": torch.empty(0),
-            "i": torch.arange(1000)}
+    return {
+        "model": make_model().state_dict(),
+        "big": torch.randn(200_000, generator=g),
+        "mid": torch.randn(3000, generator=g),
+        "empty": torch.empty(0),
+        "i": torch.arange(1000),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +180,9 @@ def reference_bytes(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, byte
 @pytest.mark.parametrize("crc32", [False, True], ids=["crc-off", "crc-on"])
 @pytest.mark.parametrize("chunk_bytes", [4096, 8 << 20], ids=["chunk4k", "chunk8M"])
 @pytest.mark.parametrize("threads", [1, 2, 4, 8], ids=lambda t: f"threads{t}")
-def test_thread_count_does_not_change_the_file(tmp_path: Path, reference_bytes: dict[bool, bytes],
-                                               threads: int, chunk_bytes: int,
-                                               crc32: bool) -> None:
+def test_thread_count_does_not_change_the_file(
+    tmp_path: Path, reference_bytes: dict[bool, bytes], threads: int, chunk_bytes: int, crc32: bool
+) -> None:
     path = tmp_path / "ckpt.pt"
     with ckptio.options(threads=threads, chunk_bytes=chunk_bytes, crc32=crc32):
         ckptio.save(_payload(), path)
@@ -159,9 +191,9 @@ def test_thread_count_does_not_change_the_file(tmp_path: Path, reference_bytes: 
 
 @pytest.mark.parametrize("preallocate", [False, True], ids=["no-prealloc", "prealloc"])
 @pytest.mark.parametrize("fsync", [False, True], ids=["no-fsync", "fsync"])
-def test_durability_knobs_do_not_change_the_file(tmp_path: Path,
-                                                 reference_bytes: dict[bool, bytes],
-                                                 preallocate: bool, fsync: bool) -> None:
+def test_durability_knobs_do_not_change_the_file(
+    tmp_path: Path, reference_bytes: dict[bool, bytes], preallocate: bool, fsync: bool
+) -> None:
     path = tmp_path / "ckpt.pt"
     with ckptio.options(preallocate=preallocate, fsync=fsync):
         ckptio.save(_payload(), path)
@@ -171,8 +203,9 @@ def test_durability_knobs_do_not_change_the_file(tmp_path: Path,
 @pytest.mark.parametrize("threads", [1, 4], ids=lambda t: f"threads{t}")
 @pytest.mark.parametrize("chunk_bytes", [4096, 8 << 20], ids=["chunk4k", "chunk8M"])
 @pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])
-def test_thread_count_does_not_change_what_loads(tmp_path: Path, threads: int,
-                                                 chunk_bytes: int, mmap: bool) -> None:
+def test_thread_count_does_not_change_what_loads(
+    tmp_path: Path, threads: int, chunk_bytes: int, mmap: bool
+) -> None:
     path = tmp_path / "ckpt.pt"
     obj = _payload()
     torch.save(obj, path)

@@ -138,7 +138,7 @@ void register_io(py::module_& m) {
       });
 
   m.def(
-      "memoryview",
+      "raw_memoryview",
       [](std::uintptr_t address, py::ssize_t nbytes, bool readonly) {
         if (nbytes < 0) throw InvalidArgument("nbytes must be >= 0");
         return py::memoryview::from_memory(reinterpret_cast<void*>(address), nbytes, readonly);

@@ -1,15 +1,15 @@
 """ckptio: fast, safe drop-in replacements for torch.save and torch.load.
 
-    >>> import ckptio
-    >>> ckptio.save(model.state_dict(), "model.pt")      # loads with stock torch.load too
-    >>> state = ckptio.load("model.pt")                   # weights-only by default
-    >>> state = ckptio.load("model.pt", mmap=True)        # zero-copy views of the file
+>>> import ckptio
+>>> ckptio.save(model.state_dict(), "model.pt")      # loads with stock torch.load too
+>>> state = ckptio.load("model.pt")                   # weights-only by default
+>>> state = ckptio.load("model.pt", mmap=True)        # zero-copy views of the file
 """
 
 from __future__ import annotations
 
 try:
-    from . import _core
+    from . import _core  # noqa: F401  (fail early with a clear message)
 except ImportError as _e:  # pragma: no cover - depends on the installation
     raise ImportError(
         "ckptio's native extension (ckptio._core) is missing or failed to load. Install ckptio "

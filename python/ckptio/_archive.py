@@ -40,14 +40,16 @@ class ArchiveReader:
     def __init__(self, source: Source, buffer: bytes | None = None) -> None:
         self.source = source
         self.name = source.name
-        if buffer is not None:
+        if isinstance(source, _core.File):
+            prefix, entries = _core.read_zip_directory(source)
+        elif buffer is not None:
             prefix, entries = _core.read_zip_directory(buffer, source.name)
         else:
-            prefix, entries = _core.read_zip_directory(source)
+            raise TypeError("an in-memory source needs its buffer")
         self.prefix: str = prefix
         self.records: dict[str, Record] = {}
         for full_name, _header, data_offset, size, method in entries:
-            name = full_name[len(prefix):]
+            name = full_name[len(prefix) :]
             self.records[name] = Record(name, data_offset, size, method)
 
     def has(self, name: str) -> bool:
@@ -58,11 +60,13 @@ class ArchiveReader:
             rec = self.records[name]
         except KeyError:
             raise _core.CheckpointError(
-                f"{self.name}: the archive has no record '{self.prefix}{name}'") from None
+                f"{self.name}: the archive has no record '{self.prefix}{name}'"
+            ) from None
         if rec.method != 0:
             raise _core.CheckpointError(
                 f"{self.name}: record '{self.prefix}{name}' is compressed (zip method "
-                f"{rec.method}); torch checkpoints store records uncompressed")
+                f"{rec.method}); torch checkpoints store records uncompressed"
+            )
         return rec
 
     def read(self, name: str) -> bytes:
@@ -123,8 +127,12 @@ def torch_records(
         specs.append((f"data/{key}", _payload_size(payload), data_alignment))
         payloads.append(payload)
     tail: list[tuple[str, bytes]] = [("version", b"3\n")]
-    tail.append((".data/serialization_id",
-                 _serialization_id([s[0] for s in specs] + ["version"], pickle_bytes)))
+    tail.append(
+        (
+            ".data/serialization_id",
+            _serialization_id([s[0] for s in specs] + ["version"], pickle_bytes),
+        )
+    )
     for n, p in tail:
         specs.append((n, len(p), META_ALIGNMENT))
         payloads.append(p)
@@ -138,7 +146,7 @@ def _payload_size(p: Payload) -> int:
 
 
 def write_archive(
-    target: "_core.File | IO[bytes]",
+    target: _core.File | IO[bytes],
     archive_name: str,
     specs: Sequence[tuple[str, int, int]],
     payloads: Sequence[Payload],
@@ -151,8 +159,9 @@ def write_archive(
     layout = _core.plan_archive(archive_name, list(specs))
     opts = get_options()
     if isinstance(target, _core.File):
-        _core.write_archive(target, layout, list(payloads), opts.threads, opts.chunk_bytes,
-                            crc32, opts.preallocate)
+        _core.write_archive(
+            target, layout, list(payloads), opts.threads, opts.chunk_bytes, crc32, opts.preallocate
+        )
         return
     crcs = []
     for i, payload in enumerate(payloads):
@@ -168,11 +177,11 @@ def write_archive(
 def _payload_view(payload: Payload) -> memoryview:
     if isinstance(payload, tuple):
         address, nbytes = payload
-        return _core.memoryview(address, nbytes) if nbytes else memoryview(b"")
+        return _core.raw_memoryview(address, nbytes) if nbytes else memoryview(b"")
     return memoryview(payload).cast("B")
 
 
-def _write_all(f: IO[bytes], data: "bytes | memoryview") -> None:
+def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
     # Raw (unbuffered) file objects may write less than asked; loop like a careful writer.
     view = memoryview(data)
     while view.nbytes:

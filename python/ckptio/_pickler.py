@@ -45,7 +45,8 @@ def dumps(
             if seen != dtype:
                 raise RuntimeError(
                     "Cannot save multiple tensors or storages that view the same data as "
-                    f"different types ({seen} and {dtype})")
+                    f"different types ({seen} and {dtype})"
+                )
         key = keys.get(storage._cdata)
         if key is None:
             key = keys[storage._cdata] = str(len(keys))

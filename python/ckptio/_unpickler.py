@@ -33,27 +33,29 @@ __all__ = ["StorageLoader", "make_unpickler"]
 
 # Globals that rebuild objects without reading storage data (non-callables such as dtypes are
 # always harmless and are not listed).
-_DATA_BLIND = frozenset({
-    "collections.OrderedDict",
-    "collections.Counter",
-    "builtins.set",
-    "builtins.complex",
-    "builtins.bytearray",
-    "_codecs.encode",
-    "torch.Size",
-    "torch.device",
-    "torch.nn.parameter.Parameter",
-    "torch.Tensor",
-    "torch.storage.UntypedStorage",
-    "torch.serialization._get_layout",
-    "torch._utils._rebuild_tensor",
-    "torch._utils._rebuild_tensor_v2",
-    "torch._utils._rebuild_tensor_v3",
-    "torch._utils._rebuild_parameter",
-    "torch._utils._rebuild_parameter_with_state",
-    "torch._utils._rebuild_meta_tensor_no_storage",
-    "torch._tensor._rebuild_from_type_v2",
-})
+_DATA_BLIND = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "builtins.set",
+        "builtins.complex",
+        "builtins.bytearray",
+        "_codecs.encode",
+        "torch.Size",
+        "torch.device",
+        "torch.nn.parameter.Parameter",
+        "torch.Tensor",
+        "torch.storage.UntypedStorage",
+        "torch.serialization._get_layout",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_parameter_with_state",
+        "torch._utils._rebuild_meta_tensor_no_storage",
+        "torch._tensor._rebuild_from_type_v2",
+    }
+)
 
 
 def _allowed_globals() -> dict[str, Any]:
@@ -101,7 +103,7 @@ class StorageLoader:
         self,
         archive: ArchiveReader,
         map_location: Any,
-        mapping: "_core.Mapping | None" = None,
+        mapping: _core.Mapping | None = None,
     ) -> None:
         from torch.serialization import _get_restore_location
 
@@ -119,7 +121,8 @@ class StorageLoader:
         if not isinstance(saved_id, tuple) or len(saved_id) != 5:
             raise CheckpointError(
                 f"{self.archive.name}: unsupported persistent id {saved_id!r:.80}; expected "
-                "('storage', type, key, location, numel)")
+                "('storage', type, key, location, numel)"
+            )
         typename, storage_type, key, location, numel = saved_id
         typename, key, location = (_ascii(typename), _ascii(key), _ascii(location))
         if typename != "storage" or not isinstance(key, str) or not isinstance(location, str):
@@ -127,14 +130,17 @@ class StorageLoader:
         if storage_type is torch.UntypedStorage:
             dtype = torch.uint8
         else:
-            dtype = getattr(storage_type, "dtype", None)
-            if not isinstance(dtype, torch.dtype):
+            declared: Any = getattr(storage_type, "dtype", None)
+            if not isinstance(declared, torch.dtype):
                 raise CheckpointError(
                     f"{self.archive.name}: storage {key!r} has no storage type "
-                    f"({storage_type!r:.60})")
+                    f"({storage_type!r:.60})"
+                )
+            dtype = declared
         if type(numel) is not int or numel < 0:
             raise CheckpointError(
-                f"{self.archive.name}: storage {key!r} has an invalid element count {numel!r:.40}")
+                f"{self.archive.name}: storage {key!r} has an invalid element count {numel!r:.40}"
+            )
         cached = self.loaded.get(key)
         if cached is not None:
             return cached
@@ -152,7 +158,8 @@ class StorageLoader:
         if rec.size < nbytes:
             raise CheckpointError(
                 f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
-                f"needs {nbytes}")
+                f"needs {nbytes}"
+            )
         identity = _restore_identity(self.map_location, location)
         if self.mapping is not None:
             storage = self._mapped(rec.data_offset, nbytes)
@@ -168,8 +175,9 @@ class StorageLoader:
         if nbytes == 0:
             return torch.UntypedStorage(0)
         # The tensor keeps the Mapping object (and so the mapping) alive.
-        return torch.frombuffer(self.mapping, dtype=torch.uint8, count=nbytes,
-                                offset=offset).untyped_storage()
+        return torch.frombuffer(
+            self.mapping, dtype=torch.uint8, count=nbytes, offset=offset
+        ).untyped_storage()
 
     # -- scheduling ------------------------------------------------------------------------
     def note_global(self, full_name: str, obj: Any) -> None:
@@ -194,20 +202,29 @@ def _host_storage(nbytes: int) -> torch.UntypedStorage:
     return torch.frombuffer(_core.HostBuffer(nbytes), dtype=torch.uint8).untyped_storage()
 
 
-def _check_geometry(name: str, storage: Any, offset: Any, size: Any, stride: Any,
-                    element_size: int) -> None:
+def _check_geometry(
+    name: str, storage: Any, offset: Any, size: Any, stride: Any, element_size: int
+) -> None:
     """Refuses tensor geometry that does not fit in its storage, before torch sees it: a
     hostile size or stride must not make torch grow a storage or read outside it."""
     if not isinstance(storage, torch.storage.TypedStorage):
-        raise CheckpointError(f"{name}: a tensor is rebuilt from {type(storage).__name__}, not "
-                              "a storage")
-    ok = (type(offset) is int and offset >= 0 and isinstance(size, (tuple, list))
-          and isinstance(stride, (tuple, list)) and len(size) == len(stride)
-          and all(type(n) is int and n >= 0 for n in size)
-          and all(type(s) is int and s >= 0 for s in stride))
+        raise CheckpointError(
+            f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
+        )
+    ok = (
+        type(offset) is int
+        and offset >= 0
+        and isinstance(size, (tuple, list))
+        and isinstance(stride, (tuple, list))
+        and len(size) == len(stride)
+        and all(type(n) is int and n >= 0 for n in size)
+        and all(type(s) is int and s >= 0 for s in stride)
+    )
     if not ok:
-        raise CheckpointError(f"{name}: invalid tensor geometry: offset {offset!r:.40}, size "
-                              f"{size!r:.80}, stride {stride!r:.80}")
+        raise CheckpointError(
+            f"{name}: invalid tensor geometry: offset {offset!r:.40}, size "
+            f"{size!r:.80}, stride {stride!r:.80}"
+        )
     if 0 in size:
         return
     last = offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -215,7 +232,8 @@ def _check_geometry(name: str, storage: Any, offset: Any, size: Any, stride: Any
     if (last + 1) * element_size > available:
         raise CheckpointError(
             f"{name}: a tensor of size {tuple(size)} with stride {tuple(stride)} at offset "
-            f"{offset} needs {(last + 1) * element_size} bytes; its storage has {available}")
+            f"{offset} needs {(last + 1) * element_size} bytes; its storage has {available}"
+        )
 
 
 def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
@@ -230,13 +248,22 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         _check_geometry(name, storage, storage_offset, size, stride, _element_size(storage))
         return _utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *args)
 
-    def rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,  # type: ignore[no-untyped-def]
-                          backward_hooks, dtype, *args):
+    def rebuild_tensor_v3(
+        storage,
+        storage_offset,
+        size,
+        stride,
+        requires_grad,  # type: ignore[no-untyped-def]
+        backward_hooks,
+        dtype,
+        *args,
+    ):
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
         _check_geometry(name, storage, storage_offset, size, stride, dtype.itemsize)
-        return _utils._rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
-                                         backward_hooks, dtype, *args)
+        return _utils._rebuild_tensor_v3(
+            storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *args
+        )
 
     return {
         "torch._utils._rebuild_tensor": rebuild_tensor,
@@ -260,12 +287,17 @@ def _unsafe_global_message(full_path: str) -> str:
         "allowed by default. If you trust this class or function, allow it with "
         f"torch.serialization.add_safe_globals([{full_path}]) or the "
         f"torch.serialization.safe_globals([{full_path}]) context manager; if you trust the "
-        "whole file, load it with weights_only=False (this can run arbitrary code).")
+        "whole file, load it with weights_only=False (this can run arbitrary code)."
+    )
 
 
 def make_unpickler(
-    data: Any, loader: StorageLoader, *, weights_only: bool, pickle_module: Any,
-    **pickle_load_args: Any
+    data: Any,
+    loader: StorageLoader,
+    *,
+    weights_only: bool,
+    pickle_module: Any,
+    **pickle_load_args: Any,
 ) -> Any:
     """An unpickler over `data` (a binary file object) wired to `loader`."""
     checked = _checked_rebuilds(loader.archive.name)

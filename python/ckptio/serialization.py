@@ -34,7 +34,7 @@ DEFAULT_PROTOCOL = 2
 
 
 def _is_path(f: object) -> bool:
-    return isinstance(f, (str, bytes)) or hasattr(f, "__fspath__")
+    return isinstance(f, (str, bytes, os.PathLike))
 
 
 # ------------------------------------------------------------------------------------- save
@@ -66,8 +66,7 @@ def save(
     """
     if not _use_new_zipfile_serialization:
         # The legacy (pre-1.6) format has no layout to parallelize; torch writes it.
-        torch.save(obj, f, pickle_module, pickle_protocol,
-                   _use_new_zipfile_serialization=False)
+        torch.save(obj, f, pickle_module, pickle_protocol, _use_new_zipfile_serialization=False)
         return
     if not _is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
@@ -75,11 +74,13 @@ def save(
     pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
     cpu_storages = [s if s.device.type == "cpu" else s.cpu() for s in storages]
     specs, payloads = torch_records(
-        pickle_bytes, [storage_payload(s) for s in cpu_storages],
+        pickle_bytes,
+        [storage_payload(s) for s in cpu_storages],
         data_alignment=opts.data_alignment,
-        byteorder=None if _disable_byteorder_record else sys.byteorder)
+        byteorder=None if _disable_byteorder_record else sys.byteorder,
+    )
     name = archive_name_for(f)
-    if _is_path(f):
+    if isinstance(f, (str, bytes, os.PathLike)):
         _write_file_atomically(os.fsdecode(f), name, specs, payloads, opts.crc32, opts.fsync)
     else:
         write_archive(f, name, specs, payloads, crc32=opts.crc32)  # type: ignore[arg-type]
@@ -89,15 +90,17 @@ def save(
     del cpu_storages  # payload addresses stayed valid until here
 
 
-def _write_file_atomically(path: str, archive_name: str, specs: Any, payloads: Any,
-                           crc32: bool, fsync: bool) -> None:
+def _write_file_atomically(
+    path: str, archive_name: str, specs: Any, payloads: Any, crc32: bool, fsync: bool
+) -> None:
     # Write through a symlink to its target, as open(path, "wb") would.
     target = os.path.realpath(path) if os.path.islink(path) else path
     directory = os.path.dirname(os.path.abspath(target))
     if os.path.isdir(target):
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-    tmp = os.path.join(directory, f".{os.path.basename(target)}.ckptio-{os.getpid()}-"
-                                  f"{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(
+        directory, f".{os.path.basename(target)}.ckptio-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    )
     try:
         # 0o666 minus the umask, as a plain open() would; an existing target keeps its mode.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -140,8 +143,10 @@ def _resolve_weights_only(weights_only: bool | None, pickle_module: Any) -> bool
     force_on = os.getenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "0").lower() in true_values
     force_off = os.getenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in true_values
     if force_on and force_off:
-        raise RuntimeError("Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or "
-                           "`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` should be set, but both were set.")
+        raise RuntimeError(
+            "Only one of `TORCH_FORCE_WEIGHTS_ONLY_LOAD` or "
+            "`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` should be set, but both were set."
+        )
     if force_on:
         return True
     if weights_only is None:
@@ -187,14 +192,15 @@ def load(
     if weights_only:
         if pickle_module is not None:
             raise RuntimeError(
-                "Can not safely load weights when explicit pickle_module is specified")
+                "Can not safely load weights when explicit pickle_module is specified"
+            )
     elif pickle_module is None:
         pickle_module = pickle
     if mmap is None:
         mmap = _default_mmap()
 
     shared = bool(mmap) and _mmap_shared()
-    if _is_path(f):
+    if isinstance(f, (str, bytes, os.PathLike)):
         path = os.fsdecode(f)
         # A MAP_SHARED mapping writes through to the file, so it needs a writable descriptor.
         mode = _core.FileMode.READ_WRITE if shared else _core.FileMode.READ
@@ -211,30 +217,50 @@ def load(
         head = source.pread(0, min(4, source.size))
         if not _core.looks_like_zip(head):
             _rewind(f, start if buffer is not None else None)
-            return _load_legacy(f, map_location, pickle_module, weights_only, mmap,
-                                source.name, head, pickle_load_args)
+            return _load_legacy(
+                f,
+                map_location,
+                pickle_module,
+                weights_only,
+                mmap,
+                source.name,
+                head,
+                pickle_load_args,
+            )
         archive = ArchiveReader(source, buffer)
         if archive.has("constants.pkl") or not _plain_byteorder(archive):
             # TorchScript archives and byte-swapped files: torch's own loader handles them.
             _rewind(f, start if buffer is not None else None)
-            return _load_with_torch(f, map_location, pickle_module, weights_only, mmap,
-                                    pickle_load_args)
+            return _load_with_torch(
+                f, map_location, pickle_module, weights_only, mmap, pickle_load_args
+            )
         _check_version(archive)
-        mapping = _core.Mapping(file, shared) if mmap else None
-        return _unpickle(archive, map_location, mapping, weights_only, pickle_module,
-                         pickle_load_args)
+        mapping = _core.Mapping(file, shared) if file is not None and mmap else None
+        return _unpickle(
+            archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
+        )
     finally:
         if file is not None:
             file.close()
 
 
-def _unpickle(archive: ArchiveReader, map_location: Any, mapping: Any, weights_only: bool,
-              pickle_module: Any, pickle_load_args: dict[str, Any]) -> Any:
+def _unpickle(
+    archive: ArchiveReader,
+    map_location: Any,
+    mapping: Any,
+    weights_only: bool,
+    pickle_module: Any,
+    pickle_load_args: dict[str, Any],
+) -> Any:
     loader = StorageLoader(archive, map_location, mapping)
     data = io.BytesIO(archive.read("data.pkl"))
-    unpickler = make_unpickler(data, loader, weights_only=weights_only,
-                               pickle_module=pickle_module,
-                               **{"encoding": "utf-8", **pickle_load_args})
+    unpickler = make_unpickler(
+        data,
+        loader,
+        weights_only=weights_only,
+        pickle_module=pickle_module,
+        **{"encoding": "utf-8", **pickle_load_args},
+    )
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if tls is not None:
         tls.map_location = map_location  # torch's rebuild helpers consult it
@@ -246,8 +272,9 @@ def _unpickle(archive: ArchiveReader, map_location: Any, mapping: Any, weights_o
     except Exception as e:
         if not weights_only:
             raise  # arbitrary user code ran; keep its exceptions as they are
-        raise CheckpointError(f"{archive.name}: data.pkl could not be unpickled: "
-                              f"{type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+        ) from e
     finally:
         if tls is not None:
             tls.map_location = None
@@ -258,12 +285,15 @@ def _unpickle(archive: ArchiveReader, map_location: Any, mapping: Any, weights_o
 def _check_version(archive: ArchiveReader) -> None:
     name = ".data/version" if archive.has(".data/version") else "version"
     if not archive.has(name):
-        raise CheckpointError(f"{archive.name}: the archive has no version record; it is not a "
-                              "torch checkpoint")
+        raise CheckpointError(
+            f"{archive.name}: the archive has no version record; it is not a torch checkpoint"
+        )
     raw = archive.read(name).strip()
     if not raw.isdigit() or not 1 <= int(raw) <= 10:
-        raise CheckpointError(f"{archive.name}: unsupported archive version {raw[:20]!r} "
-                              "(torch reads versions 1 to 10)")
+        raise CheckpointError(
+            f"{archive.name}: unsupported archive version {raw[:20]!r} "
+            "(torch reads versions 1 to 10)"
+        )
 
 
 def _plain_byteorder(archive: ArchiveReader) -> bool:
@@ -296,8 +326,9 @@ def _read_file_object(f: Any) -> bytes:
         raise TypeError(f"f must be a path or a readable binary file object, got {type(f)!r}")
     data = f.read()
     if not isinstance(data, (bytes, bytearray)):
-        raise TypeError(f"f.read() returned {type(data).__name__}, expected bytes: open the file "
-                        "in binary mode")
+        raise TypeError(
+            f"f.read() returned {type(data).__name__}, expected bytes: open the file in binary mode"
+        )
     return bytes(data)
 
 
@@ -311,23 +342,41 @@ def _rewind(f: Any, position: int | None) -> None:
         f.seek(position)
 
 
-def _load_with_torch(f: Any, map_location: Any, pickle_module: Any, weights_only: bool,
-                     mmap: bool, pickle_load_args: dict[str, Any]) -> Any:
-    return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap,
-                      **pickle_load_args)
+def _load_with_torch(
+    f: Any,
+    map_location: Any,
+    pickle_module: Any,
+    weights_only: bool,
+    mmap: bool,
+    pickle_load_args: dict[str, Any],
+) -> Any:
+    return torch.load(
+        f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args
+    )
 
 
-def _load_legacy(f: Any, map_location: Any, pickle_module: Any, weights_only: bool, mmap: bool,
-                 name: str, head: bytes, pickle_load_args: dict[str, Any]) -> Any:
+def _load_legacy(
+    f: Any,
+    map_location: Any,
+    pickle_module: Any,
+    weights_only: bool,
+    mmap: bool,
+    name: str,
+    head: bytes,
+    pickle_load_args: dict[str, Any],
+) -> Any:
     # Legacy (pre-1.6 / _use_new_zipfile_serialization=False) files start with a pickled
     # magic number (protocol 2: 0x80 0x02). torch's own parser reads them, under the same
     # weights_only rules; anything else is not a checkpoint.
     if len(head) < 2 or head[0] != 0x80:
-        raise CheckpointError(f"{name}: not a torch checkpoint (neither a zip archive nor a "
-                              f"legacy torch file; it starts with {head!r})")
+        raise CheckpointError(
+            f"{name}: not a torch checkpoint (neither a zip archive nor a "
+            f"legacy torch file; it starts with {head!r})"
+        )
     if mmap:
-        raise RuntimeError("mmap can only be used with files saved with "
-                           "`torch.save(_use_new_zipfile_serialization=True)`, please torch.save "
-                           "your checkpoint with this option in order to use mmap.")
-    return _load_with_torch(f, map_location, pickle_module, weights_only, False,
-                            pickle_load_args)
+        raise RuntimeError(
+            "mmap can only be used with files saved with "
+            "`torch.save(_use_new_zipfile_serialization=True)`, please torch.save "
+            "your checkpoint with this option in order to use mmap."
+        )
+    return _load_with_torch(f, map_location, pickle_module, weights_only, False, pickle_load_args)

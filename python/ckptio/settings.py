@@ -132,6 +132,7 @@ def options(**changes: Any) -> Iterator[Options]:
 def _check_names(changes: dict[str, Any]) -> dict[str, Any]:
     unknown = set(changes) - set(_ENV)
     if unknown:
-        raise TypeError(f"unknown ckptio option(s): {', '.join(sorted(unknown))}; known: "
-                        f"{', '.join(_ENV)}")
+        raise TypeError(
+            f"unknown ckptio option(s): {', '.join(sorted(unknown))}; known: {', '.join(_ENV)}"
+        )
     return changes
