@@ -360,3 +360,38 @@ def test_save_matches_torch_at_page_alignment(tmp_path: Path) -> None:
         if name.startswith("data/"):
             assert _raw(a, f"m/{name}") == _raw(b, f"ref/{name}"), name
             assert ours[name].data_offset % 4096 == theirs[name].data_offset % 4096 == 0
+
+
+def _pickle_parity_objects() -> dict[str, Any]:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    base = torch.arange(30.0)
+    with_state = torch.ones(2)
+    with_state.note = "python state"  # type: ignore[attr-defined]
+    return {
+        "state_dict": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "view": base.view(5, 6)[2:, 1:4],
+        "base": base,
+        "parameter": torch.nn.Parameter(torch.ones(3)),
+        "requires_grad": torch.ones(2, requires_grad=True),
+        "uint16": torch.zeros(3, dtype=torch.uint16),
+        "float8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+        "conj": torch.ones(3, dtype=torch.complex64).conj(),
+        "neg": torch.ones(2, dtype=torch.complex64).conj().imag,
+        "with_state": with_state,
+        "empty": torch.empty(0, 3),
+        "scalar": torch.tensor(7),
+    }
+
+
+def test_pickle_is_torchs(tmp_path: Path) -> None:
+    """ckptio's fast tensor reducer must emit exactly the pickle torch.save emits."""
+    objs = _pickle_parity_objects()
+    torch.save(objs, tmp_path / "t.pt")
+    with ckptio.options(crc32=True):  # so zipfile can read it
+        ckptio.save(objs, tmp_path / "c.pt")
+    with zipfile.ZipFile(tmp_path / "t.pt") as zt, zipfile.ZipFile(tmp_path / "c.pt") as zc:
+        assert zc.read("c/data.pkl") == zt.read("t/data.pkl")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch.serialization import location_tag, normalize_storage_type
+
+from ._util import gc_paused
 
 __all__ = ["dumps"]
 
@@ -25,13 +28,17 @@ def dumps(
     storages: list[torch.UntypedStorage] = []
     keys: dict[int, str] = {}  # storage._cdata -> key
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype, to refuse one storage as two types
+    storage_types: dict[torch.dtype, Any] = {}  # memo of the legacy storage class per dtype
+    locations: dict[torch.device, str] = {}  # memo of location_tag per device
 
-    def persistent_id(obj: Any) -> tuple | None:
+    def storage_id(obj: Any) -> tuple | None:
         if isinstance(obj, torch.storage.TypedStorage):
             storage = obj._untyped_storage
             dtype = obj.dtype
-            storage_type = getattr(torch, obj._pickle_storage_type())
-            numel = obj._size()
+            storage_type = storage_types.get(dtype)
+            if storage_type is None:
+                storage_type = storage_types[dtype] = getattr(torch, obj._pickle_storage_type())
+            numel = storage.nbytes() // dtype.itemsize  # == obj._size(), without its overhead
         elif torch.is_storage(obj):
             storage = obj
             dtype = torch.uint8
@@ -52,13 +59,74 @@ def dumps(
             key = keys[storage._cdata] = str(len(keys))
             storages.append(storage)
         fake = getattr(obj, "_fake_device", None)
-        location = str(fake) if fake is not None else location_tag(storage)
+        if fake is not None:
+            location = str(fake)
+        else:  # torch's tag depends on the device alone
+            device = storage.device
+            if device not in locations:
+                locations[device] = location_tag(storage)
+            location = locations[device]
         return ("storage", storage_type, key, location, numel)
 
     class _Pickler(pickle_module.Pickler):  # type: ignore[name-defined,misc]
         def persistent_id(self, obj: Any) -> Any:
-            return persistent_id(obj)
+            # Called for every object pickled: keep the common "not a storage" answer cheap.
+            return storage_id(obj) if type(obj) in _STORAGE_TYPES else None
+
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is torch.Tensor:
+                return _reduce_plain_tensor(obj)
+            return NotImplemented
 
     buf = io.BytesIO()
-    _Pickler(buf, protocol=protocol).dump(obj)
+    with gc_paused():
+        _Pickler(buf, protocol=protocol).dump(obj)
     return buf.getvalue(), storages
+
+
+# torch.is_storage's classes: TypedStorage, UntypedStorage and the legacy typed classes.
+_STORAGE_TYPES = frozenset(torch._storage_classes) | {
+    torch.storage.TypedStorage,
+    torch.storage.UntypedStorage,
+}
+_NEW_DTYPES = frozenset(torch.storage._new_dtypes())
+_FAST_DEVICES = frozenset({"cpu", "cuda"})
+
+
+def _reduce_plain_tensor(t: torch.Tensor) -> Any:
+    """What ``Tensor.__reduce_ex__`` returns for a plain dense tensor, without its per-call
+    overhead (about 30 us a tensor, most of torch.save's time on small tensors). Anything
+    unusual (hooks, Python state, quantized, sparse, nested, other devices, skip_data) takes
+    torch's own path, so the pickle is always the one torch would write."""
+    if (
+        t.layout is not torch.strided
+        or t.device.type not in _FAST_DEVICES
+        or t.is_quantized
+        or t.is_nested
+        or t._backward_hooks
+        or torch._utils._get_obj_state(t)
+    ):
+        return NotImplemented
+    dtype = t.dtype
+    if dtype in _NEW_DTYPES:
+        func: Any = torch._utils._rebuild_tensor_v3
+        storage: Any = t.untyped_storage()
+    else:
+        func = torch._utils._rebuild_tensor_v2
+        storage = torch.storage.TypedStorage(
+            wrap_storage=t.untyped_storage(), dtype=dtype, _internal=True
+        )
+    args: tuple = (
+        storage,
+        t.storage_offset(),
+        tuple(t.size()),
+        t.stride(),
+        t.requires_grad,
+        OrderedDict(),
+    )
+    if func is torch._utils._rebuild_tensor_v3:
+        args += (dtype,)
+    metadata = torch._C._get_tensor_metadata(t)  # type: ignore[attr-defined]
+    if metadata:
+        args += (metadata,)
+    return (func, args)

@@ -31,6 +31,9 @@ from .errors import CheckpointError, UnsafeGlobalError
 
 __all__ = ["StorageLoader", "make_unpickler"]
 
+# Storages below this size share one host block per load (see StorageLoader._host_storage).
+_SMALL_STORAGE_BYTES = 1 << 20
+
 # Globals that rebuild objects without reading storage data (non-callables such as dtypes are
 # always harmless and are not listed).
 _DATA_BLIND = frozenset(
@@ -115,6 +118,8 @@ class StorageLoader:
         self.loaded: dict[str, torch.storage.TypedStorage] = {}
         self.pending = array.array("Q")
         self.deferred = True  # until a data-reading global appears
+        self._arena: _core.HostBuffer | None = None
+        self._arena_offsets: dict[str, int] = {}
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -164,7 +169,7 @@ class StorageLoader:
         if self.mapping is not None:
             storage = self._mapped(rec.data_offset, nbytes)
         else:
-            storage = _host_storage(nbytes)
+            storage = self._host_storage(key, nbytes, rec.size)
             if nbytes:
                 self.pending.extend((rec.data_offset, nbytes, storage.data_ptr()))
             if not (self.deferred and identity is True):
@@ -177,6 +182,28 @@ class StorageLoader:
         # The tensor keeps the Mapping object (and so the mapping) alive.
         return torch.frombuffer(
             self.mapping, dtype=torch.uint8, count=nbytes, offset=offset
+        ).untyped_storage()
+
+    def _host_storage(self, key: str, nbytes: int, record_size: int) -> torch.UntypedStorage:
+        """A fresh, non-resizable CPU storage (as torch.load's) in memory ckptio allocates.
+
+        Large storages get a block each, huge-page backed, so first-touch page faults do not
+        dominate the load, and each is freed with its tensors. Small ones are carved from one
+        block per load (sized from the archive's records): one allocation and one run of huge
+        pages instead of thousands of malloc'd fragments; that block is freed with the last of
+        them.
+        """
+        if nbytes == 0:
+            return torch.UntypedStorage(0)
+        if record_size < _SMALL_STORAGE_BYTES:
+            if self._arena is None:
+                self._arena, self._arena_offsets = _plan_arena(self.archive)
+            buffer: Any = self._arena
+            offset = self._arena_offsets[key]
+        else:
+            buffer, offset = _core.HostBuffer(nbytes), 0
+        return torch.frombuffer(
+            buffer, dtype=torch.uint8, count=nbytes, offset=offset
         ).untyped_storage()
 
     # -- scheduling ------------------------------------------------------------------------
@@ -194,12 +221,14 @@ class StorageLoader:
             self.archive.read_many(pending)
 
 
-def _host_storage(nbytes: int) -> torch.UntypedStorage:
-    """A fresh, non-resizable CPU storage (as torch.load's) in memory ckptio allocates: large
-    ones huge-page backed, so first-touch faults do not dominate the load."""
-    if nbytes == 0:
-        return torch.UntypedStorage(0)
-    return torch.frombuffer(_core.HostBuffer(nbytes), dtype=torch.uint8).untyped_storage()
+def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:
+    offsets: dict[str, int] = {}
+    total = 0
+    for name, rec in archive.records.items():
+        if name.startswith("data/") and rec.size < _SMALL_STORAGE_BYTES:
+            offsets[name[5:]] = total
+            total += (rec.size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
+    return _core.HostBuffer(max(total, 1)), offsets
 
 
 def _check_geometry(
@@ -211,23 +240,29 @@ def _check_geometry(
         raise CheckpointError(
             f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
         )
+    last = offset
     ok = (
         type(offset) is int
         and offset >= 0
         and isinstance(size, (tuple, list))
         and isinstance(stride, (tuple, list))
         and len(size) == len(stride)
-        and all(type(n) is int and n >= 0 for n in size)
-        and all(type(s) is int and s >= 0 for s in stride)
     )
+    empty = False
+    if ok:
+        for n, step in zip(size, stride):  # a plain loop: this runs once per tensor
+            if type(n) is not int or type(step) is not int or n < 0 or step < 0:
+                ok = False
+                break
+            empty = empty or n == 0
+            last += (n - 1) * step
     if not ok:
         raise CheckpointError(
             f"{name}: invalid tensor geometry: offset {offset!r:.40}, size "
             f"{size!r:.80}, stride {stride!r:.80}"
         )
-    if 0 in size:
+    if empty:
         return
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
     available = storage._untyped_storage.nbytes()
     if (last + 1) * element_size > available:
         raise CheckpointError(
@@ -237,33 +272,55 @@ def _check_geometry(
 
 
 def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
-    """torch's tensor rebuild functions, each preceded by a geometry check."""
-    from torch import _utils
+    """torch's tensor rebuild functions (torch/_utils.py), each preceded by a geometry check.
 
-    def rebuild_tensor(storage, storage_offset, size, stride):  # type: ignore[no-untyped-def]
-        _check_geometry(name, storage, storage_offset, size, stride, _element_size(storage))
-        return _utils._rebuild_tensor(storage, storage_offset, size, stride)
+    They do what torch's do, minus the per-tensor fake-mode probe (about half of torch's
+    per-tensor cost): load() hands loads under a FakeTensorMode to torch as a whole.
+    """
 
-    def rebuild_tensor_v2(storage, storage_offset, size, stride, *args):  # type: ignore[no-untyped-def]
-        _check_geometry(name, storage, storage_offset, size, stride, _element_size(storage))
-        return _utils._rebuild_tensor_v2(storage, storage_offset, size, stride, *args)
+    def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
+        dtype = storage.dtype if isinstance(storage, torch.storage.TypedStorage) else None
+        _check_geometry(name, storage, storage_offset, size, stride, _itemsize(dtype))
+        untyped = storage._untyped_storage
+        t = torch.empty((0,), dtype=dtype, device=untyped.device)
+        return t.set_(untyped, storage_offset, size, stride)
+
+    def rebuild_tensor_v2(
+        storage: Any,
+        storage_offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        metadata: Any = None,
+    ) -> Any:
+        t = rebuild_tensor(storage, storage_offset, size, stride)
+        t.requires_grad = requires_grad
+        if metadata:
+            torch._utils.set_tensor_metadata(t, metadata)
+        t._backward_hooks = backward_hooks  # kept for backward compatibility, as torch does
+        return t
 
     def rebuild_tensor_v3(
-        storage,
-        storage_offset,
-        size,
-        stride,
-        requires_grad,  # type: ignore[no-untyped-def]
-        backward_hooks,
-        dtype,
-        *args,
-    ):
+        storage: Any,
+        storage_offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        dtype: Any,
+        metadata: Any = None,
+    ) -> Any:
         if not isinstance(dtype, torch.dtype):
             raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
         _check_geometry(name, storage, storage_offset, size, stride, dtype.itemsize)
-        return _utils._rebuild_tensor_v3(
-            storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *args
-        )
+        untyped = storage._untyped_storage
+        t = torch.empty((0,), dtype=dtype, device=untyped.device, requires_grad=requires_grad)
+        t.set_(untyped, storage_offset, size, stride)
+        if metadata:
+            torch._utils.set_tensor_metadata(t, metadata)
+        t._backward_hooks = backward_hooks
+        return t
 
     return {
         "torch._utils._rebuild_tensor": rebuild_tensor,
@@ -272,8 +329,7 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
     }
 
 
-def _element_size(storage: Any) -> int:
-    dtype = getattr(storage, "dtype", torch.uint8)
+def _itemsize(dtype: Any) -> int:
     return dtype.itemsize if isinstance(dtype, torch.dtype) else 1
 
 

@@ -24,6 +24,7 @@ from . import _core
 from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
 from ._pickler import dumps
 from ._unpickler import StorageLoader, make_unpickler
+from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -64,9 +65,18 @@ def save(
         >>> ckptio.save(model.state_dict(), "model.pt")
         >>> model.load_state_dict(ckptio.load("model.pt"))
     """
-    if not _use_new_zipfile_serialization:
-        # The legacy (pre-1.6) format has no layout to parallelize; torch writes it.
-        torch.save(obj, f, pickle_module, pickle_protocol, _use_new_zipfile_serialization=False)
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
+        # The legacy (pre-1.6) format has no layout to parallelize, and skip_data() writes
+        # headers without payloads: torch writes both.
+        torch.save(
+            obj,
+            f,
+            pickle_module,
+            pickle_protocol,
+            _use_new_zipfile_serialization=_use_new_zipfile_serialization,
+            _disable_byteorder_record=_disable_byteorder_record,
+        )
         return
     if not _is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
@@ -204,15 +214,20 @@ def load(
         path = os.fsdecode(f)
         # A MAP_SHARED mapping writes through to the file, so it needs a writable descriptor.
         mode = _core.FileMode.READ_WRITE if shared else _core.FileMode.READ
-        file = _core.File.open(path, mode)
+        file: _core.File | None = _core.File.open(path, mode)
         source: Any = file
         buffer = None
     else:
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
-        start = f.tell() if callable(getattr(f, "tell", None)) else None
-        file, buffer = None, _read_file_object(f)
-        source = _core.BufferSource(buffer, _display_name(f))
+        file = _adopt_regular_file(f)
+        start = None
+        if file is not None:  # an open regular file: parallel preads, no copy in memory
+            source, buffer = file, None
+        else:
+            start = f.tell() if callable(getattr(f, "tell", None)) else None
+            buffer = _read_file_object(f)
+            source = _core.BufferSource(buffer, _display_name(f))
     try:
         head = source.pread(0, min(4, source.size))
         if not _core.looks_like_zip(head):
@@ -228,8 +243,13 @@ def load(
                 pickle_load_args,
             )
         archive = ArchiveReader(source, buffer)
-        if archive.has("constants.pkl") or not _plain_byteorder(archive):
-            # TorchScript archives and byte-swapped files: torch's own loader handles them.
+        if (
+            archive.has("constants.pkl")
+            or not _plain_byteorder(archive)
+            or torch._guards.detect_fake_mode(None) is not None
+        ):
+            # TorchScript archives, byte-swapped files and loads under a FakeTensorMode:
+            # torch's own loader handles them.
             _rewind(f, start if buffer is not None else None)
             return _load_with_torch(
                 f, map_location, pickle_module, weights_only, mmap, pickle_load_args
@@ -265,7 +285,8 @@ def _unpickle(
     if tls is not None:
         tls.map_location = map_location  # torch's rebuild helpers consult it
     try:
-        result = unpickler.load()
+        with gc_paused():
+            result = unpickler.load()
         loader.flush()
     except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
         raise
@@ -318,6 +339,20 @@ def _mmap_shared() -> bool:
 
     getter = getattr(torch.serialization, "get_default_mmap_options", None)
     return getter is not None and getter() == getattr(_mmap, "MAP_SHARED", -1)
+
+
+def _adopt_regular_file(f: Any) -> _core.File | None:
+    """A File over f's descriptor when f is an open regular file positioned at its start
+    (archive offsets are then file offsets), else None."""
+    if isinstance(f, io.TextIOBase):
+        return None  # reading it reports the text mode
+    try:
+        fd = f.fileno()
+        if f.tell() != 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    return _core.File.adopt(fd, _display_name(f))
 
 
 def _read_file_object(f: Any) -> bytes:
