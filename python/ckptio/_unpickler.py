@@ -232,14 +232,17 @@ def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int
 
 
 def _check_geometry(
-    name: str, storage: Any, offset: Any, size: Any, stride: Any, element_size: int
+    name: str, storage: Any, offset: Any, size: Any, stride: Any, dtype: Any
 ) -> None:
-    """Refuses tensor geometry that does not fit in its storage, before torch sees it: a
-    hostile size or stride must not make torch grow a storage or read outside it."""
+    """Refuses a tensor that does not fit in its storage, before torch sees it: a hostile
+    size or stride must not make torch grow a storage or read outside it."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise CheckpointError(
             f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
         )
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
+    element_size = dtype.itemsize
     last = offset
     ok = (
         type(offset) is int
@@ -278,12 +281,21 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
     per-tensor cost): load() hands loads under a FakeTensorMode to torch as a whole.
     """
 
-    def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
-        dtype = storage.dtype if isinstance(storage, torch.storage.TypedStorage) else None
-        _check_geometry(name, storage, storage_offset, size, stride, _itemsize(dtype))
+    def build(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: Any) -> Any:
+        _check_geometry(name, storage, storage_offset, size, stride, dtype)
         untyped = storage._untyped_storage
         t = torch.empty((0,), dtype=dtype, device=untyped.device)
         return t.set_(untyped, storage_offset, size, stride)
+
+    def finish(t: Any, requires_grad: Any, backward_hooks: Any, metadata: Any) -> Any:
+        t.requires_grad = requires_grad
+        if metadata:
+            torch._utils.set_tensor_metadata(t, metadata)
+        t._backward_hooks = backward_hooks  # kept for backward compatibility, as torch does
+        return t
+
+    def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
+        return build(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
 
     def rebuild_tensor_v2(
         storage: Any,
@@ -295,11 +307,7 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         metadata: Any = None,
     ) -> Any:
         t = rebuild_tensor(storage, storage_offset, size, stride)
-        t.requires_grad = requires_grad
-        if metadata:
-            torch._utils.set_tensor_metadata(t, metadata)
-        t._backward_hooks = backward_hooks  # kept for backward compatibility, as torch does
-        return t
+        return finish(t, requires_grad, backward_hooks, metadata)
 
     def rebuild_tensor_v3(
         storage: Any,
@@ -311,26 +319,14 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         dtype: Any,
         metadata: Any = None,
     ) -> Any:
-        if not isinstance(dtype, torch.dtype):
-            raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
-        _check_geometry(name, storage, storage_offset, size, stride, dtype.itemsize)
-        untyped = storage._untyped_storage
-        t = torch.empty((0,), dtype=dtype, device=untyped.device, requires_grad=requires_grad)
-        t.set_(untyped, storage_offset, size, stride)
-        if metadata:
-            torch._utils.set_tensor_metadata(t, metadata)
-        t._backward_hooks = backward_hooks
-        return t
+        t = build(storage, storage_offset, size, stride, dtype)
+        return finish(t, requires_grad, backward_hooks, metadata)
 
     return {
         "torch._utils._rebuild_tensor": rebuild_tensor,
         "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
     }
-
-
-def _itemsize(dtype: Any) -> int:
-    return dtype.itemsize if isinstance(dtype, torch.dtype) else 1
 
 
 def _ascii(value: Any) -> Any:
