@@ -2,11 +2,11 @@
 
     python bench/demo.py [--runs 5] [--dir /tmp]
 
-Prints the median time of each operation over --runs runs (after one warm-up), measured side
-by side in this one run, and checks every load against the original. Saves go to the page
-cache; before each timed save a throwaway file of ~1.2x the payload is written and deleted,
-because on these VMs the first writes after idle run several times slower (freed memory goes
-back to the host), which would otherwise penalise whichever candidate runs first.
+Prints the median time of each operation over --runs rounds (after a warm-up round), the
+candidates interleaved within each round, and checks every load against the original. Saves go
+to the page cache; before each timed save a throwaway file of ~1.2x the payload is written and
+deleted, because on these VMs the first writes after idle run several times slower (freed
+memory goes back to the host), which would otherwise penalise whichever candidate runs first.
 """
 
 from __future__ import annotations
@@ -37,18 +37,28 @@ def _prime_page_cache_writes(directory: str, nbytes: int) -> None:
     os.unlink(scratch)
 
 
-def _median(fn: Callable[[], object], runs: int, before: Callable[[], None] | None = None) -> float:
-    times = []
-    for i in range(runs + 1):  # the first run warms up and is not counted
-        if before is not None:
-            before()
-        t0 = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t0
-        del out
-        if i:
-            times.append(dt)
-    return statistics.median(times)
+def _interleaved(
+    candidates: dict[str, Callable[[], object]],
+    runs: int,
+    before: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds per candidate. Rounds interleave the candidates (rotating who goes
+    first) so that all of them meet the same machine state: on these VMs the cost of fresh
+    memory and of page-cache writes drifts by several times within a minute. Round 0 warms up
+    and is not counted."""
+    names = list(candidates)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs + 1):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            out = candidates[n]()
+            dt = time.perf_counter() - t0
+            del out
+            if r:
+                times[n].append(dt)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def _check(loaded: dict, original: dict) -> None:
@@ -87,28 +97,35 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         p_ck, p_th = os.path.join(d, "ckptio.pt"), os.path.join(d, "torch.pt")
         prime = lambda: _prime_page_cache_writes(d, nbytes)  # noqa: E731
-        rows = [
-            ("save", "torch.save", _median(lambda: torch.save(sd, p_th), args.runs, prime)),
-            ("save", "ckptio.save", _median(lambda: ckptio.save(sd, p_ck), args.runs, prime)),
-        ]
+        saves = _interleaved(
+            {
+                "torch.save": lambda: torch.save(sd, p_th),
+                "ckptio.save": lambda: ckptio.save(sd, p_ck),
+            },
+            args.runs,
+            prime,
+        )
         _check(torch.load(p_ck), sd)
         _check(ckptio.load(p_th), sd)
         _check(ckptio.load(p_ck), sd)
         _check(ckptio.load(p_ck, mmap=True), sd)
-        rows += [
-            ("load", "torch.load", _median(lambda: torch.load(p_th), args.runs)),
-            ("load", "ckptio.load", _median(lambda: ckptio.load(p_ck), args.runs)),
-            (
-                "load+touch",
-                "torch.load(mmap=True)",
-                _median(lambda: _touch(torch.load(p_th, mmap=True)), args.runs),
-            ),
-            (
-                "load+touch",
-                "ckptio.load(mmap=True)",
-                _median(lambda: _touch(ckptio.load(p_ck, mmap=True)), args.runs),
-            ),
-        ]
+        loads = _interleaved(
+            {
+                "torch.load": lambda: torch.load(p_th),
+                "ckptio.load": lambda: ckptio.load(p_ck),
+            },
+            args.runs,
+        )
+        mmaps = _interleaved(
+            {
+                "torch.load(mmap=True)": lambda: _touch(torch.load(p_th, mmap=True)),
+                "ckptio.load(mmap=True)": lambda: _touch(ckptio.load(p_ck, mmap=True)),
+            },
+            args.runs,
+        )
+        rows = [("save", n, t) for n, t in saves.items()]
+        rows += [("load", n, t) for n, t in loads.items()]
+        rows += [("load+touch", n, t) for n, t in mmaps.items()]
     base = {op: t for op, who, t in rows if who.startswith("torch")}
     print("| operation  | candidate              | median (s) | vs torch |")
     print("|------------|------------------------|-----------:|---------:|")

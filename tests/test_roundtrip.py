@@ -750,3 +750,13 @@ def test_random_views_roundtrip(tmp_path: Path, data: st.DataObject) -> None:
     loaded = ckptio.load(path, mmap=mmap)
     assert_same(obj, loaded)
     assert_same_sharing(obj, loaded)
+
+
+@pytest.mark.parametrize("huge_pages", [True, False], ids=["huge-pages", "small-pages"])
+def test_large_storages_with_and_without_huge_pages(tmp_path: Path, huge_pages: bool) -> None:
+    big = {"a": torch.randn(3 << 20), "b": torch.randn(300, 1000).t(), "small": torch.ones(5)}
+    torch.save(big, tmp_path / "big.pt")
+    with ckptio.options(huge_pages=huge_pages):
+        loaded = ckptio.load(tmp_path / "big.pt")
+    assert_same(loaded, big)
+    assert not loaded["a"].untyped_storage().resizable()  # as torch.load's storages

@@ -45,6 +45,7 @@ def test_environment_variables() -> None:
             "CKPTIO_CRC32": "yes",
             "CKPTIO_FSYNC": "1",
             "CKPTIO_PREALLOCATE": "off",
+            "CKPTIO_HUGE_PAGES": "false",
         }
     )
     assert proc.returncode == 0, proc.stderr
@@ -55,6 +56,7 @@ def test_environment_variables() -> None:
         "crc32": True,
         "fsync": True,
         "preallocate": False,
+        "huge_pages": False,
     }
 
 
@@ -69,6 +71,7 @@ def test_environment_defaults() -> None:
         "crc32": False,
         "fsync": False,
         "preallocate": True,
+        "huge_pages": True,
     }
 
 

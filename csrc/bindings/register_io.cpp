@@ -126,8 +126,8 @@ void register_io(py::module_& m) {
       });
 
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
-      .def(py::init<std::size_t>(), py::arg("nbytes"),
-           "Uninitialized host memory for one storage; huge-page backed when large.")
+      .def(py::init<std::size_t, bool>(), py::arg("nbytes"), py::arg("huge_pages"),
+           "Uninitialized host memory for storages; huge-page backed when large and asked.")
       .def_property_readonly("size", &HostBuffer::size)
       .def_property_readonly("huge", &HostBuffer::huge)
       .def_property_readonly(

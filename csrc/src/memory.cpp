@@ -8,8 +8,8 @@
 
 namespace ckptio {
 
-HostBuffer::HostBuffer(std::size_t size) : size_(size) {
-  if (size >= kHugePageBytes) {
+HostBuffer::HostBuffer(std::size_t size, bool huge_pages) : size_(size) {
+  if (huge_pages && size >= kHugePageBytes) {
     // Over-map by one huge page so the data can start on a 2 MiB boundary: only aligned 2 MiB
     // ranges can be backed by huge pages.
     const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);

@@ -28,6 +28,7 @@ import torch
 from . import _core
 from ._archive import ArchiveReader
 from .errors import CheckpointError, UnsafeGlobalError
+from .settings import get_options
 
 __all__ = ["StorageLoader", "make_unpickler"]
 
@@ -201,7 +202,7 @@ class StorageLoader:
             buffer: Any = self._arena
             offset = self._arena_offsets[key]
         else:
-            buffer, offset = _core.HostBuffer(nbytes), 0
+            buffer, offset = _core.HostBuffer(nbytes, get_options().huge_pages), 0
         return torch.frombuffer(
             buffer, dtype=torch.uint8, count=nbytes, offset=offset
         ).untyped_storage()
@@ -228,7 +229,7 @@ def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int
         if name.startswith("data/") and rec.size < _SMALL_STORAGE_BYTES:
             offsets[name[5:]] = total
             total += (rec.size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
-    return _core.HostBuffer(max(total, 1)), offsets
+    return _core.HostBuffer(max(total, 1), get_options().huge_pages), offsets
 
 
 def _check_geometry(

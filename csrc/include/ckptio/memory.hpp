@@ -17,8 +17,10 @@ class HostBuffer {
  public:
   static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
 
-  /// Throws std::bad_alloc when the memory cannot be had.
-  explicit HostBuffer(std::size_t size);
+  /// `huge_pages=false` keeps large blocks on ordinary pages (some VMs make huge-page faults
+  /// on memory the host has reclaimed slow). Throws std::bad_alloc when the memory cannot be
+  /// had.
+  HostBuffer(std::size_t size, bool huge_pages);
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
