@@ -8,6 +8,7 @@ import errno
 import io
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,31 @@ def test_save_through_dangling_symlink(tmp_path: Path) -> None:
     ckptio.save({"x": 1}, link)
     assert link.is_symlink()
     assert ckptio.load(tmp_path / "created.pt") == {"x": 1}
+
+
+def test_read_only_target_is_not_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rename could replace a file the caller may not write; ckptio refuses as open() does.
+    (CI runs as root, whom the OS lets write anything, so the OS's answer is simulated.)"""
+    target = tmp_path / "frozen.pt"
+    torch.save({"old": torch.ones(2)}, target)
+    before = target.read_bytes()
+    target.chmod(0o444)
+    monkeypatch.setattr(serialization.os, "access", lambda path, how: False)
+    with pytest.raises(PermissionError) as info:
+        ckptio.save({"new": torch.zeros(2)}, target)
+    assert info.value.errno == errno.EACCES and info.value.filename == str(target)
+    assert target.read_bytes() == before
+
+
+def test_save_into_a_fifo_writes_through_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    obj = {"w": torch.arange(10.0)}
+    ckptio.save(obj, fifo)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO must not be replaced by a file"
+    loaded = torch.load(io.BytesIO(received[0]))
+    assert torch.equal(loaded["w"], obj["w"])

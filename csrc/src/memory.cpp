@@ -2,6 +2,7 @@
 
 #include <sys/mman.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
@@ -9,11 +10,13 @@
 namespace ckptio {
 
 HostBuffer::HostBuffer(std::size_t size, bool huge_pages) : size_(size) {
+  // No object may exceed PTRDIFF_MAX; refusing here also keeps the rounding below from
+  // wrapping around to a small block.
+  if (size > static_cast<std::size_t>(PTRDIFF_MAX) - 2 * kHugePageBytes) throw std::bad_alloc();
   if (huge_pages && size >= kHugePageBytes) {
     // Over-map by one huge page so the data can start on a 2 MiB boundary: only aligned 2 MiB
     // ranges can be backed by huge pages.
     const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-    if (rounded < size || rounded + kHugePageBytes < rounded) throw std::bad_alloc();
     mapped_ = rounded + kHugePageBytes;
     void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) {

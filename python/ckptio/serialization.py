@@ -91,7 +91,7 @@ def save(
     )
     name = archive_name_for(f)
     if isinstance(f, (str, bytes, os.PathLike)):
-        _write_file_atomically(os.fsdecode(f), name, specs, payloads, opts.crc32, opts.fsync)
+        _save_to_path(os.fsdecode(f), name, specs, payloads, opts.crc32, opts.fsync)
     else:
         write_archive(f, name, specs, payloads, crc32=opts.crc32)  # type: ignore[arg-type]
         flush = getattr(f, "flush", None)
@@ -100,14 +100,41 @@ def save(
     del cpu_storages  # payload addresses stayed valid until here
 
 
-def _write_file_atomically(
+def _save_to_path(
     path: str, archive_name: str, specs: Any, payloads: Any, crc32: bool, fsync: bool
 ) -> None:
     # Write through a symlink to its target, as open(path, "wb") would.
     target = os.path.realpath(path) if os.path.islink(path) else path
+    try:
+        mode: int | None = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            # A device, FIFO or socket: write into it as torch.save would, never replace it.
+            with open(target, "wb") as fh:
+                write_archive(fh, archive_name, specs, payloads, crc32=crc32)
+            return
+        if not os.access(target, os.W_OK):
+            # A rename would replace a file the caller may not write; refuse as open() does.
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+    _write_file_atomically(path, target, mode, archive_name, specs, payloads, crc32, fsync)
+
+
+def _write_file_atomically(
+    path: str,
+    target: str,
+    mode: int | None,
+    archive_name: str,
+    specs: Any,
+    payloads: Any,
+    crc32: bool,
+    fsync: bool,
+) -> None:
+    """Writes a temporary file beside `target` and renames it over `target` when complete."""
     directory = os.path.dirname(os.path.abspath(target))
-    if os.path.isdir(target):
-        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     tmp = os.path.join(
         directory, f".{os.path.basename(target)}.ckptio-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     )
@@ -117,10 +144,8 @@ def _write_file_atomically(
     except OSError as e:  # report the caller's path, not the temporary name
         raise type(e)(e.errno, e.strerror, path) from None
     try:
-        try:
-            os.fchmod(fd, stat.S_IMODE(os.stat(target).st_mode))
-        except FileNotFoundError:
-            pass
+        if mode is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
         file = _core.File.adopt(fd, tmp)
         os.close(fd)
         fd = -1
