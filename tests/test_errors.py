@@ -450,3 +450,24 @@ def test_torch_force_environment_variables(
             torch.load(path, weights_only=False)
     else:
         assert ckptio.load(path) == torch.load(path) == {"cfg": MyClass(1)}
+
+
+def test_blocked_module_stays_blocked_when_allowlisted(tmp_path: Path) -> None:
+    """torch never resolves sys/os/posix/nt in a weights-only load, allowlisted or not."""
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self) -> Any:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Payload()}, tmp_path / "evil.pt")
+    with torch.serialization.safe_globals([os.system]):
+        with pytest.raises(ckptio.UnsafeGlobalError, match="blocked"):
+            ckptio.load(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_pickle_load_args_warn_in_weights_only_mode(tmp_path: Path) -> None:
+    torch.save({"a": torch.ones(1)}, tmp_path / "a.pt")
+    with pytest.warns(UserWarning, match="pickle_load_args only works"):
+        ckptio.load(tmp_path / "a.pt", encoding="latin1")

@@ -10,10 +10,10 @@ Two unpicklers share one storage loader:
 
 Storages resolve by key, so sharing and views come back exactly as torch rebuilds them. Eager
 CPU loads allocate every storage while unpickling and fill them all afterwards in one parallel
-read (the GIL released). That is safe because the globals tensors are rebuilt with never read
-storage data; the first global outside that set (a user class, a quantized-tensor rebuild...)
-switches the loader to reading each storage as soon as it is created, after flushing what is
-pending, so such code always sees real data.
+read (the GIL released). That is safe because the functions that rebuild plain tensors never
+read storage data. The first global outside that known set (a user class, a quantized-tensor
+rebuild...) makes the loader flush what is pending and read each later storage as soon as it
+is created, so such code always sees real data.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ _DATA_BLIND = frozenset(
         "torch._tensor._rebuild_from_type_v2",
     }
 )
+
+
+# Modules torch's weights-only loader never resolves, even when allowlisted.
+_BLOCKED_MODULES = frozenset({"sys", "os", "posix", "nt"})
 
 
 def _allowed_globals() -> dict[str, Any]:
@@ -361,6 +365,11 @@ def make_unpickler(
             def find_class(self, module: str, name: str) -> Any:
                 module, name = _fix_import(module, name)
                 full = f"{module}.{name}"
+                if module in _BLOCKED_MODULES:
+                    raise UnsafeGlobalError(
+                        f"Weights only load failed: the checkpoint names the global '{full}', "
+                        f"whose module {module} is blocked; no allowlist can enable it."
+                    )
                 try:
                     obj = allowed[full]
                 except KeyError:

@@ -16,6 +16,7 @@ import pickle
 import secrets
 import stat
 import sys
+import warnings
 from typing import IO, Any, Union
 
 import torch
@@ -231,6 +232,8 @@ def load(
             )
     elif pickle_module is None:
         pickle_module = pickle
+    if pickle_load_args and weights_only:
+        warnings.warn("pickle_load_args only works if `weights_only=False`.", stacklevel=2)
     if mmap is None:
         mmap = _default_mmap()
 
