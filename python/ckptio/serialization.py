@@ -238,6 +238,7 @@ def load(
         mmap = _default_mmap()
 
     shared = bool(mmap) and _mmap_shared()
+    start: int | None = None  # where a file object was read from, to hand it on to torch
     if isinstance(f, (str, bytes, os.PathLike)):
         path = os.fsdecode(f)
         # A MAP_SHARED mapping writes through to the file, so it needs a writable descriptor.
@@ -249,7 +250,6 @@ def load(
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
         file = _adopt_regular_file(f)
-        start = None
         if file is not None:  # an open regular file: parallel preads, no copy in memory
             source, buffer = file, None
         else:
@@ -259,7 +259,7 @@ def load(
     try:
         head = source.pread(0, min(4, source.size))
         if not _core.looks_like_zip(head):
-            _rewind(f, start if buffer is not None else None)
+            _rewind(f, start)
             return _load_legacy(
                 f,
                 map_location,
@@ -278,7 +278,7 @@ def load(
         ):
             # TorchScript archives, byte-swapped files and loads under a FakeTensorMode:
             # torch's own loader handles them.
-            _rewind(f, start if buffer is not None else None)
+            _rewind(f, start)
             return _load_with_torch(
                 f, map_location, pickle_module, weights_only, mmap, pickle_load_args
             )
