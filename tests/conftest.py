@@ -177,7 +177,7 @@ def assert_same(a: Any, b: Any, where: str = "obj", *, values: bool = True) -> N
             assert_same(meta_a, meta_b, f"{where}._metadata", values=values)
     elif isinstance(a, (list, tuple)):  # torch.Size is a tuple: same type checked above
         assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_same(x, y, f"{where}[{i}]", values=values)
     elif isinstance(a, float):
         assert _same_float(a, b), f"{where}: {a!r} != {b!r}"

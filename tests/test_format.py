@@ -110,7 +110,7 @@ def test_local_headers_follow_miniz(sample_file: Path) -> None:
     arithmetic-offset loader depends on it."""
     data = sample_file.read_bytes()
     records = zip_records(sample_file)
-    for r, nxt in zip(records, records[1:] + [None]):
+    for r, nxt in zip(records, records[1:] + [None], strict=True):
         assert r.flags == (0x0808 if r.size else 0x0800), r.name
         end = r.data_offset + r.size
         if r.size:
@@ -317,7 +317,7 @@ def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
         assert zf.testzip() is None
     expected = _with_serialization_id(torch_bytes, our_sid)
     if ours != expected:
-        first = next(i for i, (x, y) in enumerate(zip(ours, expected)) if x != y)
+        first = next(i for i, (x, y) in enumerate(zip(ours, expected, strict=False)) if x != y)
         pytest.fail(
             f"first difference at byte {first}: ours {ours[first : first + 16]!r}, "
             f"torch {expected[first : first + 16]!r}"

@@ -258,7 +258,7 @@ def _check_geometry(
     )
     empty = False
     if ok:
-        for n, step in zip(size, stride):  # a plain loop: this runs once per tensor
+        for n, step in zip(size, stride, strict=True):  # a plain loop: this runs once per tensor
             if type(n) is not int or type(step) is not int or n < 0 or step < 0:
                 ok = False
                 break
