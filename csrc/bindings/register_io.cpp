@@ -19,31 +19,13 @@
 #include "ckptio/thread_pool.hpp"
 #include "register.hpp"
 #include "requests.hpp"
+#include "sources.hpp"
 
 namespace py = pybind11;
 
 namespace ckptio::bindings {
 
 namespace {
-
-/// A ByteSource over a Python buffer (bytes, bytearray, memoryview): keeps the buffer pinned.
-class BufferSource {
- public:
-  BufferSource(py::buffer buffer, std::string name) : buffer_(std::move(buffer)) {
-    view_ = buffer_.request();
-    if (view_.ndim != 1 || view_.itemsize != 1 || view_.strides[0] != 1) {
-      throw InvalidArgument("BufferSource needs a contiguous byte buffer");
-    }
-    source_ = std::make_unique<MemorySource>(view_.ptr, static_cast<std::uint64_t>(view_.size),
-                                             std::move(name));
-  }
-  const ByteSource& source() const { return *source_; }
-
- private:
-  py::buffer buffer_;
-  py::buffer_info view_;
-  std::unique_ptr<MemorySource> source_;
-};
 
 py::bytes pread_bytes(const ByteSource& source, std::uint64_t offset, std::uint64_t n) {
   if (n > source.size()) {

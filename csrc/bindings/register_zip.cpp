@@ -13,6 +13,7 @@
 #include "ckptio/thread_pool.hpp"
 #include "ckptio/zip.hpp"
 #include "register.hpp"
+#include "sources.hpp"
 
 namespace py = pybind11;
 
@@ -24,8 +25,7 @@ py::bytes to_bytes(const std::vector<std::uint8_t>& v) {
   return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
 }
 
-/// (prefix, [(name, header_offset, data_offset, size, method), ...]) from a File or a
-/// BufferSource (anything the io area registered as a ByteSource holder).
+/// (prefix, [(name, header_offset, data_offset, size, method), ...]).
 py::tuple directory_tuple(const ZipDirectory& dir) {
   py::list entries(dir.entries.size());
   for (std::size_t i = 0; i < dir.entries.size(); ++i) {
@@ -86,20 +86,15 @@ void register_zip(py::module_& m) {
       "method)]).");
   m.def(
       "read_zip_directory",
-      [](const py::buffer& buffer, const std::string& name) {
-        py::buffer_info info = buffer.request();
-        if (info.ndim != 1 || info.itemsize != 1) {
-          throw InvalidArgument("read_zip_directory needs a contiguous byte buffer");
-        }
-        MemorySource source(info.ptr, static_cast<std::uint64_t>(info.size), name);
+      [](const BufferSource& buffer) {
         ZipDirectory dir;
         {
           py::gil_scoped_release nogil;
-          dir = read_zip_directory(source);
+          dir = read_zip_directory(buffer.source());
         }
         return directory_tuple(dir);
       },
-      py::arg("buffer"), py::arg("name"));
+      py::arg("source"));
 
   py::class_<ArchiveLayout>(m, "ArchiveLayout")
       .def_property_readonly("total_size", [](const ArchiveLayout& l) { return l.total_size; })

@@ -37,15 +37,10 @@ class Record:
 class ArchiveReader:
     """The records of a torch zip archive, validated by the C++ reader."""
 
-    def __init__(self, source: Source, buffer: bytes | None = None) -> None:
+    def __init__(self, source: Source) -> None:
         self.source = source
         self.name = source.name
-        if isinstance(source, _core.File):
-            prefix, entries = _core.read_zip_directory(source)
-        elif buffer is not None:
-            prefix, entries = _core.read_zip_directory(buffer, source.name)
-        else:
-            raise TypeError("an in-memory source needs its buffer")
+        prefix, entries = _core.read_zip_directory(source)
         self.prefix: str = prefix
         self.records: dict[str, Record] = {}
         for full_name, _header, data_offset, size, method in entries:

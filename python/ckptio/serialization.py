@@ -245,17 +245,15 @@ def load(
         mode = _core.FileMode.READ_WRITE if shared else _core.FileMode.READ
         file: _core.File | None = _core.File.open(path, mode)
         source: Any = file
-        buffer = None
     else:
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
         file = _adopt_regular_file(f)
         if file is not None:  # an open regular file: parallel preads, no copy in memory
-            source, buffer = file, None
+            source = file
         else:
             start = f.tell() if callable(getattr(f, "tell", None)) else None
-            buffer = _read_file_object(f)
-            source = _core.BufferSource(buffer, _display_name(f))
+            source = _core.BufferSource(_read_file_object(f), _display_name(f))
     try:
         head = source.pread(0, min(4, source.size))
         if not _core.looks_like_zip(head):
@@ -270,7 +268,7 @@ def load(
                 head,
                 pickle_load_args,
             )
-        archive = ArchiveReader(source, buffer)
+        archive = ArchiveReader(source)
         if (
             archive.has("constants.pkl")
             or not _plain_byteorder(archive)
