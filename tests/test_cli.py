@@ -22,7 +22,7 @@ import torch
 
 import ckptio
 
-from conftest import assert_same, make_model
+from conftest import assert_same, make_model, torch_archive_parts, write_plain_zip
 
 st = pytest.importorskip("safetensors.torch")
 
@@ -277,6 +277,19 @@ def test_verify_detects_structural_damage(tmp_path: Path, files: dict[str, Path]
     bad_st.write_bytes(bytes(data[:-4]))  # data section shorter than the header says
     r = run("verify", "--json", bad_st)
     assert r.returncode == 1 and json.loads(r.stdout)["ok"] is False
+
+
+@pytest.mark.parametrize("damage", ["truncated", "trailing"])
+def test_verify_detects_a_malformed_pickle(tmp_path: Path, damage: str) -> None:
+    pkl, payloads = torch_archive_parts({"a": torch.arange(4)})
+    bad_pkl = pkl[:-5] if damage == "truncated" else pkl + b"extra"
+    path = tmp_path / "bad.pt"
+    records = {"data.pkl": bad_pkl, "version": b"3\n"}
+    records.update({f"data/{i}": p for i, p in enumerate(payloads)})
+    write_plain_zip(path, records)
+    r = run("verify", path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "FAILED" in r.stdout
 
 
 def test_verify_never_runs_pickled_code(tmp_path: Path) -> None:

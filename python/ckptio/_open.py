@@ -212,7 +212,7 @@ class CheckpointHandle:
                     dtype=value.dtype,
                     shape=tuple(value.shape),
                     stride=tuple(value.stride()),
-                    storage_offset=value.storage_offset(),
+                    storage_offset=int(value.storage_offset()),
                     nbytes=value.numel() * value.element_size(),
                     location=location,
                     requires_grad=value.requires_grad,
@@ -290,7 +290,9 @@ class CheckpointHandle:
         plans = []
         for key in keys:
             info = self.info(key)
-            plans.append((key, info, _plan_read(info, info.storage_offset, info.shape, info.stride)))
+            plans.append(
+                (key, info, _plan_read(info, info.storage_offset, info.shape, info.stride))
+            )
         tensors = self._read(plans)
         out: dict[Key, torch.Tensor] = {}
         for (key, info, _), t in zip(plans, tensors, strict=True):
@@ -325,12 +327,12 @@ class CheckpointHandle:
             buffers.append(buf)
         self._read_into(requests)
         out = []
-        for (_key, info, plan), buf in zip(plans, buffers, strict=True):
-            if buf is None:
+        for (_key, info, plan), held in zip(plans, buffers, strict=True):
+            if held is None:
                 device = "meta" if meta else "cpu"
                 storage = torch.UntypedStorage(plan.nbytes, device=device)
             else:
-                storage = buf.untyped_storage()
+                storage = held.untyped_storage()
             if not meta:
                 storage = restore(storage, info.location)
             t = torch.empty((0,), dtype=info.dtype, device=storage.device)
@@ -404,7 +406,9 @@ class TensorSlice:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         info = self.info
-        last = info.storage_offset + sum((n - 1) * s for n, s in zip(info.shape, info.stride))
+        last = info.storage_offset + sum(
+            (n - 1) * s for n, s in zip(info.shape, info.stride, strict=True)
+        )
         numel = last + 1 if all(info.shape) else 0
         base = torch.empty(max(numel, 0), dtype=info.dtype, device="meta")
         geometry = base.as_strided(info.shape, info.stride, info.storage_offset)
@@ -419,7 +423,7 @@ class TensorSlice:
                 "get_slice supports ints, slices, ... and None; read the tensor with "
                 "get_tensor() for advanced (list or tensor) indexing"
             )
-        plan = _plan_read(info, view.storage_offset(), tuple(view.shape), tuple(view.stride()))
+        plan = _plan_read(info, int(view.storage_offset()), tuple(view.shape), tuple(view.stride()))
         (t,) = self._handle._read([(info.name, info, plan)])
         return t
 
@@ -443,12 +447,15 @@ def _plan_read(
     numel = math.prod(shape)
     if numel == 0:
         return _ReadPlan([], 0, 0, shape, stride)
-    dims = [(n, s) for n, s in zip(shape, stride) if n != 1]
+    dims = [(n, s) for n, s in zip(shape, stride, strict=True) if n != 1]
     lo = offset + sum((n - 1) * s for n, s in dims if s < 0)
     hi = offset + sum((n - 1) * s for n, s in dims if s > 0)
     covering = _ReadPlan(
-        [(lo * itemsize, (hi - lo + 1) * itemsize)], (hi - lo + 1) * itemsize, offset - lo,
-        shape, stride,
+        [(lo * itemsize, (hi - lo + 1) * itemsize)],
+        (hi - lo + 1) * itemsize,
+        offset - lo,
+        shape,
+        stride,
     )
     if hi - lo + 1 == numel:
         return covering  # dense already (contiguous or a permutation of it)
@@ -526,4 +533,3 @@ def _walk(obj: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
             yield from _walk(v, (*path, i))
     else:
         yield path, obj
-

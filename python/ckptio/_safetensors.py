@@ -215,9 +215,7 @@ class SafetensorsArchive(ArchiveReader):
         }
 
 
-def load(
-    source: Any, map_location: Any, mapping: _core.Mapping | None
-) -> dict[str, torch.Tensor]:
+def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read in one parallel batch (or viewing `mapping`),
     placed as `map_location` says (saved location: ``cpu``). Keys in file header order."""
     header = read_header(source)
@@ -225,7 +223,9 @@ def load(
     loader = StorageLoader(archive, map_location, mapping)
     tensors: dict[str, torch.Tensor] = {}
     for i, entry in enumerate(header.tensors):
-        typed = loader.persistent_load(("storage", torch.UntypedStorage, str(i), "cpu", entry.nbytes))
+        typed = loader.persistent_load(
+            ("storage", torch.UntypedStorage, str(i), "cpu", entry.nbytes)
+        )
         untyped = typed._untyped_storage
         t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
         tensors[entry.name] = t.set_(untyped, 0, entry.shape, _contiguous_strides(entry.shape))
@@ -344,9 +344,7 @@ def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
         if storage.data_ptr() == 0:
             continue
         start = t.data_ptr()
-        by_storage.setdefault((t.device, storage.data_ptr()), []).append(
-            (start, start + nbytes, k)
-        )
+        by_storage.setdefault((t.device, storage.data_ptr()), []).append((start, start + nbytes, k))
     groups: list[list[str]] = []
     for spans in by_storage.values():
         if len(spans) < 2:
@@ -399,4 +397,3 @@ def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
         if n is None or n >= view.nbytes:
             return
         view = view[n:]
-

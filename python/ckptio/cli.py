@@ -238,7 +238,7 @@ def _summary(handle: Any, path: str) -> dict[str, Any]:
 def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
     if not all(shape):
         return 0
-    return 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+    return 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
 
 
 def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
@@ -283,8 +283,12 @@ def _inspect(args: argparse.Namespace) -> int:
         lines.append(f"metadata:        {k} = {_short_repr(v)}")
     print("\n".join(lines))
     rows = [
-        (t["name"] or "<root>", t["dtype"], "[" + ", ".join(map(str, t["shape"])) + "]",
-         str(t["nbytes"]))
+        (
+            t["name"] or "<root>",
+            t["dtype"],
+            "[" + ", ".join(map(str, t["shape"])) + "]",
+            str(t["nbytes"]),
+        )
         for t in info["tensors"]
     ]
     if rows:
@@ -303,9 +307,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
     name, dtype, shape, nbytes = cells
-    return (
-        f"{name:<{widths[0]}}  {dtype:<{widths[1]}}  {shape:<{widths[2]}}  {nbytes:>{widths[3]}}"
-    )
+    return f"{name:<{widths[0]}}  {dtype:<{widths[1]}}  {shape:<{widths[2]}}  {nbytes:>{widths[3]}}"
 
 
 # ---------------------------------------------------------------------------------- convert
@@ -464,6 +466,7 @@ def _verify(args: argparse.Namespace) -> int:
                     record("container", False, f"compressed records: {', '.join(compressed)}")
                 else:
                     record("container", True, f"zip with {len(records)} stored records")
+                _check_opcodes(handle.archive, record)
                 record(
                     "pickle",
                     True,
@@ -473,12 +476,19 @@ def _verify(args: argparse.Namespace) -> int:
                 )
                 _check_crcs(path, handle.archive, record, not args.no_progress)
     except UnsafeGlobalError as e:
-        record("pickle", True, f"well-formed, but needs weights_only=False: {_describe(e)}")
         fmt = "torch"
         from ._archive import ArchiveReader
 
         with _core.File.open(path, _core.FileMode.READ) as f:
-            _check_crcs(path, ArchiveReader(f), record, not args.no_progress)
+            archive = ArchiveReader(f)
+            record("container", True, f"zip with {len(archive.records)} stored records")
+            if _check_opcodes(archive, record):
+                record(
+                    "pickle",
+                    True,
+                    f"not unpickled: it needs weights_only=False ({_describe(e)})",
+                )
+            _check_crcs(path, archive, record, not args.no_progress)
     except CheckpointError as e:
         record("structure", False, _describe(e))
     if args.json:
@@ -488,6 +498,26 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{c['check']:<10} {'ok' if c['ok'] else 'FAILED':<7} {c['detail']}")
         print(f"{path}: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
+
+
+def _check_opcodes(archive: Any, record: Any) -> bool:
+    """Walks data.pkl's opcodes (pickletools decodes them, runs nothing): every opcode and
+    argument complete, ending with STOP."""
+    import pickletools
+
+    data = archive.read("data.pkl")
+    last = None
+    try:
+        for opcode, _arg, pos in pickletools.genops(data):
+            last = (opcode.name, pos)
+    except Exception as e:  # genops raises ValueError and friends on malformed input
+        record("opcodes", False, f"data.pkl is not a well-formed pickle: {e}")
+        return False
+    if last is None or last[0] != "STOP" or last[1] != len(data) - 1:
+        record("opcodes", False, "data.pkl has bytes after its STOP opcode")
+        return False
+    record("opcodes", True, f"data.pkl: {len(data)} bytes of well-formed pickle")
+    return True
 
 
 def _check_crcs(path: str, archive: Any, record: Any, show_progress: bool) -> None:
