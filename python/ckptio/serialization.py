@@ -231,6 +231,9 @@ def load(
 ) -> Any:
     """Loads an object saved with :func:`save` or :func:`torch.save`, as :func:`torch.load`.
 
+    A safetensors file (recognized by its bytes, whatever its name) loads too, through the
+    same eager, mmap and map_location paths, as a dict of tensors (docs/safetensors.md).
+
     Args:
         f: a path or a readable, seekable binary file object.
         map_location: None, a device string, a ``torch.device``, a dict mapping saved
