@@ -283,8 +283,9 @@ class CheckpointHandle:
 
     def get_tensors(self, keys: Sequence[Key] | None = None) -> dict[Key, torch.Tensor]:
         """Reads several tensors (all when `keys` is None) in one parallel batch. Returns a
-        dict keyed as asked (by dotted name when `keys` is None). Tensors that shared a
-        storage in the file come back as independent copies."""
+        dict keyed as asked (when `keys` is None: by dotted name, or by key tuple if some
+        dotted names are ambiguous). Tensors that shared a storage in the file come back as
+        independent copies."""
         if keys is None:
             keys = self.keys() if len(self._by_name) == len(self._infos) else self.paths()
         plans = []

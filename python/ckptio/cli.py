@@ -139,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted", 130)
     except BrokenPipeError:
         # `ckptio inspect big.pt | head`: the reader left; not an error worth a message.
-        sys.stderr.close()
+        # Point stdout at /dev/null so the interpreter's final flush does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
         return 0
     except Exception as e:
         return _fail(_describe(e))
