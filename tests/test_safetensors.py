@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hs
 
 import ckptio
 from ckptio import _safetensors
@@ -281,6 +283,38 @@ def test_hostile_headers_raise_checkpoint_error(tmp_path: Path, blob: bytes, mes
     if _safetensors.looks_like_safetensors(blob[:9], len(blob)):
         with pytest.raises(Exception):  # noqa: B017 - the oracle refuses it too, in its own way
             st.load_file(str(path))
+
+
+def test_deeply_nested_json(tmp_path: Path) -> None:
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(_file(None, raw=b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"))
+    with pytest.raises(ckptio.CheckpointError):
+        ckptio.load(path)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    edits=hs.lists(hs.tuples(hs.integers(8, 10**6), hs.integers(0, 255)), min_size=1, max_size=4)
+)
+def test_mutated_files_load_or_raise_checkpoint_error(tmp_path: Path, edits: Any) -> None:
+    """Byte edits anywhere after the length field: ckptio either refuses the file with
+    CheckpointError or loads exactly what the reference implementation loads."""
+    tensors = {"w": torch.arange(12.0).reshape(3, 4), "i": torch.arange(5, dtype=torch.int16)}
+    blob = bytearray(st.save(tensors, metadata={"m": "x"}))
+    for at, value in edits:
+        blob[at % len(blob) if at % len(blob) >= 8 else 8] = value
+    path = tmp_path / "mutated.safetensors"
+    path.write_bytes(bytes(blob))
+    try:
+        got = ckptio.load(path)
+    except ckptio.CheckpointError:
+        return
+    ref = st.load_file(str(path))
+    assert list(got) == list(ref)
+    for k in ref:
+        assert_tensor_same(got[k], ref[k], k)
 
 
 def test_truncation_sweep_never_crashes(tmp_path: Path) -> None:

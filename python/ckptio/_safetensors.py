@@ -127,7 +127,7 @@ def read_header(source: Any) -> Header:
         raise CheckpointError(f"{name}: the safetensors header does not start with '{{'")
     try:
         parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {e}") from None
     if not isinstance(parsed, dict):
         raise CheckpointError(f"{name}: the safetensors header is not a JSON object")
