@@ -4,6 +4,9 @@
 >>> ckptio.save(model.state_dict(), "model.pt")      # loads with stock torch.load too
 >>> state = ckptio.load("model.pt")                   # weights-only by default
 >>> state = ckptio.load("model.pt", mmap=True)        # zero-copy views of the file
+>>> ckptio.save(state, "model.safetensors", format="safetensors")
+>>> with ckptio.open("model.pt") as ck:               # lazy: reads only what you ask for
+...     rows = ck.get_slice("fc.weight")[0:10]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
         f"install a wheel for this platform. Original error: {_e}"
     ) from _e
 
+from ._open import CheckpointHandle, TensorInfo, TensorSlice, open
 from .errors import CheckpointError, UnsafeGlobalError
 from .serialization import load, save
 from .settings import Options, get_options, options, set_options
@@ -25,11 +29,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "CheckpointHandle",
     "Options",
     "UnsafeGlobalError",
     "get_options",
     "load",
+    "open",
     "options",
     "save",
     "set_options",
+    "TensorInfo",
+    "TensorSlice",
 ]

@@ -17,11 +17,11 @@ import secrets
 import stat
 import sys
 import warnings
-from typing import IO, Any, Union
+from typing import IO, Any, Callable, Mapping, Union
 
 import torch
 
-from . import _core
+from . import _core, _safetensors
 from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
 from ._pickler import dumps
 from ._unpickler import StorageLoader, make_unpickler
@@ -47,6 +47,10 @@ def save(
     pickle_protocol: int = DEFAULT_PROTOCOL,
     _use_new_zipfile_serialization: bool = True,
     _disable_byteorder_record: bool = False,
+    *,
+    format: str = "torch",
+    metadata: Mapping[str, str] | None = None,
+    clone_shared: bool = False,
 ) -> None:
     """Saves `obj` to `f` exactly as :func:`torch.save` would, only faster.
 
@@ -60,12 +64,25 @@ def save(
         f: a path (str or os.PathLike) or a writable binary file object.
         pickle_module: module providing ``Pickler`` (as torch.save).
         pickle_protocol: pickle protocol; torch's default 2 keeps weights-only loading working.
+        format: ``"torch"`` (torch's zip format) or ``"safetensors"``: `obj` must then be a
+            flat dict of str -> dense, contiguous tensor; the file is byte-for-byte what
+            ``safetensors.torch.save_file`` writes (docs/safetensors.md).
+        metadata: safetensors only: the str -> str ``__metadata__`` of the header.
+        clone_shared: safetensors only: store tensors that share memory as independent
+            copies instead of refusing them (the default refuses, naming the keys).
 
     Example::
 
         >>> ckptio.save(model.state_dict(), "model.pt")
         >>> model.load_state_dict(ckptio.load("model.pt"))
     """
+    if format == "safetensors":
+        _save_safetensors(obj, f, metadata, clone_shared)
+        return
+    if format != "torch":
+        raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
+    if metadata is not None or clone_shared:
+        raise ValueError("metadata and clone_shared apply only to format='safetensors'")
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
         # The legacy (pre-1.6) format has no layout to parallelize, and skip_data() writes
@@ -91,19 +108,35 @@ def save(
         byteorder=None if _disable_byteorder_record else sys.byteorder,
     )
     name = archive_name_for(f)
-    if isinstance(f, (str, bytes, os.PathLike)):
-        _save_to_path(os.fsdecode(f), name, specs, payloads, opts.crc32, opts.fsync)
-    else:
-        write_archive(f, name, specs, payloads, crc32=opts.crc32)  # type: ignore[arg-type]
-        flush = getattr(f, "flush", None)
-        if callable(flush):
-            flush()
+
+    def write(target: Any) -> None:
+        write_archive(target, name, specs, payloads, crc32=opts.crc32)
+
+    _write_to(f, write, opts.fsync)
     del cpu_storages  # payload addresses stayed valid until here
 
 
-def _save_to_path(
-    path: str, archive_name: str, specs: Any, payloads: Any, crc32: bool, fsync: bool
+def _save_safetensors(
+    obj: Any, f: FileLike, metadata: Mapping[str, str] | None, clone_shared: bool
 ) -> None:
+    if not _is_path(f) and not callable(getattr(f, "write", None)):
+        raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
+    layout = _safetensors.plan(obj, metadata, clone_shared)
+    _write_to(f, lambda target: _safetensors.write(target, layout), get_options().fsync)
+
+
+def _write_to(f: FileLike, write: Callable[[Any], None], fsync: bool) -> None:
+    """Runs `write` on a _core.File (a path: atomically) or on the writable file object f."""
+    if isinstance(f, (str, bytes, os.PathLike)):
+        _save_to_path(os.fsdecode(f), write, fsync)
+    else:
+        write(f)
+        flush = getattr(f, "flush", None)
+        if callable(flush):
+            flush()
+
+
+def _save_to_path(path: str, write: Callable[[Any], None], fsync: bool) -> None:
     # Write through a symlink to its target, as open(path, "wb") would.
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
@@ -116,22 +149,19 @@ def _save_to_path(
         if not stat.S_ISREG(mode):
             # A device, FIFO or socket: write into it as torch.save would, never replace it.
             with open(target, "wb") as fh:
-                write_archive(fh, archive_name, specs, payloads, crc32=crc32)
+                write(fh)
             return
         if not os.access(target, os.W_OK):
             # A rename would replace a file the caller may not write; refuse as open() does.
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-    _write_file_atomically(path, target, mode, archive_name, specs, payloads, crc32, fsync)
+    _write_file_atomically(path, target, mode, write, fsync)
 
 
 def _write_file_atomically(
     path: str,
     target: str,
     mode: int | None,
-    archive_name: str,
-    specs: Any,
-    payloads: Any,
-    crc32: bool,
+    write: Callable[[Any], None],
     fsync: bool,
 ) -> None:
     """Writes a temporary file beside `target` and renames it over `target` when complete."""
@@ -151,7 +181,7 @@ def _write_file_atomically(
         os.close(fd)
         fd = -1
         with file:
-            write_archive(file, archive_name, specs, payloads, crc32=crc32)
+            write(file)
             if fsync:
                 file.sync()
         os.replace(tmp, target)
@@ -200,6 +230,9 @@ def load(
     **pickle_load_args: Any,
 ) -> Any:
     """Loads an object saved with :func:`save` or :func:`torch.save`, as :func:`torch.load`.
+
+    A safetensors file (recognized by its bytes, whatever its name) loads too, through the
+    same eager, mmap and map_location paths, as a dict of tensors (docs/safetensors.md).
 
     Args:
         f: a path or a readable, seekable binary file object.
@@ -255,7 +288,12 @@ def load(
             start = f.tell() if callable(getattr(f, "tell", None)) else None
             source = _core.BufferSource(_read_file_object(f), _display_name(f))
     try:
-        head = source.pread(0, min(4, source.size))
+        head = source.pread(0, min(9, source.size))
+        if _safetensors.looks_like_safetensors(head, source.size):
+            # safetensors holds no code: weights_only and pickle arguments have nothing to do.
+            mapping = _core.Mapping(file, shared) if file is not None and mmap else None
+            return _safetensors.load(source, map_location, mapping)
+        head = head[:4]
         if not _core.looks_like_zip(head):
             _rewind(f, start)
             return _load_legacy(

@@ -1,0 +1,536 @@
+"""``ckptio.open``: lazy, random access to the tensors of a checkpoint.
+
+Opening a file reads only its directory: for a torch zip file the container's records and
+``data.pkl``, unpickled by the weights-only unpickler with placeholder (meta) storages, so no
+tensor data is read and no code from the file runs; for a safetensors file its header. Each
+tensor, or a slice of one, is then read on demand with positioned reads (``pread``) of just the
+bytes it needs. Reads are thread-safe: the handle has no file position.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import math
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import IO, Any, Iterator, Sequence, Union
+
+import torch
+
+from . import _core, _safetensors
+from ._archive import ArchiveReader
+from ._unpickler import StorageLoader, make_unpickler
+from ._util import gc_paused
+from .errors import CheckpointError
+from .settings import get_options
+
+__all__ = ["CheckpointHandle", "TensorInfo", "TensorSlice", "open"]
+
+Key = Union[str, tuple]
+#: A slice is read as separate contiguous ranges (one parallel batch) rather than as the one
+#: range covering it when that needs at most this many ranges.
+MAX_GATHER_RANGES = 1 << 16
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the file says about one tensor, known without reading its data.
+
+    Attributes:
+        name: the dotted name (the path's parts joined with ``.``).
+        path: the key tuple that leads to the tensor in the saved object (``()`` for a tensor
+            saved on its own; one element per dict key or list/tuple index).
+        dtype, shape, stride, storage_offset: the tensor's geometry (stride and storage offset
+            in elements, as in torch).
+        nbytes: bytes of the tensor's elements (``numel * itemsize``).
+        location: the device it was saved from (``"cpu"`` for safetensors).
+        requires_grad: as saved (False for safetensors).
+        is_parameter: saved as a ``torch.nn.Parameter``.
+        storage: the key of its storage (tensors sharing one have the same key).
+        file_offset: where the storage's bytes begin in the file.
+    """
+
+    name: str
+    path: tuple
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    storage_offset: int
+    nbytes: int
+    location: str
+    requires_grad: bool
+    is_parameter: bool
+    storage: str
+    file_offset: int
+
+
+def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> CheckpointHandle:  # noqa: A001
+    """Opens a checkpoint (torch zip or safetensors, told apart by their bytes) for lazy reads.
+
+    Args:
+        f: a path, or an open binary file object of a regular file.
+        map_location: where tensors read through the handle go, with :func:`ckptio.load`'s
+            meaning (None: where they were saved; ``"meta"``: nothing is read).
+
+    Returns:
+        A :class:`CheckpointHandle` (a context manager).
+
+    Example::
+
+        >>> with ckptio.open("model.pt") as ck:
+        ...     print(ck.keys()[:3], ck.info("fc.weight").shape)
+        ...     w = ck["fc.weight"]
+        ...     rows = ck.get_slice("fc.weight")[0:10]  # reads only those rows
+    """
+    if isinstance(f, (str, bytes, os.PathLike)):
+        file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
+    else:
+        try:
+            fd = f.fileno()
+        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+            raise TypeError(
+                "ckptio.open needs a path or an open regular file (it reads with pread), got "
+                f"{type(f).__name__}"
+            ) from None
+        name = getattr(f, "name", None)
+        file = _core.File.adopt(fd, str(name) if isinstance(name, (str, bytes)) else "<file>")
+    try:
+        return CheckpointHandle(file, map_location)
+    except BaseException:
+        file.close()
+        raise
+
+
+class CheckpointHandle:
+    """Lazy view of a checkpoint; see :func:`open`.
+
+    Tensors are addressed by their dotted name (``"model.layers.0.weight"``: for a flat state
+    dict simply its key) or by their key tuple (``("model", "layers.0.weight")``). A dotted
+    name that two paths share (``{"a.b": x, "a": {"b": y}}``) is ambiguous: looking it up
+    raises KeyError naming the key tuples to use instead.
+    """
+
+    def __init__(self, file: _core.File, map_location: Any) -> None:
+        self._file = file
+        self.name = file.name
+        self.map_location = map_location
+        self._lock = threading.Condition()
+        self._active = 0
+        self._closed = False
+        self._meta_objects: dict[tuple, torch.Tensor] = {}
+        self.metadata: dict[str, str] = {}
+        self.non_tensors: dict[str, Any] = {}
+        self.paths_of_non_tensors: dict[tuple, Any] = {}
+        self._infos: dict[tuple, TensorInfo] = {}
+        head = file.pread(0, min(9, file.size))
+        if _safetensors.looks_like_safetensors(head, file.size):
+            self.format = "safetensors"
+            self._open_safetensors()
+        elif _core.looks_like_zip(head[:4]):
+            self.format = "torch"
+            self._open_torch()
+        else:
+            raise CheckpointError(
+                f"{self.name}: neither a torch zip checkpoint nor a safetensors file "
+                f"(it starts with {head!r}); legacy torch files can only be read with load()"
+            )
+        self._by_name: dict[str, list[tuple]] = {}
+        for path, info in self._infos.items():
+            self._by_name.setdefault(info.name, []).append(path)
+        self.data_offsets: list[int] = sorted({i.file_offset for i in self._infos.values()})
+
+    # -- opening ---------------------------------------------------------------------------
+    def _open_safetensors(self) -> None:
+        header = _safetensors.read_header(self._file)
+        self.metadata = dict(header.metadata)
+        self.data_start = header.data_start
+        for i, t in enumerate(header.tensors):
+            self._infos[(t.name,)] = TensorInfo(
+                name=t.name,
+                path=(t.name,),
+                dtype=t.dtype,
+                shape=t.shape,
+                stride=_safetensors._contiguous_strides(t.shape),
+                storage_offset=0,
+                nbytes=t.nbytes,
+                location="cpu",
+                requires_grad=False,
+                is_parameter=False,
+                storage=str(i),
+                file_offset=t.offset,
+            )
+        order = _safetensors._header_order(self._file, header)
+        self._infos = {(k,): self._infos[(k,)] for k in order}
+
+    def _open_torch(self) -> None:
+        archive = ArchiveReader(self._file)
+        self.archive = archive
+        if archive.has("constants.pkl"):
+            raise CheckpointError(
+                f"{self.name}: a TorchScript archive; open it with torch.jit.load"
+            )
+        if archive.has("byteorder") and archive.read("byteorder") != sys.byteorder.encode():
+            raise CheckpointError(
+                f"{self.name}: saved with a different byte order; read it with ckptio.load"
+            )
+        from .serialization import _check_version
+
+        _check_version(archive)
+        loader = _PlaceholderLoader(archive)
+        unpickler = make_unpickler(
+            io.BytesIO(archive.read("data.pkl")),
+            loader,
+            weights_only=True,
+            pickle_module=None,
+            encoding="utf-8",
+        )
+        try:
+            with gc_paused():
+                obj = unpickler.load()
+        except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"{self.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+            ) from e
+        for path, value in _walk(obj, ()):
+            name = ".".join(str(p) for p in path)
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                placed = loader.storages.get(value.untyped_storage()._cdata)
+                if placed is None:  # a tensor without storage (saved on meta)
+                    self.paths_of_non_tensors[path] = value
+                    self.non_tensors[name] = value
+                    continue
+                key, location, record_offset = placed
+                self._meta_objects[path] = value
+                self._infos[path] = TensorInfo(
+                    name=name,
+                    path=path,
+                    dtype=value.dtype,
+                    shape=tuple(value.shape),
+                    stride=tuple(value.stride()),
+                    storage_offset=int(value.storage_offset()),
+                    nbytes=value.numel() * value.element_size(),
+                    location=location,
+                    requires_grad=value.requires_grad,
+                    is_parameter=isinstance(value, torch.nn.Parameter),
+                    storage=key,
+                    file_offset=record_offset,
+                )
+            else:
+                self.paths_of_non_tensors[path] = value
+                self.non_tensors[name] = value
+
+    # -- lookups ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Dotted names of the tensors, in the saved object's order (each name once)."""
+        return list(self._by_name)
+
+    def paths(self) -> list[tuple]:
+        """Key tuples of the tensors, in the saved object's order."""
+        return list(self._infos)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self._path(key)  # type: ignore[arg-type]
+        except KeyError:
+            return False
+        return True
+
+    def _path(self, key: Key) -> tuple:
+        if isinstance(key, tuple):
+            if key in self._infos:
+                return key
+            raise KeyError(f"{self.name}: no tensor at key path {key!r}")
+        if isinstance(key, str):
+            paths = self._by_name.get(key)
+            if paths is None:
+                raise KeyError(f"{self.name}: no tensor named {key!r}")
+            if len(paths) > 1:
+                raise KeyError(
+                    f"{self.name}: the name {key!r} is ambiguous; use one of the key tuples "
+                    f"{', '.join(repr(p) for p in paths)}"
+                )
+            return paths[0]
+        raise TypeError(f"tensor keys are dotted names (str) or key tuples, got {type(key)!r}")
+
+    def info(self, key: Key) -> TensorInfo:
+        """The :class:`TensorInfo` of one tensor (no data is read)."""
+        return self._infos[self._path(key)]
+
+    def infos(self) -> list[TensorInfo]:
+        """Every tensor's :class:`TensorInfo`, in order."""
+        return list(self._infos.values())
+
+    # -- reads -----------------------------------------------------------------------------
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        return self.get_tensor(key)
+
+    def get_tensor(self, key: Key) -> torch.Tensor:
+        """Reads one tensor (only its bytes) with its saved dtype and shape. Its strides are
+        the saved ones when its elements lie dense in the file (contiguous or permuted);
+        a view of part of a larger storage is read as its runs and comes back contiguous."""
+        return self.get_tensors([key])[key]
+
+    def get_tensors(self, keys: Sequence[Key] | None = None) -> dict[Key, torch.Tensor]:
+        """Reads several tensors (all when `keys` is None) in one parallel batch. Returns a
+        dict keyed as asked (when `keys` is None: by dotted name, or by key tuple if some
+        dotted names are ambiguous). Tensors that shared a storage in the file come back as
+        independent copies."""
+        if keys is None:
+            keys = self.keys() if len(self._by_name) == len(self._infos) else self.paths()
+        plans = []
+        for key in keys:
+            info = self.info(key)
+            plans.append(
+                (key, info, _plan_read(info, info.storage_offset, info.shape, info.stride))
+            )
+        tensors = self._read(plans)
+        out: dict[Key, torch.Tensor] = {}
+        for (key, info, _), t in zip(plans, tensors, strict=True):
+            if info.is_parameter:
+                t = torch.nn.Parameter(t, requires_grad=info.requires_grad)
+            elif info.requires_grad and (t.is_floating_point() or t.is_complex()):
+                t.requires_grad_(True)
+            out[key] = t
+        return out
+
+    def get_slice(self, key: Key) -> TensorSlice:
+        """A :class:`TensorSlice`: index it (``[0:10]``, ``[:, 2:4]``, ``[..., 0]``) to read
+        only the bytes of that part of the tensor."""
+        return TensorSlice(self, self.info(key))
+
+    def _read(self, plans: list[tuple[Any, TensorInfo, _ReadPlan]]) -> list[torch.Tensor]:
+        from torch.serialization import _get_restore_location
+
+        restore = _get_restore_location(self.map_location)
+        meta = _is_meta(self.map_location)
+        requests = array.array("Q")
+        buffers: list[torch.Tensor | None] = []
+        for _key, info, plan in plans:
+            if meta or plan.nbytes == 0:
+                buffers.append(None)
+                continue
+            buf = torch.empty(plan.nbytes, dtype=torch.uint8)
+            address = buf.data_ptr()
+            for start, length in plan.ranges:
+                requests.extend((info.file_offset + start, length, address))
+                address += length
+            buffers.append(buf)
+        self._read_into(requests)
+        out = []
+        for (_key, info, plan), held in zip(plans, buffers, strict=True):
+            if held is None:
+                device = "meta" if meta else "cpu"
+                storage = torch.UntypedStorage(plan.nbytes, device=device)
+            else:
+                storage = held.untyped_storage()
+            if not meta:
+                storage = restore(storage, info.location)
+            t = torch.empty((0,), dtype=info.dtype, device=storage.device)
+            out.append(t.set_(storage, plan.offset, plan.shape, plan.stride))
+        return out
+
+    def _read_into(self, requests: array.array) -> None:
+        if not len(requests):
+            return
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"{self.name}: read from a closed checkpoint handle")
+            self._active += 1
+        try:
+            opts = get_options()
+            self._file.read_into(requests, opts.threads, opts.chunk_bytes)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Closes the file once reads in flight have finished. Tensors already read stay
+        valid."""
+        with self._lock:
+            self._closed = True
+            while self._active:
+                self._lock.wait()
+        self._file.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> CheckpointHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ckptio checkpoint {self.name!r}: {self.format}, {len(self)} tensors>"
+
+
+class TensorSlice:
+    """A tensor not read yet; indexing it reads the part asked for.
+
+    Supports ints, slices with positive steps, ``...`` and ``None``; the result is a new
+    tensor (not a view of the file). Reading: a part that is one contiguous run of the
+    tensor's bytes (e.g. ``[a:b]`` of a contiguous tensor) costs one read of exactly those
+    bytes; otherwise the part is read as its contiguous runs in one parallel batch (at most
+    65,536 runs; beyond that, the one byte range covering the part is read).
+    """
+
+    def __init__(self, handle: CheckpointHandle, info: TensorInfo) -> None:
+        self._handle = handle
+        self.info = info
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    def get_shape(self) -> list[int]:
+        """As safetensors' ``PySafeSlice.get_shape``."""
+        return list(self.info.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        info = self.info
+        last = info.storage_offset + sum(
+            (n - 1) * s for n, s in zip(info.shape, info.stride, strict=True)
+        )
+        numel = last + 1 if all(info.shape) else 0
+        base = torch.empty(max(numel, 0), dtype=info.dtype, device="meta")
+        geometry = base.as_strided(info.shape, info.stride, info.storage_offset)
+        try:
+            view = geometry[index]
+        except IndexError:
+            raise
+        except Exception as e:
+            raise IndexError(f"cannot index {info.name!r} with {index!r}: {e}") from None
+        if not view._is_view() or view._base is not base:
+            raise IndexError(
+                "get_slice supports ints, slices, ... and None; read the tensor with "
+                "get_tensor() for advanced (list or tensor) indexing"
+            )
+        plan = _plan_read(info, int(view.storage_offset()), tuple(view.shape), tuple(view.stride()))
+        (t,) = self._handle._read([(info.name, info, plan)])
+        return t
+
+
+# ------------------------------------------------------------------------------ read planning
+@dataclass(frozen=True)
+class _ReadPlan:
+    ranges: list[tuple[int, int]]  # (byte offset within the storage record, length)
+    nbytes: int  # bytes read in all
+    offset: int  # storage offset (elements) of the result within what was read
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _plan_read(
+    info: TensorInfo, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
+) -> _ReadPlan:
+    """The bytes to read for the view (offset, shape, stride) of a storage, and the geometry
+    of the result within them."""
+    itemsize = info.dtype.itemsize
+    numel = math.prod(shape)
+    if numel == 0:
+        return _ReadPlan([], 0, 0, shape, stride)
+    dims = [(n, s) for n, s in zip(shape, stride, strict=True) if n != 1]
+    lo = offset + sum((n - 1) * s for n, s in dims if s < 0)
+    hi = offset + sum((n - 1) * s for n, s in dims if s > 0)
+    covering = _ReadPlan(
+        [(lo * itemsize, (hi - lo + 1) * itemsize)],
+        (hi - lo + 1) * itemsize,
+        offset - lo,
+        shape,
+        stride,
+    )
+    if hi - lo + 1 == numel:
+        return covering  # dense already (contiguous or a permutation of it)
+    # The row-major contiguous suffix of the dims is one run; the outer dims enumerate runs.
+    run = 1
+    j = len(dims)
+    while j > 0 and dims[j - 1][1] == run:
+        run *= dims[j - 1][0]
+        j -= 1
+    outer = dims[:j]
+    count = math.prod(n for n, _ in outer)
+    if count > MAX_GATHER_RANGES or any(s < 0 for _, s in outer):
+        return covering
+    starts = [offset]
+    for n, s in outer:
+        starts = [a + i * s for a in starts for i in range(n)]
+    ranges = _merge([(a * itemsize, run * itemsize) for a in starts])
+    contiguous = _safetensors._contiguous_strides(shape)
+    return _ReadPlan(ranges, numel * itemsize, 0, shape, contiguous)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, length in ranges:
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length)
+        else:
+            out.append((start, length))
+    return out
+
+
+# ------------------------------------------------------------------------------ placeholders
+class _PlaceholderLoader(StorageLoader):
+    """A storage loader that reads nothing: every storage is a meta storage of the right size,
+    remembered with its key, saved location and record offset."""
+
+    def __init__(self, archive: ArchiveReader) -> None:
+        super().__init__(archive, "meta", None)
+        self.storages: dict[int, tuple[str, str, int]] = {}
+        self._alive: list[Any] = []  # keeps StorageImpl addresses unique while we map them
+
+    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
+        typed = super().persistent_load(saved_id)
+        _, _, key, location, _ = saved_id
+        key = key.decode("ascii") if isinstance(key, bytes) else key
+        location = location.decode("ascii") if isinstance(location, bytes) else location
+        rec = self.archive.record(f"data/{key}")
+        nbytes = typed._untyped_storage.nbytes()
+        if rec.size < nbytes:
+            raise CheckpointError(
+                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its "
+                f"storage needs {nbytes}"
+            )
+        self._alive.append(typed)
+        self.storages[typed._untyped_storage._cdata] = (key, location, rec.data_offset)
+        return typed
+
+
+def _is_meta(map_location: Any) -> bool:
+    if isinstance(map_location, (str, bytes)):
+        loc = map_location.decode() if isinstance(map_location, bytes) else map_location
+        return loc == "meta"
+    return isinstance(map_location, torch.device) and map_location.type == "meta"
+
+
+def _walk(obj: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
+    """(path, leaf) pairs of a saved object: dicts by key, lists and tuples by index."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+    elif isinstance(obj, dict) and obj:
+        for k, v in obj.items():
+            yield from _walk(v, (*path, k))
+    elif isinstance(obj, (list, tuple)) and obj and not isinstance(obj, torch.Size):
+        for i, v in enumerate(obj):
+            yield from _walk(v, (*path, i))
+    else:
+        yield path, obj

@@ -1,0 +1,399 @@
+"""The safetensors format: strict header parsing, loading through ckptio's storage loader, and
+writing through the same parallel, atomic writer as torch-format saves.
+
+A safetensors file is ``u64 little-endian N`` + ``N`` bytes of UTF-8 JSON (starting with ``{``,
+padded with spaces) + the data section. The JSON maps each tensor name to ``{"dtype",
+"shape", "data_offsets": [begin, end]}`` (offsets relative to the data section) and may hold
+``"__metadata__"``: a str -> str dict. See docs/safetensors.md.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import struct
+from dataclasses import dataclass
+from typing import IO, Any, Mapping, Sequence
+
+import torch
+
+from . import _core
+from ._archive import ArchiveReader, Record
+from ._unpickler import StorageLoader
+from .errors import CheckpointError
+from .settings import get_options
+
+__all__ = [
+    "DTYPES",
+    "Header",
+    "TensorEntry",
+    "load",
+    "looks_like_safetensors",
+    "plan",
+    "read_header",
+    "write",
+]
+
+#: Largest header accepted (the limit of the reference implementation).
+MAX_HEADER_BYTES = 100_000_000
+
+# safetensors dtype names -> torch dtypes, in the reference writer's order of precedence
+# (safetensors sorts tensors by this order, descending, then by name). Entries whose torch
+# dtype this torch lacks are dropped.
+_DTYPE_ORDER = [
+    ("BOOL", "bool"),
+    ("U8", "uint8"),
+    ("I8", "int8"),
+    ("F8_E5M2", "float8_e5m2"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("I16", "int16"),
+    ("U16", "uint16"),
+    ("F16", "float16"),
+    ("BF16", "bfloat16"),
+    ("I32", "int32"),
+    ("U32", "uint32"),
+    ("F32", "float32"),
+    ("C64", "complex64"),
+    ("F64", "float64"),
+    ("I64", "int64"),
+    ("U64", "uint64"),
+]
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in _DTYPE_ORDER if hasattr(torch, attr)
+}
+_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+_RANK: dict[str, int] = {name: i for i, (name, _) in enumerate(_DTYPE_ORDER)}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of the header; offsets are absolute file offsets."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Header:
+    tensors: list[TensorEntry]  # in data order
+    metadata: dict[str, str]
+    data_start: int  # 8 + header length
+
+
+def looks_like_safetensors(head: bytes, file_size: int) -> bool:
+    """True if `head` (the first 9 bytes or more) starts like a safetensors file of this size:
+    a plausible header length followed by ``{``."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack_from("<Q", head)
+    return 2 <= n <= min(file_size - 8, MAX_HEADER_BYTES) and head[8:9] == b"{"
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def read_header(source: Any) -> Header:
+    """Parses and validates the header of a safetensors file.
+
+    Checks: the header length fits the file and the 100 MB limit; the JSON is well-formed
+    UTF-8, an object, without duplicate keys; ``__metadata__`` maps str to str; every entry has
+    a known dtype, a shape of non-negative ints, and offsets ``[begin, end]`` such that the
+    entries, sorted by offset, tile the data section exactly (no gap, no overlap, nothing left
+    over) and each spans ``prod(shape) * itemsize`` bytes. Raises CheckpointError naming the
+    file and the problem.
+    """
+    name, size = source.name, source.size
+    if size < 8:
+        raise CheckpointError(f"{name}: too short for a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", source.pread(0, 8))
+    if n > MAX_HEADER_BYTES or n > size - 8:
+        raise CheckpointError(
+            f"{name}: safetensors header length {n} exceeds the file ({size} bytes) or the "
+            f"{MAX_HEADER_BYTES}-byte limit; the file is truncated or not safetensors"
+        )
+    raw = source.pread(8, n)
+    if not raw.startswith(b"{"):
+        raise CheckpointError(f"{name}: the safetensors header does not start with '{{'")
+    try:
+        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise CheckpointError(f"{name}: the safetensors header is not a JSON object")
+    metadata = parsed.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{name}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_size = size - data_start
+    spans: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
+    for key, info in parsed.items():
+        spans.append((*_check_entry(name, key, info), key, *_entry_type(name, key, info)))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    expected = 0
+    tensors: list[TensorEntry] = []
+    for begin, end, key, dtype, shape in spans:
+        if begin != expected:
+            what = "overlaps the previous one" if begin < expected else "leaves a gap before it"
+            raise CheckpointError(
+                f"{name}: tensor {key!r} at data offsets [{begin}, {end}] {what} "
+                f"(expected it to begin at {expected})"
+            )
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel * dtype.itemsize != end - begin:
+            raise CheckpointError(
+                f"{name}: tensor {key!r} of shape {list(shape)} and dtype "
+                f"{_NAMES[dtype]} needs {numel * dtype.itemsize} bytes but its data offsets "
+                f"span {end - begin}"
+            )
+        expected = end
+        tensors.append(TensorEntry(key, dtype, shape, data_start + begin, end - begin))
+    if expected != data_size:
+        raise CheckpointError(
+            f"{name}: the tensors cover {expected} bytes of a {data_size}-byte data section "
+            "(truncated file or inconsistent header)"
+        )
+    return Header(tensors, metadata, data_start)
+
+
+def _check_entry(name: str, key: str, info: Any) -> tuple[int, int]:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(
+            f"{name}: tensor {key!r} must have exactly 'dtype', 'shape' and 'data_offsets'"
+        )
+    offsets = info["data_offsets"]
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r:.80}")
+    return offsets[0], offsets[1]
+
+
+def _entry_type(name: str, key: str, info: dict[str, Any]) -> tuple[torch.dtype, tuple[int, ...]]:
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise CheckpointError(
+            f"{name}: tensor {key!r} has dtype {info['dtype']!r:.40}, which this torch cannot "
+            f"represent (known: {', '.join(DTYPES)})"
+        )
+    shape = info["shape"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{name}: tensor {key!r} has an invalid shape {shape!r:.80}")
+    return dtype, tuple(shape)
+
+
+# ------------------------------------------------------------------------------------- load
+class SafetensorsArchive(ArchiveReader):
+    """The tensors of a safetensors file as the records an ArchiveReader offers
+    (``data/<i>``), so ckptio's StorageLoader reads them as it reads torch storages."""
+
+    def __init__(self, source: Any, header: Header) -> None:  # noqa: D107
+        self.source = source
+        self.name = source.name
+        self.prefix = ""
+        self.header = header
+        self.records = {
+            f"data/{i}": Record(f"data/{i}", t.offset, t.nbytes, 0)
+            for i, t in enumerate(header.tensors)
+        }
+
+
+def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, read in one parallel batch (or viewing `mapping`),
+    placed as `map_location` says (saved location: ``cpu``). Keys in file header order."""
+    header = read_header(source)
+    archive = SafetensorsArchive(source, header)
+    loader = StorageLoader(archive, map_location, mapping)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, entry in enumerate(header.tensors):
+        typed = loader.persistent_load(
+            ("storage", torch.UntypedStorage, str(i), "cpu", entry.nbytes)
+        )
+        untyped = typed._untyped_storage
+        t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
+        tensors[entry.name] = t.set_(untyped, 0, entry.shape, _contiguous_strides(entry.shape))
+    loader.flush()
+    return {name: tensors[name] for name in _header_order(source, header)}
+
+
+def _header_order(source: Any, header: Header) -> list[str]:
+    # dict order of the JSON (what safetensors.torch.load_file returns), without re-parsing
+    # the tensors: json preserves object order.
+    raw = source.pread(8, header.data_start - 8)
+    return [k for k in json.loads(raw) if k != "__metadata__"]
+
+
+def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+# ------------------------------------------------------------------------------------- save
+@dataclass
+class Plan:
+    header: bytes  # 8-byte length + padded JSON
+    tensors: list[tuple[str, torch.Tensor]]  # CPU tensors in data order (kept alive)
+    offsets: list[int]  # absolute file offset of each tensor's bytes
+    total_size: int
+
+
+def plan(obj: Any, metadata: Mapping[str, str] | None, clone_shared: bool = False) -> Plan:
+    """Checks `obj` (a flat dict of str -> dense contiguous tensor) and lays out the file
+    exactly as safetensors' writer does: tensors sorted by dtype (widest first, the reference
+    order) then name, packed without padding; compact JSON with ``__metadata__`` first; the
+    header padded with spaces to a multiple of 8."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(
+            f"format='safetensors' saves a flat dict of str -> torch.Tensor, got "
+            f"{type(obj).__name__}"
+        )
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise TypeError(
+            "format='safetensors' saves only str -> torch.Tensor entries; these are not: "
+            f"{', '.join(repr(k) for k in bad[:10])}{' ...' if len(bad) > 10 else ''} "
+            "(save them in metadata as strings, or use format='torch')"
+        )
+    if "__metadata__" in obj:
+        raise ValueError("'__metadata__' is reserved by safetensors and cannot name a tensor")
+    if metadata is not None and (
+        not isinstance(metadata, Mapping)
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise TypeError("metadata must be a dict of str -> str")
+    problems: list[str] = []
+    for k, v in obj.items():
+        if v.layout != torch.strided:
+            problems.append(f"{k!r} is {v.layout} (make it dense with .to_dense())")
+        elif v.dtype not in _NAMES:
+            problems.append(f"{k!r} has dtype {v.dtype}, which safetensors cannot store")
+        elif v.device.type == "meta":
+            problems.append(f"{k!r} is on the meta device and has no data")
+        elif not v.is_contiguous():
+            problems.append(f"{k!r} is not contiguous (call .contiguous() on it)")
+    if problems:
+        raise ValueError("cannot save as safetensors: " + "; ".join(problems))
+    tensors = {k: v.detach() for k, v in obj.items()}
+    if not clone_shared:
+        groups = _shared_groups(tensors)
+        if groups:
+            listed = "; ".join(", ".join(repr(k) for k in g) for g in groups)
+            raise ValueError(
+                f"these tensors share memory: {listed}. safetensors stores each tensor on its "
+                "own, so their sharing would be lost on load. Drop the duplicate keys (and "
+                "re-tie them after loading), or pass clone_shared=True to store each one as "
+                "an independent copy"
+            )
+    order = sorted(tensors, key=lambda k: (-_RANK[_NAMES[tensors[k].dtype]], k))
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = dict(metadata)
+    position = 0
+    data: list[tuple[str, torch.Tensor]] = []
+    for k in order:
+        t = tensors[k]
+        cpu = t if t.device.type == "cpu" else t.cpu()
+        nbytes = t.numel() * t.element_size()
+        entries[k] = {
+            "dtype": _NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [position, position + nbytes],
+        }
+        data.append((k, cpu))
+        position += nbytes
+    text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    header = struct.pack("<Q", len(text)) + text
+    offsets = []
+    at = len(header)
+    for _k, t in data:
+        offsets.append(at)
+        at += t.numel() * t.element_size()
+    return Plan(header, data, offsets, at)
+
+
+def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Names of tensors whose bytes overlap in one storage (as safetensors' check)."""
+    by_storage: dict[tuple[Any, int], list[tuple[int, int, str]]] = {}
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() == 0:
+            continue
+        start = t.data_ptr()
+        by_storage.setdefault((t.device, storage.data_ptr()), []).append((start, start + nbytes, k))
+    groups: list[list[str]] = []
+    for spans in by_storage.values():
+        if len(spans) < 2:
+            continue
+        spans.sort()
+        current = [spans[0][2]]
+        end = spans[0][1]
+        for begin, stop, k in spans[1:]:
+            if begin < end:
+                current.append(k)
+                end = max(end, stop)
+            else:
+                if len(current) > 1:
+                    groups.append(sorted(current))
+                current, end = [k], stop
+        if len(current) > 1:
+            groups.append(sorted(current))
+    return groups
+
+
+def write(target: _core.File | IO[bytes], p: Plan) -> None:
+    """Writes a planned file: parallel pwrite into a _core.File (one batch, GIL released),
+    sequential writes into a file object."""
+    if isinstance(target, _core.File):
+        opts = get_options()
+        if opts.preallocate:
+            target.preallocate(p.total_size)
+        requests = array.array("Q")
+        header = bytearray(p.header)  # writable, so a tensor can view it without a copy
+        head = torch.frombuffer(header, dtype=torch.uint8)
+        requests.extend((0, len(header), head.data_ptr()))
+        for (_k, t), offset in zip(p.tensors, p.offsets, strict=True):
+            nbytes = t.numel() * t.element_size()
+            if nbytes:
+                requests.extend((offset, nbytes, t.data_ptr()))
+        target.write_from(requests, opts.threads, opts.chunk_bytes)
+        del head, header  # alive until the write returned
+        return
+    _write_all(target, p.header)
+    for _k, t in p.tensors:
+        nbytes = t.numel() * t.element_size()
+        if nbytes:
+            _write_all(target, _core.raw_memoryview(t.data_ptr(), nbytes))
+
+
+def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        n = f.write(view)
+        if n is None or n >= view.nbytes:
+            return
+        view = view[n:]
