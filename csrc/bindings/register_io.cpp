@@ -48,6 +48,14 @@ void read_into(const ByteSource& source, const py::buffer& requests, std::size_t
   read_ranges(source, batch, *pool, chunk_bytes);
 }
 
+void write_from(const File& file, const py::buffer& requests, std::size_t threads,
+                std::size_t chunk_bytes) {
+  std::vector<WriteRequest> batch = parse_write_requests(requests);
+  py::gil_scoped_release nogil;
+  auto pool = shared_pool(threads);
+  write_ranges(file, batch, *pool, chunk_bytes);
+}
+
 }  // namespace
 
 void register_io(py::module_& m) {
@@ -73,6 +81,13 @@ void register_io(py::module_& m) {
                            std::size_t chunk_bytes) { read_into(f, requests, threads, chunk_bytes); },
            py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"),
            "Parallel reads; requests is a flat uint64 buffer of (offset, length, address) triples.")
+      .def("write_from", &write_from, py::arg("requests"), py::arg("threads"),
+           py::arg("chunk_bytes"),
+           "Parallel writes; requests is a flat uint64 buffer of (offset, length, address) "
+           "triples (the caller keeps the memory alive for the call).")
+      .def("preallocate", &File::preallocate, py::arg("size"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Reserves size bytes of disk (a full disk fails here, not mid-write).")
       .def("sync", &File::sync, py::call_guard<py::gil_scoped_release>())
       .def("truncate", &File::truncate, py::call_guard<py::gil_scoped_release>())
       .def("close", &File::close)

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _core
+from . import _core, _staging
 from ._archive import ArchiveReader
 from .errors import CheckpointError, UnsafeGlobalError
 from .settings import get_options
@@ -81,20 +81,32 @@ def _fix_import(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-def _restore_identity(map_location: Any, location: str) -> bool | None:
-    """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
-    moves it, None if only calling map_location can tell."""
+def _restore_target(map_location: Any, location: str) -> str | None:
+    """The location torch's restore_location hands to default_restore_location for a storage
+    saved at `location`, or None if only calling map_location can tell."""
     if map_location is None:
-        target = location
+        target: Any = location
     elif isinstance(map_location, dict):
         target = map_location.get(location, location)
     elif isinstance(map_location, (str, bytes)):
-        target = map_location.decode() if isinstance(map_location, bytes) else map_location
+        target = map_location
     elif isinstance(map_location, torch.device):
         target = str(map_location)
     else:
         return None
-    return target == "cpu"
+    if isinstance(target, bytes):
+        target = target.decode() if isinstance(map_location, (str, bytes)) else None
+    return target if isinstance(target, str) else None
+
+
+def _restore_identity(map_location: Any, location: str) -> bool | None:
+    """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
+    moves it, None if only calling map_location can tell."""
+    if map_location is not None and not isinstance(
+        map_location, (dict, str, bytes, torch.device)
+    ):
+        return None
+    return _restore_target(map_location, location) == "cpu"
 
 
 def _is_meta(map_location: Any) -> bool:
@@ -125,6 +137,9 @@ class StorageLoader:
         self.deferred = True  # until a data-reading global appears
         self._arena: _core.HostBuffer | None = None
         self._arena_offsets: dict[str, int] = {}
+        # Storages bound for a staged device (CUDA): (target, file offset, nbytes, storage).
+        self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
+        self._targets: dict[str, _staging.DeviceTarget | None] = {}
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -170,6 +185,16 @@ class StorageLoader:
                 f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
                 f"needs {nbytes}"
             )
+        staged = self._staged_target(location)
+        if staged is not None:
+            # Straight to the device through the pinned staging ring (_staging.py), mmap or
+            # not: torch's result is the same device storage either way.
+            storage = staged.allocate(nbytes)
+            if nbytes:
+                self.staged_pending.append((staged, rec.data_offset, nbytes, storage))
+                if not self.deferred:
+                    self.flush()
+            return storage
         identity = _restore_identity(self.map_location, location)
         if self.mapping is not None:
             storage = self._mapped(rec.data_offset, nbytes)
@@ -180,6 +205,19 @@ class StorageLoader:
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
         return storage if identity is True else self.restore_location(storage, location)
+
+    def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
+        """Where a storage saved at `location` streams to, when map_location sends it to a
+        staged device (a CUDA device given as str, torch.device or dict value; callables keep
+        torch's path, as only calling them tells where a storage goes)."""
+        target = _restore_target(self.map_location, location)
+        if target is None or target == "cpu":
+            return None
+        try:
+            return self._targets[target]
+        except KeyError:
+            staged = self._targets[target] = _staging.staging_target(target)
+            return staged
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:
@@ -224,6 +262,13 @@ class StorageLoader:
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
             self.archive.read_many(pending)
+        if self.staged_pending:
+            staged, self.staged_pending = self.staged_pending, []
+            groups: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
+            for target, offset, nbytes, storage in staged:
+                groups.setdefault(id(target), (target, []))[1].append((offset, nbytes, storage))
+            for target, requests in groups.values():
+                _staging.load_into_storages(self.archive.source, requests, target.make_copier())
 
 
 def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:

@@ -22,8 +22,9 @@ from typing import IO, Any, Union
 import torch
 
 from . import _core
-from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
+from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
 from ._pickler import dumps
+from ._staging import save_payloads
 from ._unpickler import StorageLoader, make_unpickler
 from ._util import gc_paused
 from .errors import CheckpointError
@@ -83,10 +84,11 @@ def save(
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     opts = get_options()
     pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
-    cpu_storages = [s if s.device.type == "cpu" else s.cpu() for s in storages]
+    # CUDA storages stream through the pinned staging ring while the file is written.
+    storage_payloads, keepalive = save_payloads(storages)
     specs, payloads = torch_records(
         pickle_bytes,
-        [storage_payload(s) for s in cpu_storages],
+        storage_payloads,
         data_alignment=opts.data_alignment,
         byteorder=None if _disable_byteorder_record else sys.byteorder,
     )
@@ -98,7 +100,7 @@ def save(
         flush = getattr(f, "flush", None)
         if callable(flush):
             flush()
-    del cpu_storages  # payload addresses stayed valid until here
+    del keepalive  # payload addresses stayed valid until here
 
 
 def _save_to_path(
