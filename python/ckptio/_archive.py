@@ -11,7 +11,7 @@ import array
 import hashlib
 import sys
 from dataclasses import dataclass
-from typing import IO, Sequence, Union
+from typing import IO, Any, Sequence, Union, cast
 
 import torch
 
@@ -155,14 +155,16 @@ def write_archive(
     """Writes an archive: parallel pwrite into a _core.File, sequential writes otherwise."""
     if crc32 and not _core.crc32_available():
         raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+    if isinstance(target, _core.File) and any(isinstance(p, DevicePayload) for p in payloads):
+        # Device storages stream through the pinned staging ring (_staging.py).
+        write_archive_staged(target, archive_name, specs, payloads, crc32=crc32)
+        return
     layout = _core.plan_archive(archive_name, list(specs))
     opts = get_options()
     if isinstance(target, _core.File):
-        if any(isinstance(p, DevicePayload) for p in payloads):
-            write_archive_staged(target, archive_name, specs, payloads, crc32=crc32)
-            return
+        host_payloads = cast("list[Any]", list(payloads))  # no DevicePayload here
         _core.write_archive(
-            target, layout, list(payloads), opts.threads, opts.chunk_bytes, crc32, opts.preallocate
+            target, layout, host_payloads, opts.threads, opts.chunk_bytes, crc32, opts.preallocate
         )
         return
     crcs = []

@@ -292,7 +292,7 @@ def stream_out(
                     requests.extend((file_offset, nbytes, slot.address + host_offset))
                 if crc32:
                     keys = fill.keys if fill.keys is not None else [None] * len(fill.segments)
-                    for (host_offset, nbytes, _, _), key in zip(fill.segments, keys):
+                    for (host_offset, nbytes, _, _), key in zip(fill.segments, keys, strict=True):
                         view = _core.raw_memoryview(slot.address + host_offset, nbytes)
                         crcs[key] = _core.crc32(view, crcs.get(key, 0))
                 file.write_from(requests, threads, chunk_bytes)

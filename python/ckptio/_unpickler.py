@@ -102,9 +102,7 @@ def _restore_target(map_location: Any, location: str) -> str | None:
 def _restore_identity(map_location: Any, location: str) -> bool | None:
     """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
     moves it, None if only calling map_location can tell."""
-    if map_location is not None and not isinstance(
-        map_location, (dict, str, bytes, torch.device)
-    ):
+    if map_location is not None and not isinstance(map_location, (dict, str, bytes, torch.device)):
         return None
     return _restore_target(map_location, location) == "cpu"
 
@@ -211,7 +209,7 @@ class StorageLoader:
         staged device (a CUDA device given as str, torch.device or dict value; callables keep
         torch's path, as only calling them tells where a storage goes)."""
         target = _restore_target(self.map_location, location)
-        if target is None or target == "cpu":
+        if target is None:
             return None
         try:
             return self._targets[target]
