@@ -121,7 +121,7 @@ def _targets(reqs: list[tuple[int, int]]) -> list[torch.Tensor]:
 
 def _check_delivered(reqs: Any, targets: Any, payload: bytes) -> None:
     for (off, n), t in zip(reqs, targets, strict=True):
-        assert bytes(t.numpy().tobytes()) == payload[off : off + n]
+        assert bytes(bytes(t.untyped_storage())) == payload[off : off + n]
 
 
 @pytest.mark.parametrize("buffers", [1, 2, 4])
@@ -263,7 +263,7 @@ def test_stream_out_writes_exact_bytes_and_crcs(tmp_path: Path, make: str) -> No
             )
         data = path.read_bytes()
         for k, (o, t) in enumerate(zip(offsets, sources, strict=True)):
-            expected = t.numpy().tobytes()
+            expected = bytes(t.untyped_storage())
             assert data[o : o + t.numel()] == expected
             assert crcs[k] == zlib.crc32(expected)
         assert copier.allocated == 2
@@ -485,4 +485,27 @@ def test_settings_bound_the_ring(sim: SimulatedCopier, data_file: tuple[Path, by
         _staging.load_into_storages(f, [(i * BUF, BUF, t) for i, t in enumerate(targets)], sim)
     assert sim.allocated == 3
     for i, t in enumerate(targets):
-        assert t.numpy().tobytes() == payload[i * BUF : (i + 1) * BUF]
+        assert bytes(t.untyped_storage()) == payload[i * BUF : (i + 1) * BUF]
+
+
+def test_gpu_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
+    """tests/gpu/bench_gpu.py --cpu-smoke: tiny sizes, the stand-in copier, every step run."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parent / "gpu" / "bench_gpu.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTIO_")}
+    proc = subprocess.run(
+        [sys.executable, str(bench), "--cpu-smoke", "--dir", str(tmp_path), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = (tmp_path / "bench_gpu.md").read_text()
+    for method in ("ckptio", "torch.load", "torch.load(mmap)+.cuda()", "torch.save"):
+        assert f"| {method} |" in table
+    assert "pinned H2D GB/s" in table and "page-cache read GB/s" in table
+    assert "host RSS growth" in table
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ckptio-bench")] == []
