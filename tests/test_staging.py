@@ -365,6 +365,21 @@ def test_load_through_the_pipeline_matches_torch(
     assert all(c.finished_after == c.issued for c in staged_cpu)
 
 
+def test_load_from_a_file_object_through_the_pipeline(
+    tmp_path: Path, staged_cpu: list[SimulatedCopier]
+) -> None:
+    obj = _state()
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    got = ckptio.load(buf)
+    buf.seek(0)
+    expected = torch.load(buf)
+    assert_same(got, expected)
+    assert_same_sharing(got, expected)
+    assert sum(c.issued for c in staged_cpu) > 10
+
+
 def test_load_with_user_globals_reads_each_storage_at_once(
     tmp_path: Path, staged_cpu: list[SimulatedCopier]
 ) -> None:

@@ -5,8 +5,8 @@ ring of host buffers (``staging_buffers`` x ``staging_buffer_bytes``, see settin
 
 Load (file -> device)::
 
-    reader thread:  wait slot's event -> pread a fill into the slot (C++, GIL released,
-                    parallel on the I/O pool) -> hand the slot to the caller's thread
+    reader threads: wait slot's event -> pread a fill into the slot (C++, GIL released,
+    (two)           parallel on the I/O pool) -> hand the slot to the caller's thread
     caller thread:  issue the host->device copies of the fill on a side stream, record an
                     event on the slot, give the slot back to the reader
 
@@ -193,12 +193,15 @@ def stream_in(
     buffers: int,
     threads: int,
     chunk_bytes: int,
+    readers: int = 2,
 ) -> None:
-    """Runs the load pipeline: reads every fill from `source` (a _core.File or
-    BufferSource) into a free slot on a reader thread and copies it out on this thread.
+    """Runs the load pipeline: reader threads read fills from `source` (a _core.File or
+    BufferSource) into free slots; this thread copies each filled slot out.
 
-    Raises the first read or copy error; in every case the reader thread has ended and no
-    copy is in flight on the ring when this returns.
+    Two readers by default: while one waits for the slowest piece of its fill, the other's
+    reads keep the I/O pool busy (fills complete in any order; each lands where its segments
+    say). Raises the first read or copy error; in every case the reader threads have ended
+    and no copy is in flight on the ring when this returns.
     """
     if not fills:
         return
@@ -207,12 +210,17 @@ def stream_in(
     filled: queue.SimpleQueue[Any] = queue.SimpleQueue()
     for slot in slots:
         free.put(slot)
-
     stop = threading.Event()
+    pending = iter(fills)
+    take_lock = threading.Lock()
 
     def reader() -> None:
         try:
-            for fill in fills:
+            while not stop.is_set():
+                with take_lock:
+                    fill = next(pending, None)
+                if fill is None:
+                    return
                 slot = free.get()
                 if slot is _STOP or stop.is_set():
                     return
@@ -227,8 +235,12 @@ def stream_in(
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             filled.put(e)
 
-    thread = threading.Thread(target=reader, name="ckptio-stage-in", daemon=True)
-    thread.start()
+    workers = [
+        threading.Thread(target=reader, name=f"ckptio-stage-in-{i}", daemon=True)
+        for i in range(max(1, min(readers, len(slots))))
+    ]
+    for t in workers:
+        t.start()
     try:
         for _ in fills:
             item = filled.get()
@@ -238,7 +250,8 @@ def stream_in(
             slot.event = copier.to_device(slot, fill.segments)
             free.put(slot)
         copier.finish()
-        thread.join()
+        for t in workers:
+            t.join()
         # The last copies: their errors must surface here too, and the slots' memory may go
         # once they are done (at most one ring of copies: a few milliseconds on a GPU).
         for slot in slots:
@@ -247,8 +260,10 @@ def stream_in(
                 event.synchronize()
     finally:
         stop.set()
-        free.put(_STOP)  # wakes the reader if it waits for a slot
-        thread.join()
+        for _ in workers:
+            free.put(_STOP)  # wakes a reader that waits for a slot
+        for t in workers:
+            t.join()
         _settle(slots)
 
 
@@ -350,6 +365,13 @@ def _side_stream(device: torch.device) -> Any:
 
 def _flat_bytes(target: Any) -> torch.Tensor:
     """A flat uint8 tensor over a storage's or contiguous tensor's memory."""
+    if (
+        type(target) is torch.Tensor
+        and target.dtype == torch.uint8
+        and target.dim() == 1
+        and target.is_contiguous()
+    ):
+        return target  # the common case (storages a load allocates): no new view
     if isinstance(target, torch.storage.TypedStorage):
         target = target._untyped_storage
     if isinstance(target, torch.UntypedStorage):
@@ -610,9 +632,10 @@ class DeviceTarget:
         self.device = device
         self.make_copier = make_copier
 
-    def allocate(self, nbytes: int) -> torch.UntypedStorage:
-        """A fresh storage of its own (torch.load gives each storage its own memory)."""
-        return torch.empty((nbytes,), dtype=torch.uint8, device=self.device).untyped_storage()
+    def allocate(self, nbytes: int) -> torch.Tensor:
+        """Fresh memory of its own (torch.load gives each storage its own allocation), as a
+        flat uint8 tensor: the copier binds it as is, its untyped_storage() is the storage."""
+        return torch.empty((nbytes,), dtype=torch.uint8, device=self.device)
 
 
 def staging_target(target: str) -> DeviceTarget | None:

@@ -135,7 +135,8 @@ class StorageLoader:
         self.deferred = True  # until a data-reading global appears
         self._arena: _core.HostBuffer | None = None
         self._arena_offsets: dict[str, int] = {}
-        # Storages bound for a staged device (CUDA): (target, file offset, nbytes, storage).
+        # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
+        # flat uint8 tensor).
         self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
         self._targets: dict[str, _staging.DeviceTarget | None] = {}
 
@@ -187,12 +188,12 @@ class StorageLoader:
         if staged is not None:
             # Straight to the device through the pinned staging ring (_staging.py), mmap or
             # not: torch's result is the same device storage either way.
-            storage = staged.allocate(nbytes)
+            memory = staged.allocate(nbytes)
             if nbytes:
-                self.staged_pending.append((staged, rec.data_offset, nbytes, storage))
+                self.staged_pending.append((staged, rec.data_offset, nbytes, memory))
                 if not self.deferred:
                     self.flush()
-            return storage
+            return memory.untyped_storage()
         identity = _restore_identity(self.map_location, location)
         if self.mapping is not None:
             storage = self._mapped(rec.data_offset, nbytes)
