@@ -327,7 +327,7 @@ def evaluate(b: Bench, workloads: list[str]) -> None:
         ours = b.seconds(w, "load", "ckptio")
         if ours is None:
             continue
-        size = next(r["nbytes"] for r in b.rows if r["workload"] == w)
+        size = next(r["nbytes"] for r in b.rows if r["workload"] == w and r["op"] == "load")
         gbps = size / ours / GB
         if not w.startswith("small"):
             b.checks.append(
