@@ -714,24 +714,32 @@ class DevicePayload:
 
 
 def save_payloads(storages: Sequence[torch.UntypedStorage]) -> tuple[list[Any], list[Any]]:
-    """The record payloads of storages being saved, and what must stay alive meanwhile.
+    """The record payloads of storages being saved, and host copies that must stay alive
+    meanwhile (the caller keeps `storages` alive too).
 
     CPU storages are written from their own memory ((address, nbytes) pairs); storages on a
     staged device (CUDA) become DevicePayloads, one copier per device, streamed through the
     ring; any other device is copied to the CPU whole, as before.
     """
     payloads: list[Any] = []
-    keepalive: list[Any] = []
+    keepalive: list[Any] = []  # host copies of storages of unstaged devices
+    cpu_copier = copier_for(torch.device("cpu"))  # None, unless a test stages CPU storages
     copiers: dict[torch.device, Copier | None] = {}
     for storage in storages:
         device = storage.device
-        if device not in copiers:
-            copiers[device] = copier_for(device)
-        copier = copiers[device]
+        if device.type == "cpu":  # the hot path: one test per storage
+            if cpu_copier is None:
+                payloads.append((storage.data_ptr(), storage.nbytes()))
+                continue
+            copier: Copier | None = cpu_copier
+        else:
+            if device not in copiers:
+                copiers[device] = copier_for(device)
+            copier = copiers[device]
         if copier is not None:
             payloads.append(DevicePayload(storage, copier))
             continue
-        host = storage if device.type == "cpu" else storage.cpu()
+        host = storage.cpu()
         keepalive.append(host)
         payloads.append((host.data_ptr(), host.nbytes()))
     return payloads, keepalive

@@ -138,7 +138,7 @@ class StorageLoader:
         # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
         # flat uint8 tensor).
         self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
-        self._targets: dict[str, _staging.DeviceTarget | None] = {}
+        self._targets: dict[str, _staging.DeviceTarget | None] = {}  # by saved location
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -209,13 +209,12 @@ class StorageLoader:
         """Where a storage saved at `location` streams to, when map_location sends it to a
         staged device (a CUDA device given as str, torch.device or dict value; callables keep
         torch's path, as only calling them tells where a storage goes)."""
-        target = _restore_target(self.map_location, location)
-        if target is None:
-            return None
         try:
-            return self._targets[target]
+            return self._targets[location]  # a few distinct locations per file
         except KeyError:
-            staged = self._targets[target] = _staging.staging_target(target)
+            target = _restore_target(self.map_location, location)
+            staged = None if target is None else _staging.staging_target(target)
+            self._targets[location] = staged
             return staged
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
