@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 5, in one go, on a CUDA host without a package index:
-#   1. build and install ckptio (pip --no-build-isolation: uses the installed scikit-build-core,
-#      pybind11, cmake, ninja; downloads nothing),
+#   1. build ckptio into a private directory (pip --no-build-isolation --target: uses the
+#      installed scikit-build-core, pybind11, cmake, ninja; downloads nothing),
 #   2. run the cuda-marked tests (tests/gpu; the CPU pipeline tests run in CI),
 #   3. run the GPU benchmark (tests/gpu/bench_gpu.py): ~2 GB and ~12 GB bf16 state dicts and
 #      20,000 small tensors, page cache -> GPU with ckptio, torch.load, torch.load(mmap)+.cuda()
@@ -33,16 +33,19 @@ step environment
 } 2>&1 | tee "$OUT/env.txt"
 
 step build
-if ! "$PY" -m pip install --no-build-isolation --no-deps -q . >"$OUT/build.log" 2>&1; then
-  # A read-only system site: install for this user instead.
-  if ! "$PY" -m pip install --no-build-isolation --no-deps --user -q . >>"$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"
-    echo "BUILD FAILED (log: $OUT/build.log)"
-    exit 1
-  fi
+# Into a private directory (--target): nothing in the host's Python changes, and an
+# externally managed (PEP 668) system Python is no obstacle.
+SITE="$TMP/ckptio-gpu-site"
+rm -rf "$SITE"
+if ! "$PY" -m pip install --no-build-isolation --no-deps -q --target "$SITE" . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED (log: $OUT/build.log)"
+  exit 1
 fi
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import ckptio, ckptio._core as c; print('ckptio', ckptio.__version__, 'from', ckptio.__file__)" \
-  2>&1 | tee -a "$OUT/env.txt" || { echo "IMPORT FAILED"; exit 1; }
+  2>&1 | tee -a "$OUT/env.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "IMPORT FAILED"; exit 1; }
 
 step "cuda tests"
 pytest_args=(-q -p no:cacheprovider --basetemp "$TMP/ckptio-gpu-pytest")
@@ -60,7 +63,7 @@ budget=$(( left > 120 ? left - 40 : 80 ))
 timeout $(( budget + 90 )) "$PY" tests/gpu/bench_gpu.py --dir "$TMP" --out "$OUT" --budget-s "$budget" \
   2>&1 | tee "$OUT/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-rm -rf "$TMP"/ckptio-bench-gpu-*
+rm -rf "$TMP"/ckptio-bench-gpu-* "$SITE"
 
 step "done, status $status"
 exit $status
