@@ -371,6 +371,24 @@ def test_load_through_the_pipeline_matches_torch(
     assert all(c.finished_after == c.issued for c in staged_cpu)
 
 
+def test_callable_map_location_keeps_torchs_path(
+    tmp_path: Path, staged_cpu: list[SimulatedCopier]
+) -> None:
+    """Only calling a callable tells where a storage goes: it gets the loaded CPU storage."""
+    obj = _state()
+    path = tmp_path / "c.pt"
+    torch.save(obj, path)
+    seen: list[str] = []
+
+    def ml(storage: Any, location: str) -> Any:
+        seen.append(location)
+        return storage
+
+    got = ckptio.load(path, map_location=ml)
+    assert_same(got, torch.load(path, map_location=lambda s, loc: s))
+    assert seen and staged_cpu == []  # no pipeline was set up
+
+
 def test_load_from_a_file_object_through_the_pipeline(
     tmp_path: Path, staged_cpu: list[SimulatedCopier]
 ) -> None:
