@@ -181,7 +181,7 @@ def _settle(slots: Sequence[HostSlot]) -> None:
         if event is not None:
             try:
                 event.synchronize()
-            except BaseException:  # noqa: BLE001 - the first error is already on its way
+            except Exception:  # noqa: BLE001 - the first error is already on its way
                 pass
 
 
