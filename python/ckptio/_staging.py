@@ -676,28 +676,40 @@ def stream_to_device(
     The hook for ``load_into``: each request is (file_offset, nbytes, destination), the
     destination a storage or a contiguous tensor (on a CUDA device, or wherever `copier`
     copies) with at least `nbytes` bytes; bytes land at its start. When this returns, the
-    caller's current stream is ordered after every copy.
+    caller's current stream (of each device) is ordered after every copy.
 
     Args:
         source: a ``_core.File`` or ``_core.BufferSource``.
         requests: (file_offset, nbytes, destination) triples.
-        copier: by default, the copier of the destinations' device (all on one device).
+        copier: by default, the copier of each destination's device (one ring per device).
+
+    Raises:
+        ValueError: a request does not fit its destination, a destination tensor is not
+            contiguous, or (without `copier`) a destination lives where nothing is staged
+            (CPU memory: read into it directly instead).
     """
     if not requests:
         return
-    for _, nbytes, dest in requests:
-        size = _flat_bytes(dest).numel()
-        if nbytes < 0 or nbytes > size:
-            raise ValueError(f"a request of {nbytes} bytes does not fit a destination of {size}")
-    if copier is None:
-        devices = {_flat_bytes(d).device for _, _, d in requests}
-        if len(devices) != 1:
-            raise ValueError(f"stream_to_device: destinations on several devices {devices}")
-        (device,) = devices
-        copier = copier_for(device)
-        if copier is None:
+    by_device: dict[torch.device, list[tuple[int, int, Any]]] = {}
+    for request in requests:
+        _, nbytes, dest = request
+        flat = _flat_bytes(dest)
+        if nbytes < 0 or nbytes > flat.numel():
+            raise ValueError(
+                f"a request of {nbytes} bytes does not fit a destination of {flat.numel()}"
+            )
+        by_device.setdefault(flat.device, []).append(request)
+    if copier is not None:
+        load_into_storages(source, requests, copier)
+        return
+    copiers = {}
+    for device in by_device:
+        made = copier_for(device)
+        if made is None:
             raise ValueError(f"stream_to_device: no staging copier for device {device}")
-    load_into_storages(source, requests, copier)
+        copiers[device] = made
+    for device, group in by_device.items():
+        load_into_storages(source, group, copiers[device])
 
 
 # ------------------------------------------------------------------------------- saving
