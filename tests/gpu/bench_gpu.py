@@ -252,7 +252,7 @@ def run_loads(
         import safetensors.torch as st
 
         st_path = path.with_suffix(".safetensors")
-        st.save_file({k: v.contiguous() for k, v in sd.items()}, str(st_path))
+        st.save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(st_path))
         with open(st_path, "rb") as f:
             while f.read(64 * MIB):
                 pass
