@@ -13,7 +13,9 @@ CPU loads allocate every storage while unpickling and fill them all afterwards i
 read (the GIL released). That is safe because the functions that rebuild plain tensors never
 read storage data. The first global outside that known set (a user class, a quantized-tensor
 rebuild...) makes the loader flush what is pending and read each later storage as soon as it
-is created, so such code always sees real data.
+is created, so such code always sees real data. Storages that map_location sends to a CUDA
+device get their own device allocation and are filled the same way, through the pinned
+staging ring of _staging.py.
 """
 
 from __future__ import annotations
