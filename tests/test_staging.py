@@ -171,10 +171,13 @@ class _FailingSource:
 
     def __init__(self, file: _core.File, fail_at: int) -> None:
         self.file, self.fail_at, self.calls = file, fail_at, 0
+        self.lock = threading.Lock()  # two reader threads call in
 
     def read_into(self, requests: Any, threads: int, chunk_bytes: int) -> None:
-        self.calls += 1
-        if self.calls == self.fail_at:
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+        if call == self.fail_at:
             raise OSError(errno.EIO, "injected read error")
         self.file.read_into(requests, threads, chunk_bytes)
 
