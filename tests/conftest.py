@@ -17,13 +17,17 @@ Helpers (import them with ``from conftest import ...``):
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import math
 import struct
+import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -314,3 +318,45 @@ def restore_options() -> Iterator[None]:
 @pytest.fixture
 def state_dict() -> collections.OrderedDict:
     return make_model().state_dict()
+
+
+def assert_releases_gil(call: Callable[[], object], attempts: int = 10) -> None:
+    """Asserts that Python threads run while `call` (one native call) is in progress.
+
+    A ticker thread stamps the time in a loop that needs the GIL. Were the GIL held by the
+    call, the ticker could run only at the call's edges (one switch interval each), so a stamp
+    in the middle half of the call proves the GIL was released. A busy machine may not
+    schedule the ticker during one call, so the call is tried up to `attempts` times and one
+    proof suffices; with the GIL held no attempt can pass.
+    """
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def ticker() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    t = threading.Thread(target=ticker)
+    t.start()
+    spans: list[tuple[float, float]] = []
+    try:
+        time.sleep(0.01)
+        for _ in range(attempts):
+            t0 = time.perf_counter()
+            call()
+            t1 = time.perf_counter()
+            spans.append((t0, t1))
+            quarter = (t1 - t0) / 4
+            i = bisect.bisect_right(stamps, t0 + quarter)  # stamps only grow
+            if i < len(stamps) and stamps[i] < t1 - quarter:
+                return
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(old)
+    durations = ", ".join(f"{b - a:.3f}" for a, b in spans)
+    raise AssertionError(
+        f"no Python code ran during the middle half of native calls ({durations} s)"
+    )

@@ -46,6 +46,8 @@ def test_environment_variables() -> None:
             "CKPTIO_FSYNC": "1",
             "CKPTIO_PREALLOCATE": "off",
             "CKPTIO_HUGE_PAGES": "false",
+            "CKPTIO_STAGING_BUFFER_BYTES": "0x200000",
+            "CKPTIO_STAGING_BUFFERS": "2",
         }
     )
     assert proc.returncode == 0, proc.stderr
@@ -57,6 +59,8 @@ def test_environment_variables() -> None:
         "fsync": True,
         "preallocate": False,
         "huge_pages": False,
+        "staging_buffer_bytes": 2 << 20,
+        "staging_buffers": 2,
     }
 
 
@@ -72,6 +76,8 @@ def test_environment_defaults() -> None:
         "fsync": False,
         "preallocate": True,
         "huge_pages": True,
+        "staging_buffer_bytes": 32 << 20,
+        "staging_buffers": 4,
     }
 
 
@@ -140,9 +146,19 @@ def test_set_options(restore_options: None) -> None:
         {"chunk_bytes": 1},
         {"data_alignment": 1000},
         {"preallocate": None},
+        {"staging_buffer_bytes": 4096},
+        {"staging_buffers": 0},
         {"bogus": True},
     ],
-    ids=["threads=0", "chunk_bytes=1", "data_alignment=1000", "preallocate=None", "unknown"],
+    ids=[
+        "threads=0",
+        "chunk_bytes=1",
+        "data_alignment=1000",
+        "preallocate=None",
+        "staging_buffer_bytes=4096",
+        "staging_buffers=0",
+        "unknown",
+    ],
 )
 def test_set_options_validation(restore_options: None, changes: dict[str, Any]) -> None:
     before = ckptio.get_options()

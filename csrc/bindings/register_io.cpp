@@ -50,11 +50,7 @@ void read_into(const ByteSource& source, const py::buffer& requests, std::size_t
 
 void write_from(const File& file, const py::buffer& requests, std::size_t threads,
                 std::size_t chunk_bytes) {
-  // Same (offset, length, address) triples as reads; here the address is the source.
-  std::vector<ReadRequest> parsed = parse_read_requests(requests);
-  std::vector<WriteRequest> batch;
-  batch.reserve(parsed.size());
-  for (const ReadRequest& r : parsed) batch.push_back(WriteRequest{r.offset, r.length, r.dst});
+  std::vector<WriteRequest> batch = parse_write_requests(requests);
   py::gil_scoped_release nogil;
   auto pool = shared_pool(threads);
   write_ranges(file, batch, *pool, chunk_bytes);
@@ -85,14 +81,13 @@ void register_io(py::module_& m) {
                            std::size_t chunk_bytes) { read_into(f, requests, threads, chunk_bytes); },
            py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"),
            "Parallel reads; requests is a flat uint64 buffer of (offset, length, address) triples.")
-      .def("write_from", [](const File& f, const py::buffer& requests, std::size_t threads,
-                             std::size_t chunk_bytes) { write_from(f, requests, threads, chunk_bytes); },
-           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"),
+      .def("write_from", &write_from, py::arg("requests"), py::arg("threads"),
+           py::arg("chunk_bytes"),
            "Parallel writes; requests is a flat uint64 buffer of (offset, length, address) "
-           "triples whose memory the caller keeps alive for the call.")
+           "triples (the caller keeps the memory alive for the call).")
       .def("preallocate", &File::preallocate, py::arg("size"),
            py::call_guard<py::gil_scoped_release>(),
-           "Reserves size bytes of disk so a full disk fails before any data is written.")
+           "Reserves size bytes of disk (a full disk fails here, not mid-write).")
       .def("sync", &File::sync, py::call_guard<py::gil_scoped_release>())
       .def("truncate", &File::truncate, py::call_guard<py::gil_scoped_release>())
       .def("close", &File::close)

@@ -27,4 +27,20 @@ inline std::vector<ReadRequest> parse_read_requests(const pybind11::buffer& requ
   return out;
 }
 
+/// (offset, length, address) triples -> WriteRequests (the bytes at address go to offset).
+inline std::vector<WriteRequest> parse_write_requests(const pybind11::buffer& requests) {
+  pybind11::buffer_info info = requests.request();
+  if (info.ndim != 1 || info.itemsize != 8 || info.strides[0] != 8 || info.size % 3 != 0) {
+    throw InvalidArgument("requests must be a flat uint64 buffer of (offset, length, address)");
+  }
+  const auto* values = static_cast<const std::uint64_t*>(info.ptr);
+  std::vector<WriteRequest> out(static_cast<std::size_t>(info.size / 3));
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    out[i] = WriteRequest{
+        values[3 * i], values[3 * i + 1],
+        reinterpret_cast<const void*>(static_cast<std::uintptr_t>(values[3 * i + 2]))};
+  }
+  return out;
+}
+
 }  // namespace ckptio::bindings

@@ -11,18 +11,18 @@ import array
 import hashlib
 import sys
 from dataclasses import dataclass
-from typing import IO, Sequence, Union
-
-import torch
+from typing import IO, Any, Sequence, Union, cast
 
 from . import _core
+from ._staging import DevicePayload, write_archive_staged
 from .settings import get_options
 
 __all__ = ["ArchiveReader", "Record", "archive_name_for", "torch_records", "write_archive"]
 
 META_ALIGNMENT = 64
-#: Payload: a bytes-like object, or an (address, nbytes) pair of memory the caller keeps alive.
-Payload = Union[bytes, bytearray, memoryview, "tuple[int, int]"]
+#: Payload: a bytes-like object, an (address, nbytes) pair of memory the caller keeps alive, or
+#: a storage in device memory (streamed through the staging ring, see _staging.py).
+Payload = Union[bytes, bytearray, memoryview, "tuple[int, int]", DevicePayload]
 Source = Union["_core.File", "_core.BufferSource"]
 
 
@@ -135,6 +135,8 @@ def torch_records(
 
 
 def _payload_size(p: Payload) -> int:
+    if isinstance(p, DevicePayload):
+        return p.nbytes
     if isinstance(p, tuple):
         return int(p[1])
     return memoryview(p).nbytes
@@ -151,16 +153,22 @@ def write_archive(
     """Writes an archive: parallel pwrite into a _core.File, sequential writes otherwise."""
     if crc32 and not _core.crc32_available():
         raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+    if isinstance(target, _core.File) and any(isinstance(p, DevicePayload) for p in payloads):
+        # Device storages stream through the pinned staging ring (_staging.py).
+        write_archive_staged(target, archive_name, specs, payloads, crc32=crc32)
+        return
     layout = _core.plan_archive(archive_name, list(specs))
     opts = get_options()
     if isinstance(target, _core.File):
+        host_payloads = cast("list[Any]", list(payloads))  # no DevicePayload here
         _core.write_archive(
-            target, layout, list(payloads), opts.threads, opts.chunk_bytes, crc32, opts.preallocate
+            target, layout, host_payloads, opts.threads, opts.chunk_bytes, crc32, opts.preallocate
         )
         return
     crcs = []
     for i, payload in enumerate(payloads):
-        view = _payload_view(payload)
+        host = payload.storage.cpu() if isinstance(payload, DevicePayload) else None
+        view = _payload_view(payload if host is None else (host.data_ptr(), host.nbytes()))
         _write_all(target, layout.local_header(i))
         _write_all(target, view)
         crc = _core.crc32(view) if crc32 else 0
@@ -170,6 +178,8 @@ def write_archive(
 
 
 def _payload_view(payload: Payload) -> memoryview:
+    if isinstance(payload, DevicePayload):
+        raise TypeError("a device payload has no host view; copy it to the CPU first")
     if isinstance(payload, tuple):
         address, nbytes = payload
         return _core.raw_memoryview(address, nbytes) if nbytes else memoryview(b"")
@@ -184,8 +194,3 @@ def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
         if n is None or n >= view.nbytes:
             return
         view = view[n:]
-
-
-def storage_payload(storage: torch.UntypedStorage) -> tuple[int, int]:
-    """(address, nbytes) of a CPU storage; the caller keeps the storage alive."""
-    return (storage.data_ptr(), storage.nbytes())

@@ -13,7 +13,9 @@ CPU loads allocate every storage while unpickling and fill them all afterwards i
 read (the GIL released). That is safe because the functions that rebuild plain tensors never
 read storage data. The first global outside that known set (a user class, a quantized-tensor
 rebuild...) makes the loader flush what is pending and read each later storage as soon as it
-is created, so such code always sees real data.
+is created, so such code always sees real data. Storages that map_location sends to a CUDA
+device get their own device allocation and are filled the same way, through the pinned
+staging ring of _staging.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _core
+from . import _core, _staging
 from ._archive import ArchiveReader
 from .errors import CheckpointError, UnsafeGlobalError
 from .settings import get_options
@@ -81,20 +83,30 @@ def _fix_import(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-def _restore_identity(map_location: Any, location: str) -> bool | None:
-    """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
-    moves it, None if only calling map_location can tell."""
+def _restore_target(map_location: Any, location: str) -> str | None:
+    """The location torch's restore_location hands to default_restore_location for a storage
+    saved at `location`, or None if only calling map_location can tell."""
     if map_location is None:
-        target = location
+        target: Any = location
     elif isinstance(map_location, dict):
         target = map_location.get(location, location)
     elif isinstance(map_location, (str, bytes)):
-        target = map_location.decode() if isinstance(map_location, bytes) else map_location
+        target = map_location
     elif isinstance(map_location, torch.device):
         target = str(map_location)
     else:
         return None
-    return target == "cpu"
+    if isinstance(target, bytes):
+        target = target.decode() if isinstance(map_location, (str, bytes)) else None
+    return target if isinstance(target, str) else None
+
+
+def _restore_identity(map_location: Any, location: str) -> bool | None:
+    """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
+    moves it, None if only calling map_location can tell."""
+    if map_location is not None and not isinstance(map_location, (dict, str, bytes, torch.device)):
+        return None
+    return _restore_target(map_location, location) == "cpu"
 
 
 def _is_meta(map_location: Any) -> bool:
@@ -125,6 +137,10 @@ class StorageLoader:
         self.deferred = True  # until a data-reading global appears
         self._arena: _core.HostBuffer | None = None
         self._arena_offsets: dict[str, int] = {}
+        # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
+        # flat uint8 tensor).
+        self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
+        self._targets: dict[str, _staging.DeviceTarget | None] = {}  # by saved location
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -170,6 +186,16 @@ class StorageLoader:
                 f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
                 f"needs {nbytes}"
             )
+        staged = self._staged_target(location)
+        if staged is not None:
+            # Straight to the device through the pinned staging ring (_staging.py), mmap or
+            # not: torch's result is the same device storage either way.
+            memory = staged.allocate(nbytes)
+            if nbytes:
+                self.staged_pending.append((staged, rec.data_offset, nbytes, memory))
+                if not self.deferred:
+                    self.flush()
+            return memory.untyped_storage()
         identity = _restore_identity(self.map_location, location)
         if self.mapping is not None:
             storage = self._mapped(rec.data_offset, nbytes)
@@ -180,6 +206,18 @@ class StorageLoader:
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
         return storage if identity is True else self.restore_location(storage, location)
+
+    def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
+        """Where a storage saved at `location` streams to, when map_location sends it to a
+        staged device (a CUDA device given as str, torch.device or dict value; callables keep
+        torch's path, as only calling them tells where a storage goes)."""
+        try:
+            return self._targets[location]  # a few distinct locations per file
+        except KeyError:
+            target = _restore_target(self.map_location, location)
+            staged = None if target is None else _staging.staging_target(target)
+            self._targets[location] = staged
+            return staged
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:
@@ -224,6 +262,13 @@ class StorageLoader:
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
             self.archive.read_many(pending)
+        if self.staged_pending:
+            staged, self.staged_pending = self.staged_pending, []
+            groups: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
+            for target, offset, nbytes, storage in staged:
+                groups.setdefault(id(target), (target, []))[1].append((offset, nbytes, storage))
+            for target, requests in groups.values():
+                _staging.load_into_storages(self.archive.source, requests, target.make_copier())
 
 
 def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:

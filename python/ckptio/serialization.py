@@ -22,8 +22,9 @@ from typing import IO, Any, Callable, Mapping, Union
 import torch
 
 from . import _core, _safetensors
-from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
+from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
 from ._pickler import dumps
+from ._staging import save_payloads
 from ._unpickler import StorageLoader, make_unpickler
 from ._util import gc_paused
 from .errors import CheckpointError
@@ -100,10 +101,11 @@ def save(
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     opts = get_options()
     pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
-    cpu_storages = [s if s.device.type == "cpu" else s.cpu() for s in storages]
+    # CUDA storages stream through the pinned staging ring while the file is written.
+    storage_payloads, keepalive = save_payloads(storages)
     specs, payloads = torch_records(
         pickle_bytes,
-        [storage_payload(s) for s in cpu_storages],
+        storage_payloads,
         data_alignment=opts.data_alignment,
         byteorder=None if _disable_byteorder_record else sys.byteorder,
     )
@@ -113,7 +115,7 @@ def save(
         write_archive(target, name, specs, payloads, crc32=opts.crc32)
 
     _write_to(f, write, opts.fsync)
-    del cpu_storages  # payload addresses stayed valid until here
+    del keepalive  # payload addresses stayed valid until here
 
 
 def _save_safetensors(

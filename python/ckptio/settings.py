@@ -53,6 +53,13 @@ class Options:
     #: Back large storages of eager loads with transparent huge pages (fewer first-touch page
     #: faults). Env: ``CKPTIO_HUGE_PAGES``.
     huge_pages: bool = True
+    #: Bytes of one pinned host staging buffer for GPU loads and saves (storages bigger than
+    #: this stream through in pieces; small ones share a buffer). Env:
+    #: ``CKPTIO_STAGING_BUFFER_BYTES``.
+    staging_buffer_bytes: int = 32 << 20
+    #: Staging buffers in the ring: host memory a GPU load or save uses is at most
+    #: ``staging_buffers * staging_buffer_bytes``. Env: ``CKPTIO_STAGING_BUFFERS``.
+    staging_buffers: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
@@ -62,6 +69,12 @@ class Options:
         a = self.data_alignment
         if not isinstance(a, int) or a < 1 or a > 32768 or a & (a - 1):
             raise ValueError(f"data_alignment must be a power of two <= 32768, got {a!r}")
+        b = self.staging_buffer_bytes
+        if not isinstance(b, int) or isinstance(b, bool) or b < 65536:
+            raise ValueError(f"staging_buffer_bytes must be an int >= 65536, got {b!r}")
+        n = self.staging_buffers
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
+            raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
         for name in ("crc32", "fsync", "preallocate", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -75,6 +88,8 @@ _ENV = {
     "fsync": "CKPTIO_FSYNC",
     "preallocate": "CKPTIO_PREALLOCATE",
     "huge_pages": "CKPTIO_HUGE_PAGES",
+    "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
+    "staging_buffers": "CKPTIO_STAGING_BUFFERS",
 }
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}

@@ -1,0 +1,489 @@
+"""GPU benchmark: checkpoints from the page cache to the GPU, and GPU tensors to a file.
+
+Loads (file already in the page cache; each method's result checked against the source):
+  ckptio.load(map_location="cuda")            the pinned staging ring
+  torch.load(map_location="cuda")
+  torch.load(mmap=True) then .cuda()
+  safetensors.torch.load_file(device="cuda")  (when safetensors is installed)
+Saves of GPU tensors: ckptio.save vs torch.save (a throwaway file of ~1.2x the payload is
+written and deleted before each timed save, see shared DESIGN.md section 7).
+Raw limits, same run: pinned host->device bandwidth (copy of a large pinned tensor) and
+parallel page-cache read bandwidth (ckptio's C++ pread pool into a reused buffer).
+Host RSS growth during a ckptio GPU load is sampled every millisecond.
+
+Prints one markdown table plus the targets of issue 5 as PASS/FAIL, and writes them to
+--out (or $OUT) as bench_gpu.md and bench_gpu.json.
+
+  python tests/gpu/bench_gpu.py                 # the H200 run (~2 GB, ~12 GB, 20,000 small)
+  python tests/gpu/bench_gpu.py --tiny          # tiny sizes, real GPU
+  python tests/gpu/bench_gpu.py --cpu-smoke     # tiny sizes on the CPU, stand-in copier (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+import ckptio
+from ckptio import _core, _staging
+
+GB = 1e9
+MIB = 1 << 20
+
+
+# ---------------------------------------------------------------------------- workloads
+def bf16_state_dict(total_bytes: int, device: str, seed: int) -> dict[str, torch.Tensor]:
+    """Transformer-like: 4096-wide matrices (32 MiB bf16 each) plus small norms/biases."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    width = 4096 if total_bytes >= 256 * MIB else 256
+    mat = width * width * 2
+    n = max(1, total_bytes // (mat + 2 * width * 2))
+    for i in range(n):
+        sd[f"layers.{i}.w"] = torch.randn(width, width, generator=g, device=device).to(
+            torch.bfloat16
+        )
+        sd[f"layers.{i}.norm"] = torch.ones(width, dtype=torch.bfloat16, device=device)
+        sd[f"layers.{i}.bias"] = torch.zeros(width, dtype=torch.bfloat16, device=device)
+    return sd
+
+
+def small_state_dict(count: int, device: str, seed: int) -> dict[str, torch.Tensor]:
+    """`count` tensors of 256 B - 64 KiB in mixed dtypes (the 20,000-small-tensor workload)."""
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int8]
+    sizes = torch.randint(256, 64 * 1024 + 1, (count,), generator=g).tolist()
+    sd = {}
+    for i, nbytes in enumerate(sizes):
+        dt = dtypes[i % len(dtypes)]
+        n = max(1, nbytes // dt.itemsize)
+        if dt.is_floating_point:
+            t = torch.randn(n, generator=g).to(dt)
+        else:
+            t = torch.randint(-100, 100, (n,), generator=g, dtype=dt)
+        sd[f"t{i}"] = t
+    return {k: v.to(device) for k, v in sd.items()} if device != "cpu" else sd
+
+
+def nbytes_of(sd: dict[str, torch.Tensor]) -> int:
+    return sum(t.untyped_storage().nbytes() for t in sd.values())
+
+
+# ----------------------------------------------------------------------------- helpers
+class Bench:
+    def __init__(self, device: str, budget_s: float) -> None:
+        self.device = device
+        self.cuda = device == "cuda"
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+        self.rows: list[dict[str, Any]] = []
+        self.limits: dict[str, float] = {}
+        self.checks: list[tuple[str, bool, str]] = []
+        self.notes: list[str] = []
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+    def timed(self, fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+        """Median seconds of `repeats` runs, and the last result."""
+        times, result = [], None
+        for _ in range(repeats):
+            result = None
+            gc.collect()
+            self.free()
+            self.sync()
+            t0 = time.perf_counter()
+            result = fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), result
+
+    def free(self) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def row(self, workload: str, op: str, method: str, seconds: float, nbytes: int) -> None:
+        self.rows.append(
+            {
+                "workload": workload,
+                "op": op,
+                "method": method,
+                "seconds": seconds,
+                "GBps": nbytes / seconds / GB if seconds > 0 else float("inf"),
+                "nbytes": nbytes,
+            }
+        )
+
+    def seconds(self, workload: str, op: str, method: str) -> float | None:
+        for r in self.rows:
+            if (r["workload"], r["op"], r["method"]) == (workload, op, method):
+                return float(r["seconds"])
+        return None
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    # safetensors returns its keys sorted, not in insertion order: compare as mappings.
+    assert sorted(a) == sorted(b), "keys differ"
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert x.device.type == y.device.type, f"{k}: {x.device} vs {y.device}"
+        assert torch.equal(x, y), f"{k}: values differ"
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@contextlib.contextmanager
+def peak_rss() -> Iterator[dict[str, int]]:
+    out = {"base": rss(), "peak": 0}
+    out["peak"] = out["base"]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["peak"] = max(out["peak"], rss())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        t.join()
+        out["peak"] = max(out["peak"], rss())
+
+
+def drop_page_cache_pressure(directory: Path, nbytes: int) -> None:
+    """Writes and deletes a throwaway file of ~1.2x `nbytes` (see DESIGN.md section 7)."""
+    path = directory / "throwaway.bin"
+    block = os.urandom(1 << 20) * 64
+    with open(path, "wb") as f:
+        left = int(nbytes * 1.2)
+        while left > 0:
+            f.write(block[: min(left, len(block))])
+            left -= len(block)
+    path.unlink()
+
+
+# -------------------------------------------------------------------------- raw limits
+def h2d_bandwidth(b: Bench, nbytes: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=b.cuda)
+    src.fill_(1)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=b.device)
+    dst.copy_(src, non_blocking=True)  # warm-up
+    secs, _ = b.timed(lambda: dst.copy_(src, non_blocking=True), 5)
+    return nbytes / secs / GB
+
+
+def read_bandwidth(b: Bench, path: Path) -> float:
+    """Parallel pread of the whole file (page cache) into a reused 256 MiB buffer."""
+    opts = ckptio.get_options()
+    window = min(256 * MIB, path.stat().st_size)
+    buf = _core.HostBuffer(window, False)
+    buf_view = memoryview(buf)
+    buf_view[:] = b"\0" * window  # touch it once: no page faults in the timed loop
+    import array
+
+    with _core.File.open(str(path), _core.FileMode.READ) as f:
+        size = f.size
+
+        def read_all() -> None:
+            off = 0
+            while off < size:
+                n = min(window, size - off)
+                f.read_into(array.array("Q", [off, n, buf.address]), opts.threads, 8 * MIB)
+                off += n
+
+        read_all()  # into the page cache if not there yet
+        secs, _ = b.timed(read_all, 3)
+    return size / secs / GB
+
+
+# ------------------------------------------------------------------------------- loads
+def run_loads(
+    b: Bench, name: str, sd: Any, directory: Path, repeats: int, measure_read: bool
+) -> None:
+    path = directory / f"{name.replace(' ', '_')}.pt"
+    ckptio.save(sd, path)
+    size = path.stat().st_size
+    dev = b.device
+    with open(path, "rb") as f:  # page cache warm
+        while f.read(64 * MIB):
+            pass
+    if measure_read:
+        b.limits["page-cache read GB/s"] = read_bandwidth(b, path)
+
+    def ckptio_load() -> Any:
+        return ckptio.load(path, map_location=dev)
+
+    def torch_load() -> Any:
+        return torch.load(path, map_location=dev)
+
+    def torch_mmap() -> Any:
+        m = torch.load(path, mmap=True, map_location="cpu")
+        return {k: v.to(dev) for k, v in m.items()}
+
+    methods: list[tuple[str, Callable[[], Any]]] = [
+        ("ckptio", ckptio_load),
+        ("torch.load", torch_load),
+        ("torch.load(mmap)+.cuda()", torch_mmap),
+    ]
+    try:
+        import safetensors.torch as st
+
+        st_path = path.with_suffix(".safetensors")
+        st.save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(st_path))
+        with open(st_path, "rb") as f:
+            while f.read(64 * MIB):
+                pass
+
+        def st_load() -> Any:
+            return st.load_file(str(st_path), device=dev if dev == "cpu" else "cuda")
+
+        methods.append(("safetensors", st_load))
+    except ImportError:
+        if "safetensors not installed: its rows are missing" not in b.notes:
+            b.notes.append("safetensors not installed: its rows are missing")
+
+    ckptio_load()  # warm-up (pinned pool, CUDA context)
+    for method, fn in methods:
+        if b.left() < 20:
+            b.notes.append(f"{name}: {method} skipped (time budget)")
+            continue
+        secs, result = b.timed(fn, repeats)
+        same(sd, result)
+        del result
+        b.row(name, "load", method, secs, size)
+        print(f"  {name:>8} load  {method:<26} {secs:8.3f} s  {size / secs / GB:6.2f} GB/s")
+    # Host RSS growth of one more ckptio load, sampled.
+    gc.collect()
+    b.free()
+    with peak_rss() as r:
+        result = ckptio_load()
+        b.sync()
+    del result
+    growth = r["peak"] - r["base"]
+    opts = ckptio.get_options()
+    ring = opts.staging_buffer_bytes * opts.staging_buffers
+    b.limits[f"{name}: RSS growth MiB"] = growth / MIB
+    b.checks.append(
+        (
+            f"{name}: host RSS growth <= ring + 10% ({ring / MIB:.0f} MiB)",
+            growth <= 1.1 * ring,
+            f"{growth / MIB:.1f} MiB",
+        )
+    )
+    for p in directory.glob(f"{path.stem}.*"):
+        p.unlink()
+
+
+def run_saves(b: Bench, name: str, sd: Any, directory: Path, repeats: int) -> None:
+    size = nbytes_of(sd)
+    for method, save in (("ckptio", ckptio.save), ("torch.save", torch.save)):
+        if b.left() < 20:
+            b.notes.append(f"{name}: save {method} skipped (time budget)")
+            continue
+        target = directory / "save.pt"
+        times = []
+        for _ in range(repeats):
+            drop_page_cache_pressure(directory, size)
+            b.sync()
+            t0 = time.perf_counter()
+            save(sd, target)
+            times.append(time.perf_counter() - t0)
+        secs = statistics.median(times)
+        same(sd, ckptio.load(target, map_location=b.device))  # checked against torch in tests
+        target.unlink()
+        b.row(name, "save", method, secs, size)
+        print(f"  {name:>8} save  {method:<26} {secs:8.3f} s  {size / secs / GB:6.2f} GB/s")
+
+
+# ------------------------------------------------------------------------------ report
+def evaluate(b: Bench, workloads: list[str]) -> None:
+    h2d = b.limits.get("pinned H2D GB/s", 0.0)
+    rd = b.limits.get("page-cache read GB/s", 0.0)
+    limit = min(h2d, rd)
+    for w in workloads:
+        ours = b.seconds(w, "load", "ckptio")
+        if ours is None:
+            continue
+        size = next(r["nbytes"] for r in b.rows if r["workload"] == w and r["op"] == "load")
+        gbps = size / ours / GB
+        if not w.startswith("small"):
+            b.checks.append(
+                (
+                    f"{w}: ckptio GPU load >= 80% of min(H2D, read) = {0.8 * limit:.2f} GB/s",
+                    gbps >= 0.8 * limit,
+                    f"{gbps:.2f} GB/s",
+                )
+            )
+        t = b.seconds(w, "load", "torch.load")
+        if t is not None:
+            b.checks.append(
+                (
+                    f"{w}: >= 3x faster than torch.load(map_location=cuda)",
+                    t / ours >= 3,
+                    f"{t / ours:.2f}x",
+                )
+            )
+        s = b.seconds(w, "load", "safetensors")
+        if s is not None:
+            b.checks.append((f"{w}: ahead of safetensors", ours < s, f"{s / ours:.2f}x"))
+        sv, tv = b.seconds(w, "save", "ckptio"), b.seconds(w, "save", "torch.save")
+        if sv is not None and tv is not None:
+            b.checks.append(
+                (f"{w}: GPU save >= 2x faster than torch.save", tv / sv >= 2, f"{tv / sv:.2f}x")
+            )
+
+
+def report(b: Bench, out_dir: Path | None, header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| workload | op | method | seconds | GB/s | vs torch |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for r in b.rows:
+        base = b.seconds(
+            r["workload"], r["op"], "torch.load" if r["op"] == "load" else "torch.save"
+        )
+        vs = f"{base / r['seconds']:.2f}x" if base else ""
+        lines.append(
+            f"| {r['workload']} | {r['op']} | {r['method']} | {r['seconds']:.3f} | "
+            f"{r['GBps']:.2f} | {vs} |"
+        )
+    lines += ["", "| raw limit / measure | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in b.limits.items()]
+    lines += ["", "| target | result | measured |", "|---|---|---:|"]
+    lines += [f"| {name} | {'PASS' if ok else 'FAIL'} | {got} |" for name, ok, got in b.checks]
+    lines += [f"- {n}" for n in b.notes]
+    text = "\n".join(lines)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench_gpu.md").write_text(text + "\n")
+        (out_dir / "bench_gpu.json").write_text(
+            json.dumps(
+                {"rows": b.rows, "limits": b.limits, "checks": b.checks, "notes": b.notes}, indent=1
+            )
+        )
+    return text
+
+
+@contextlib.contextmanager
+def cpu_stand_in() -> Iterator[None]:
+    """--cpu-smoke: CPU storages of loads and saves go through the staging pipeline with the
+    simulated device copier, so the benchmark's ckptio rows exercise the same scheduling."""
+    made: list[_staging.SimulatedCopier] = []
+
+    def copier() -> _staging.SimulatedCopier:
+        made.append(_staging.SimulatedCopier())
+        return made[-1]
+
+    real_target, real_copier_for = _staging.staging_target, _staging.copier_for
+    _staging.staging_target = lambda loc: (  # type: ignore[assignment]
+        _staging.DeviceTarget(torch.device("cpu"), copier) if loc == "cpu" else None
+    )
+    _staging.copier_for = lambda dev: copier() if dev.type == "cpu" else None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        _staging.staging_target, _staging.copier_for = real_target, real_copier_for
+        for c in made:
+            c.close()
+        if any(c.violations for c in made):
+            raise AssertionError("the stand-in copier saw a slot reused too early")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--dir", help="where the files go (a fresh temporary directory inside)")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="write bench_gpu.md/json here")
+    ap.add_argument("--sizes-gb", default="2,12", help="bf16 state dict sizes in GB")
+    ap.add_argument("--small", type=int, default=20_000, help="tensors in the small workload")
+    ap.add_argument("--budget-s", type=float, default=230.0, help="stop starting work after this")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes (a quick check)")
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny sizes on the CPU, stand-in copier"
+    )
+    args = ap.parse_args(argv)
+
+    if args.cpu_smoke or args.tiny:
+        sizes = [2 * MIB, 6 * MIB]
+        small = 100
+    else:
+        sizes = [int(float(s) * GB) for s in args.sizes_gb.split(",") if s]
+        small = args.small
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --cpu-smoke for the CPU stand-in", file=sys.stderr)
+        return 2
+    b = Bench(device, args.budget_s)
+    root = Path(tempfile.mkdtemp(prefix="ckptio-bench-gpu-", dir=args.dir))
+    gpu = torch.cuda.get_device_name() if b.cuda else "CPU stand-in (no GPU)"
+    opts = ckptio.get_options()
+    header = (
+        f"## ckptio GPU benchmark: {gpu}; torch {torch.__version__}; threads {opts.threads}; "
+        f"ring {opts.staging_buffers} x {opts.staging_buffer_bytes // MIB} MiB; page cache warm"
+    )
+    print(header)
+    smoke = cpu_stand_in() if args.cpu_smoke else contextlib.nullcontext()
+    try:
+        with smoke:
+            b.limits["pinned H2D GB/s"] = h2d_bandwidth(b, min(1 << 30, max(sizes)))
+            # Smallest bf16 first (with saves), then the small tensors, then the big ones: if
+            # the time budget runs out, it is the repeats of the biggest that go.
+            order: list[tuple[str, int]] = [("bf16", s) for s in sorted(sizes)]
+            order.insert(1, ("small", small))
+            workloads = []
+            for i, (kind, size) in enumerate(order):
+                if kind == "small":
+                    name = f"small x{size}"
+                    sd = small_state_dict(size, device, seed=7)
+                    repeats = 3
+                else:
+                    name = f"{size / GB:.0f}GB bf16" if size >= GB else f"{size // MIB}MiB bf16"
+                    sd = bf16_state_dict(size, device, seed=i)
+                    repeats = 1 if size > 4 * GB else 3
+                if i < 2:  # saves: the first bf16 workload and the small tensors
+                    run_saves(b, name, sd, root, repeats)
+                # The read limit of the biggest file measured wins (the first one stands in
+                # if the budget ends before).
+                run_loads(b, name, sd, root, repeats, measure_read=kind == "bf16")
+                workloads.append(name)
+                del sd
+                gc.collect()
+                b.free()
+            evaluate(b, workloads)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    text = report(b, Path(args.out) if args.out else None, header)
+    print()
+    print(text)
+    if args.cpu_smoke:
+        print("\n(CPU stand-in: no GPU figures; targets above are not GPU results)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
