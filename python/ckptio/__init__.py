@@ -4,6 +4,8 @@
 >>> ckptio.save(model.state_dict(), "model.pt")      # loads with stock torch.load too
 >>> state = ckptio.load("model.pt")                   # weights-only by default
 >>> state = ckptio.load("model.pt", mmap=True)        # zero-copy views of the file
+>>> fut = ckptio.async_save(state, "model.pt")        # returns after a snapshot
+>>> ckptio.patch_torch()                              # torch.save/torch.load run ckptio
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
         f"install a wheel for this platform. Original error: {_e}"
     ) from _e
 
+from typing import Any
+
+from ._async import SaveFuture, async_save, wait_all
 from .errors import CheckpointError, UnsafeGlobalError
+from .patch import is_torch_patched, patch_torch, patched_torch, unpatch_torch
 from .serialization import load, save
 from .settings import Options, get_options, options, set_options
 
@@ -26,10 +32,27 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "Options",
+    "SaveFuture",
     "UnsafeGlobalError",
+    "async_save",
+    "dcp",
     "get_options",
+    "is_torch_patched",
     "load",
     "options",
+    "patch_torch",
+    "patched_torch",
     "save",
     "set_options",
+    "unpatch_torch",
+    "wait_all",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ckptio.dcp imports torch.distributed.checkpoint (slow): only when first used.
+    if name == "dcp":
+        import importlib
+
+        return importlib.import_module(".dcp", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
