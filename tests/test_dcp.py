@@ -20,10 +20,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
+import _dcp_worker
 import ckptio
 import ckptio.dcp
 
-import _dcp_worker
 from conftest import assert_same
 
 pytestmark = pytest.mark.filterwarnings(
