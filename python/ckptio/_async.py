@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import ctypes
 import dataclasses
 import os
 import pickle
 import sys
 import threading
+import warnings
 from typing import IO, Any, Callable, Union
 
 import torch
 
+from . import _core
 from ._archive import archive_name_for, torch_records, write_archive
 from ._pickler import dumps
 from .serialization import DEFAULT_PROTOCOL, _is_path, _save_to_path, save
@@ -62,10 +65,23 @@ class _StagingBuffer:
     """One block of host memory (pinned when `pinned`) that holds a save's storages."""
 
     def __init__(self, nbytes: int, pinned: bool) -> None:
-        self.tensor = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
         self.nbytes = nbytes
         self.pinned = pinned
-        self.address = self.tensor.data_ptr()
+        self.memory: Any
+        if pinned:  # GPU copies land here: page-locked, so they run as DMA
+            self.memory = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+            self.address = self.memory.data_ptr()
+        else:  # aligned host memory, huge pages when allowed (fewer first-touch faults)
+            self.memory = _core.HostBuffer(nbytes, get_options().huge_pages)
+            self.address = self.memory.address
+
+    def view(self, offset: int, n: int) -> torch.Tensor:
+        """A uint8 tensor over [offset, offset + n) of the buffer."""
+        if self.pinned:
+            return self.memory[offset : offset + n]
+        with warnings.catch_warnings():  # the buffer is writable; torch warns regardless
+            warnings.simplefilter("ignore")
+            return torch.frombuffer(self.memory, dtype=torch.uint8, count=n, offset=offset)
 
 
 class _Scheduler:
@@ -297,9 +313,13 @@ def _snapshot(
         if n == 0 or buffer is None:
             payloads.append(b"")
             continue
-        source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
-        destination = buffer.tensor[offset : offset + n]
-        destination.copy_(source, non_blocking=source.is_cuda)
+        if storage.device.type == "cpu":
+            # A plain memmove (GIL released by ctypes): on the development VM Tensor.copy_
+            # between byte views moved host memory ~10x slower than memmove.
+            ctypes.memmove(buffer.address + offset, storage.data_ptr(), n)
+        else:
+            source = torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+            buffer.view(offset, n).copy_(source, non_blocking=source.is_cuda)
         payloads.append((buffer.address + offset, n))
     return payloads
 
