@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 import ckptio
+
 from workloads import gpt2_medium_state_dict
 
 
