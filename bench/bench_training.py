@@ -31,6 +31,15 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def _fsync(path: str) -> None:
+    for p, flags in ((path, os.O_RDONLY), (os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)):
+        fd = os.open(p, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -60,6 +69,10 @@ def main() -> None:
                 record("ckptio.save durable=False", _timed(lambda: ckptio.save(sd, path)))
             with ckptio.options(durable=True):
                 record("ckptio.save durable=True", _timed(lambda: ckptio.save(sd, path)))
+            # durable's extra work, isolated from the noise of whole saves: the fsyncs of a
+            # file that a durable=False save has just written, and of its directory.
+            ckptio.save(sd, path)
+            record("  fsync of file + directory", _timed(lambda: _fsync(path)))
             write_async()
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         loaded = ckptio.load(path)
