@@ -13,10 +13,12 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -167,3 +169,29 @@ def test_full_disk_raises_enospc_and_keeps_previous(tmp_path: Path, preallocate:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result == {"errno": errno.ENOSPC, "same": True, "ok": True, "listing": ["ckpt.pt"]}
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["not-durable", "durable"])
+def test_durable_fsyncs_the_file_then_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    events: list[str] = []
+    real_sync = serialization._core.File.sync
+    real_fsync = os.fsync
+
+    def file_sync(self: Any) -> None:
+        events.append(f"file:{'tmp' if self.name.endswith('.tmp') else self.name}")
+        real_sync(self)
+
+    def fsync(fd: int) -> None:
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "other"
+        events.append(f"{kind}:{'renamed' if (tmp_path / 'ckpt.pt').exists() else 'absent'}")
+        real_fsync(fd)
+
+    monkeypatch.setattr(serialization._core.File, "sync", file_sync)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with ckptio.options(durable=durable):
+        ckptio.save({"w": torch.ones(100)}, tmp_path / "ckpt.pt")
+    # The data reaches the disk before the rename, the directory entry after it.
+    assert events == (["file:tmp", "dir:renamed"] if durable else [])
+    assert torch.equal(torch.load(tmp_path / "ckpt.pt")["w"], torch.ones(100))
