@@ -174,6 +174,12 @@ class _Scheduler:
 
         executor.submit(run)
 
+    def wait_for_target(self, key: object) -> None:
+        with self._cond:
+            previous = self._last.get(key)
+        if previous is not None:
+            concurrent.futures.wait([previous])
+
     def wait_all(self, timeout: float | None = None) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: not self._unfinished, timeout)
@@ -238,7 +244,9 @@ def async_save(
     target = os.fsdecode(f) if _is_path(f) else repr(f)  # type: ignore[arg-type]
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
-        # Formats only torch writes (legacy, skip_data): saved now, the future is done.
+        # Formats only torch writes (legacy, skip_data): saved now, after any pending save
+        # to the same target (call order), and the future is done.
+        _scheduler.wait_for_target(key)
         future = SaveFuture(target)
         future._observed = True  # the caller sees any error right here
         save(
