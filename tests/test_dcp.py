@@ -239,3 +239,18 @@ def test_stock_checkpoint_gets_a_clear_error(tmp_path: Path) -> None:
     dcp.save({"t": torch.ones(2)}, checkpoint_id=tmp_path)
     with pytest.raises(CheckpointException, match="read this checkpoint with FileSystemReader"):
         dcp.load({"t": torch.zeros(2)}, storage_reader=ckptio.dcp.Reader(tmp_path))
+
+
+def test_failed_overwrite_leaves_no_stale_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dcp.save({"t": torch.ones(4)}, storage_writer=ckptio.dcp.Writer(tmp_path))
+    assert (tmp_path / ".metadata").exists()
+
+    def full_disk(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckptio.dcp._core, "write_archive", full_disk)
+    with pytest.raises(CheckpointException, match="No space left"):
+        dcp.save({"t": torch.zeros(4)}, storage_writer=ckptio.dcp.Writer(tmp_path))
+    assert not (tmp_path / ".metadata").exists()  # visibly incomplete, not half old

@@ -137,6 +137,13 @@ class Writer(StorageWriter, BlockingAsyncStager):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        # Saving over a checkpoint: drop its metadata before any rank rewrites its file, so a
+        # crash mid-save leaves a directory that is visibly incomplete, never old metadata
+        # pointing into new files. (Runs on the coordinator, after every rank's local plan.)
+        try:
+            os.unlink(self._metadata_path())
+        except FileNotFoundError:
+            pass
         return [
             dataclasses.replace(p, storage_data=_Prefix(f"__{i}_")) if p.storage_data is None else p
             for i, p in enumerate(plans)
