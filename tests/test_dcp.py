@@ -7,6 +7,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,16 @@ def test_failed_overwrite_leaves_no_stale_metadata(
     with pytest.raises(CheckpointException, match="No space left"):
         dcp.save({"t": torch.zeros(4)}, storage_writer=ckptio.dcp.Writer(tmp_path))
     assert not (tmp_path / ".metadata").exists()  # visibly incomplete, not half old
+
+
+def test_ckptio_dcp_is_imported_on_first_use() -> None:
+    """``import ckptio`` does not pay for torch.distributed.checkpoint; ``ckptio.dcp`` does."""
+    code = (
+        "import sys, ckptio\n"
+        "assert 'ckptio.dcp' not in sys.modules\n"
+        "assert 'torch.distributed.checkpoint' not in sys.modules\n"
+        "assert ckptio.dcp.Writer.__name__ == 'Writer'\n"
+        "assert 'ckptio.dcp' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
