@@ -226,3 +226,21 @@ def test_cuda_tensors_are_staged_in_pinned_memory(tmp_path: Path, gate: Gate) ->
     assert loaded["w"].is_cuda and torch.equal(loaded["w"].cpu(), cpu["w"])
     assert torch.equal(loaded["b"].cpu(), cpu["b"]) and torch.equal(loaded["host"], cpu["host"])
     assert any(b.pinned for b in async_module._scheduler._idle)
+
+
+def test_a_save_that_cannot_be_scheduled_releases_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As after interpreter shutdown began: async_save raises, and nothing stays pending."""
+
+    class Closed:
+        def submit(self, fn: Any) -> None:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(async_module._scheduler, "_executor", Closed())
+    with ckptio.options(async_max_pending=1):
+        for _ in range(3):  # would block on the second call if the slot leaked
+            with pytest.raises(RuntimeError, match="cannot schedule"):
+                ckptio.async_save({"w": torch.ones(3)}, tmp_path / "ckpt.pt")
+    assert ckptio.wait_all(5)
+    assert async_module._scheduler._in_flight == 0

@@ -121,7 +121,8 @@ class _Scheduler:
         except BaseException:
             self.release(None, limit)
             raise
-        self.buffers_allocated += 1
+        with self._cond:
+            self.buffers_allocated += 1
         return buffer
 
     def release(self, buffer: _StagingBuffer | None, limit: int) -> None:
@@ -172,7 +173,18 @@ class _Scheduler:
                         self._failed.append(future)
                     self._cond.notify_all()
 
-        executor.submit(run)
+        try:
+            executor.submit(run)
+        except BaseException:  # e.g. called while the interpreter shuts down
+            with self._cond:
+                if self._last.get(key) is future:
+                    if previous is None:
+                        del self._last[key]
+                    else:
+                        self._last[key] = previous
+                self._unfinished.discard(future)
+                self._cond.notify_all()
+            raise
 
     def wait_for_target(self, key: object) -> None:
         with self._cond:
@@ -305,7 +317,11 @@ def async_save(
         finally:
             _scheduler.release(buffer, limit)
 
-    _scheduler.submit(key, future, write)
+    try:
+        _scheduler.submit(key, future, write)
+    except BaseException:
+        _scheduler.release(buffer, limit)
+        raise
     return future
 
 
