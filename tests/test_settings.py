@@ -83,9 +83,8 @@ def test_environment_defaults() -> None:
     [
         ({"CKPTIO_FSYNC": "1"}, True),
         ({"CKPTIO_FSYNC": "1", "CKPTIO_DURABLE": "0"}, False),
-        ({"CKPTIO_DURABLE": "on"}, True),
     ],
-    ids=["former-name", "new-name-wins", "new-name"],
+    ids=["former-name", "new-name-wins"],
 )
 def test_durable_environment_variable_and_its_former_name(
     env: dict[str, str], expected: bool
