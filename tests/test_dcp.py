@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
@@ -269,3 +269,31 @@ def test_ckptio_dcp_is_imported_on_first_use() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        torch.tensor(3.5),
+        torch.empty(0, 4),
+        torch.tensor([True, False, True]),
+        torch.randn(3, 2, dtype=torch.complex64),
+        torch.arange(12, dtype=torch.int16).reshape(3, 4).t(),  # not contiguous when saved
+        torch.randn(2, 3, 4).to(torch.float8_e4m3fn),
+    ],
+    ids=["scalar", "empty", "bool", "complex", "transposed", "float8"],
+)
+def test_single_process_round_trip_of_unusual_tensors(tmp_path: Path, value: torch.Tensor) -> None:
+    dcp.save({"v": value, "n": 1}, storage_writer=ckptio.dcp.Writer(tmp_path / "ours"))
+    dcp.save({"v": value, "n": 1}, storage_writer=FileSystemWriter(tmp_path / "stock"))
+    ours = {"v": torch.zeros_like(value), "n": 0}
+    stock = {"v": torch.zeros_like(value), "n": 0}
+    dcp.load(ours, storage_reader=ckptio.dcp.Reader(tmp_path / "ours"))
+    dcp.load(stock, storage_reader=FileSystemReader(tmp_path / "stock"))
+    assert ours["n"] == 1
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    assert torch.equal(raw(ours["v"]), raw(value))
+    assert_same(stock, ours)
