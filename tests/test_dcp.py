@@ -237,10 +237,20 @@ def test_metadata_with_foreign_globals_is_refused(tmp_path: Path) -> None:
     assert not _Evil.ran
 
 
-def test_stock_checkpoint_gets_a_clear_error(tmp_path: Path) -> None:
-    dcp.save({"t": torch.ones(2)}, checkpoint_id=tmp_path)
-    with pytest.raises(CheckpointException, match="read this checkpoint with FileSystemReader"):
-        dcp.load({"t": torch.zeros(2)}, storage_reader=ckptio.dcp.Reader(tmp_path))
+def test_stock_checkpoint_loads_through_the_reader(tmp_path: Path) -> None:
+    state = {"t": torch.randn(3, 4), "x": {"a": 1, "b": [2.5]}}
+    dcp.save(state, storage_writer=FileSystemWriter(tmp_path))
+    ours = {"t": torch.zeros(3, 4), "x": {"a": 0, "b": [0.0]}}
+    dcp.load(ours, storage_reader=ckptio.dcp.Reader(tmp_path))
+    assert_same(state, ours)
+
+
+def test_stock_checkpoint_byte_items_are_loaded_weights_only(tmp_path: Path) -> None:
+    dcp.save({"t": torch.ones(2), "x": _Evil()}, storage_writer=FileSystemWriter(tmp_path))
+    _Evil.ran = False
+    with pytest.raises(CheckpointException, match="does not load weights-only"):
+        dcp.load({"t": torch.zeros(2), "x": None}, storage_reader=ckptio.dcp.Reader(tmp_path))
+    assert not _Evil.ran
 
 
 def test_failed_overwrite_leaves_no_stale_metadata(

@@ -24,6 +24,9 @@ The metadata is unpickled with an allowlist (DCP's metadata classes, torch dtype
 byte items are decoded weights-only by default before the planner sees them, so loading
 never runs code from the checkpoint (the stock reader's planner calls
 ``torch.load(weights_only=False)`` on them).
+
+:class:`Reader` also reads checkpoints written by the stock ``FileSystemWriter`` (through
+torch's reader, with the same metadata allowlist and weights-only byte items).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ import uuid
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader
+from torch.distributed.checkpoint.filesystem import _StorageInfo as _StockStorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import (
     LoadItemType,
@@ -263,6 +267,7 @@ class Reader(StorageReader):
         self.storage_data: dict[MetadataIndex, StorageInfo] = {}
         self.load_id = str(uuid.uuid4())
         self.rank: int | None = None
+        self._stock: FileSystemReader | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.storage_data = {}
@@ -287,12 +292,20 @@ class Reader(StorageReader):
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
     ) -> None:
         storage = metadata.storage_data or {}
-        for index, info in storage.items():
-            if not isinstance(info, StorageInfo):
-                raise CheckpointError(
-                    f"{self.path}: item {index.fqn!r} was not written by ckptio.dcp.Writer "
-                    f"({type(info).__name__}); read this checkpoint with FileSystemReader"
-                )
+        self._stock = None
+        if storage and all(isinstance(i, _StockStorageInfo) for i in storage.values()):
+            # A FileSystemWriter checkpoint: torch's reader moves its bytes (its tensors
+            # load weights-only); byte items still pass through _decode_bytes.
+            self._stock = FileSystemReader(self.path)
+            self._stock.set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+        else:
+            for index, info in storage.items():
+                if not isinstance(info, StorageInfo):
+                    raise CheckpointError(
+                        f"{self.path}: item {index.fqn!r} has storage information of type "
+                        f"{type(info).__name__}, written by neither ckptio.dcp.Writer nor "
+                        "FileSystemWriter; read it with the reader that matches its writer"
+                    )
         self.storage_data = storage
         self.rank = kwargs.get("rank")
 
@@ -303,6 +316,10 @@ class Reader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        if self._stock is not None:
+            if self.weights_only:
+                planner = _WeightsOnlyBytes(planner, self)  # type: ignore[assignment]
+            return self._stock.read_data(plan, planner)
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
             per_file.setdefault(self._info(item).relative_path, []).append(item)
@@ -436,6 +453,22 @@ class Reader(StorageReader):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class _WeightsOnlyBytes:
+    """A LoadPlanner seen through the stock reader: byte items are decoded weights-only and
+    re-encoded before the planner's own ``load_bytes`` sees them; the rest is forwarded."""
+
+    def __init__(self, planner: LoadPlanner, reader: Reader) -> None:
+        self._planner = planner
+        self._reader = reader
+
+    def load_bytes(self, item: ReadItem, value: io.BytesIO) -> None:
+        data = self._reader._decode_bytes(self._reader.path, item, value.read())
+        self._planner.load_bytes(item, io.BytesIO(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
