@@ -43,11 +43,12 @@ def test_environment_variables() -> None:
             "CKPTIO_CHUNK_BYTES": "0x100000",
             "CKPTIO_DATA_ALIGNMENT": "512",
             "CKPTIO_CRC32": "yes",
-            "CKPTIO_FSYNC": "1",
+            "CKPTIO_DURABLE": "1",
             "CKPTIO_PREALLOCATE": "off",
             "CKPTIO_HUGE_PAGES": "false",
             "CKPTIO_STAGING_BUFFER_BYTES": "0x200000",
             "CKPTIO_STAGING_BUFFERS": "2",
+            "CKPTIO_ASYNC_MAX_PENDING": "3",
         }
     )
     assert proc.returncode == 0, proc.stderr
@@ -56,11 +57,12 @@ def test_environment_variables() -> None:
         "chunk_bytes": 1 << 20,
         "data_alignment": 512,
         "crc32": True,
-        "fsync": True,
+        "durable": True,
         "preallocate": False,
         "huge_pages": False,
         "staging_buffer_bytes": 2 << 20,
         "staging_buffers": 2,
+        "async_max_pending": 3,
     }
 
 
@@ -73,12 +75,29 @@ def test_environment_defaults() -> None:
         "chunk_bytes": 8 << 20,
         "data_alignment": 4096,
         "crc32": False,
-        "fsync": False,
+        "durable": False,
         "preallocate": True,
         "huge_pages": True,
         "staging_buffer_bytes": 32 << 20,
         "staging_buffers": 4,
+        "async_max_pending": 2,
     }
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"CKPTIO_FSYNC": "1"}, True),
+        ({"CKPTIO_FSYNC": "1", "CKPTIO_DURABLE": "0"}, False),
+    ],
+    ids=["former-name", "new-name-wins"],
+)
+def test_durable_environment_variable_and_its_former_name(
+    env: dict[str, str], expected: bool
+) -> None:
+    proc = _child_options(env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["durable"] is expected
 
 
 def test_bad_environment_variable_names_the_variable() -> None:
@@ -209,12 +228,12 @@ def test_thread_count_does_not_change_the_file(
 
 
 @pytest.mark.parametrize("preallocate", [False, True], ids=["no-prealloc", "prealloc"])
-@pytest.mark.parametrize("fsync", [False, True], ids=["no-fsync", "fsync"])
+@pytest.mark.parametrize("durable", [False, True], ids=["not-durable", "durable"])
 def test_durability_knobs_do_not_change_the_file(
-    tmp_path: Path, reference_bytes: dict[bool, bytes], preallocate: bool, fsync: bool
+    tmp_path: Path, reference_bytes: dict[bool, bytes], preallocate: bool, durable: bool
 ) -> None:
     path = tmp_path / "ckpt.pt"
-    with ckptio.options(preallocate=preallocate, fsync=fsync):
+    with ckptio.options(preallocate=preallocate, durable=durable):
         ckptio.save(_payload(), path)
     assert path.read_bytes() == reference_bytes[False]
 

@@ -7,6 +7,8 @@
 >>> ckptio.save(state, "model.safetensors", format="safetensors")
 >>> with ckptio.open("model.pt") as ck:               # lazy: reads only what you ask for
 ...     rows = ck.get_slice("fc.weight")[0:10]
+>>> fut = ckptio.async_save(state, "model.pt")        # returns after a snapshot
+>>> ckptio.patch_torch()                              # torch.save/torch.load run ckptio
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
         f"install a wheel for this platform. Original error: {_e}"
     ) from _e
 
+from typing import Any
+
+from ._async import SaveFuture, async_save, wait_all
 from ._open import CheckpointHandle, TensorInfo, TensorSlice, open
 from .errors import CheckpointError, UnsafeGlobalError
+from .patch import is_torch_patched, patch_torch, patched_torch, unpatch_torch
 from .serialization import load, save
 from .settings import Options, get_options, options, set_options
 
@@ -31,13 +37,30 @@ __all__ = [
     "CheckpointError",
     "CheckpointHandle",
     "Options",
+    "SaveFuture",
     "UnsafeGlobalError",
+    "async_save",
+    "dcp",
     "get_options",
+    "is_torch_patched",
     "load",
     "open",
     "options",
+    "patch_torch",
+    "patched_torch",
     "save",
     "set_options",
     "TensorInfo",
     "TensorSlice",
+    "unpatch_torch",
+    "wait_all",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ckptio.dcp imports torch.distributed.checkpoint (slow): only when first used.
+    if name == "dcp":
+        import importlib
+
+        return importlib.import_module(".dcp", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,10 +10,12 @@ batch, or maps the file once with ``mmap=True``.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import pickle
 import secrets
+import socket
 import stat
 import sys
 import warnings
@@ -34,6 +36,10 @@ __all__ = ["load", "save"]
 
 FileLike = Union[str, os.PathLike, IO[bytes]]
 DEFAULT_PROTOCOL = 2
+# torch's own functions, captured before ckptio.patch_torch() can replace them: what ckptio
+# hands over to torch must never come back to ckptio.
+torch_save = torch.serialization.save
+torch_load = torch.serialization.load
 
 
 def _is_path(f: object) -> bool:
@@ -88,7 +94,7 @@ def save(
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
         # The legacy (pre-1.6) format has no layout to parallelize, and skip_data() writes
         # headers without payloads: torch writes both.
-        torch.save(
+        torch_save(
             obj,
             f,
             pickle_module,
@@ -114,7 +120,7 @@ def save(
     def write(target: Any) -> None:
         write_archive(target, name, specs, payloads, crc32=opts.crc32)
 
-    _write_to(f, write, opts.fsync)
+    _write_to(f, write, opts.durable)
     del keepalive  # payload addresses stayed valid until here
 
 
@@ -124,13 +130,13 @@ def _save_safetensors(
     if not _is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     layout = _safetensors.plan(obj, metadata, clone_shared)
-    _write_to(f, lambda target: _safetensors.write(target, layout), get_options().fsync)
+    _write_to(f, lambda target: _safetensors.write(target, layout), get_options().durable)
 
 
-def _write_to(f: FileLike, write: Callable[[Any], None], fsync: bool) -> None:
+def _write_to(f: FileLike, write: Callable[[Any], None], durable: bool) -> None:
     """Runs `write` on a _core.File (a path: atomically) or on the writable file object f."""
     if isinstance(f, (str, bytes, os.PathLike)):
-        _save_to_path(os.fsdecode(f), write, fsync)
+        _save_to_path(os.fsdecode(f), write, durable)
     else:
         write(f)
         flush = getattr(f, "flush", None)
@@ -138,7 +144,7 @@ def _write_to(f: FileLike, write: Callable[[Any], None], fsync: bool) -> None:
             flush()
 
 
-def _save_to_path(path: str, write: Callable[[Any], None], fsync: bool) -> None:
+def _save_to_path(path: str, write: Callable[[Any], None], durable: bool) -> None:
     # Write through a symlink to its target, as open(path, "wb") would.
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
@@ -156,7 +162,7 @@ def _save_to_path(path: str, write: Callable[[Any], None], fsync: bool) -> None:
         if not os.access(target, os.W_OK):
             # A rename would replace a file the caller may not write; refuse as open() does.
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-    _write_file_atomically(path, target, mode, write, fsync)
+    _write_file_atomically(path, target, mode, write, durable)
 
 
 def _write_file_atomically(
@@ -164,13 +170,16 @@ def _write_file_atomically(
     target: str,
     mode: int | None,
     write: Callable[[Any], None],
-    fsync: bool,
+    durable: bool,
 ) -> None:
-    """Writes a temporary file beside `target` and renames it over `target` when complete."""
+    """Writes a temporary file beside `target` and renames it over `target` when complete.
+
+    With `durable`, the file is fsynced before the rename and the directory after it, so the
+    new name survives a power loss once this returns."""
     directory = os.path.dirname(os.path.abspath(target))
-    tmp = os.path.join(
-        directory, f".{os.path.basename(target)}.ckptio-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    )
+    base = os.path.basename(target)
+    remove_stale_temp_files(directory, base)
+    tmp = os.path.join(directory, temp_file_name(base, os.getpid()))
     try:
         # 0o666 minus the umask, as a plain open() would; an existing target keeps its mode.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -184,7 +193,7 @@ def _write_file_atomically(
         fd = -1
         with file:
             write(file)
-            if fsync:
+            if durable:
                 file.sync()
         os.replace(tmp, target)
     except BaseException:
@@ -195,12 +204,58 @@ def _write_file_atomically(
         except FileNotFoundError:
             pass
         raise
-    if fsync:
+    if durable:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# Temporary files are named ".<target name>.ckptio-<host>-<pid>-<random>.tmp": hidden, beside
+# the target, recognisable, and carrying their writer. A writer killed mid-save (SIGKILL, OOM
+# killer) leaves one behind; the next save to the same target removes those whose writer ran
+# on this host and is no longer alive (docs/training.md, "Crash semantics").
+_TEMP_MARK = ".ckptio-"
+_HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
+
+
+def temp_file_name(base: str, pid: int) -> str:
+    """The name of a temporary file of a save to `base` by process `pid` on this host."""
+    return f".{base}{_TEMP_MARK}{_HOST_TAG}-{pid}-{secrets.token_hex(4)}.tmp"
+
+
+def remove_stale_temp_files(directory: str, base: str) -> list[str]:
+    """Removes the temporary files of saves to `base` whose writer, a process of this host,
+    is dead; returns their names. Best effort: errors are ignored (the save goes on)."""
+    prefix = f".{base}{_TEMP_MARK}{_HOST_TAG}-"
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return removed
+    for name in names:
+        pid_text = name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another thread of this process may be writing it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 # ------------------------------------------------------------------------------------- load
@@ -451,7 +506,7 @@ def _load_with_torch(
     mmap: bool,
     pickle_load_args: dict[str, Any],
 ) -> Any:
-    return torch.load(
+    return torch_load(
         f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args
     )
 

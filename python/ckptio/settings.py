@@ -44,9 +44,10 @@ class Options:
     data_alignment: int = 4096
     #: Compute zip CRC-32s on save. torch never checks them; zip tools do. Env: ``CKPTIO_CRC32``.
     crc32: bool = False
-    #: fsync the file and its directory before save returns (survives power loss, costs a
-    #: disk flush). Env: ``CKPTIO_FSYNC``.
-    fsync: bool = False
+    #: fsync the file, then its directory after the rename, before save returns: a power loss
+    #: after save returns cannot lose the checkpoint (costs a disk flush; docs/training.md).
+    #: Env: ``CKPTIO_DURABLE`` (``CKPTIO_FSYNC``, its former name, is still read).
+    durable: bool = False
     #: Reserve the file's full size before writing (a full disk fails early). Env:
     #: ``CKPTIO_PREALLOCATE``.
     preallocate: bool = True
@@ -60,10 +61,16 @@ class Options:
     #: Staging buffers in the ring: host memory a GPU load or save uses is at most
     #: ``staging_buffers * staging_buffer_bytes``. Env: ``CKPTIO_STAGING_BUFFERS``.
     staging_buffers: int = 4
+    #: Most :func:`ckptio.async_save` calls in flight (each holds one staging buffer, a copy
+    #: of its tensors); one more waits for the oldest. Env: ``CKPTIO_ASYNC_MAX_PENDING``.
+    async_max_pending: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
             raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
+        n = self.async_max_pending
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"async_max_pending must be an int >= 1, got {n!r}")
         if not isinstance(self.chunk_bytes, int) or self.chunk_bytes < 4096:
             raise ValueError(f"chunk_bytes must be an int >= 4096, got {self.chunk_bytes!r}")
         a = self.data_alignment
@@ -75,7 +82,7 @@ class Options:
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
-        for name in ("crc32", "fsync", "preallocate", "huge_pages"):
+        for name in ("crc32", "durable", "preallocate", "huge_pages"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -85,28 +92,31 @@ _ENV = {
     "chunk_bytes": "CKPTIO_CHUNK_BYTES",
     "data_alignment": "CKPTIO_DATA_ALIGNMENT",
     "crc32": "CKPTIO_CRC32",
-    "fsync": "CKPTIO_FSYNC",
+    "durable": "CKPTIO_DURABLE",
     "preallocate": "CKPTIO_PREALLOCATE",
     "huge_pages": "CKPTIO_HUGE_PAGES",
     "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
+    "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",
 }
+#: Former names of environment variables, read when the current name is not set.
+_ENV_ALIASES = {"durable": "CKPTIO_FSYNC"}
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n", ""}
 
 
-def _parse_env(name: str, raw: str, kind: type) -> Any:
+def _parse_env(var: str, raw: str, kind: type) -> Any:
     if kind is bool:
         low = raw.strip().lower()
         if low in _TRUE:
             return True
         if low in _FALSE:
             return False
-        raise ValueError(f"{_ENV[name]}={raw!r}: expected one of 1/0, true/false, yes/no")
+        raise ValueError(f"{var}={raw!r}: expected one of 1/0, true/false, yes/no")
     try:
         return int(raw, 0)
     except ValueError:
-        raise ValueError(f"{_ENV[name]}={raw!r}: expected an integer") from None
+        raise ValueError(f"{var}={raw!r}: expected an integer") from None
 
 
 def _from_environment() -> Options:
@@ -114,8 +124,11 @@ def _from_environment() -> Options:
     defaults = Options()
     for name, var in _ENV.items():
         raw = os.environ.get(var)
+        if raw is None and name in _ENV_ALIASES:
+            var = _ENV_ALIASES[name]
+            raw = os.environ.get(var)
         if raw is not None:
-            values[name] = _parse_env(name, raw, type(getattr(defaults, name)))
+            values[name] = _parse_env(var, raw, type(getattr(defaults, name)))
     return dataclasses.replace(defaults, **values)
 
 

@@ -1,0 +1,247 @@
+"""ckptio.async_save: same file as save, a snapshot at return, ordered per target, errors on
+result(), bounded reusable staging buffers, pending saves finished at interpreter exit."""
+
+from __future__ import annotations
+
+import errno
+import io
+import pickle
+import subprocess
+import sys
+import textwrap
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+import ckptio
+from ckptio import _async as async_module
+
+from conftest import assert_same, assert_same_sharing, make_model, trained_optimizer
+
+
+def _payload() -> dict[str, Any]:
+    model, opt = trained_optimizer("adamw")
+    base = torch.arange(60.0).reshape(6, 10)
+    return {
+        "model": model.state_dict(),
+        "optim": opt.state_dict(),
+        "views": {"base": base, "window": base[2:, 1:4], "row": base[3]},
+        "half": torch.randn(7).half(),
+        "empty": torch.empty(0),
+        "meta": torch.empty(3, device="meta"),
+        "step": 12,
+        "note": "text",
+    }
+
+
+class Gate:
+    """Holds every background write until opened, recording the order writes start."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        self.started: list[str] = []
+        real = async_module._write_to
+
+        def gated(f: Any, *args: Any) -> None:
+            self.started.append(Path(f).name if isinstance(f, (str, os.PathLike)) else repr(f))
+            assert self.open.wait(60), "the gate was never opened"
+            real(f, *args)
+
+        monkeypatch.setattr(async_module, "_write_to", gated)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    g = Gate(monkeypatch)
+    try:
+        yield g
+    finally:
+        g.open.set()
+        assert ckptio.wait_all(60)
+
+
+@pytest.mark.parametrize("target", ["path", "buffer"])
+def test_writes_the_same_bytes_as_save(tmp_path: Path, target: str) -> None:
+    obj = _payload()
+    if target == "path":
+        (tmp_path / "sync").mkdir()
+        ckptio.save(obj, tmp_path / "sync" / "ckpt.pt")
+        ckptio.async_save(obj, tmp_path / "ckpt.pt").result(timeout=60)
+        assert (tmp_path / "sync" / "ckpt.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()
+        loaded = torch.load(tmp_path / "ckpt.pt")
+    else:
+        a, b = io.BytesIO(), io.BytesIO()
+        ckptio.save(obj, a)
+        ckptio.async_save(obj, b).result(timeout=60)
+        assert a.getvalue() == b.getvalue()
+        loaded = torch.load(io.BytesIO(b.getvalue()))
+    assert loaded.pop("meta").is_meta
+    del obj["meta"]
+    assert_same(obj, loaded)
+    assert_same_sharing(obj, loaded)
+
+
+def test_options_of_the_caller_apply(tmp_path: Path) -> None:
+    obj = {"w": torch.randn(100)}
+    with ckptio.options(data_alignment=512, crc32=True):
+        (tmp_path / "sync").mkdir()
+        ckptio.save(obj, tmp_path / "sync" / "ckpt.pt")
+        future = ckptio.async_save(obj, tmp_path / "ckpt.pt")
+    future.result(timeout=60)
+    assert (tmp_path / "sync" / "ckpt.pt").read_bytes() == (tmp_path / "ckpt.pt").read_bytes()
+
+
+def test_caller_may_mutate_and_free_after_return(tmp_path: Path, gate: Gate) -> None:
+    model = make_model()
+    state = {"model": model.state_dict(), "step": 1, "history": [1.0, 2.0]}
+    expected = pickle.loads(pickle.dumps(state))  # deep copy of the values at call time
+    future = ckptio.async_save(state, tmp_path / "ckpt.pt")
+    with torch.no_grad():  # the write has not started: the snapshot must carry old values
+        for p in model.parameters():
+            p.add_(1.0)
+    state["step"] = 2
+    state["history"].append(3.0)
+    del state, model
+    gate.open.set()
+    assert future.result(timeout=60) is None
+    assert_same(expected, torch.load(tmp_path / "ckpt.pt"))
+
+
+def test_write_errors_surface_on_result(tmp_path: Path) -> None:
+    future = ckptio.async_save({"w": torch.ones(3)}, tmp_path / "missing" / "ckpt.pt")
+    with pytest.raises(FileNotFoundError) as info:
+        future.result(timeout=60)
+    assert info.value.errno == errno.ENOENT
+
+
+def test_snapshot_errors_raise_at_the_call(tmp_path: Path) -> None:
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        ckptio.async_save({"f": lambda x: x}, tmp_path / "ckpt.pt")
+    with pytest.raises(TypeError):
+        ckptio.async_save({}, 42)  # type: ignore[arg-type]
+    assert ckptio.wait_all(60)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_target_in_call_order_other_targets_overlap(tmp_path: Path, gate: Gate) -> None:
+    with ckptio.options(async_max_pending=4):
+        first = ckptio.async_save({"g": 1}, tmp_path / "same.pt")
+        second = ckptio.async_save({"g": 2}, tmp_path / "same.pt")
+        third = ckptio.async_save({"g": 3}, tmp_path / "same.pt")
+        other = ckptio.async_save({"g": 9}, tmp_path / "other.pt")
+    deadline = time.monotonic() + 30
+    while len(gate.started) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    # The first save to same.pt and the one to other.pt write at once; the rest wait.
+    assert sorted(gate.started) == ["other.pt", "same.pt"]
+    assert not second.done() and not third.done()
+    gate.open.set()
+    for f in (first, second, third, other):
+        f.result(timeout=60)
+    assert gate.started.count("same.pt") == 3
+    assert torch.load(tmp_path / "same.pt") == {"g": 3}
+    assert torch.load(tmp_path / "other.pt") == {"g": 9}
+
+
+def test_in_flight_saves_are_bounded(tmp_path: Path, gate: Gate) -> None:
+    with ckptio.options(async_max_pending=1):
+        first = ckptio.async_save({"w": torch.ones(10)}, tmp_path / "a.pt")
+        returned = threading.Event()
+
+        def second_call() -> None:
+            with ckptio.options(async_max_pending=1):
+                ckptio.async_save({"w": torch.zeros(10)}, tmp_path / "b.pt").result(60)
+            returned.set()
+
+        t = threading.Thread(target=second_call)
+        t.start()
+        assert not returned.wait(0.3), "a second save started while the first was in flight"
+        gate.open.set()
+        first.result(timeout=60)
+        t.join(60)
+        assert returned.is_set()
+
+
+def test_staging_buffers_are_reused(tmp_path: Path) -> None:
+    scheduler = async_module._scheduler
+    scheduler.clear()
+    obj = {"w": torch.randn(1000), "v": torch.randn(10)}
+    allocated, reused = scheduler.buffers_allocated, scheduler.buffers_reused
+    for i in range(5):
+        ckptio.async_save(obj, tmp_path / f"{i}.pt").result(timeout=60)
+    assert scheduler.buffers_allocated - allocated == 1
+    assert scheduler.buffers_reused - reused == 4
+    smaller = {"w": torch.randn(10)}
+    ckptio.async_save(smaller, tmp_path / "small.pt").result(timeout=60)
+    assert scheduler.buffers_allocated - allocated == 1  # a big buffer serves a small save
+    assert all(not b.pinned for b in scheduler._idle)  # CPU tensors: no pinned memory
+    assert len(scheduler._idle) <= ckptio.get_options().async_max_pending
+
+
+def test_legacy_format_is_saved_at_the_call(tmp_path: Path) -> None:
+    obj = {"w": torch.arange(5.0)}
+    pending = ckptio.async_save({"w": torch.zeros(3)}, tmp_path / "old.pt")
+    future = ckptio.async_save(obj, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    assert future.done() and pending.done()  # after the pending save to the same path
+    assert_same(obj, torch.load(tmp_path / "old.pt"))
+
+
+def test_pending_saves_complete_at_interpreter_exit(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import sys, torch, ckptio
+        ckptio.async_save({"w": torch.arange(4 << 20)}, sys.argv[1])
+        ckptio.async_save({"w": 1}, sys.argv[2])  # fails: the directory does not exist
+        """
+    )
+    good, bad = tmp_path / "ckpt.pt", tmp_path / "missing" / "x.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(good), str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert torch.equal(torch.load(good)["w"], torch.arange(4 << 20))
+    assert "async_save to" in proc.stderr and "FileNotFoundError" in proc.stderr
+    assert str(bad) in proc.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tensors_are_staged_in_pinned_memory(tmp_path: Path, gate: Gate) -> None:
+    cpu = {"w": torch.randn(1 << 20), "b": torch.arange(10), "host": torch.ones(4)}
+    obj = {k: v.cuda() if k != "host" else v for k, v in cpu.items()}
+    future = ckptio.async_save(obj, tmp_path / "ckpt.pt")
+    obj["w"].mul_(2)  # after return: must not reach the file
+    del obj["b"]
+    gate.open.set()
+    future.result(timeout=60)
+    loaded = torch.load(tmp_path / "ckpt.pt")
+    assert loaded["w"].is_cuda and torch.equal(loaded["w"].cpu(), cpu["w"])
+    assert torch.equal(loaded["b"].cpu(), cpu["b"]) and torch.equal(loaded["host"], cpu["host"])
+    assert any(b.pinned for b in async_module._scheduler._idle)
+
+
+def test_a_save_that_cannot_be_scheduled_releases_its_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As after interpreter shutdown began: async_save raises, and nothing stays pending."""
+
+    class Closed:
+        def submit(self, fn: Any) -> None:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+    monkeypatch.setattr(async_module._scheduler, "_executor", Closed())
+    with ckptio.options(async_max_pending=1):
+        for _ in range(3):  # would block on the second call if the slot leaked
+            with pytest.raises(RuntimeError, match="cannot schedule"):
+                ckptio.async_save({"w": torch.ones(3)}, tmp_path / "ckpt.pt")
+    assert ckptio.wait_all(5)
+    assert async_module._scheduler._in_flight == 0
