@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import pickle
 import subprocess
 import sys
 import textwrap
-import os
 import threading
 import time
 from pathlib import Path
