@@ -17,7 +17,14 @@ from . import _core
 from ._staging import DevicePayload, write_archive_staged
 from .settings import get_options
 
-__all__ = ["ArchiveReader", "Record", "archive_name_for", "torch_records", "write_archive"]
+__all__ = [
+    "ArchiveReader",
+    "Record",
+    "archive_name_for",
+    "torch_records",
+    "write_all",
+    "write_archive",
+]
 
 META_ALIGNMENT = 64
 #: Payload: a bytes-like object, an (address, nbytes) pair of memory the caller keeps alive, or
@@ -169,12 +176,12 @@ def write_archive(
     for i, payload in enumerate(payloads):
         host = payload.storage.cpu() if isinstance(payload, DevicePayload) else None
         view = _payload_view(payload if host is None else (host.data_ptr(), host.nbytes()))
-        _write_all(target, layout.local_header(i))
-        _write_all(target, view)
+        write_all(target, layout.local_header(i))
+        write_all(target, view)
         crc = _core.crc32(view) if crc32 else 0
         crcs.append(crc)
-        _write_all(target, layout.data_descriptor(i, crc))
-    _write_all(target, layout.central_directory(crcs))
+        write_all(target, layout.data_descriptor(i, crc))
+    write_all(target, layout.central_directory(crcs))
 
 
 def _payload_view(payload: Payload) -> memoryview:
@@ -186,7 +193,7 @@ def _payload_view(payload: Payload) -> memoryview:
     return memoryview(payload).cast("B")
 
 
-def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
+def write_all(f: IO[bytes], data: bytes | memoryview) -> None:
     # Raw (unbuffered) file objects may write less than asked; loop like a careful writer.
     view = memoryview(data)
     while view.nbytes:

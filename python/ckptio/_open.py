@@ -23,7 +23,7 @@ import torch
 from . import _core, _safetensors
 from ._archive import ArchiveReader
 from ._unpickler import StorageLoader, make_unpickler
-from ._util import gc_paused
+from ._util import contiguous_strides, gc_paused
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -153,7 +153,7 @@ class CheckpointHandle:
                 path=(t.name,),
                 dtype=t.dtype,
                 shape=t.shape,
-                stride=_safetensors._contiguous_strides(t.shape),
+                stride=contiguous_strides(t.shape),
                 storage_offset=0,
                 nbytes=t.nbytes,
                 location="cpu",
@@ -474,7 +474,7 @@ def _plan_read(
     for n, s in outer:
         starts = [a + i * s for a in starts for i in range(n)]
     ranges = _merge([(a * itemsize, run * itemsize) for a in starts])
-    contiguous = _safetensors._contiguous_strides(shape)
+    contiguous = contiguous_strides(shape)
     return _ReadPlan(ranges, numel * itemsize, 0, shape, contiguous)
 
 

@@ -13,13 +13,14 @@ import array
 import json
 import struct
 from dataclasses import dataclass
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Mapping
 
 import torch
 
 from . import _core
-from ._archive import ArchiveReader, Record
+from ._archive import ArchiveReader, Record, write_all
 from ._unpickler import StorageLoader
+from ._util import contiguous_strides
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -228,7 +229,7 @@ def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[
         )
         untyped = typed._untyped_storage
         t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
-        tensors[entry.name] = t.set_(untyped, 0, entry.shape, _contiguous_strides(entry.shape))
+        tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
     loader.flush()
     return {name: tensors[name] for name in _header_order(source, header)}
 
@@ -238,15 +239,6 @@ def _header_order(source: Any, header: Header) -> list[str]:
     # the tensors: json preserves object order.
     raw = source.pread(8, header.data_start - 8)
     return [k for k in json.loads(raw) if k != "__metadata__"]
-
-
-def _contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides = []
-    step = 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
 
 
 # ------------------------------------------------------------------------------------- save
@@ -383,17 +375,8 @@ def write(target: _core.File | IO[bytes], p: Plan) -> None:
         target.write_from(requests, opts.threads, opts.chunk_bytes)
         del head, header  # alive until the write returned
         return
-    _write_all(target, p.header)
+    write_all(target, p.header)
     for _k, t in p.tensors:
         nbytes = t.numel() * t.element_size()
         if nbytes:
-            _write_all(target, _core.raw_memoryview(t.data_ptr(), nbytes))
-
-
-def _write_all(f: IO[bytes], data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view.nbytes:
-        n = f.write(view)
-        if n is None or n >= view.nbytes:
-            return
-        view = view[n:]
+            write_all(target, _core.raw_memoryview(t.data_ptr(), nbytes))

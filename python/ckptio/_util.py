@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Iterator
+from typing import Iterator, Sequence
 
-__all__ = ["gc_paused"]
+__all__ = ["contiguous_strides", "gc_paused"]
 
 
 @contextlib.contextmanager
@@ -21,3 +21,13 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
+    """Row-major strides of `shape`, in elements (a zero-size dimension counts as 1, as torch)."""
+    strides = []
+    step = 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))

@@ -20,6 +20,8 @@ import sys
 import zipfile
 from typing import Any, NoReturn, Sequence
 
+from ._util import contiguous_strides
+
 __all__ = ["main"]
 
 PROG = "ckptio"
@@ -230,7 +232,7 @@ def _summary(handle: Any, path: str) -> dict[str, Any]:
                 "shape": list(i.shape),
                 "nbytes": i.nbytes,
                 "storage": i.storage,
-                "contiguous": i.stride == _contiguous(i.shape),
+                "contiguous": i.stride == contiguous_strides(i.shape),
             }
             for i in infos
         ],
@@ -242,12 +244,6 @@ def _span(shape: Sequence[int], stride: Sequence[int]) -> int:
     if not all(shape):
         return 0
     return 1 + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-
-
-def _contiguous(shape: Sequence[int]) -> tuple[int, ...]:
-    from ._safetensors import _contiguous_strides
-
-    return _contiguous_strides(shape)
 
 
 def _short_repr(value: Any, limit: int = 80) -> str:

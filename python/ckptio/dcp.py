@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from . import _core, serialization
+from ._util import contiguous_strides
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -86,7 +87,21 @@ class _Prefix:
     prefix: str
 
 
-class Writer(StorageWriter, BlockingAsyncStager):
+class _DirectoryCheckpoint:
+    """What Writer and Reader share: a checkpoint is the directory at ``self.path``."""
+
+    path: str
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.path
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return FileSystem.validate_checkpoint_id(checkpoint_id)
+
+
+class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
     """A DCP ``StorageWriter`` writing one page-aligned file per rank with ckptio's I/O.
 
     Args:
@@ -236,16 +251,8 @@ class Writer(StorageWriter, BlockingAsyncStager):
             return os.path.join(self.path, f"__{self.rank}{METADATA_NAME}")
         return os.path.join(self.path, METADATA_NAME)
 
-    @property
-    def checkpoint_id(self) -> str:
-        return self.path
 
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
-
-
-class Reader(StorageReader):
+class Reader(_DirectoryCheckpoint, StorageReader):
     """A DCP ``StorageReader`` for checkpoints written by :class:`Writer`.
 
     Args:
@@ -408,7 +415,7 @@ class Reader(StorageReader):
                 f"{path}: {item.storage_index.fqn!r}: {info.length} bytes stored for a "
                 f"{dtype} chunk of shape {shape}"
             )
-        strides = _contiguous_strides(shape)
+        strides = contiguous_strides(shape)
         count = 1
         for n in lengths:
             count *= n
@@ -446,14 +453,6 @@ class Reader(StorageReader):
         serialization.torch_save(value, out)
         return out.getvalue()
 
-    @property
-    def checkpoint_id(self) -> str:
-        return self.path
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return FileSystem.validate_checkpoint_id(checkpoint_id)
-
 
 class _WeightsOnlyBytes:
     """A LoadPlanner seen through the stock reader: byte items are decoded weights-only and
@@ -469,15 +468,6 @@ class _WeightsOnlyBytes:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._planner, name)
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides = []
-    step = 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
 
 
 def _dtype(path: str, name: str | None) -> torch.dtype:
