@@ -4,6 +4,7 @@
 >>> ckptio.save(model.state_dict(), "model.pt")      # loads with stock torch.load too
 >>> state = ckptio.load("model.pt")                   # weights-only by default
 >>> state = ckptio.load("model.pt", mmap=True)        # zero-copy views of the file
+>>> ckptio.load_into(model, "model.pt")               # in place, into existing tensors
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
         f"install a wheel for this platform. Original error: {_e}"
     ) from _e
 
+from ._load_into import IncompatibleKeys, load_into
 from .errors import CheckpointError, UnsafeGlobalError
 from .serialization import load, save
 from .settings import Options, get_options, options, set_options
@@ -25,10 +27,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "IncompatibleKeys",
     "Options",
     "UnsafeGlobalError",
     "get_options",
     "load",
+    "load_into",
     "options",
     "save",
     "set_options",
