@@ -104,9 +104,9 @@ def _open(f: FileLike) -> tuple[Any, Any]:
     if isinstance(f, (str, bytes, os.PathLike)):
         file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
         return file, file
-    file = _adopt_regular_file(f)
-    if file is not None:
-        return file, file
+    adopted = _adopt_regular_file(f)
+    if adopted is not None:
+        return adopted, adopted
     return _core.BufferSource(_read_file_object(f), _display_name(f)), None
 
 
@@ -129,7 +129,7 @@ def _plan_from_file(archive: ArchiveReader) -> tuple[Any, _PlaceholderLoader]:
 def _item_for(src: torch.Tensor, dest: torch.Tensor, base: int) -> ReadItem:
     """The read that fills `dest` from the meta tensor `src` whose storage starts at `base`."""
     itemsize = src.element_size()
-    start = base + src.storage_offset() * itemsize
+    start = base + int(src.storage_offset()) * itemsize
     if src.is_contiguous():
         return ReadItem(start, src.numel() * itemsize, dest)
     # A strided view in the file: read the span it covers, then copy it out strided.
