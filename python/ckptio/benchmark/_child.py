@@ -32,7 +32,12 @@ def main(spec: dict) -> dict:
         FORMATS[spec["fmt"]].save(obj, spec["path"])
         os.unlink(spec["path"])
     peak = rss.peak()
-    return {"peak_rss": peak, "base_rss": rss.base, "delta_rss": peak - rss.base, "method": rss.method}
+    return {
+        "peak_rss": peak,
+        "base_rss": rss.base,
+        "delta_rss": peak - rss.base,
+        "method": rss.method,
+    }
 
 
 if __name__ == "__main__":

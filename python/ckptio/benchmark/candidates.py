@@ -63,15 +63,24 @@ class Candidate:
 class _OutOfBandPickler(pickle.Pickler):
     """Pickles each tensor's bytes as a PickleBuffer, handed out of band (protocol 5)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_alive: list[torch.Tensor] = []
+
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is torch.Tensor or type(obj) is torch.nn.Parameter:
-            t = obj.detach().contiguous().reshape(-1).view(torch.uint8)
-            return _from_buffer, (pickle.PickleBuffer(t.numpy()), obj.dtype, tuple(obj.shape))
+            t = obj.detach().contiguous()
+            self.keep_alive.append(t)  # the raw view below does not own the memory
+            nbytes = t.numel() * t.element_size()
+            view = ckptio._core.raw_memoryview(t.data_ptr(), nbytes) if nbytes else b""
+            return _from_buffer, (pickle.PickleBuffer(view), obj.dtype, tuple(obj.shape))
         return NotImplemented
 
 
 def _from_buffer(buf: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    raw = torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+    raw = (
+        torch.frombuffer(buf, dtype=torch.uint8) if len(buf) else torch.empty(0, dtype=torch.uint8)
+    )
     return raw.view(dtype).reshape(shape)
 
 
@@ -90,7 +99,8 @@ def _save_pickle5_oob(obj: Any, path: str) -> None:
 
     buffers: list[pickle.PickleBuffer] = []
     data = io.BytesIO()
-    _OutOfBandPickler(data, protocol=5, buffer_callback=buffers.append).dump(obj)
+    pickler = _OutOfBandPickler(data, protocol=5, buffer_callback=buffers.append)
+    pickler.dump(obj)
     views = [b.raw() for b in buffers]
     with open(path, "wb") as f:
         f.write(struct.pack("<QQ", data.tell(), len(views)))
@@ -189,7 +199,11 @@ FORMATS: dict[str, Format] = {
     "pickle5": Format("pickle5.dump", ".pkl", _save_pickle5, False, "pickle5"),
     "pickle5-oob": Format("pickle5 oob.dump", ".pkl5", _save_pickle5_oob, False, "pickle5-oob"),
     "safetensors": Format(
-        "safetensors.save_file", ".safetensors", _save_safetensors, True, "safetensors",
+        "safetensors.save_file",
+        ".safetensors",
+        _save_safetensors,
+        True,
+        "safetensors",
         "safetensors",
     ),
     "tensorizer": Format(
@@ -200,7 +214,10 @@ FORMATS: dict[str, Format] = {
 _ALL = [
     Candidate("ckptio", "copy", "ckptio", lambda p, _t: ckptio.load(p), keeps_sharing=True),
     Candidate(
-        "ckptio mmap", "mmap", "ckptio", lambda p, _t: ckptio.load(p, mmap=True),
+        "ckptio mmap",
+        "mmap",
+        "ckptio",
+        lambda p, _t: ckptio.load(p, mmap=True),
         keeps_sharing=True,
     ),
     Candidate("ckptio load_into", "reuse", "ckptio", _load_into, keeps_sharing=True),
@@ -212,7 +229,10 @@ _ALL = [
     Candidate("pickle5 oob", "copy", "pickle5-oob", _load_pickle5_oob, keeps_sharing=True),
     Candidate("safetensors", "mmap", "safetensors", _load_safetensors),
     Candidate(
-        "safetensors pread", "copy", "safetensors", _load_safetensors_pread,
+        "safetensors pread",
+        "copy",
+        "safetensors",
+        _load_safetensors_pread,
         check=_safetensors_has_pread,
     ),
     Candidate("fastsafetensors", "copy", "safetensors", _load_fastsafetensors, "fastsafetensors"),
@@ -287,8 +307,9 @@ def zeros_like_tree(obj: Any) -> Any:
 
 def storage_bytes(obj: Any) -> int:
     return sum(
-        {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in iter_tensors(obj)}
-        .values()
+        {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in iter_tensors(obj)
+        }.values()
     )
 
 

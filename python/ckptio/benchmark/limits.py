@@ -63,9 +63,7 @@ def resident_fraction(path: str) -> Optional[float]:
             pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
             vec = (ctypes.c_ubyte * pages)()
             anchor = ctypes.c_char.from_buffer(m)
-            rc = libc.mincore(
-                ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec
-            )
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
             del anchor
         finally:
             m.close()
@@ -155,22 +153,21 @@ class Limits:
             os.unlink(self.scratch)
         except FileNotFoundError:
             pass
-        view = memoryview(self._a.numpy()) if self.nbytes else memoryview(b"")
+        view = _core.raw_memoryview(self._a.data_ptr(), self.nbytes) if self.nbytes else None
         threads = max(1, get_options().threads)
         chunk = max(1 << 20, -(-self.nbytes // threads))
         t0 = time.perf_counter()
         fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
 
         def part(start: int) -> None:
+            assert view is not None
             mv = view[start : min(start + chunk, self.nbytes)]
             off = start
             while mv.nbytes:
                 n = os.pwrite(fd, mv, off)
                 mv, off = mv[n:], off + n
 
-        workers = [
-            threading.Thread(target=part, args=(s,)) for s in range(0, self.nbytes, chunk)
-        ]
+        workers = [threading.Thread(target=part, args=(s,)) for s in range(0, self.nbytes, chunk)]
         for w in workers:
             w.start()
         for w in workers:

@@ -115,8 +115,11 @@ def plot(results: dict[str, Any], path: str) -> None:
         saves = w["saves"]
         if saves:
             snames = [s["name"] for s in saves.values()]
-            ax2.barh(snames, [s["save_s"] or 0.0 for s in saves.values()],
-                     color=[_color(n, "copy") for n in snames])
+            ax2.barh(
+                snames,
+                [s["save_s"] or 0.0 for s in saves.values()],
+                color=[_color(n, "copy") for n in snames],
+            )
             ax2.invert_yaxis()
             v = lim.get("write", {}).get("s")
             if v:

@@ -223,8 +223,19 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
         del loaded
         loaders[c.name] = (c, paths[c.fmt])
     log(f"  {wl.name}: {len(loaders)} loaders verified against the original")
-    return _measure_loads(wl.name, wl.description, nbytes, loaders, targets, saves, settings, d,
-                          paths.get("ckptio"), payload, paths)
+    return _measure_loads(
+        wl.name,
+        wl.description,
+        nbytes,
+        loaders,
+        targets,
+        saves,
+        settings,
+        d,
+        paths.get("ckptio"),
+        payload,
+        paths,
+    )
 
 
 def _measure_loads(
@@ -276,9 +287,7 @@ def _measure_loads(
                         ckptio.save(payload[f], flat_src)
                     source = flat_src
                 scratch = os.path.join(d, f"{name}-rss-save{FORMATS[f].ext}")
-                s["rss"] = _child_rss(
-                    {"op": "save", "fmt": f, "source": source, "path": scratch}
-                )
+                s["rss"] = _child_rss({"op": "save", "fmt": f, "source": source, "path": scratch})
     _ratios(result)
     return result
 
@@ -372,8 +381,10 @@ def run_files(files: Sequence[str], settings: Settings) -> dict:
                 raise BenchmarkError(f"{path}: no selected candidate reads {group} files")
             log(f"{path}: {len(loaders)} loaders verified")
             nbytes = sum(
-                {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                 for t in _tensors(original)}.values()
+                {
+                    t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in _tensors(original)
+                }.values()
             )
             del original
             results["workloads"][os.path.basename(path)] = _measure_loads(
