@@ -19,7 +19,7 @@ import array
 import io
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator, NamedTuple, Union
+from typing import IO, Any, NamedTuple, Union
 
 import torch
 
@@ -43,7 +43,7 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-@dataclass
+@dataclass(slots=True)
 class ReadItem:
     """Read `nbytes` bytes at `file_offset` into `dest` (whose bytes are exactly `nbytes`).
 
@@ -81,16 +81,31 @@ class _PlaceholderLoader(StorageLoader):
         return typed
 
 
-def _flatten(obj: Any, path: Path = ()) -> Iterator[tuple[Path, Any]]:
-    """(path, tensor) for every tensor in nested dicts, lists and tuples."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict):
+def _flatten(obj: Any) -> dict[Path, torch.Tensor]:
+    """{path: tensor} for every tensor in nested dicts, lists and tuples (in order)."""
+    out: dict[Path, torch.Tensor] = {}
+    Tensor = torch.Tensor
+    if isinstance(obj, dict):  # the common case, a flat state dict: no recursion
+        nested = False
         for k, v in obj.items():
-            yield from _flatten(v, (*path, k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _flatten(v, (*path, i))
+            if isinstance(v, Tensor):
+                out[(k,)] = v
+            elif isinstance(v, (dict, list, tuple)):
+                nested = True
+                break
+        if not nested:
+            return out
+        out.clear()
+    stack: list[tuple[Path, Any]] = [((), obj)]
+    while stack:
+        path, o = stack.pop()
+        if isinstance(o, Tensor):
+            out[path] = o
+        elif isinstance(o, dict):
+            stack.extend(((*path, k), v) for k, v in reversed(list(o.items())))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(o))))
+    return out
 
 
 def _name(path: Path) -> str:
@@ -115,8 +130,7 @@ def _plan_from_file(archive: ArchiveReader) -> tuple[Any, _PlaceholderLoader]:
     data = io.BytesIO(archive.read("data.pkl"))
     unpickler = make_unpickler(data, loader, weights_only=True, pickle_module=None)
     try:
-        with gc_paused():
-            obj = unpickler.load()
+        obj = unpickler.load()
     except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -160,17 +174,14 @@ def read_items(source: Any, items: list[ReadItem]) -> None:
         if item.nbytes == 0:
             continue
         dest = item.dest
-        if dest.device.type == "cpu" and dest.is_contiguous():
+        if dest.is_cpu and dest.is_contiguous():
             target = dest
         else:
-            pin = dest.device.type == "cuda" and torch.cuda.is_available()
+            pin = dest.is_cuda and torch.cuda.is_available()
             target = torch.empty(dest.shape, dtype=dest.dtype, pin_memory=pin)
             copies.append((dest, target))
-        if target.numel() * target.element_size() != item.nbytes:
-            raise ValueError(
-                f"read of {item.nbytes} bytes into a tensor of {target.numel()} x "
-                f"{target.element_size()} bytes"
-            )
+        if target.nbytes != item.nbytes:
+            raise ValueError(f"read of {item.nbytes} bytes into a tensor of {target.nbytes}")
         key = (item.file_offset, item.nbytes, target.data_ptr())
         if key not in seen:  # tied tensors: one read
             seen.add(key)
@@ -235,18 +246,24 @@ def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleK
                 f"{source.name}: load_into reads torch zip checkpoints (torch.save's default "
                 "format); this file is not one. Use ckptio.load() and load_state_dict()."
             )
-        archive = ArchiveReader(source)
-        if archive.has("constants.pkl"):
-            raise CheckpointError(
-                f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
-            )
-        loaded, loader = _plan_from_file(archive)
-        items = _match(target, loaded, loader, strict, source.name)
-        read_items(source, items.items)
-        return items.keys
+        with gc_paused():  # many small objects, no cycles
+            return _load_into_archive(target, ArchiveReader(source), source, strict)
     finally:
         if file is not None:
             file.close()
+
+
+def _load_into_archive(
+    target: Any, archive: ArchiveReader, source: Any, strict: bool
+) -> IncompatibleKeys:
+    if archive.has("constants.pkl"):
+        raise CheckpointError(
+            f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
+        )
+    loaded, loader = _plan_from_file(archive)
+    plan = _match(target, loaded, loader, strict, source.name)
+    read_items(source, plan.items)
+    return plan.keys
 
 
 class _Plan(NamedTuple):
@@ -255,8 +272,8 @@ class _Plan(NamedTuple):
 
 
 def _match(target: Any, loaded: Any, loader: _PlaceholderLoader, strict: bool, name: str) -> _Plan:
-    dests = dict(_flatten(target))
-    srcs = dict(_flatten(loaded))
+    dests = _flatten(target)
+    srcs = _flatten(loaded)
     missing = [_name(p) for p in dests if p not in srcs]
     unexpected = [_name(p) for p in srcs if p not in dests]
     errors: list[str] = []
