@@ -43,7 +43,15 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert meta["torch"] == torch.__version__ and meta["ckptio"] == ckptio.__version__
     assert set(res["workloads"]) == {"llm", "small", "ckpt"}
     for w in res["workloads"].values():
-        assert set(w) == {"description", "tensor_bytes", "saves", "candidates", "limits"}
+        assert set(w) == {
+            "description",
+            "tensor_bytes",
+            "saves",
+            "candidates",
+            "limits",
+            "failed",
+        }
+        assert w["failed"] == {}
         assert w["tensor_bytes"] > 0
         assert set(w["candidates"]) == set(CORE.split(","))
         for c in w["candidates"].values():
@@ -168,3 +176,21 @@ def test_safetensors_peers_on_flat_workloads(tmp_path: Path) -> None:
     assert "safetensors" in res["workloads"]["llm"]["candidates"]
     assert "safetensors" in res["workloads"]["llm"]["saves"]
     assert "safetensors" not in res["workloads"]["ckpt"]["candidates"]  # not a flat dict
+
+
+def test_a_peer_that_cannot_write_a_workload_sits_it_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(obj: Any, path: str) -> None:
+        raise RuntimeError("Metadata overflow")  # as tensorizer does past ~5,000 tensors
+
+    fmt = cmod.Format("peer.save", ".peer", refuse, True, "peer", requires="pickle")
+    monkeypatch.setitem(cmod.FORMATS, "peer", fmt)
+    monkeypatch.setitem(cmod.CANDIDATES, "peer", Candidate("peer", "copy", "peer", lambda p, t: 0))
+    rc, res = _run(
+        tmp_path, "--no-rss", "--no-limits", "--workloads", "small", "--candidates", "torch,peer"
+    )
+    assert rc == 0
+    w = res["workloads"]["small"]
+    assert set(w["candidates"]) == {"torch"} and set(w["saves"]) == {"torch"}
+    assert "Metadata overflow" in w["failed"]["peer"]

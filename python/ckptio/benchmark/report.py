@@ -60,6 +60,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{_x(c.get('load_touch_vs_torch'))} | {_x(c.get('load_touch_vs_torch_mmap'))} | "
                 f"{_mib(rss)} | {ratio} |"
             )
+        for cname, why in w.get("failed", {}).items():
+            lines.append(f"\n- {cname}: n/a ({why})")
         lim = w.get("limits") or {}
         if lim:
             lines += ["", f"Machine limits for {lim['bytes'] / 1e6:.0f} MB:", ""]

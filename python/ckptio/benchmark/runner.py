@@ -186,15 +186,30 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
     # -- saves
     log(f"  {wl.name}: saving ({', '.join(FORMATS[f].name for f in fmts)})")
     save_times: dict[str, list[float]] = {f: [] for f in fmts}
+    failed: dict[str, str] = {}  # peers that cannot handle this workload, and why
     for r in range(settings.rounds + 1):
         for f in _rotating(fmts, r):
+            if f in failed:
+                continue
             if not settings.quick:
                 _prime_writes(d, nbytes)
             t0 = time.perf_counter()
-            FORMATS[f].save(payload[f], paths[f])
+            try:
+                FORMATS[f].save(payload[f], paths[f])
+            except Exception as e:
+                if FORMATS[f].requires is None:
+                    raise
+                failed[f] = f"{FORMATS[f].name} failed: {type(e).__name__}: {e}"
+                log(f"  {wl.name}: {failed[f]}; its loaders sit this workload out")
+                continue
             dt = time.perf_counter() - t0
             if r:
                 save_times[f].append(dt)
+    for c in cands:
+        if c.fmt in failed:
+            failed[c.name] = failed[c.fmt]
+    fmts = [f for f in fmts if f not in failed]
+    cands = [c for c in cands if c.fmt not in failed]
     saves = {
         f: {
             "name": FORMATS[f].name,
@@ -212,7 +227,15 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
         if c.kind == "reuse":
             targets[c.name] = zeros_like_tree(wl.obj)
         original = payload[c.fmt]
-        loaded = c.load(paths[c.fmt], targets.get(c.name))
+        try:
+            loaded = c.load(paths[c.fmt], targets.get(c.name))
+        except Exception as e:
+            if c.requires is None and FORMATS[c.fmt].requires is None:
+                raise
+            failed[c.name] = f"{c.name} failed: {type(e).__name__}: {e}"
+            log(f"  {wl.name}: {failed[c.name]}")
+            targets.pop(c.name, None)
+            continue
         verify(
             f"{c.name} ({wl.name})",
             loaded,
@@ -223,7 +246,7 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
         del loaded
         loaders[c.name] = (c, paths[c.fmt])
     log(f"  {wl.name}: {len(loaders)} loaders verified against the original")
-    return _measure_loads(
+    result = _measure_loads(
         wl.name,
         wl.description,
         nbytes,
@@ -236,6 +259,8 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
         payload,
         paths,
     )
+    result["failed"] = {k: v for k, v in failed.items() if k in CANDIDATES}
+    return result
 
 
 def _measure_loads(
