@@ -309,18 +309,23 @@ def test_verify_never_runs_pickled_code(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ bench
-def test_bench_forwards_its_arguments(monkeypatch: Any) -> None:
-    # The benchmark module itself is tested where it lives; this checks the forwarding.
-    import types
-
-    from ckptio import cli
-
-    seen: list[list[str]] = []
-    fake = types.ModuleType("ckptio.benchmark")
-    fake.main = lambda argv: seen.append(list(argv)) or 5  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ckptio.benchmark", fake)
-    assert cli.main(["bench", "--help", "a.pt", "--json"]) == 5
-    assert seen == [["--help", "a.pt", "--json"]]
+def test_bench_runs_the_benchmark_on_a_users_file(tmp_path: Path) -> None:
+    """`ckptio bench FILE` is ckptio.benchmark's command: its own --help, and a run on a file
+    that prints the table and writes the JSON."""
+    r = run("bench", "--help", script=True)
+    assert r.returncode == 0 and "--workloads" in r.stdout and "--plot" in r.stdout
+    path = tmp_path / "m.pt"
+    torch.save(make_model().state_dict(), path)
+    out = tmp_path / "r.json"
+    r = run(
+        "bench", path, "--rounds", "1", "--no-rss", "--no-limits", "--candidates",
+        "ckptio,torch", "--dir", tmp_path / "work", "--json", out, proc=True,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "| ckptio |" in r.stdout and "| torch |" in r.stdout
+    results = json.loads(out.read_text())
+    (workload,) = results["workloads"].values()
+    assert set(workload["candidates"]) == {"ckptio", "torch"}
 
 
 # --------------------------------------------------------------------------------- progress

@@ -9,6 +9,7 @@
 ...     rows = ck.get_slice("fc.weight")[0:10]
 >>> fut = ckptio.async_save(state, "model.pt")        # returns after a snapshot
 >>> ckptio.patch_torch()                              # torch.save/torch.load run ckptio
+>>> ckptio.load_into(model, "model.pt")               # in place, into existing tensors
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ except ImportError as _e:  # pragma: no cover - depends on the installation
 from typing import Any
 
 from ._async import SaveFuture, async_save, wait_all
+from ._load_into import IncompatibleKeys, load_into
 from ._open import CheckpointHandle, TensorInfo, TensorSlice, open
 from .errors import CheckpointError, UnsafeGlobalError
 from .patch import is_torch_patched, patch_torch, patched_torch, unpatch_torch
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "CheckpointHandle",
+    "IncompatibleKeys",
     "Options",
     "SaveFuture",
     "UnsafeGlobalError",
@@ -45,6 +48,7 @@ __all__ = [
     "is_torch_patched",
     "load",
     "open",
+    "load_into",
     "options",
     "patch_torch",
     "patched_torch",

@@ -276,6 +276,35 @@ def test_stream_to_device_fills_existing_gpu_tensors(tmp_path: Path) -> None:
         assert torch.equal(dests[k].cpu(), v)
 
 
+def test_load_into_gpu_module_and_state_dict(tmp_path: Path) -> None:
+    """load_into streams into existing GPU tensors (contiguous and not) in place, equal to
+    load_state_dict(torch.load(...)), and the result is ready on the current stream."""
+    src = make_model(seed=3).state_dict()
+    src["t"] = torch.randn(64, 48).t().contiguous()
+    path = tmp_path / "m.pt"
+    ckptio.save(src, path)
+    dest = {k: torch.zeros_like(v, device="cuda") for k, v in src.items()}
+    dest["t"] = torch.zeros(48, 64, device="cuda").t()  # non-contiguous destination
+    ptrs = {k: v.data_ptr() for k, v in dest.items()}
+    with ckptio.options(**RING):
+        missing, unexpected = ckptio.load_into(dest, path)
+    assert (missing, unexpected) == ([], [])
+    for k, v in src.items():
+        assert dest[k].data_ptr() == ptrs[k], f"{k}: memory was replaced"
+        assert torch.equal(dest[k].cpu(), v), k
+
+    model = make_model().cuda()
+    for p in model.parameters():
+        torch.nn.init.zeros_(p)
+    oracle = make_model(seed=5)
+    oracle.load_state_dict(torch.load(path))
+    del src["t"]
+    ckptio.save(src, path)
+    ckptio.load_into(model, path)
+    for (k, a), b in zip(model.state_dict().items(), oracle.state_dict().values(), strict=True):
+        assert torch.equal(a.cpu(), b), k
+
+
 def _data_records(path: Path) -> list[tuple[str, int, int]]:
     from ckptio._archive import ArchiveReader
 

@@ -1,0 +1,316 @@
+"""``load_into``: read a checkpoint straight into tensors that already exist.
+
+A training loop that reloads weights, or a server that swaps models of one shape, already has
+memory for every tensor. ``load_into`` parses ``data.pkl`` without materialising a single
+storage (the storages it meets are ``meta`` placeholders, through the same weights-only
+``find_class`` and checked rebuild functions as :func:`ckptio.load`), maps each tensor of the
+target to the bytes of its counterpart in the file, and reads them all in one parallel batch
+straight into the target's memory: no allocation, no page faults on fresh memory, no copy.
+
+The read step is one function over a list of :class:`ReadItem` (file offset, byte count,
+destination tensor), :func:`read_items`. Contiguous CPU destinations are read into directly;
+every other destination (non-contiguous, or on an accelerator) is read into a host temporary
+and copied with ``copy_``. A GPU pipeline can take that list over for CUDA destinations.
+"""
+
+from __future__ import annotations
+
+import array
+import io
+import os
+from dataclasses import dataclass, field
+from typing import IO, Any, NamedTuple, Union
+
+import torch
+
+from . import _core
+from ._archive import ArchiveReader
+from ._staging import stream_to_device
+from ._unpickler import StorageLoader, _ascii, make_unpickler
+from ._util import gc_paused
+from .errors import CheckpointError
+from .settings import get_options
+
+__all__ = ["IncompatibleKeys", "ReadItem", "load_into", "read_items"]
+
+FileLike = Union[str, os.PathLike, IO[bytes]]
+Path = tuple[Any, ...]
+
+
+class IncompatibleKeys(NamedTuple):
+    """What :func:`load_into` did not fill (as ``nn.Module.load_state_dict`` returns)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+@dataclass(slots=True)
+class ReadItem:
+    """Read `nbytes` bytes at `file_offset` into `dest` (whose bytes are exactly `nbytes`).
+
+    `then`, when set, is called after the read (used to scatter a strided source)."""
+
+    file_offset: int
+    nbytes: int
+    dest: torch.Tensor
+    then: Any = field(default=None, repr=False)
+
+
+class _PlaceholderLoader(StorageLoader):
+    """Hands the unpickler ``meta`` storages and remembers which record each stands for."""
+
+    def __init__(self, archive: ArchiveReader) -> None:
+        super().__init__(archive, "meta")
+        self.by_key: dict[str, torch.storage.TypedStorage] = {}
+        self.offset_of: dict[int, int] = {}  # id of the meta StorageImpl -> record data offset
+
+    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
+        key = _ascii(saved_id[2]) if isinstance(saved_id, tuple) and len(saved_id) == 5 else None
+        if isinstance(key, str) and key in self.by_key:
+            return self.by_key[key]
+        typed = super().persistent_load(saved_id)  # validates the id; a meta storage
+        assert isinstance(key, str)
+        rec = self.archive.record(f"data/{key}")
+        nbytes = typed._untyped_storage.nbytes()
+        if rec.size < nbytes:
+            raise CheckpointError(
+                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
+                f"needs {nbytes}"
+            )
+        self.by_key[key] = typed
+        self.offset_of[typed._untyped_storage._cdata] = rec.data_offset
+        return typed
+
+
+def _flatten(obj: Any) -> dict[Path, torch.Tensor]:
+    """{path: tensor} for every tensor in nested dicts, lists and tuples (in order)."""
+    out: dict[Path, torch.Tensor] = {}
+    Tensor = torch.Tensor
+    if isinstance(obj, dict):  # the common case, a flat state dict: no recursion
+        nested = False
+        for k, v in obj.items():
+            if isinstance(v, Tensor):
+                out[(k,)] = v
+            elif isinstance(v, (dict, list, tuple)):
+                nested = True
+                break
+        if not nested:
+            return out
+        out.clear()
+    stack: list[tuple[Path, Any]] = [((), obj)]
+    while stack:
+        path, o = stack.pop()
+        if isinstance(o, Tensor):
+            out[path] = o
+        elif isinstance(o, dict):
+            stack.extend(((*path, k), v) for k, v in reversed(list(o.items())))
+        elif isinstance(o, (list, tuple)):
+            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(o))))
+    return out
+
+
+def _name(path: Path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _open(f: FileLike) -> tuple[Any, Any]:
+    """(source, file to close or None) for a path or a binary file object."""
+    from .serialization import _adopt_regular_file, _display_name, _read_file_object
+
+    if isinstance(f, (str, bytes, os.PathLike)):
+        file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
+        return file, file
+    adopted = _adopt_regular_file(f)
+    if adopted is not None:
+        return adopted, adopted
+    return _core.BufferSource(_read_file_object(f), _display_name(f)), None
+
+
+def _plan_from_file(archive: ArchiveReader) -> tuple[Any, _PlaceholderLoader]:
+    loader = _PlaceholderLoader(archive)
+    data = io.BytesIO(archive.read("data.pkl"))
+    unpickler = make_unpickler(data, loader, weights_only=True, pickle_module=None)
+    try:
+        obj = unpickler.load()
+    except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+        ) from e
+    return obj, loader
+
+
+def _item_for(src: torch.Tensor, dest: torch.Tensor, base: int) -> ReadItem:
+    """The read that fills `dest` from the meta tensor `src` whose storage starts at `base`."""
+    itemsize = src.element_size()
+    start = base + int(src.storage_offset()) * itemsize
+    if src.is_contiguous():
+        return ReadItem(start, src.numel() * itemsize, dest)
+    # A strided view in the file: read the span it covers, then copy it out strided.
+    span = 1 + sum((n - 1) * s for n, s in zip(src.shape, src.stride(), strict=True))
+    temp = torch.empty(span * itemsize, dtype=torch.uint8)
+    size, stride = tuple(src.shape), src.stride()
+
+    def scatter() -> None:
+        with torch.no_grad():
+            dest.copy_(temp.view(src.dtype).as_strided(size, stride, 0))
+
+    return ReadItem(start, span * itemsize, temp, scatter)
+
+
+def read_items(source: Any, items: list[ReadItem]) -> None:
+    """Fills every item's destination from `source` (a ``_core.File`` or ``BufferSource``).
+
+    Contiguous CPU destinations are read into directly, all in ONE parallel batch (GIL
+    released). CUDA destinations stream through the pinned staging ring straight into their
+    memory (``_staging.stream_to_device``; a non-contiguous one through a device temporary).
+    Other non-contiguous destinations are read into a host temporary in the same batch and
+    then copied with ``copy_``.
+    """
+    requests = array.array("Q")
+    staged: list[tuple[int, int, torch.Tensor]] = []
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    seen: set[tuple[int, int, int]] = set()
+    for item in items:
+        if item.nbytes == 0:
+            continue
+        dest = item.dest
+        if dest.is_contiguous() and (dest.is_cpu or dest.is_cuda):
+            target = dest
+        else:
+            target = torch.empty(
+                dest.shape, dtype=dest.dtype, device=dest.device if dest.is_cuda else "cpu"
+            )
+            copies.append((dest, target))
+        if target.nbytes != item.nbytes:
+            raise ValueError(f"read of {item.nbytes} bytes into a tensor of {target.nbytes}")
+        key = (item.file_offset, item.nbytes, target.data_ptr())
+        if key in seen:  # tied tensors: one read
+            continue
+        seen.add(key)
+        if target.is_cuda:
+            staged.append((item.file_offset, item.nbytes, target))
+        else:
+            requests.extend(key)
+    if requests:
+        opts = get_options()
+        source.read_into(requests, opts.threads, opts.chunk_bytes)
+    if staged:
+        stream_to_device(source, staged)  # the current stream is ordered after the copies
+    with torch.no_grad():
+        for dest, temp in copies:
+            dest.copy_(temp)
+    for item in items:
+        if item.then is not None:
+            item.then()
+
+
+def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleKeys:
+    """Loads the tensors of checkpoint `f` into the existing tensors of `target`, in place.
+
+    No storage is allocated for contiguous CPU tensors: each is read straight from the file
+    into its memory, all in one parallel batch. The file is unpickled with the weights-only
+    rules of :func:`ckptio.load` (no code from the file runs).
+
+    Args:
+        target: a state dict (a dict, possibly nested with dicts, lists and tuples, of
+            tensors, as ``torch.save`` stores them) or an ``nn.Module`` (its
+            ``state_dict(keep_vars=True)`` is filled, so parameters and buffers are updated
+            in place). Tensors are matched with the file's by their key path.
+        f: a path or a binary file object holding a torch zip checkpoint (written by
+            :func:`ckptio.save` or ``torch.save``).
+        strict: as ``load_state_dict``'s: keys of the target missing from the file, or keys
+            of the file absent from the target, raise. Shape or dtype mismatches always raise.
+
+    Returns:
+        ``IncompatibleKeys(missing_keys, unexpected_keys)``, as ``load_state_dict``. Values of
+        the file that are not tensors (an epoch counter...) are not part of the match.
+
+    Raises:
+        RuntimeError: keys, shapes or dtypes do not match (all problems in one message).
+        CheckpointError: the file is malformed. ``UnsafeGlobalError``: it names a global
+            that weights-only loading refuses.
+
+    Example::
+
+        >>> model = MyModel()
+        >>> ckptio.load_into(model, "model.pt")       # parameters updated in place
+        >>> ckptio.load_into(state_dict, "model.pt")  # same for a dict of tensors
+
+    Tensors are written without autograd's knowledge (as ``load_state_dict`` under
+    ``no_grad``); do not load into tensors a pending backward pass still needs.
+    """
+    if isinstance(target, torch.nn.Module):
+        target = target.state_dict(keep_vars=True)
+    if not isinstance(target, (dict, list, tuple)):
+        raise TypeError(
+            f"target must be a state dict (dict of tensors) or an nn.Module, got {type(target)!r}"
+        )
+    source, file = _open(f)
+    try:
+        head = source.pread(0, min(4, source.size))
+        if not _core.looks_like_zip(head):
+            raise CheckpointError(
+                f"{source.name}: load_into reads torch zip checkpoints (torch.save's default "
+                "format); this file is not one. Use ckptio.load() and load_state_dict()."
+            )
+        with gc_paused():  # many small objects, no cycles
+            return _load_into_archive(target, ArchiveReader(source), source, strict)
+    finally:
+        if file is not None:
+            file.close()
+
+
+def _load_into_archive(
+    target: Any, archive: ArchiveReader, source: Any, strict: bool
+) -> IncompatibleKeys:
+    if archive.has("constants.pkl"):
+        raise CheckpointError(
+            f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
+        )
+    loaded, loader = _plan_from_file(archive)
+    plan = _match(target, loaded, loader, strict, source.name)
+    read_items(source, plan.items)
+    return plan.keys
+
+
+class _Plan(NamedTuple):
+    items: list[ReadItem]
+    keys: IncompatibleKeys
+
+
+def _match(target: Any, loaded: Any, loader: _PlaceholderLoader, strict: bool, name: str) -> _Plan:
+    dests = _flatten(target)
+    srcs = _flatten(loaded)
+    missing = [_name(p) for p in dests if p not in srcs]
+    unexpected = [_name(p) for p in srcs if p not in dests]
+    errors: list[str] = []
+    if strict and unexpected:
+        errors.append("Unexpected key(s) in the file: " + ", ".join(map(repr, unexpected)))
+    if strict and missing:
+        errors.append("Missing key(s) in the file: " + ", ".join(map(repr, missing)))
+    items: list[ReadItem] = []
+    for path, dest in dests.items():
+        src = srcs.get(path)
+        if src is None:
+            continue
+        if src.shape != dest.shape or src.dtype != dest.dtype:
+            errors.append(
+                f"mismatch for {_name(path)!r}: the file has {src.dtype} {tuple(src.shape)}, "
+                f"the target {dest.dtype} {tuple(dest.shape)}"
+            )
+            continue
+        if src.layout != torch.strided or dest.layout != torch.strided:
+            errors.append(f"{_name(path)!r}: only dense (strided) tensors can be loaded into")
+            continue
+        if src.numel() == 0:
+            continue
+        base = loader.offset_of.get(src.untyped_storage()._cdata)
+        if base is None:
+            errors.append(f"{_name(path)!r}: the file's tensor has no storage record")
+            continue
+        items.append(_item_for(src, dest, base))
+    if errors:
+        raise RuntimeError(f"Error(s) in loading {name} into the target:\n\t" + "\n\t".join(errors))
+    return _Plan(items, IncompatibleKeys(missing, unexpected))

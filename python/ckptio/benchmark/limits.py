@@ -1,0 +1,186 @@
+"""The machine's own limits, measured in the same run as the candidates.
+
+Each limit moves the same number of bytes as a workload's file, with the simplest code that can
+do it (ckptio's C++ parallel pread, Python threads of pwrite; no parsing at all):
+
+* ``memcpy``: copy between two pre-faulted buffers (torch ``copy_``, multi-threaded).
+* ``read prefaulted``: page cache -> memory that is already mapped (no page faults).
+* ``read fresh 4K``: page cache -> freshly mapped memory advised ``MADV_NOHUGEPAGE``: every
+  4 KiB page faults on first touch, as plain ``malloc``'d memory does.
+* ``read fresh huge``: the same into fresh memory advised ``MADV_HUGEPAGE`` (2 MiB pages where
+  the kernel grants them): the best "read into fresh memory" an eager loader can do.
+* ``write``: memory -> page cache, into a new file (a save without any encoding).
+* ``cold read``: disk -> pre-faulted memory, after evicting the file's pages with
+  ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privilege needed, and only this file is
+  evicted); ``mincore`` must confirm the eviction, else the limit is reported as n/a.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import mmap
+import os
+import threading
+import time
+from typing import Callable, Optional
+
+import torch
+
+from .. import _core
+from ..settings import get_options
+
+__all__ = ["LIMITS", "Limits", "resident_fraction"]
+
+LIMITS = (
+    "memcpy",
+    "read prefaulted",
+    "read fresh 4K",
+    "read fresh huge",
+    "write",
+    "cold read",
+)
+
+
+def _read_into(path: str, address: int, nbytes: int) -> None:
+    opts = get_options()
+    with _core.File.open(path, _core.FileMode.READ) as f:
+        f.read_into(array.array("Q", (0, nbytes, address)), opts.threads, opts.chunk_bytes)
+
+
+def resident_fraction(path: str) -> Optional[float]:
+    """The fraction of `path`'s pages that are in the page cache (``mincore``), or None."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(path, "rb") as fh:
+            # A private mapping exports a writable buffer (ctypes needs one for an address);
+            # it is never written, so no page is copied.
+            m = mmap.mmap(fh.fileno(), size, flags=mmap.MAP_PRIVATE)
+        try:
+            pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+            vec = (ctypes.c_ubyte * pages)()
+            anchor = ctypes.c_char.from_buffer(m)
+            rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+            del anchor
+        finally:
+            m.close()
+    except (OSError, AttributeError, ValueError, TypeError):
+        return None
+    if rc != 0:
+        return None
+    return sum(b & 1 for b in vec) / pages
+
+
+def _evict(path: str) -> bool:
+    """Drops `path`'s pages from the page cache; True if mincore confirms it."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    left = resident_fraction(path)
+    return left is not None and left < 0.05
+
+
+class Limits:
+    """Callables that each time one limit for `nbytes` bytes (the size of `source`, a file in
+    the page cache); `scratch` is a path this object may create and delete."""
+
+    def __init__(self, source: str, scratch: str) -> None:
+        self.source = source
+        self.scratch = scratch
+        self.nbytes = os.path.getsize(source)
+        n = max(self.nbytes, 1)
+        self._a = torch.ones(n, dtype=torch.uint8)  # pre-faulted
+        self._b = torch.zeros(n, dtype=torch.uint8)
+        self.cold_note: Optional[str] = None
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.scratch)
+        except FileNotFoundError:
+            pass
+        del self._a, self._b
+
+    def timers(self) -> dict[str, Callable[[], Optional[float]]]:
+        return {
+            "memcpy": self.memcpy,
+            "read prefaulted": self.read_prefaulted,
+            "read fresh 4K": self.read_fresh_4k,
+            "read fresh huge": self.read_fresh_huge,
+            "write": self.write,
+            "cold read": self.cold_read,
+        }
+
+    def memcpy(self) -> float:
+        t0 = time.perf_counter()
+        self._b.copy_(self._a)
+        return time.perf_counter() - t0
+
+    def read_prefaulted(self) -> float:
+        t0 = time.perf_counter()
+        _read_into(self.source, self._b.data_ptr(), self.nbytes)
+        return time.perf_counter() - t0
+
+    def read_fresh_4k(self) -> float:
+        t0 = time.perf_counter()
+        m = mmap.mmap(-1, max(self.nbytes, 1))
+        if hasattr(m, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
+            m.madvise(mmap.MADV_NOHUGEPAGE)
+        anchor = ctypes.c_char.from_buffer(m)
+        _read_into(self.source, ctypes.addressof(anchor), self.nbytes)
+        dt = time.perf_counter() - t0
+        del anchor
+        m.close()
+        return dt
+
+    def read_fresh_huge(self) -> float:
+        t0 = time.perf_counter()
+        buf = _core.HostBuffer(max(self.nbytes, 1), True)
+        _read_into(self.source, buf.address, self.nbytes)
+        dt = time.perf_counter() - t0
+        del buf
+        return dt
+
+    def write(self) -> float:
+        try:
+            os.unlink(self.scratch)
+        except FileNotFoundError:
+            pass
+        view = _core.raw_memoryview(self._a.data_ptr(), self.nbytes) if self.nbytes else None
+        threads = max(1, get_options().threads)
+        chunk = max(1 << 20, -(-self.nbytes // threads))
+        t0 = time.perf_counter()
+        fd = os.open(self.scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+        def part(start: int) -> None:
+            assert view is not None
+            mv = view[start : min(start + chunk, self.nbytes)]
+            off = start
+            while mv.nbytes:
+                n = os.pwrite(fd, mv, off)
+                mv, off = mv[n:], off + n
+
+        workers = [threading.Thread(target=part, args=(s,)) for s in range(0, self.nbytes, chunk)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        os.close(fd)
+        return time.perf_counter() - t0
+
+    def cold_read(self) -> Optional[float]:
+        if not os.path.exists(self.scratch):
+            self.write()
+        if not _evict(self.scratch):
+            self.cold_note = "the page cache could not be dropped for the file (fadvise)"
+            return None
+        t0 = time.perf_counter()
+        _read_into(self.scratch, self._b.data_ptr(), self.nbytes)
+        return time.perf_counter() - t0

@@ -1,0 +1,432 @@
+"""The measurement loop.
+
+Per workload: every format is written by its own writer (save rounds), every loader is checked
+once against the original (a wrong result stops the run), then the load rounds time every
+loader and every machine limit. Round 0 is a warm-up and is not counted; each later round runs
+all candidates, rotating who goes first, so that all of them meet the same machine state (on
+shared VMs the cost of fresh memory and of page-cache writes drifts within a minute). Results
+are medians; ratios are computed within the run. Peak RSS is measured last, one fresh process
+per candidate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+import ckptio
+
+from ._measure import touch
+from .candidates import CANDIDATES, FORMATS, BenchmarkError, Candidate, verify, zeros_like_tree
+from .limits import Limits
+from .workloads import Workload, build
+
+__all__ = ["Settings", "run", "run_files"]
+
+
+@dataclass
+class Settings:
+    rounds: int = 5
+    quick: bool = False
+    directory: Optional[str] = None
+    candidates: Optional[Sequence[str]] = None  # None: every available one
+    rss: bool = True
+    limits: bool = True
+    log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def _median(xs: list[float]) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
+def _rotating(names: list[str], r: int) -> list[str]:
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def _scratch_directory(settings: Settings) -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory for the run's files, inside ``settings.directory`` (created if
+    missing) when one is given."""
+    if settings.directory is not None:
+        os.makedirs(settings.directory, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix="ckptio-bench-", dir=settings.directory)
+
+
+def _prime_writes(directory: str, nbytes: int) -> None:
+    """Writes and deletes a throwaway file of ~1.2x the payload: on these VMs the first writes
+    after idle run several times slower, which would penalise whichever save runs first."""
+    scratch = os.path.join(directory, "prime.bin")
+    block = b"\0" * (16 << 20)
+    with open(scratch, "wb") as f:
+        for _ in range(max(1, int(nbytes * 1.2) // len(block))):
+            f.write(block)
+    os.unlink(scratch)
+
+
+def select(settings: Settings, log: Callable[[str], None]) -> tuple[list[Candidate], dict]:
+    names = list(settings.candidates) if settings.candidates else list(CANDIDATES)
+    chosen, skipped = [], {}
+    for n in names:
+        if n not in CANDIDATES:
+            raise BenchmarkError(f"unknown candidate {n!r}; choose from {', '.join(CANDIDATES)}")
+        why = CANDIDATES[n].unavailable()
+        if why is None:
+            chosen.append(CANDIDATES[n])
+        else:
+            skipped[n] = why
+            log(f"  skipping {n}: {why}")
+    return chosen, skipped
+
+
+def _child_rss(spec: dict) -> dict:
+    env = dict(os.environ)
+    env["PYTHONWARNINGS"] = "ignore"
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptio.benchmark._child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _load_rounds(
+    loaders: dict[str, tuple[Candidate, str]],
+    targets: dict[str, Any],
+    limits: Optional[Limits],
+    rounds: int,
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
+    times: dict[str, dict[str, list[float]]] = {
+        n: {"load": [], "touch": [], "load_touch": []} for n in loaders
+    }
+    ltimes: dict[str, list[float]] = {}
+    timers = limits.timers() if limits is not None else {}
+    entries = list(loaders) + [f"limit:{k}" for k in timers]
+    for r in range(rounds + 1):
+        for name in _rotating(entries, r):
+            if name.startswith("limit:"):
+                dt = timers[name[6:]]()
+                if r and dt is not None:
+                    ltimes.setdefault(name[6:], []).append(dt)
+                continue
+            cand, path = loaders[name]
+            t0 = time.perf_counter()
+            out = cand.load(path, targets.get(name))
+            t1 = time.perf_counter()
+            touch(out)
+            t2 = time.perf_counter()
+            del out
+            if r:
+                times[name]["load"].append(t1 - t0)
+                times[name]["touch"].append(t2 - t1)
+                times[name]["load_touch"].append(t2 - t0)
+    return times, ltimes
+
+
+def _summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, t in times.items():
+        out[name] = {
+            "load_s": _median(t["load"]),
+            "touch_s": _median(t["touch"]),
+            "load_touch_s": _median(t["load_touch"]),
+            "load_runs": t["load"],
+            "load_touch_runs": t["load_touch"],
+        }
+    return out
+
+
+def _ratios(result: dict[str, Any]) -> None:
+    """Speed-ups vs torch (same run): load+touch vs torch.load (eager), mmap loaders also vs
+    torch.load(mmap=True); saves vs torch.save."""
+    cands = result["candidates"]
+    base = cands.get("torch", {}).get("load_touch_s")
+    base_mmap = cands.get("torch mmap", {}).get("load_touch_s")
+    for c in cands.values():
+        lt = c.get("load_touch_s")
+        c["load_touch_vs_torch"] = base / lt if base and lt else None
+        c["load_touch_vs_torch_mmap"] = base_mmap / lt if base_mmap and lt else None
+    saves = result["saves"]
+    sbase = saves.get("torch", {}).get("save_s")
+    for s in saves.values():
+        s["save_vs_torch"] = sbase / s["save_s"] if sbase and s.get("save_s") else None
+
+
+def _limits_result(ltimes: dict[str, list[float]], limits: Optional[Limits]) -> dict[str, Any]:
+    if limits is None:
+        return {}
+    out: dict[str, Any] = {}
+    for k in limits.timers():
+        v = ltimes.get(k, [])
+        out[k] = {"s": _median(v), "runs": v}
+        if not v and k == "cold read":
+            out[k]["note"] = limits.cold_note or "n/a"
+    out["bytes"] = limits.nbytes
+    return out
+
+
+def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: str) -> dict:
+    log = settings.log
+    fmts = sorted({c.fmt for c in cands}, key=list(FORMATS).index)
+    if wl.flat is None:
+        dropped = [c.name for c in cands if FORMATS[c.fmt].flat]
+        if dropped:
+            log(f"  {wl.name}: not a flat dict of tensors; skipping {', '.join(dropped)}")
+        cands = [c for c in cands if not FORMATS[c.fmt].flat]
+        fmts = [f for f in fmts if not FORMATS[f].flat]
+    paths = {f: os.path.join(d, f"{wl.name}-{f}{FORMATS[f].ext}") for f in fmts}
+    payload = {f: (wl.flat if FORMATS[f].flat else wl.obj) for f in fmts}
+    nbytes = wl.nbytes
+
+    # -- saves
+    log(f"  {wl.name}: saving ({', '.join(FORMATS[f].name for f in fmts)})")
+    save_times: dict[str, list[float]] = {f: [] for f in fmts}
+    failed: dict[str, str] = {}  # peers that cannot handle this workload, and why
+    for r in range(settings.rounds + 1):
+        for f in _rotating(fmts, r):
+            if f in failed:
+                continue
+            if not settings.quick:
+                _prime_writes(d, nbytes)
+            t0 = time.perf_counter()
+            try:
+                FORMATS[f].save(payload[f], paths[f])
+            except Exception as e:
+                if FORMATS[f].requires is None:
+                    raise
+                failed[f] = f"{FORMATS[f].name} failed: {type(e).__name__}: {e}"
+                log(f"  {wl.name}: {failed[f]}; its loaders sit this workload out")
+                continue
+            dt = time.perf_counter() - t0
+            if r:
+                save_times[f].append(dt)
+    for c in cands:
+        if c.fmt in failed:
+            failed[c.name] = failed[c.fmt]
+    fmts = [f for f in fmts if f not in failed]
+    cands = [c for c in cands if c.fmt not in failed]
+    saves = {
+        f: {
+            "name": FORMATS[f].name,
+            "save_s": _median(save_times[f]),
+            "save_runs": save_times[f],
+            "file_bytes": os.path.getsize(paths[f]),
+        }
+        for f in fmts
+    }
+
+    # -- correctness, once per loader, before any timing
+    targets: dict[str, Any] = {}
+    loaders: dict[str, tuple[Candidate, str]] = {}
+    for c in cands:
+        if c.kind == "reuse":
+            targets[c.name] = zeros_like_tree(wl.obj)
+        original = payload[c.fmt]
+        try:
+            loaded = c.load(paths[c.fmt], targets.get(c.name))
+        except Exception as e:
+            if c.requires is None and FORMATS[c.fmt].requires is None:
+                raise
+            failed[c.name] = f"{c.name} failed: {type(e).__name__}: {e}"
+            log(f"  {wl.name}: {failed[c.name]}")
+            targets.pop(c.name, None)
+            continue
+        verify(
+            f"{c.name} ({wl.name})",
+            loaded,
+            original,
+            wl.tied if c.keeps_sharing else None,
+            ordered=c.keeps_sharing,
+        )
+        del loaded
+        loaders[c.name] = (c, paths[c.fmt])
+    log(f"  {wl.name}: {len(loaders)} loaders verified against the original")
+    result = _measure_loads(
+        wl.name,
+        wl.description,
+        nbytes,
+        loaders,
+        targets,
+        saves,
+        settings,
+        d,
+        paths.get("ckptio"),
+        payload,
+        paths,
+    )
+    result["failed"] = {k: v for k, v in failed.items() if k in CANDIDATES}
+    return result
+
+
+def _measure_loads(
+    name: str,
+    description: str,
+    nbytes: int,
+    loaders: dict[str, tuple[Candidate, str]],
+    targets: dict[str, Any],
+    saves: dict[str, Any],
+    settings: Settings,
+    d: str,
+    limit_source: Optional[str],
+    payload: Optional[dict[str, Any]] = None,
+    paths: Optional[dict[str, str]] = None,
+) -> dict:
+    log = settings.log
+    limits = None
+    if settings.limits and limit_source is not None:
+        limits = Limits(limit_source, os.path.join(d, f"{name}-limit.bin"))
+    log(f"  {name}: {settings.rounds} load rounds after a warm-up")
+    try:
+        times, ltimes = _load_rounds(loaders, targets, limits, settings.rounds)
+        limit_result = _limits_result(ltimes, limits)
+    finally:
+        if limits is not None:
+            limits.close()
+    cands = _summarise(times)
+    for n, (c, path) in loaders.items():
+        cands[n].update(kind=c.kind, format=c.fmt, file_bytes=os.path.getsize(path))
+    targets.clear()
+    result = {
+        "description": description,
+        "tensor_bytes": nbytes,
+        "saves": saves,
+        "candidates": cands,
+        "limits": limit_result,
+    }
+    if settings.rss:
+        log(f"  {name}: peak RSS, one fresh process per candidate")
+        for n, (_c, path) in loaders.items():
+            cands[n]["rss"] = _child_rss({"op": "load", "candidate": n, "path": path})
+        if payload is not None and paths is not None and "ckptio" in paths:
+            flat_src = None
+            for f, s in saves.items():
+                source = paths["ckptio"]
+                if FORMATS[f].flat and payload[f] is not payload.get("ckptio"):
+                    if flat_src is None:
+                        flat_src = os.path.join(d, f"{name}-flat-source.pt")
+                        ckptio.save(payload[f], flat_src)
+                    source = flat_src
+                scratch = os.path.join(d, f"{name}-rss-save{FORMATS[f].ext}")
+                s["rss"] = _child_rss({"op": "save", "fmt": f, "source": source, "path": scratch})
+    _ratios(result)
+    return result
+
+
+def _meta(settings: Settings) -> dict:
+    opts = ckptio.get_options()
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read().strip()
+    except OSError:
+        thp = None
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ckptio": ckptio.__version__,
+        "ckptio_threads": opts.threads,
+        "transparent_hugepage": thp,
+        "rounds": settings.rounds,
+        "warmup_rounds": 1,
+        "quick": settings.quick,
+        "statistic": "median",
+    }
+
+
+def run(workloads: Sequence[str], settings: Settings) -> dict:
+    """Runs the synthetic workloads; returns the results as a JSON-ready dict."""
+    log = settings.log
+    cands, skipped = select(settings, log)
+    results = {"meta": _meta(settings), "skipped": skipped, "workloads": {}}
+    with _scratch_directory(settings) as d:
+        for name in workloads:
+            log(f"building workload {name}{' (quick)' if settings.quick else ''}...")
+            wl = build(name, settings.quick)
+            results["workloads"][name] = run_workload(wl, settings, cands, d)
+            del wl
+    return results
+
+
+def _file_group(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK"):
+        return "torchzip"
+    if path.endswith(".tensors"):
+        return "tensorizer"
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    raise BenchmarkError(f"{path}: not a torch zip checkpoint, .safetensors or .tensors file")
+
+
+def _reference(path: str, group: str) -> Any:
+    if group == "torchzip":
+        return torch.load(path)
+    if group == "safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    from tensorizer import TensorDeserializer
+
+    d = TensorDeserializer(path, device="cpu", lazy_load=False)
+    out = dict(d)
+    d.close()
+    return out
+
+
+def run_files(files: Sequence[str], settings: Settings) -> dict:
+    """Benchmarks loading existing files with every candidate that reads their format."""
+    log = settings.log
+    cands, skipped = select(settings, log)
+    results = {"meta": _meta(settings), "skipped": skipped, "workloads": {}}
+    with _scratch_directory(settings) as d:
+        for path in files:
+            group = _file_group(path)
+            original = _reference(path, group)
+            loaders: dict[str, tuple[Candidate, str]] = {}
+            targets: dict[str, Any] = {}
+            for c in cands:
+                if FORMATS[c.fmt].group != group:
+                    continue
+                if c.kind == "reuse":
+                    targets[c.name] = zeros_like_tree(original)
+                loaded = c.load(path, targets.get(c.name))
+                verify(f"{c.name} ({path})", loaded, original, ordered=c.keeps_sharing)
+                del loaded
+                loaders[c.name] = (c, path)
+            if not loaders:
+                raise BenchmarkError(f"{path}: no selected candidate reads {group} files")
+            log(f"{path}: {len(loaders)} loaders verified")
+            nbytes = sum(
+                {
+                    t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in _tensors(original)
+                }.values()
+            )
+            del original
+            results["workloads"][os.path.basename(path)] = _measure_loads(
+                os.path.basename(path), path, nbytes, loaders, targets, {}, settings, d, path
+            )
+    return results
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    from .workloads import iter_tensors
+
+    return iter_tensors(obj)

@@ -1,0 +1,196 @@
+"""The benchmark module (ckptio.benchmark): runs end to end on tiny workloads, writes a JSON of
+the documented shape, a PNG and a markdown table, and stops on a wrong result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptio
+from ckptio.benchmark import candidates as cmod
+from ckptio.benchmark import main
+from ckptio.benchmark._measure import touch
+from ckptio.benchmark.candidates import BenchmarkError, Candidate, verify
+from ckptio.benchmark.workloads import build
+
+CORE = "ckptio,ckptio mmap,ckptio load_into,torch,torch mmap,pickle5,pickle5 oob"
+
+
+def _run(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    out = tmp_path / "r.json"
+    rc = main(["--quick", "--rounds", "1", "--dir", str(tmp_path), "--json", str(out), *args])
+    return rc, (json.loads(out.read_text()) if out.exists() else {})
+
+
+def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    png, md = tmp_path / "chart.png", tmp_path / "table.md"
+    rc, res = _run(
+        tmp_path, "--no-rss", "--candidates", CORE, "--plot", str(png), "--markdown", str(md)
+    )
+    assert rc == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    table = capsys.readouterr().out
+    assert table.strip() == md.read_text().strip()
+    assert "| ckptio load_into | reuse |" in table and "| torch.save |" in table
+
+    meta = res["meta"]
+    assert meta["rounds"] == 1 and meta["quick"] is True and meta["statistic"] == "median"
+    assert meta["torch"] == torch.__version__ and meta["ckptio"] == ckptio.__version__
+    assert set(res["workloads"]) == {"llm", "small", "ckpt"}
+    for w in res["workloads"].values():
+        assert set(w) == {
+            "description",
+            "tensor_bytes",
+            "saves",
+            "candidates",
+            "limits",
+            "failed",
+        }
+        assert w["failed"] == {}
+        assert w["tensor_bytes"] > 0
+        assert set(w["candidates"]) == set(CORE.split(","))
+        for c in w["candidates"].values():
+            assert c["kind"] in {"copy", "mmap", "reuse"}
+            assert len(c["load_runs"]) == 1 and c["load_s"] == c["load_runs"][0] > 0
+            assert c["load_touch_s"] >= c["load_s"]
+            assert c["file_bytes"] > 0 and c["load_touch_vs_torch"] > 0
+        assert w["candidates"]["torch"]["load_touch_vs_torch"] == 1.0
+        for fmt, s in w["saves"].items():
+            assert fmt in cmod.FORMATS and s["save_s"] > 0 and s["file_bytes"] > 0
+        assert w["saves"]["torch"]["save_vs_torch"] == 1.0
+        lim = w["limits"]
+        assert lim["bytes"] == w["saves"]["ckptio"]["file_bytes"]
+        for k in ("memcpy", "read prefaulted", "read fresh 4K", "read fresh huge", "write"):
+            assert lim[k]["s"] > 0, k
+        assert lim["cold read"]["s"] is None or lim["cold read"]["s"] > 0
+
+
+def test_peak_rss_is_measured_in_a_child(tmp_path: Path) -> None:
+    rc, res = _run(tmp_path, "--workloads", "small", "--candidates", "ckptio", "--no-limits")
+    assert rc == 0
+    w = res["workloads"]["small"]
+    rss = w["candidates"]["ckptio"]["rss"]
+    assert "error" not in rss, rss
+    assert rss["peak_rss"] >= rss["base_rss"] > 0
+    # The load+touch holds the whole file's tensors: the peak grows by at least their size.
+    assert rss["delta_rss"] >= 0.5 * w["tensor_bytes"]
+    assert "delta_rss" in w["saves"]["ckptio"]["rss"]
+    assert w["limits"] == {}
+
+
+def test_wrong_result_fails_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def corrupt(path: str, _target: Any) -> Any:
+        sd = ckptio.load(path)
+        t = next(iter(sd.values()))
+        t.view(-1)[0] += 1
+        return sd
+
+    bad = Candidate("broken", "copy", "ckptio", corrupt, keeps_sharing=True)
+    monkeypatch.setitem(cmod.CANDIDATES, "broken", bad)
+    rc, res = _run(tmp_path, "--no-rss", "--workloads", "small", "--candidates", "torch,broken")
+    assert rc == 1 and res == {}
+    assert "broken (small)" in capsys.readouterr().err
+
+
+def test_verify_checks_values_keys_dtypes_and_ties() -> None:
+    wl = build("llm", quick=True)
+    good = {k: v.clone() for k, v in wl.obj.items()}
+    good["lm_head.weight"] = good["transformer.wte.weight"]
+    verify("ok", good, wl.obj, wl.tied, ordered=True)
+    untied = dict(good, **{"lm_head.weight": good["lm_head.weight"].clone()})
+    with pytest.raises(BenchmarkError, match="no longer tied"):
+        verify("untied", untied, wl.obj, wl.tied)
+    with pytest.raises(BenchmarkError, match="keys"):
+        verify("missing", {k: v for k, v in good.items() if k != "lm_head.weight"}, wl.obj)
+    with pytest.raises(BenchmarkError, match="keys"):
+        verify("order", dict(reversed(list(good.items()))), wl.obj, ordered=True)
+    verify("order ignored", dict(reversed(list(good.items()))), wl.obj)
+    cast = dict(good, **{"transformer.wpe.weight": good["transformer.wpe.weight"].float()})
+    with pytest.raises(BenchmarkError, match="float32"):
+        verify("dtype", cast, wl.obj)
+    ckpt = build("ckpt", quick=True).obj
+    with pytest.raises(BenchmarkError, match="epoch"):
+        verify("epoch", dict(ckpt, epoch=8), ckpt)
+
+
+def test_workloads_are_deterministic_and_shaped_as_specified() -> None:
+    a, b = build("small", quick=True), build("small", quick=True)
+    verify("same seed", a.obj, b.obj, ordered=True)
+    sizes = [t.numel() * t.element_size() for t in a.obj.values()]
+    assert min(sizes) >= 256 - 8 and max(sizes) <= 64 << 10
+    assert {t.dtype for t in a.obj.values()} == {
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.bool,
+    }
+    llm = build("llm", quick=True)
+    assert llm.obj["lm_head.weight"] is llm.obj["transformer.wte.weight"]
+    assert llm.flat is not None
+    assert llm.flat["lm_head.weight"].data_ptr() != llm.flat["transformer.wte.weight"].data_ptr()
+    assert all(t.dtype == torch.float16 for t in llm.obj.values())
+    ckpt = build("ckpt", quick=True).obj
+    assert set(ckpt) == {"epoch", "loss", "model_state_dict", "optimizer_state_dict", "rng"}
+    assert ckpt["optimizer_state_dict"]["state"][0]["step"] == 1
+
+
+def test_files_mode(tmp_path: Path) -> None:
+    sd = {"w": torch.randn(300, 40), "b": torch.arange(9)}
+    path = tmp_path / "given.pt"
+    torch.save(sd, path)
+    cands = "ckptio,ckptio load_into,torch,pickle5"  # pickle5 reads no torch file: not used
+    rc, res = _run(tmp_path, str(path), "--no-rss", "--candidates", cands)
+    assert rc == 0
+    w = res["workloads"]["given.pt"]
+    assert set(w["candidates"]) == {"ckptio", "ckptio load_into", "torch"}
+    assert w["saves"] == {} and w["limits"]["bytes"] == path.stat().st_size
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    assert _run(tmp_path, "--workloads", "nope", "--no-rss")[0] == 1
+    assert _run(tmp_path, "--candidates", "nope", "--no-rss")[0] == 1
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])
+
+
+def test_touch_reads_every_page() -> None:
+    t = torch.zeros(3 * 4096 + 10, dtype=torch.uint8)
+    t[::4096] = 1  # one marked byte per page; touch reads exactly those and the last byte
+    t[-1] = 5
+    assert touch({"a": t, "again": t}) == 4 + 5
+
+
+@pytest.mark.skipif(
+    cmod.CANDIDATES["safetensors"].unavailable() is not None, reason="safetensors not installed"
+)
+def test_safetensors_peers_on_flat_workloads(tmp_path: Path) -> None:
+    rc, res = _run(tmp_path, "--no-rss", "--no-limits", "--candidates", "ckptio,safetensors")
+    assert rc == 0
+    assert "safetensors" in res["workloads"]["llm"]["candidates"]
+    assert "safetensors" in res["workloads"]["llm"]["saves"]
+    assert "safetensors" not in res["workloads"]["ckpt"]["candidates"]  # not a flat dict
+
+
+def test_a_peer_that_cannot_write_a_workload_sits_it_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(obj: Any, path: str) -> None:
+        raise RuntimeError("Metadata overflow")  # as tensorizer does past ~5,000 tensors
+
+    fmt = cmod.Format("peer.save", ".peer", refuse, True, "peer", requires="pickle")
+    monkeypatch.setitem(cmod.FORMATS, "peer", fmt)
+    monkeypatch.setitem(cmod.CANDIDATES, "peer", Candidate("peer", "copy", "peer", lambda p, t: 0))
+    rc, res = _run(
+        tmp_path, "--no-rss", "--no-limits", "--workloads", "small", "--candidates", "torch,peer"
+    )
+    assert rc == 0
+    w = res["workloads"]["small"]
+    assert set(w["candidates"]) == {"torch"} and set(w["saves"]) == {"torch"}
+    assert "Metadata overflow" in w["failed"]["peer"]
