@@ -16,6 +16,7 @@ from typing import IO, Sequence, Union
 import torch
 
 from . import _core
+from ._util import gc_paused
 from .settings import get_options
 
 __all__ = ["ArchiveReader", "Record", "archive_name_for", "torch_records", "write_archive"]
@@ -35,34 +36,36 @@ class Record:
 
 
 class ArchiveReader:
-    """The records of a torch zip archive, validated by the C++ reader."""
+    """The records of a torch zip archive, validated by the C++ reader.
+
+    ``records`` maps each name (relative to the archive prefix) to its ``(data_offset, size,
+    method)``: plain tuples, as an archive of 20,000 storages holds 20,000 of them.
+    """
 
     def __init__(self, source: Source) -> None:
         self.source = source
         self.name = source.name
-        prefix, entries = _core.read_zip_directory(source)
+        with gc_paused():  # 20,000 new tuples would otherwise trigger full collections
+            prefix, records = _core.read_zip_directory(source)
         self.prefix: str = prefix
-        self.records: dict[str, Record] = {}
-        for full_name, _header, data_offset, size, method in entries:
-            name = full_name[len(prefix) :]
-            self.records[name] = Record(name, data_offset, size, method)
+        self.records: dict[str, tuple[int, int, int]] = records
 
     def has(self, name: str) -> bool:
         return name in self.records
 
     def record(self, name: str) -> Record:
         try:
-            rec = self.records[name]
+            data_offset, size, method = self.records[name]
         except KeyError:
             raise _core.CheckpointError(
                 f"{self.name}: the archive has no record '{self.prefix}{name}'"
             ) from None
-        if rec.method != 0:
+        if method != 0:
             raise _core.CheckpointError(
                 f"{self.name}: record '{self.prefix}{name}' is compressed (zip method "
-                f"{rec.method}); torch checkpoints store records uncompressed"
+                f"{method}); torch checkpoints store records uncompressed"
             )
-        return rec
+        return Record(name, data_offset, size, method)
 
     def read(self, name: str) -> bytes:
         rec = self.record(name)

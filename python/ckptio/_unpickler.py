@@ -229,10 +229,10 @@ class StorageLoader:
 def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:
     offsets: dict[str, int] = {}
     total = 0
-    for name, rec in archive.records.items():
-        if name.startswith("data/") and rec.size < _SMALL_STORAGE_BYTES:
+    for name, (_, size, _) in archive.records.items():
+        if size < _SMALL_STORAGE_BYTES and name.startswith("data/"):
             offsets[name[5:]] = total
-            total += (rec.size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
+            total += (size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
     return _core.HostBuffer(max(total, 1), get_options().huge_pages), offsets
 
 
