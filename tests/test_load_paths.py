@@ -82,3 +82,22 @@ def test_many_small_storages_match_torch(tmp_path: Path, mmap: bool, writer: str
     assert_same(ours, theirs)
     assert_same_sharing(ours, theirs)
     assert_same(ours, sd)
+
+
+def test_pickle_of_tensors_with_python_state_is_torchs(tmp_path: Path) -> None:
+    """The fast reducer's state test (the tensor's __dict__) must send exactly the tensors
+    torch pickles with state down torch's own path."""
+    import zipfile
+
+    stateful = torch.arange(4.0)
+    stateful.note = "kept"  # type: ignore[attr-defined]
+    probed = torch.arange(3)
+    _ = probed.__dict__  # an empty __dict__ is no state
+    objs = {"stateful": stateful, "probed": probed, "plain": torch.ones(2)}
+    torch.save(objs, tmp_path / "t.pt")
+    with ckptio.options(crc32=True):
+        ckptio.save(objs, tmp_path / "c.pt")
+    with zipfile.ZipFile(tmp_path / "t.pt") as zt, zipfile.ZipFile(tmp_path / "c.pt") as zc:
+        assert zc.read("c/data.pkl") == zt.read("t/data.pkl")
+    loaded = ckptio.load(tmp_path / "c.pt", weights_only=False)
+    assert loaded["stateful"].note == "kept"
