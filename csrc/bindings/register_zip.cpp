@@ -50,7 +50,19 @@ HeldPayloads hold_payloads(const py::list& items) {
   held.views.reserve(items.size());
   held.payloads.reserve(items.size());
   for (const py::handle item : items) {
-    if (py::isinstance<py::tuple>(item)) {
+    if (PyTuple_CheckExact(item.ptr()) && PyTuple_GET_SIZE(item.ptr()) == 2) {
+      // The common case, once per storage: read the two ints without pybind11's casters.
+      const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item.ptr(), 0));
+      if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        throw py::error_already_set();
+      }
+      const unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item.ptr(), 1));
+      if (size == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        throw py::error_already_set();
+      }
+      held.payloads.push_back(Payload{reinterpret_cast<const void*>(static_cast<std::uintptr_t>(address)),
+                                      static_cast<std::uint64_t>(size)});
+    } else if (py::isinstance<py::tuple>(item)) {
       auto pair = item.cast<std::tuple<std::uintptr_t, std::uint64_t>>();
       held.payloads.push_back(
           Payload{reinterpret_cast<const void*>(std::get<0>(pair)), std::get<1>(pair)});

@@ -22,7 +22,7 @@ from typing import IO, Any, Union
 import torch
 
 from . import _core
-from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
+from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
 from ._pickler import dumps
 from ._unpickler import StorageLoader, make_unpickler
 from ._util import gc_paused
@@ -86,7 +86,7 @@ def save(
     cpu_storages = [s if s.device.type == "cpu" else s.cpu() for s in storages]
     specs, payloads = torch_records(
         pickle_bytes,
-        [storage_payload(s) for s in cpu_storages],
+        [(s.data_ptr(), s.nbytes()) for s in cpu_storages],  # as storage_payload(s)
         data_alignment=opts.data_alignment,
         byteorder=None if _disable_byteorder_record else sys.byteorder,
     )
