@@ -77,6 +77,8 @@ def dumps(
         def reducer_override(self, obj: Any) -> Any:
             if type(obj) is torch.Tensor:
                 return _reduce_plain_tensor(obj)
+            if type(obj) is _EmptyHooks:
+                return _EMPTY_HOOKS_REDUCTION
             return NotImplemented
 
     buf = io.BytesIO()
@@ -102,6 +104,18 @@ _STRIDED = torch.strided
 _STATE_IS_DICT = getattr(torch.Tensor, "__getstate__", None) is getattr(
     object, "__getstate__", None
 )
+
+
+class _EmptyHooks:
+    """Stands for the empty ``OrderedDict()`` of backward hooks in a reduced tensor and
+    pickles exactly as one (``collections.OrderedDict``, empty tuple, REDUCE; one fresh
+    object per tensor, so memoised alike), without the generic reduction that looks up
+    OrderedDict's slot names in Python on every call (a builtin type cannot cache them)."""
+
+    __slots__ = ()
+
+
+_EMPTY_HOOKS_REDUCTION = (OrderedDict, ())
 
 
 def _reduce_plain_tensor(t: torch.Tensor) -> Any:
@@ -131,7 +145,7 @@ def _reduce_plain_tensor(t: torch.Tensor) -> Any:
         tuple(t.size()),
         t.stride(),
         t.requires_grad,
-        OrderedDict(),
+        _EmptyHooks(),
     )
     if func is torch._utils._rebuild_tensor_v3:
         args += (dtype,)
