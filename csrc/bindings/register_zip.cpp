@@ -25,14 +25,18 @@ py::bytes to_bytes(const std::vector<std::uint8_t>& v) {
   return py::bytes(reinterpret_cast<const char*>(v.data()), v.size());
 }
 
-/// (prefix, [(name, header_offset, data_offset, size, method), ...]).
+/// (prefix, {name: (data_offset, size, method)}), names without the prefix: the one shape the
+/// loader needs, built here because 20,000 records made into Python objects one by one cost
+/// more than parsing them.
 py::tuple directory_tuple(const ZipDirectory& dir) {
-  py::list entries(dir.entries.size());
-  for (std::size_t i = 0; i < dir.entries.size(); ++i) {
-    const ZipEntry& e = dir.entries[i];
-    entries[i] = py::make_tuple(e.name, e.header_offset, e.data_offset, e.size, e.method);
+  py::dict records;
+  const std::size_t skip = dir.prefix.size();
+  for (const ZipEntry& e : dir.entries) {
+    // archive_prefix() checked that every name starts with the prefix.
+    records[py::str(e.name.data() + skip, e.name.size() - skip)] =
+        py::make_tuple(e.data_offset, e.size, e.method);
   }
-  return py::make_tuple(dir.prefix, entries);
+  return py::make_tuple(dir.prefix, records);
 }
 
 /// One payload: a bytes-like object, or an (address, nbytes) pair of memory the caller owns.
@@ -46,7 +50,19 @@ HeldPayloads hold_payloads(const py::list& items) {
   held.views.reserve(items.size());
   held.payloads.reserve(items.size());
   for (const py::handle item : items) {
-    if (py::isinstance<py::tuple>(item)) {
+    if (PyTuple_CheckExact(item.ptr()) && PyTuple_GET_SIZE(item.ptr()) == 2) {
+      // The common case, once per storage: read the two ints without pybind11's casters.
+      const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item.ptr(), 0));
+      if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        throw py::error_already_set();
+      }
+      const unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item.ptr(), 1));
+      if (size == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+        throw py::error_already_set();
+      }
+      held.payloads.push_back(Payload{reinterpret_cast<const void*>(static_cast<std::uintptr_t>(address)),
+                                      static_cast<std::uint64_t>(size)});
+    } else if (py::isinstance<py::tuple>(item)) {
       auto pair = item.cast<std::tuple<std::uintptr_t, std::uint64_t>>();
       held.payloads.push_back(
           Payload{reinterpret_cast<const void*>(std::get<0>(pair)), std::get<1>(pair)});
@@ -82,8 +98,8 @@ void register_zip(py::module_& m) {
         return directory_tuple(dir);
       },
       py::arg("source"),
-      "Parses and validates the container: (prefix, [(name, header_offset, data_offset, size, "
-      "method)]).");
+      "Parses and validates the container: (prefix, {name: (data_offset, size, method)}), "
+      "names relative to the prefix.");
   m.def(
       "read_zip_directory",
       [](const BufferSource& buffer) {

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.serialization import location_tag, normalize_storage_type
 
+from ._unpickler import _typed_storage
 from ._util import gc_paused
 
 __all__ = ["dumps"]
@@ -76,11 +77,17 @@ def dumps(
         def reducer_override(self, obj: Any) -> Any:
             if type(obj) is torch.Tensor:
                 return _reduce_plain_tensor(obj)
+            if type(obj) is _EmptyHooks:
+                return _EMPTY_HOOKS_REDUCTION
             return NotImplemented
 
     buf = io.BytesIO()
+    pickler = _Pickler(buf, protocol=protocol)
     with gc_paused():
-        _Pickler(buf, protocol=protocol).dump(obj)
+        pickler.dump(obj)
+        # Free the memo (a storage wrapper, an OrderedDict and tuples per tensor) while the
+        # collector is paused, so it never scans them.
+        pickler.clear_memo()
     return buf.getvalue(), storages
 
 
@@ -91,6 +98,24 @@ _STORAGE_TYPES = frozenset(torch._storage_classes) | {
 }
 _NEW_DTYPES = frozenset(torch.storage._new_dtypes())
 _FAST_DEVICES = frozenset({"cpu", "cuda"})
+_STRIDED = torch.strided
+# torch._utils._get_obj_state(t) of a plain tensor is its __dict__ (empty: no state) unless
+# torch.Tensor defines its own __getstate__.
+_STATE_IS_DICT = getattr(torch.Tensor, "__getstate__", None) is getattr(
+    object, "__getstate__", None
+)
+
+
+class _EmptyHooks:
+    """Stands for the empty ``OrderedDict()`` of backward hooks in a reduced tensor and
+    pickles exactly as one (``collections.OrderedDict``, empty tuple, REDUCE; one fresh
+    object per tensor, so memoised alike), without the generic reduction that looks up
+    OrderedDict's slot names in Python on every call (a builtin type cannot cache them)."""
+
+    __slots__ = ()
+
+
+_EMPTY_HOOKS_REDUCTION = (OrderedDict, ())
 
 
 def _reduce_plain_tensor(t: torch.Tensor) -> Any:
@@ -99,12 +124,12 @@ def _reduce_plain_tensor(t: torch.Tensor) -> Any:
     unusual (hooks, Python state, quantized, sparse, nested, other devices, skip_data) takes
     torch's own path, so the pickle is always the one torch would write."""
     if (
-        t.layout is not torch.strided
+        t.layout is not _STRIDED
         or t.device.type not in _FAST_DEVICES
         or t.is_quantized
         or t.is_nested
         or t._backward_hooks
-        or torch._utils._get_obj_state(t)
+        or (t.__dict__ if _STATE_IS_DICT else torch._utils._get_obj_state(t))
     ):
         return NotImplemented
     dtype = t.dtype
@@ -113,16 +138,14 @@ def _reduce_plain_tensor(t: torch.Tensor) -> Any:
         storage: Any = t.untyped_storage()
     else:
         func = torch._utils._rebuild_tensor_v2
-        storage = torch.storage.TypedStorage(
-            wrap_storage=t.untyped_storage(), dtype=dtype, _internal=True
-        )
+        storage = _typed_storage(t.untyped_storage(), dtype)
     args: tuple = (
         storage,
         t.storage_offset(),
         tuple(t.size()),
         t.stride(),
         t.requires_grad,
-        OrderedDict(),
+        _EmptyHooks(),
     )
     if func is torch._utils._rebuild_tensor_v3:
         args += (dtype,)

@@ -18,7 +18,7 @@ from typing import IO, Any, Mapping
 import torch
 
 from . import _core
-from ._archive import ArchiveReader, Record, write_all
+from ._archive import ArchiveReader, write_all
 from ._unpickler import StorageLoader
 from ._util import contiguous_strides
 from .errors import CheckpointError
@@ -211,8 +211,7 @@ class SafetensorsArchive(ArchiveReader):
         self.prefix = ""
         self.header = header
         self.records = {
-            f"data/{i}": Record(f"data/{i}", t.offset, t.nbytes, 0)
-            for i, t in enumerate(header.tensors)
+            f"data/{i}": (t.offset, t.nbytes, 0) for i, t in enumerate(header.tensors)
         }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import _compat_pickle
 import array
 import pickle
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -135,24 +136,52 @@ class StorageLoader:
         self.loaded: dict[str, torch.storage.TypedStorage] = {}
         self.pending = array.array("Q")
         self.deferred = True  # until a data-reading global appears
-        self._arena: _core.HostBuffer | None = None
+        self._arena: memoryview | None = None
         self._arena_offsets: dict[str, int] = {}
         # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
         # flat uint8 tensor).
         self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
         self._targets: dict[str, _staging.DeviceTarget | None] = {}  # by saved location
+        self._mapping_view: memoryview | None = None
+        self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
+        self._identity: dict[str, bool | None] = {}
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
-        if not isinstance(saved_id, tuple) or len(saved_id) != 5:
+        # Runs once per storage record (20,000 times for 20,000 small tensors): every lookup
+        # that depends only on the storage type or the location is memoised.
+        if type(saved_id) is not tuple or len(saved_id) != 5:
             raise CheckpointError(
                 f"{self.archive.name}: unsupported persistent id {saved_id!r:.80}; expected "
                 "('storage', type, key, location, numel)"
             )
         typename, storage_type, key, location, numel = saved_id
-        typename, key, location = (_ascii(typename), _ascii(key), _ascii(location))
-        if typename != "storage" or not isinstance(key, str) or not isinstance(location, str):
+        if type(key) is not str or type(location) is not str:
+            key, location = _ascii(key), _ascii(location)
+        if (
+            _ascii(typename) != "storage"
+            or not isinstance(key, str)
+            or not isinstance(location, str)
+        ):
             raise CheckpointError(f"{self.archive.name}: malformed storage id {saved_id!r:.80}")
+        try:
+            dtype, element_size = self._storage_types[storage_type]
+        except (KeyError, TypeError):
+            dtype, element_size = self._storage_type(key, storage_type)
+        if type(numel) is not int or numel < 0:
+            raise CheckpointError(
+                f"{self.archive.name}: storage {key!r} has an invalid element count {numel!r:.40}"
+            )
+        cached = self.loaded.get(key)
+        if cached is not None:
+            return cached
+        storage = self._storage(numel * element_size, key, location)
+        typed = _typed_storage(storage, dtype)
+        if storage.data_ptr() != 0:  # as torch: empty storages are not shared
+            self.loaded[key] = typed
+        return typed
+
+    def _storage_type(self, key: str, storage_type: Any) -> tuple[torch.dtype, int]:
         if storage_type is torch.UntypedStorage:
             dtype = torch.uint8
         else:
@@ -163,28 +192,26 @@ class StorageLoader:
                     f"({storage_type!r:.60})"
                 )
             dtype = declared
-        if type(numel) is not int or numel < 0:
-            raise CheckpointError(
-                f"{self.archive.name}: storage {key!r} has an invalid element count {numel!r:.40}"
-            )
-        cached = self.loaded.get(key)
-        if cached is not None:
-            return cached
-        nbytes = numel * torch._utils._element_size(dtype)
-        storage = self._storage(dtype, nbytes, key, location)
-        typed = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
-        if typed._data_ptr() != 0:  # as torch: empty storages are not shared
-            self.loaded[key] = typed
-        return typed
+        entry = (dtype, torch._utils._element_size(dtype))
+        try:
+            self._storage_types[storage_type] = entry
+        except TypeError:  # unhashable: not memoised
+            pass
+        return entry
 
-    def _storage(self, dtype: torch.dtype, nbytes: int, key: str, location: str) -> Any:
+    def _storage(self, nbytes: int, key: str, location: str) -> Any:
         if self.is_meta:
             return torch.UntypedStorage(nbytes, device="meta")
-        rec = self.archive.record(f"data/{key}")
-        if rec.size < nbytes:
+        try:
+            data_offset, record_size, method = self.archive.records["data/" + key]
+        except KeyError:
+            data_offset, record_size, method = (0, 0, 1)
+        if method != 0:
+            self.archive.record(f"data/{key}")  # raises the error that names the problem
+        if record_size < nbytes:
             raise CheckpointError(
-                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
-                f"needs {nbytes}"
+                f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
+                f"storage needs {nbytes}"
             )
         staged = self._staged_target(location)
         if staged is not None:
@@ -192,17 +219,19 @@ class StorageLoader:
             # not: torch's result is the same device storage either way.
             memory = staged.allocate(nbytes)
             if nbytes:
-                self.staged_pending.append((staged, rec.data_offset, nbytes, memory))
+                self.staged_pending.append((staged, data_offset, nbytes, memory))
                 if not self.deferred:
                     self.flush()
             return memory.untyped_storage()
-        identity = _restore_identity(self.map_location, location)
+        identity = self._identity.get(location)
+        if identity is None and location not in self._identity:
+            identity = self._identity[location] = _restore_identity(self.map_location, location)
         if self.mapping is not None:
-            storage = self._mapped(rec.data_offset, nbytes)
+            storage = self._mapped(data_offset, nbytes)
         else:
-            storage = self._host_storage(key, nbytes, rec.size)
+            storage = self._host_storage(key, nbytes, record_size)
             if nbytes:
-                self.pending.extend((rec.data_offset, nbytes, storage.data_ptr()))
+                self.pending.extend((data_offset, nbytes, storage.data_ptr()))
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
         return storage if identity is True else self.restore_location(storage, location)
@@ -222,9 +251,12 @@ class StorageLoader:
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:
             return torch.UntypedStorage(0)
-        # The tensor keeps the Mapping object (and so the mapping) alive.
+        if self._mapping_view is None:
+            # One buffer export for the whole load; each tensor keeps the view and through it
+            # the Mapping object (and so the mapping) alive.
+            self._mapping_view = memoryview(self.mapping)  # type: ignore[arg-type]
         return torch.frombuffer(
-            self.mapping, dtype=torch.uint8, count=nbytes, offset=offset
+            self._mapping_view, dtype=torch.uint8, count=nbytes, offset=offset
         ).untyped_storage()
 
     def _host_storage(self, key: str, nbytes: int, record_size: int) -> torch.UntypedStorage:
@@ -240,7 +272,8 @@ class StorageLoader:
             return torch.UntypedStorage(0)
         if record_size < _SMALL_STORAGE_BYTES:
             if self._arena is None:
-                self._arena, self._arena_offsets = _plan_arena(self.archive)
+                arena, self._arena_offsets = _plan_arena(self.archive)
+                self._arena = memoryview(arena)  # one buffer export, shared by every storage
             buffer: Any = self._arena
             offset = self._arena_offsets[key]
         else:
@@ -274,25 +307,25 @@ class StorageLoader:
 def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:
     offsets: dict[str, int] = {}
     total = 0
-    for name, rec in archive.records.items():
-        if name.startswith("data/") and rec.size < _SMALL_STORAGE_BYTES:
+    for name, (_, size, _) in archive.records.items():
+        if size < _SMALL_STORAGE_BYTES and name.startswith("data/"):
             offsets[name[5:]] = total
-            total += (rec.size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
+            total += (size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
     return _core.HostBuffer(max(total, 1), get_options().huge_pages), offsets
 
 
 def _check_geometry(
     name: str, storage: Any, offset: Any, size: Any, stride: Any, dtype: Any
-) -> None:
+) -> torch.UntypedStorage:
     """Refuses a tensor that does not fit in its storage, before torch sees it: a hostile
-    size or stride must not make torch grow a storage or read outside it."""
-    if not isinstance(storage, torch.storage.TypedStorage):
+    size or stride must not make torch grow a storage or read outside it. Returns the
+    untyped storage."""
+    if type(storage) is not _TypedStorage and not isinstance(storage, _TypedStorage):
         raise CheckpointError(
             f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
         )
-    if not isinstance(dtype, torch.dtype):
+    if type(dtype) is not torch.dtype:
         raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
-    element_size = dtype.itemsize
     last = offset
     ok = (
         type(offset) is int
@@ -307,21 +340,24 @@ def _check_geometry(
             if type(n) is not int or type(step) is not int or n < 0 or step < 0:
                 ok = False
                 break
-            empty = empty or n == 0
+            if n == 0:
+                empty = True
             last += (n - 1) * step
     if not ok:
         raise CheckpointError(
             f"{name}: invalid tensor geometry: offset {offset!r:.40}, size "
             f"{size!r:.80}, stride {stride!r:.80}"
         )
+    untyped: torch.UntypedStorage = storage._untyped_storage
     if empty:
-        return
-    available = storage._untyped_storage.nbytes()
-    if (last + 1) * element_size > available:
+        return untyped
+    available = untyped.nbytes()
+    if (last + 1) * dtype.itemsize > available:
         raise CheckpointError(
             f"{name}: a tensor of size {tuple(size)} with stride {tuple(stride)} at offset "
-            f"{offset} needs {(last + 1) * element_size} bytes; its storage has {available}"
+            f"{offset} needs {(last + 1) * dtype.itemsize} bytes; its storage has {available}"
         )
+    return untyped
 
 
 def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
@@ -330,19 +366,14 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
     They do what torch's do, minus the per-tensor fake-mode probe (about half of torch's
     per-tensor cost): load() hands loads under a FakeTensorMode to torch as a whole.
     """
+    empty = torch.empty
+    set_metadata = torch._utils.set_tensor_metadata
 
     def build(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: Any) -> Any:
-        _check_geometry(name, storage, storage_offset, size, stride, dtype)
-        untyped = storage._untyped_storage
-        t = torch.empty((0,), dtype=dtype, device=untyped.device)
-        return t.set_(untyped, storage_offset, size, stride)
-
-    def finish(t: Any, requires_grad: Any, backward_hooks: Any, metadata: Any) -> Any:
-        t.requires_grad = requires_grad
-        if metadata:
-            torch._utils.set_tensor_metadata(t, metadata)
-        t._backward_hooks = backward_hooks  # kept for backward compatibility, as torch does
-        return t
+        untyped = _check_geometry(name, storage, storage_offset, size, stride, dtype)
+        return empty((0,), dtype=dtype, device=untyped.device).set_(
+            untyped, storage_offset, size, stride
+        )
 
     def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
         return build(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
@@ -356,8 +387,12 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         backward_hooks: Any,
         metadata: Any = None,
     ) -> Any:
-        t = rebuild_tensor(storage, storage_offset, size, stride)
-        return finish(t, requires_grad, backward_hooks, metadata)
+        t = build(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
+        t.requires_grad = requires_grad
+        if metadata:
+            set_metadata(t, metadata)
+        t._backward_hooks = backward_hooks  # kept for backward compatibility, as torch does
+        return t
 
     def rebuild_tensor_v3(
         storage: Any,
@@ -370,13 +405,54 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         metadata: Any = None,
     ) -> Any:
         t = build(storage, storage_offset, size, stride, dtype)
-        return finish(t, requires_grad, backward_hooks, metadata)
+        t.requires_grad = requires_grad
+        if metadata:
+            set_metadata(t, metadata)
+        t._backward_hooks = backward_hooks
+        return t
 
     return {
         "torch._utils._rebuild_tensor": rebuild_tensor,
         "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
     }
+
+
+_TypedStorage = torch.storage.TypedStorage
+
+
+def _typed_storage_by_constructor(storage: Any, dtype: torch.dtype) -> Any:
+    return _TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+
+
+def _typed_storage_direct(storage: Any, dtype: torch.dtype) -> Any:
+    # What TypedStorage(wrap_storage=..., dtype=..., _internal=True) leaves behind, without
+    # its argument parsing (most of its cost): the two attributes it sets.
+    if type(storage) is not torch.UntypedStorage:
+        return _typed_storage_by_constructor(storage, dtype)
+    typed = _new_object(_TypedStorage)
+    typed.dtype = dtype
+    typed._untyped_storage = storage
+    return typed
+
+
+_new_object = object.__new__
+
+
+def _direct_construction_matches() -> bool:
+    """Whether the shortcut builds exactly what the constructor builds in this torch."""
+    try:
+        storage = torch.UntypedStorage(4)
+        ref = _typed_storage_by_constructor(storage, torch.float32)
+        fast = _typed_storage_direct(storage, torch.float32)
+    except Exception:
+        return False
+    return type(ref) is type(fast) and ref.__dict__ == fast.__dict__
+
+
+_typed_storage = (
+    _typed_storage_direct if _direct_construction_matches() else _typed_storage_by_constructor
+)
 
 
 def _ascii(value: Any) -> Any:
@@ -393,6 +469,68 @@ def _unsafe_global_message(full_path: str) -> str:
     )
 
 
+class _WeightsOnlyUnpickler(pickle.Unpickler):
+    """CPython's C unpickler resolving only allowlisted globals. Defined once, not per load:
+    a class made per load is a reference cycle that would keep the loader, and through it
+    every storage of the load, alive until the next full garbage collection."""
+
+    def __init__(
+        self, data: Any, loader: StorageLoader, allowed: dict[str, Any], encoding: str
+    ) -> None:
+        super().__init__(data, encoding=encoding)
+        self._loader = loader
+        self._allowed = allowed
+        self.persistent_load = loader.persistent_load  # type: ignore[method-assign]
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = _fix_import(module, name)
+        full = f"{module}.{name}"
+        if module in _BLOCKED_MODULES:
+            raise UnsafeGlobalError(
+                f"Weights only load failed: the checkpoint names the global '{full}', "
+                f"whose module {module} is blocked; no allowlist can enable it."
+            )
+        try:
+            obj = self._allowed[full]
+        except KeyError:
+            raise UnsafeGlobalError(_unsafe_global_message(full)) from None
+        self._loader.note_global(full, obj)
+        return obj
+
+
+def _full_unpickler_class(pickle_module: Any) -> type:
+    cls = _FULL_UNPICKLERS.get(pickle_module.Unpickler)
+    if cls is not None:
+        return cls
+    from torch.serialization import StorageType
+
+    class _Unpickler(pickle_module.Unpickler):  # type: ignore[name-defined,misc]
+        _loader: StorageLoader
+        _checked: dict[str, Callable[..., Any]]
+
+        def find_class(self, module: str, name: str) -> Any:
+            if type(name) is str and "Storage" in name:
+                try:
+                    return StorageType(name)
+                except KeyError:
+                    pass
+            if module == "torch.tensor":  # renamed in torch 1.8 (pytorch#51633)
+                module = "torch._tensor"
+            full = f"{module}.{name}"
+            obj = self._checked.get(full) or super().find_class(module, name)
+            self._loader.note_global(full, obj)
+            return obj
+
+        def persistent_load(self, pid: Any) -> Any:
+            return self._loader.persistent_load(pid)
+
+    _FULL_UNPICKLERS[pickle_module.Unpickler] = _Unpickler
+    return _Unpickler
+
+
+_FULL_UNPICKLERS: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+
+
 def make_unpickler(
     data: Any,
     loader: StorageLoader,
@@ -405,45 +543,10 @@ def make_unpickler(
     checked = _checked_rebuilds(loader.archive.name)
     if weights_only:
         allowed = {**_allowed_globals(), **checked}
-
-        class _WeightsOnlyUnpickler(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> Any:
-                module, name = _fix_import(module, name)
-                full = f"{module}.{name}"
-                if module in _BLOCKED_MODULES:
-                    raise UnsafeGlobalError(
-                        f"Weights only load failed: the checkpoint names the global '{full}', "
-                        f"whose module {module} is blocked; no allowlist can enable it."
-                    )
-                try:
-                    obj = allowed[full]
-                except KeyError:
-                    raise UnsafeGlobalError(_unsafe_global_message(full)) from None
-                loader.note_global(full, obj)
-                return obj
-
-            def persistent_load(self, pid: Any) -> Any:
-                return loader.persistent_load(pid)
-
-        return _WeightsOnlyUnpickler(data, encoding=pickle_load_args.get("encoding", "utf-8"))
-
-    from torch.serialization import StorageType
-
-    class _Unpickler(pickle_module.Unpickler):  # type: ignore[name-defined,misc]
-        def find_class(self, module: str, name: str) -> Any:
-            if type(name) is str and "Storage" in name:
-                try:
-                    return StorageType(name)
-                except KeyError:
-                    pass
-            if module == "torch.tensor":  # renamed in torch 1.8 (pytorch#51633)
-                module = "torch._tensor"
-            full = f"{module}.{name}"
-            obj = checked.get(full) or super().find_class(module, name)
-            loader.note_global(full, obj)
-            return obj
-
-        def persistent_load(self, pid: Any) -> Any:
-            return loader.persistent_load(pid)
-
-    return _Unpickler(data, **pickle_load_args)
+        return _WeightsOnlyUnpickler(
+            data, loader, allowed, pickle_load_args.get("encoding", "utf-8")
+        )
+    unpickler = _full_unpickler_class(pickle_module)(data, **pickle_load_args)
+    unpickler._loader = loader
+    unpickler._checked = checked
+    return unpickler

@@ -203,8 +203,8 @@ def _summary(handle: Any, path: str) -> dict[str, Any]:
         end = (i.storage_offset + _span(i.shape, i.stride)) * i.dtype.itemsize
         storages[i.storage] = max(storages.get(i.storage, 0), end)
     if handle.format == "torch":
-        records = handle.archive.records
-        data = [r for n, r in records.items() if n.startswith("data/")]
+        archive = handle.archive
+        data = [archive.record(n) for n in archive.records if n.startswith("data/")]
         storage_bytes = sum(r.size for r in data)
         offsets = [r.data_offset for r in data if r.size]
         fmt = f"torch zip (archive '{handle.archive.prefix.rstrip('/')}')"
@@ -460,7 +460,7 @@ def _verify(args: argparse.Namespace) -> int:
                 record("checksums", True, "none in the safetensors format")
             else:
                 records = handle.archive.records
-                compressed = [n for n, r in records.items() if r.method != 0]
+                compressed = [n for n, (_, _, method) in records.items() if method != 0]
                 if compressed:
                     record("container", False, f"compressed records: {', '.join(compressed)}")
                 else:
@@ -530,7 +530,7 @@ def _check_crcs(path: str, archive: Any, record: Any, show_progress: bool) -> No
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         record("checksums", False, f"cannot read the zip directory: {e}")
         return
-    entries = [(archive.prefix + n, r) for n, r in archive.records.items()]
+    entries = [(archive.prefix + n, archive.record(n)) for n in archive.records]
     if all(declared.get(full, 0) == 0 for full, r in entries if r.size):
         record("checksums", True, "not recorded (all zero: written without crc32)")
         return

@@ -408,6 +408,9 @@ def _unpickle(
     try:
         with gc_paused():
             result = unpickler.load()
+            # The memo holds every object of the pickle; free what the result does not keep
+            # (storage wrappers, argument tuples) while the collector is paused.
+            unpickler.memo.clear()
         loader.flush()
     except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
         raise

@@ -310,7 +310,7 @@ def _data_records(path: Path) -> list[tuple[str, int, int]]:
 
     with _core.File.open(str(path), _core.FileMode.READ) as f:
         reader = ArchiveReader(f)
-        return [(n, r.data_offset, r.size) for n, r in reader.records.items()]
+        return [(n, offset, size) for n, (offset, size, _) in reader.records.items()]
 
 
 # ------------------------------------------------------------------------------ host RSS
