@@ -30,7 +30,7 @@ from ._archive import ArchiveReader
 from .errors import CheckpointError, UnsafeGlobalError
 from .settings import get_options
 
-__all__ = ["StorageLoader", "make_unpickler"]
+__all__ = ["StorageLoader", "make_unpickler", "scan_pickle"]
 
 # Storages below this size share one host block per load (see StorageLoader._host_storage).
 _SMALL_STORAGE_BYTES = 1 << 20
@@ -332,6 +332,24 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
     }
+
+
+# The deepest nesting of objects (and of open MARKs) a data.pkl may build; see docs/design.md.
+MAX_PICKLE_DEPTH = 1000
+
+
+def scan_pickle(name: str, data: bytes, *, weights_only: bool) -> None:
+    """Checks data.pkl's opcodes before any unpickler runs (csrc/src/pickle_scan.cpp).
+
+    Refuses memo indices, lengths and frames that the pickle cannot back (CPython's unpickler
+    allocates by them before reading: a memory bomb), nesting deeper than MAX_PICKLE_DEPTH,
+    truncation, and in weights-only mode every opcode torch's weights-only unpickler refuses.
+    Linear in the pickle's size; it executes nothing.
+    """
+    try:
+        _core.scan_pickle(data, weights_only, MAX_PICKLE_DEPTH)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: data.pkl: {e}") from None
 
 
 def _ascii(value: Any) -> Any:

@@ -24,7 +24,7 @@ import torch
 from . import _core
 from ._archive import ArchiveReader, archive_name_for, storage_payload, torch_records, write_archive
 from ._pickler import dumps
-from ._unpickler import StorageLoader, make_unpickler
+from ._unpickler import StorageLoader, make_unpickler, scan_pickle
 from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
@@ -275,7 +275,10 @@ def load(
             or torch._guards.detect_fake_mode(None) is not None
         ):
             # TorchScript archives, byte-swapped files and loads under a FakeTensorMode:
-            # torch's own loader handles them.
+            # torch's own loader handles them. Its full loader is CPython's unpickler, which
+            # allocates by the pickle's memo indices and lengths: check those first.
+            if not weights_only and archive.has("data.pkl") and not archive.has("constants.pkl"):
+                scan_pickle(archive.name, archive.read("data.pkl"), weights_only=False)
             _rewind(f, start)
             return _load_with_torch(
                 f, map_location, pickle_module, weights_only, mmap, pickle_load_args
@@ -299,7 +302,9 @@ def _unpickle(
     pickle_load_args: dict[str, Any],
 ) -> Any:
     loader = StorageLoader(archive, map_location, mapping)
-    data = io.BytesIO(archive.read("data.pkl"))
+    raw = archive.read("data.pkl")
+    scan_pickle(archive.name, raw, weights_only=weights_only)
+    data = io.BytesIO(raw)
     unpickler = make_unpickler(
         data,
         loader,
