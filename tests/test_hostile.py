@@ -1,0 +1,131 @@
+"""The hostile-file corpus (tests/hostile/make_corpus.py): every crafted file must raise the
+exact exception its case names, with a telling message, and nothing else.
+
+All cases load in one child process under an address-space limit (2 GiB above what the
+interpreter already maps), so a crash fails the test instead of the run, and an allocation
+sized by a lie in the file fails loudly instead of exhausting the machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostile.make_corpus import Case, all_cases, write_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The child: loads every case of the index (by path and, for files, from a BytesIO) and
+# reports what each raised. The unreadable case needs a user without root's privileges: as
+# root, a forked child drops to uid 65534 before opening the file.
+_CHILD = textwrap.dedent("""
+    import io, json, os, resource, sys
+    import ckptio
+
+    def limit_memory(extra):
+        with open("/proc/self/status") as f:
+            vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + extra, vm + extra))
+
+    def outcome(fn):
+        try:
+            fn()
+            return {"exc": "ok"}
+        except BaseException as e:
+            return {"exc": type(e).__name__, "mro": [c.__name__ for c in type(e).__mro__],
+                    "errno": getattr(e, "errno", None), "msg": str(e)[:600]}
+
+    def as_nobody(fn):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(w, json.dumps(outcome(fn)).encode())
+            os._exit(0)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 65536):
+            data += chunk
+        os.waitpid(pid, 0)
+        return json.loads(data) if data else {"exc": "child died"}
+
+    index = json.load(open(sys.argv[1]))
+    limit_memory(2 << 30)
+    results = {}
+    for case in index:
+        path, kw = case["path"], case["load_kwargs"]
+        if case["kind"] == "unreadable" and os.getuid() == 0:
+            results[case["name"]] = {"path": as_nobody(lambda: ckptio.load(path, **kw))}
+            continue
+        res = {"path": outcome(lambda: ckptio.load(path, **kw))}
+        if case["kind"] == "file" and not kw.get("mmap"):
+            data = open(path, "rb").read()
+            res["buffer"] = outcome(lambda: ckptio.load(io.BytesIO(data), **kw))
+        results[case["name"]] = res
+    json.dump(results, sys.stdout)
+""")
+
+CASES = {c.name: c for c in all_cases(Path("/nonexistent"))}
+
+
+@pytest.fixture(scope="module")
+def corpus_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    # A directory others can traverse, so that the unreadable file fails on its own mode bits.
+    out = tmp_path_factory.mktemp("hostile")
+    for parent in (out, *out.parents):
+        if parent == Path(parent.anchor) or parent == Path("/tmp"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o711)
+    index = write_corpus(out)
+    env = dict(os.environ)
+    extra = env.get("CKPTIO_TEST_PYTHONPATH", "")  # make asan-py: the instrumented build first
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, str(ROOT / "python")) if p)
+    if not extra:
+        env.pop("PYTHONPATH")
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(out / "index.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-3000:]}"
+    results: dict[str, Any] = json.loads(proc.stdout)
+    for entry in index:
+        results[entry["name"]]["marker_exists"] = Path(entry["path"] + ".marker").exists() or any(
+            Path(out).glob("*.marker")
+        )
+    return results
+
+
+def _check(case: Case, outcome: dict[str, Any]) -> None:
+    assert outcome["exc"] == case.expected, f"{case.name}: {outcome}"
+    assert case.fragment.lower() in outcome["msg"].lower(), f"{case.name}: {outcome['msg']}"
+    if case.errno is not None:
+        assert outcome["errno"] == case.errno, outcome
+    if case.expected == "UnsafeGlobalError":
+        assert "UnpicklingError" in outcome["mro"]  # pickle.UnpicklingError-compatible
+        assert "allow" in outcome["msg"] or "blocked" in outcome["msg"]
+    if case.expected == "CheckpointError":
+        assert "RuntimeError" in outcome["mro"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_hostile_file(name: str, corpus_results: dict[str, Any]) -> None:
+    case = CASES[name]
+    result = corpus_results[name]
+    _check(case, result["path"])
+    if case.expected == "CheckpointError" and case.kind == "file":
+        assert ".pt" in result["path"]["msg"], "the message names the file"
+    if "buffer" in result:
+        _check(case, result["buffer"])
+    if case.marker:
+        assert not result["marker_exists"], "the payload ran"
