@@ -8,30 +8,21 @@ sized by a lie in the file fails loudly instead of exhausting the machine."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hostile.child import LIMIT_MEMORY, run_child
 from hostile.make_corpus import Case, all_cases, write_corpus
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # The child: loads every case of the index (by path and, for files, from a BytesIO) and
 # reports what each raised. The unreadable case needs a user without root's privileges: as
 # root, a forked child drops to uid 65534 before opening the file.
-_CHILD = textwrap.dedent("""
-    import io, json, os, resource, sys
+_CHILD = LIMIT_MEMORY + textwrap.dedent("""
+    import io, json, os, sys
     import ckptio
-
-    def limit_memory(extra):
-        with open("/proc/self/status") as f:
-            vm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
-        resource.setrlimit(resource.RLIMIT_AS, (vm + extra, vm + extra))
 
     def outcome(fn):
         try:
@@ -85,18 +76,7 @@ def corpus_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             break
         parent.chmod(parent.stat().st_mode | 0o711)
     index = write_corpus(out)
-    env = dict(os.environ)
-    extra = env.get("CKPTIO_TEST_PYTHONPATH", "")  # make asan-py: the instrumented build first
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra, str(ROOT / "python")) if p)
-    if not extra:
-        env.pop("PYTHONPATH")
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(out / "index.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    proc = run_child(_CHILD, str(out / "index.json"), timeout=300)
     assert proc.returncode == 0, f"child died ({proc.returncode}): {proc.stderr[-3000:]}"
     results: dict[str, Any] = json.loads(proc.stdout)
     for entry in index:
