@@ -125,6 +125,7 @@ class StorageLoader:
         self.deferred = True  # until a data-reading global appears
         self._arena: _core.HostBuffer | None = None
         self._arena_offsets: dict[str, int] = {}
+        self.location_error: BaseException | None = None  # raised by restore_location
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -179,7 +180,13 @@ class StorageLoader:
                 self.pending.extend((rec.data_offset, nbytes, storage.data_ptr()))
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
-        return storage if identity is True else self.restore_location(storage, location)
+        if identity is True:
+            return storage
+        try:
+            return self.restore_location(storage, location)
+        except Exception as e:  # map_location's (or the machine's) fault, not the file's
+            self.location_error = e
+            raise
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:

@@ -322,8 +322,8 @@ def _unpickle(
     except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
-        if not weights_only:
-            raise  # arbitrary user code ran; keep its exceptions as they are
+        if not weights_only or e is loader.location_error:
+            raise  # user code or map_location raised: keep its exceptions as torch does
         raise CheckpointError(
             f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
