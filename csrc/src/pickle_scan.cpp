@@ -294,7 +294,7 @@ class Scanner {
       fail("memo index " + std::to_string(index) + " exceeds what a pickle of " +
            std::to_string(n_) + " bytes can store");
     }
-    if (index >= memo_.size()) memo_.resize(index + 1, 0);
+    if (index >= memo_.size()) memo_.resize(std::max<std::size_t>(index + 1, 2 * memo_.size()), 0);
     if (memo_[index] == 0) ++memo_len_;
     memo_[index] = stack_.back() + 1;
     ++result_.memo_puts;
