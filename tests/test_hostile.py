@@ -109,3 +109,28 @@ def test_hostile_file(name: str, corpus_results: dict[str, Any]) -> None:
         _check(case, result["buffer"])
     if case.marker:
         assert not result["marker_exists"], "the payload ran"
+
+
+REGRESSIONS = sorted((Path(__file__).resolve().parent.parent / "fuzz" / "regressions").iterdir())
+
+
+@pytest.mark.parametrize("path", REGRESSIONS, ids=[p.name for p in REGRESSIONS])
+def test_fuzz_regressions(path: Path) -> None:
+    """Inputs the fuzzer (or a review) found: the parsers refuse them cleanly."""
+    import ckptio
+    from ckptio import _core
+
+    data = path.read_bytes()
+    refused = 0
+    for weights_only in (True, False):
+        try:
+            _core.scan_pickle(data, weights_only)
+        except ckptio.CheckpointError as e:
+            assert "offset" in str(e) or "STOP" in str(e)
+            refused += 1
+    try:
+        _core.read_zip_directory(_core.BufferSource(data, path.name))
+    except ckptio.CheckpointError as e:
+        assert path.name in str(e)
+        refused += 1
+    assert refused, "each regression is a file one of the parsers must refuse"
