@@ -286,3 +286,20 @@ def test_no_warnings_on_plain_loads(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         for kw in ({}, {"mmap": True}, {"map_location": "cpu"}):
             ckptio.load(path, **kw)
+
+
+def test_location_naming_no_device_is_a_file_error(tmp_path: Path) -> None:
+    """Found by the mutation tests: a bit flip made a storage's location 'row'. torch raises
+    RuntimeError; ckptio a CheckpointError (a RuntimeError), as the file is at fault."""
+    obj = _obj()
+    pkl, payloads = torch_archive_parts(obj)
+    pkl = pkl.replace(b"X\x03\x00\x00\x00cpu", b"X\x03\x00\x00\x00row")
+    records = {"data.pkl": pkl, "version": b"3\n"}
+    records.update({f"data/{i}": p for i, p in enumerate(payloads)})
+    path = tmp_path / "row.pt"
+    write_plain_zip(path, records)
+    with pytest.raises(RuntimeError, match="restore data location"):
+        torch.load(path)
+    for kw in ({}, {"mmap": True}):
+        with pytest.raises(ckptio.CheckpointError, match="restore data location"):
+            ckptio.load(path, **kw)

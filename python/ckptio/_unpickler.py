@@ -184,8 +184,12 @@ class StorageLoader:
             return storage
         try:
             return self.restore_location(storage, location)
-        except Exception as e:  # map_location's (or the machine's) fault, not the file's
-            self.location_error = e
+        except Exception as e:
+            # A real device the machine lacks, or map_location failing: not the file's fault,
+            # so torch's exception goes out as it is. A location that names no device at all
+            # is a malformed file (CheckpointError, from load).
+            if _names_a_device(location):
+                self.location_error = e
             raise
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
@@ -231,6 +235,14 @@ class StorageLoader:
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
             self.archive.read_many(pending)
+
+
+def _names_a_device(location: str) -> bool:
+    try:
+        torch.device(location)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:
