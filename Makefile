@@ -3,12 +3,13 @@
 #   make test   - set up, then lint, run the C++ unit tests and the Python test suite
 #   make asan   - C++ unit tests, then the hostile-file and mutation tests, under ASan + UBSan
 #   make fuzz   - libFuzzer on the zip reader and the pickle scan for FUZZ_SECONDS (needs clang++)
+#   make fuzz-py - atheris on the whole weights-only load for FUZZ_SECONDS
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test install cpp-test py-test lint asan asan-py fuzz clean
+.PHONY: demo test install cpp-test py-test lint asan asan-py fuzz fuzz-py clean
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +79,15 @@ fuzz: install
 	build/fuzz/fuzz_parsers -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
 	    -rss_limit_mb=2048 -print_final_stats=1 -dict=fuzz/fuzz.dict \
 	    -artifact_prefix=build/fuzz/artifacts/ build/fuzz/corpus build/fuzz/seeds fuzz/regressions
+
+# atheris over the whole weights-only load (fuzz/fuzz_load.py), for FUZZ_SECONDS.
+fuzz-py: install
+	$(BIN)/python -m pip install -q -r requirements-fuzz.txt
+	mkdir -p build/fuzz-py/corpus build/fuzz-py/artifacts
+	$(BIN)/python fuzz/make_seeds.py build/fuzz-py/seeds
+	$(BIN)/python fuzz/fuzz_load.py -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 \
+	    -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=build/fuzz-py/artifacts/ \
+	    build/fuzz-py/corpus build/fuzz-py/seeds fuzz/regressions
 
 clean:
 	rm -rf build $(VENV)

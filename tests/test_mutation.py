@@ -2,7 +2,8 @@
 random bytes (bit flips, overwrites, truncations, insertions, and writes of extreme values
 into the zip's length and offset fields and into the pickle's opcode arguments), must load
 to the original, load to what torch loads from the same bytes, or raise CheckpointError,
-OSError or UnsafeGlobalError. Nothing else: no other exception, no crash, no hang.
+OSError or UnsafeGlobalError (for legacy-format files, which torch's parser reads, any
+pickle.UnpicklingError). Nothing else: no other exception, no crash, no hang.
 
 Hypothesis draws batches of mutants; each batch loads in one child process (path, mmap and
 BytesIO), under a memory limit and a timeout. CKPTIO_MUTATION_EXAMPLES (batches, default 3)
@@ -54,6 +55,9 @@ def _bases() -> dict[str, bytes]:
         buf = io.BytesIO()
         save(_original(), buf)
         out[name] = buf.getvalue()
+    buf = io.BytesIO()  # the legacy format: loaded by torch's parser, errors mapped by ckptio
+    torch.save(_original(), buf, _use_new_zipfile_serialization=False)
+    out["torch-legacy"] = buf.getvalue()
     return out
 
 
@@ -79,6 +83,14 @@ def _field_offsets(data: bytes) -> list[tuple[int, int]]:
                 (at + off, width) for off, width in layout if at + off + width <= len(data)
             )
             at = data.find(sig, at + 1)
+    if not data.startswith(b"PK"):  # legacy: pickles back to back, then raw storage data
+        stream = io.BytesIO(data)
+        for _ in range(5):
+            start = stream.tell()
+            for _op, _arg, pos in pickletools.genops(stream):
+                assert pos is not None
+                fields.append((start + pos + 1, 4))
+        return fields
     reader = ArchiveReader(_core.BufferSource(data, "base"))
     rec = reader.record("data.pkl")
     pkl = reader.read("data.pkl")
@@ -149,15 +161,18 @@ _CHILD = LIMIT_MEMORY + textwrap.dedent("""
                     and all(same(x, y) for x, y in zip(a, b)))
         return type(a) is type(b) and (a == b or a != a and b != b)
 
-    ALLOWED = (ckptio.CheckpointError, OSError, ckptio.UnsafeGlobalError)
     original_path, mutants_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    legacy = sys.argv[4] == "legacy"
+    ALLOWED = (ckptio.CheckpointError, OSError, ckptio.UnsafeGlobalError)
+    if legacy:  # torch's legacy parser: refusals are torch's pickle.UnpicklingError
+        ALLOWED += (pickle.UnpicklingError,)
     original = torch.load(original_path)
     limit_memory(2 << 30)
     report = {"equal": 0, "torch": 0, "refused": 0, "bad": []}
     for i in range(count):
         path = f"{mutants_dir}/{i}.pt"
         data = open(path, "rb").read()
-        for how in ("path", "mmap", "buffer"):
+        for how in ("path", "buffer") if legacy else ("path", "mmap", "buffer"):
             print(i, how, file=sys.stderr, flush=True)  # the last line names a crash
             try:
                 if how == "buffer":
@@ -192,7 +207,8 @@ def _run_batch(tmp: Path, base: str, batch: list[dict[str, Any]]) -> dict[str, A
     mutants.mkdir(exist_ok=True)
     for i, m in enumerate(batch):
         (mutants / f"{i}.pt").write_bytes(apply(BASES[base], m))
-    proc = run_child(_CHILD, str(original), str(mutants), str(len(batch)), timeout=240)
+    kind = "legacy" if base.endswith("legacy") else "zip"
+    proc = run_child(_CHILD, str(original), str(mutants), str(len(batch)), kind, timeout=240)
     last = proc.stderr.strip().splitlines()[-1:] if proc.stderr else []
     assert proc.returncode == 0, (
         f"child died ({proc.returncode}) at {last}: "

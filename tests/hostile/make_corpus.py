@@ -312,6 +312,26 @@ def truncation_cases() -> list[Case]:
                 )
             )
     out.append(Case("empty-file", "CheckpointError", "not a torch checkpoint", b""))
+    # Legacy-format files (pickles back to back, then raw storages): ckptio checks their
+    # structure (_legacy.check_legacy), then torch's parser reads them; its errors come out as
+    # CheckpointError. The memo bomb as a whole file was found by make fuzz-py.
+    legacy = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
+    raw = legacy.getvalue()
+    magic = raw.index(b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # the pickled magic number
+    numel = raw.index(b"K\x03Nt")  # BININT1 3: the element count; None; TUPLE
+    out += [
+        Case("legacy-memo-bomb", "CheckpointError", "LONG_BINPUT at offset 3",
+             b"\x80\x02}r\xff\xff\xff\x7f."),
+        Case("legacy-truncated", "CheckpointError", "malformed legacy checkpoint",
+             raw[: len(raw) // 2]),
+        Case("legacy-truncated-payload", "CheckpointError", "could not read the file",
+             raw[:-5]),
+        Case("legacy-bad-magic", "CheckpointError", "Invalid magic number",
+             raw[: magic + 3] + b"\x00" + raw[magic + 4 :]),
+        Case("legacy-storage-bomb", "CheckpointError", "declares 1073741824 bytes",
+             raw[:numel] + b"J\x00\x00\x00\x10" + raw[numel + 2 :]),
+    ]  # fmt: skip
     return out
 
 

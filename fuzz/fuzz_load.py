@@ -1,0 +1,34 @@
+"""atheris target over the whole weights-only load: ckptio.load(BytesIO(data)).
+
+Coverage comes from ckptio's Python modules (instrumented) and libFuzzer's value profile; the
+native parsers are fuzzed with their own coverage by fuzz/fuzz_parsers.cpp. Any exception
+other than CheckpointError, OSError or UnsafeGlobalError, or a crash, is a finding.
+
+Usage: python fuzz/fuzz_load.py [libFuzzer flags] CORPUS_DIR...
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import atheris
+import torch  # noqa: F401  (imported first: torch itself is not instrumented)
+
+with atheris.instrument_imports(include=["ckptio"]):
+    import ckptio
+
+ALLOWED = (ckptio.CheckpointError, OSError, ckptio.UnsafeGlobalError)
+
+
+def test_one_input(data: bytes) -> None:
+    for kwargs in ({}, {"map_location": "meta"}):
+        try:
+            ckptio.load(io.BytesIO(data), **kwargs)
+        except ALLOWED:
+            pass
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
