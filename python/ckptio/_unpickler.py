@@ -185,10 +185,13 @@ class StorageLoader:
         try:
             return self.restore_location(storage, location)
         except Exception as e:
-            # A real device the machine lacks, or map_location failing: not the file's fault,
-            # so torch's exception goes out as it is. A location that names no device at all
-            # is a malformed file (CheckpointError, from load).
-            if _names_a_device(location):
+            # A map_location callable is user code: its exceptions go out as they are. torch's
+            # own restore failing (a location naming no device, or a device this machine
+            # lacks, such as CUDA) becomes a CheckpointError (a RuntimeError, as torch's)
+            # carrying torch's message.
+            if callable(self.map_location) and not isinstance(
+                self.map_location, (str, bytes, dict, torch.device)
+            ):
                 self.location_error = e
             raise
 
@@ -235,14 +238,6 @@ class StorageLoader:
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
             self.archive.read_many(pending)
-
-
-def _names_a_device(location: str) -> bool:
-    try:
-        torch.device(location)
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return True
 
 
 def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:
