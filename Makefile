@@ -3,12 +3,15 @@
 #   make test   - set up, then lint, run the C++ unit tests and the Python test suite
 #   make bench  - the full comparison (ckptio vs torch, pickle and peers) -> bench/results/
 #   make bench-pytest - the pytest-benchmark groups (torch beside ckptio, results checked)
+#   make asan   - C++ unit tests, then the hostile-file and mutation tests, under ASan + UBSan
+#   make fuzz   - libFuzzer on the zip reader and the pickle scan for FUZZ_SECONDS (needs clang++)
+#   make fuzz-py - atheris on the whole weights-only load for FUZZ_SECONDS
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.deps-installed
 
-.PHONY: demo test install cpp-test py-test lint asan clean bench bench-pytest
+.PHONY: demo test install cpp-test py-test lint asan asan-py fuzz fuzz-py clean bench bench-pytest
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +56,49 @@ asan: $(STAMP)
 	    -DCMAKE_BUILD_TYPE=Debug -DCKPTIO_BUILD_PYTHON=OFF -DCKPTIO_BUILD_TESTS=ON -DCKPTIO_SANITIZE=ON
 	$(BIN)/cmake --build build/asan
 	$(BIN)/ctest --test-dir build/asan --output-on-failure
+	$(MAKE) asan-py
+
+# The Python hostile-file and mutation tests against an extension built with ASan + UBSan
+# (build/asan-py, put first on sys.path; the Python interpreter itself is not instrumented, so
+# libasan is preloaded and leak checks are off).
+ASAN_LIB = $(shell $(CXX) -print-file-name=libasan.so)
+UBSAN_LIB = $(shell $(CXX) -print-file-name=libubsan.so)
+asan-py: $(STAMP)
+	$(BIN)/cmake -S . -B build/asan-py -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(BIN))/ninja \
+	    -DCMAKE_BUILD_TYPE=Debug -DCKPTIO_BUILD_PYTHON=ON -DCKPTIO_SANITIZE=ON \
+	    -Dpybind11_DIR=$$($(BIN)/python -m pybind11 --cmakedir) -DPython_EXECUTABLE=$(abspath $(BIN))/python
+	$(BIN)/cmake --build build/asan-py
+	rm -rf build/asan-py/pkg && mkdir -p build/asan-py/pkg && cp -r python/ckptio build/asan-py/pkg/ \
+	    && cp build/asan-py/_core*.so build/asan-py/pkg/ckptio/
+	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CKPTIO_TEST_PYTHONPATH=build/asan-py/pkg \
+	    PYTHONPATH=build/asan-py/pkg $(BIN)/python -m pytest -q -p no:cacheprovider \
+	    tests/test_hostile.py tests/test_mutation.py tests/test_errors.py
+
+# libFuzzer over the C++ parsers (fuzz/fuzz_parsers.cpp), seeded with small valid checkpoints.
+FUZZ_SECONDS ?= 600
+FUZZ_CXX ?= $(or $(firstword $(shell for c in clang++ clang++-19 clang++-18 clang++-17 clang++-16 clang++-15 clang++-14; do command -v $$c; done 2>/dev/null)),clang++)
+FUZZ_SRC = fuzz/fuzz_parsers.cpp csrc/src/zip.cpp csrc/src/pickle_scan.cpp csrc/src/errors.cpp \
+    csrc/src/byte_source.cpp
+fuzz: install
+	@command -v $(FUZZ_CXX) >/dev/null || { echo "make fuzz needs clang++ with libFuzzer" \
+	    "(Debian: apt-get install clang libclang-rt-dev)"; exit 1; }
+	mkdir -p build/fuzz/corpus build/fuzz/artifacts
+	$(FUZZ_CXX) -std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined \
+	    -fno-sanitize-recover=undefined -Icsrc/include $(FUZZ_SRC) -o build/fuzz/fuzz_parsers
+	$(BIN)/python fuzz/make_seeds.py build/fuzz/seeds
+	build/fuzz/fuzz_parsers -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=10 \
+	    -rss_limit_mb=2048 -print_final_stats=1 -dict=fuzz/fuzz.dict \
+	    -artifact_prefix=build/fuzz/artifacts/ build/fuzz/corpus build/fuzz/seeds fuzz/regressions
+
+# atheris over the whole weights-only load (fuzz/fuzz_load.py), for FUZZ_SECONDS.
+fuzz-py: install
+	$(BIN)/python -m pip install -q -r requirements-fuzz.txt
+	mkdir -p build/fuzz-py/corpus build/fuzz-py/artifacts
+	$(BIN)/python fuzz/make_seeds.py build/fuzz-py/seeds
+	$(BIN)/python fuzz/fuzz_load.py -max_total_time=$(FUZZ_SECONDS) -max_len=65536 -timeout=20 \
+	    -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=build/fuzz-py/artifacts/ \
+	    build/fuzz-py/corpus build/fuzz-py/seeds fuzz/regressions
 
 clean:
 	rm -rf build $(VENV)

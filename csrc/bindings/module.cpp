@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
   ckptio::bindings::register_errors(m);
   ckptio::bindings::register_io(m);
   ckptio::bindings::register_zip(m);
+  ckptio::bindings::register_pickle(m);
 }

@@ -16,7 +16,6 @@ and copied with ``copy_``. A GPU pipeline can take that list over for CUDA desti
 from __future__ import annotations
 
 import array
-import io
 import os
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple, Union
@@ -128,8 +127,9 @@ def _open(f: FileLike) -> tuple[Any, Any]:
 
 def _plan_from_file(archive: ArchiveReader) -> tuple[Any, _PlaceholderLoader]:
     loader = _PlaceholderLoader(archive)
-    data = io.BytesIO(archive.read("data.pkl"))
-    unpickler = make_unpickler(data, loader, weights_only=True, pickle_module=None)
+    unpickler = make_unpickler(
+        archive.read("data.pkl"), loader, weights_only=True, pickle_module=None
+    )
     try:
         obj = unpickler.load()
     except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):

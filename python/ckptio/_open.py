@@ -181,7 +181,7 @@ class CheckpointHandle:
         _check_version(archive)
         loader = _PlaceholderLoader(archive)
         unpickler = make_unpickler(
-            io.BytesIO(archive.read("data.pkl")),
+            archive.read("data.pkl"),
             loader,
             weights_only=True,
             pickle_module=None,

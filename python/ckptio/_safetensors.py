@@ -210,9 +210,7 @@ class SafetensorsArchive(ArchiveReader):
         self.name = source.name
         self.prefix = ""
         self.header = header
-        self.records = {
-            f"data/{i}": (t.offset, t.nbytes, 0) for i, t in enumerate(header.tensors)
-        }
+        self.records = {f"data/{i}": (t.offset, t.nbytes, 0) for i, t in enumerate(header.tensors)}
 
 
 def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[str, torch.Tensor]:

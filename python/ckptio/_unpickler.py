@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import array
+import io
 import pickle
 import weakref
 from typing import Any, Callable
@@ -33,7 +34,7 @@ from ._archive import ArchiveReader
 from .errors import CheckpointError, UnsafeGlobalError
 from .settings import get_options
 
-__all__ = ["StorageLoader", "make_unpickler"]
+__all__ = ["StorageLoader", "make_unpickler", "scan_pickle"]
 
 # Storages below this size share one host block per load (see StorageLoader._host_storage).
 _SMALL_STORAGE_BYTES = 1 << 20
@@ -145,6 +146,7 @@ class StorageLoader:
         self._mapping_view: memoryview | None = None
         self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
         self._identity: dict[str, bool | None] = {}
+        self.location_error: BaseException | None = None  # raised by restore_location
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -234,7 +236,20 @@ class StorageLoader:
                 self.pending.extend((data_offset, nbytes, storage.data_ptr()))
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
-        return storage if identity is True else self.restore_location(storage, location)
+        if identity is True:
+            return storage
+        try:
+            return self.restore_location(storage, location)
+        except Exception as e:
+            # A map_location callable is user code: its exceptions go out as they are. torch's
+            # own restore failing (a location naming no device, or a device this machine
+            # lacks, such as CUDA) becomes a CheckpointError (a RuntimeError, as torch's)
+            # carrying torch's message.
+            if callable(self.map_location) and not isinstance(
+                self.map_location, (str, bytes, dict, torch.device)
+            ):
+                self.location_error = e
+            raise
 
     def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
         """Where a storage saved at `location` streams to, when map_location sends it to a
@@ -453,6 +468,22 @@ def _direct_construction_matches() -> bool:
 _typed_storage = (
     _typed_storage_direct if _direct_construction_matches() else _typed_storage_by_constructor
 )
+# The deepest nesting of objects (and of open MARKs) a data.pkl may build; see docs/design.md.
+MAX_PICKLE_DEPTH = 1000
+
+
+def scan_pickle(name: str, data: bytes, *, weights_only: bool) -> None:
+    """Checks data.pkl's opcodes before any unpickler runs (csrc/src/pickle_scan.cpp).
+
+    Refuses memo indices, lengths and frames that the pickle cannot back (CPython's unpickler
+    allocates by them before reading: a memory bomb), nesting deeper than MAX_PICKLE_DEPTH,
+    truncation, and in weights-only mode every opcode torch's weights-only unpickler refuses.
+    Linear in the pickle's size; it executes nothing.
+    """
+    try:
+        _core.scan_pickle(data, weights_only, MAX_PICKLE_DEPTH)
+    except CheckpointError as e:
+        raise CheckpointError(f"{name}: data.pkl: {e}") from None
 
 
 def _ascii(value: Any) -> Any:
@@ -532,14 +563,17 @@ _FULL_UNPICKLERS: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDiction
 
 
 def make_unpickler(
-    data: Any,
+    pickle_bytes: bytes,
     loader: StorageLoader,
     *,
     weights_only: bool,
     pickle_module: Any,
     **pickle_load_args: Any,
 ) -> Any:
-    """An unpickler over `data` (a binary file object) wired to `loader`."""
+    """An unpickler over `pickle_bytes` (a data.pkl) wired to `loader`. The pickle is
+    pre-scanned first (:func:`scan_pickle`), so every unpickler ckptio makes is guarded."""
+    scan_pickle(loader.archive.name, pickle_bytes, weights_only=weights_only)
+    data = io.BytesIO(pickle_bytes)
     checked = _checked_rebuilds(loader.archive.name)
     if weights_only:
         allowed = {**_allowed_globals(), **checked}

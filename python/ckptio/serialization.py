@@ -25,9 +25,10 @@ import torch
 
 from . import _core, _safetensors
 from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
+from ._legacy import check_legacy
 from ._pickler import dumps
 from ._staging import save_payloads
-from ._unpickler import StorageLoader, make_unpickler
+from ._unpickler import StorageLoader, make_unpickler, scan_pickle
 from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
@@ -360,7 +361,7 @@ def load(
                 weights_only,
                 mmap,
                 source.name,
-                head,
+                source.pread(0, source.size),
                 pickle_load_args,
             )
         archive = ArchiveReader(source)
@@ -370,10 +371,13 @@ def load(
             or torch._guards.detect_fake_mode(None) is not None
         ):
             # TorchScript archives, byte-swapped files and loads under a FakeTensorMode:
-            # torch's own loader handles them.
+            # torch's own loader handles them. Its full loader is CPython's unpickler, which
+            # allocates by the pickle's memo indices and lengths: check those first.
+            if not weights_only and archive.has("data.pkl") and not archive.has("constants.pkl"):
+                scan_pickle(archive.name, archive.read("data.pkl"), weights_only=False)
             _rewind(f, start)
             return _load_with_torch(
-                f, map_location, pickle_module, weights_only, mmap, pickle_load_args
+                f, map_location, pickle_module, weights_only, mmap, pickle_load_args, archive.name
             )
         _check_version(archive)
         mapping = _core.Mapping(file, shared) if file is not None and mmap else None
@@ -394,9 +398,8 @@ def _unpickle(
     pickle_load_args: dict[str, Any],
 ) -> Any:
     loader = StorageLoader(archive, map_location, mapping)
-    data = io.BytesIO(archive.read("data.pkl"))
     unpickler = make_unpickler(
-        data,
+        archive.read("data.pkl"),
         loader,
         weights_only=weights_only,
         pickle_module=pickle_module,
@@ -415,8 +418,8 @@ def _unpickle(
     except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
         raise
     except Exception as e:
-        if not weights_only:
-            raise  # arbitrary user code ran; keep its exceptions as they are
+        if not weights_only or e is loader.location_error:
+            raise  # user code or map_location raised: keep its exceptions as torch does
         raise CheckpointError(
             f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
@@ -508,10 +511,24 @@ def _load_with_torch(
     weights_only: bool,
     mmap: bool,
     pickle_load_args: dict[str, Any],
+    name: str = "",
 ) -> Any:
-    return torch_load(
-        f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args
-    )
+    try:
+        return torch_load(
+            f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args
+        )
+    except (CheckpointError, OSError, MemoryError, Warning, pickle.UnpicklingError):
+        # Refused globals stay pickle.UnpicklingError, as torch raises them; warnings turned
+        # into errors by a filter stay what they are.
+        raise
+    except Exception as e:
+        if not weights_only:
+            raise  # user code ran; keep its exceptions as they are
+        # A corrupt legacy or delegated file: torch raises whatever its parser met
+        # (RuntimeError, EOFError, struct.error...); ckptio's contract is CheckpointError.
+        raise CheckpointError(
+            f"{name}: torch's loader could not read the file: {type(e).__name__}: {e}"
+        ) from e
 
 
 def _load_legacy(
@@ -521,21 +538,25 @@ def _load_legacy(
     weights_only: bool,
     mmap: bool,
     name: str,
-    head: bytes,
+    data: bytes,
     pickle_load_args: dict[str, Any],
 ) -> Any:
     # Legacy (pre-1.6 / _use_new_zipfile_serialization=False) files start with a pickled
     # magic number (protocol 2: 0x80 0x02). torch's own parser reads them, under the same
     # weights_only rules; anything else is not a checkpoint.
+    head = data[:4]
     if len(head) < 2 or head[0] != 0x80:
         raise CheckpointError(
             f"{name}: not a torch checkpoint (neither a zip archive nor a "
             f"legacy torch file; it starts with {head!r})"
         )
+    check_legacy(data, name)
     if mmap:
-        raise RuntimeError(
-            "mmap can only be used with files saved with "
+        raise CheckpointError(  # a RuntimeError, as torch's; the file is not a zip archive
+            f"{name}: mmap can only be used with files saved with "
             "`torch.save(_use_new_zipfile_serialization=True)`, please torch.save "
             "your checkpoint with this option in order to use mmap."
         )
-    return _load_with_torch(f, map_location, pickle_module, weights_only, False, pickle_load_args)
+    return _load_with_torch(
+        f, map_location, pickle_module, weights_only, False, pickle_load_args, name
+    )

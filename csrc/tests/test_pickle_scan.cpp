@@ -1,0 +1,182 @@
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "ckptio/errors.hpp"
+#include "ckptio/pickle_scan.hpp"
+#include "harness.hpp"
+
+using ckptio::PickleScan;
+using ckptio::PickleScanOptions;
+using Bytes = std::string;
+using namespace std::string_literals;
+
+namespace {
+
+PickleScanOptions full() {
+  PickleScanOptions o;
+  o.weights_only = false;
+  return o;
+}
+
+PickleScan scan(const Bytes& b, const PickleScanOptions& o = {}) {
+  return ckptio::scan_pickle(b.data(), b.size(), o);
+}
+
+// The FormatError message scanning `b` raises, or "" when it passes.
+std::string error_of(const Bytes& b, const PickleScanOptions& o = {}) {
+  try {
+    scan(b, o);
+  } catch (const ckptio::FormatError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& s, const std::string& part) {
+  return s.find(part) != std::string::npos;
+}
+
+Bytes le(std::uint64_t v, int n) {
+  Bytes out;
+  for (int i = 0; i < n; ++i) out.push_back(static_cast<char>((v >> (8 * i)) & 0xff));
+  return out;
+}
+
+Bytes binunicode(const std::string& s) { return "X" + le(s.size(), 4) + s; }
+
+// {'a': 1, 'b': [1, 1]} as protocol 2 writes it, with memo stores and a GET.
+Bytes small_dict() {
+  Bytes b = "\x80\x02}q\x00("s;
+  b += binunicode("a") + "q\x01K\x01";
+  b += binunicode("b") + "q\x02]q\x03(K\x01h\x01" "e";
+  b += "u.";
+  return b;
+}
+
+}  // namespace
+
+TEST(pickle_scan_accepts_protocol_2_dict) {
+  const Bytes b = small_dict();
+  const PickleScan s = scan(b);
+  CHECK(s.complete);
+  CHECK_EQ(s.end, b.size());
+  CHECK_EQ(s.memo_puts, 4u);
+  CHECK_EQ(s.max_depth, 2u);
+  // Trailing bytes after STOP are not read, as the unpickler does not read them.
+  CHECK(scan(b + "garbage").complete);
+}
+
+TEST(pickle_scan_refuses_memo_bomb) {
+  const Bytes b = "\x80\x02}r" + le(0x7fffffff, 4) + ".";
+  const std::string e = error_of(b);
+  CHECK(contains(e, "memo index 2147483647"));
+  CHECK(contains(e, "LONG_BINPUT at offset 3"));
+  CHECK(contains(error_of(b, full()), "LONG_BINPUT"));
+  // Text PUT (protocol 0) in a full load.
+  CHECK(contains(error_of("(lp99999999999\n.", full()), "PUT at offset 2"));
+}
+
+TEST(pickle_scan_memo_index_must_be_justified_by_the_stores) {
+  // One store, at index 20: fewer bytes than 20 but only one PUT.
+  Bytes b = "\x80\x02]q\x14" + Bytes(30, 'N') + "0.";
+  b = "\x80\x02]q\x14" + Bytes(30, ']') + ".";
+  const std::string e = error_of(b);
+  CHECK(contains(e, "memo index 20 exceeds the 1 memo stores"));
+  CHECK(contains(e, "BINPUT at offset 3"));
+  // Sequential stores pass; so does storing again at an index below the count.
+  CHECK(scan("\x80\x02]q\x00]q\x01]q\x00."s).complete);
+}
+
+TEST(pickle_scan_refuses_get_of_unstored_index) {
+  CHECK(contains(error_of("\x80\x02]q\x00h\x01."s), "memo index 1 was never stored"));
+  CHECK(contains(error_of("\x80\x02j" + le(0xffffffff, 4) + "."), "LONG_BINGET at offset 2"));
+}
+
+TEST(pickle_scan_refuses_lengths_past_the_end) {
+  CHECK(contains(error_of("\x80\x02X" + le(0xfffffff0u, 4) + "abc."), "runs past the end"));
+  CHECK(contains(error_of("\x80\x02X\x01\x00"s), "BINUNICODE at offset 2"));
+  CHECK(contains(error_of("\x80\x05\x8e" + le(1ull << 62, 8) + ".", full()),
+                 "BINBYTES8 at offset 2"));
+  CHECK(contains(error_of("\x80\x05\x95" + le(1ull << 40, 8) + "N.", full()), "a frame of"));
+  CHECK(contains(error_of("\x80\x02T" + le(0x80000000u, 4) + ".", full()), "negative length"));
+  CHECK(contains(error_of("\x80\x02J\x01\x02"), "the argument of 4 bytes"));
+  CHECK(contains(error_of("\x80\x02" "cos\nsys"), "has no end"));
+}
+
+TEST(pickle_scan_refuses_truncation) {
+  const Bytes b = small_dict();
+  for (std::size_t cut = 0; cut < b.size(); ++cut) {
+    CHECK(!error_of(b.substr(0, cut)).empty());
+  }
+  CHECK(contains(error_of("\x80\x02N"), "without a STOP"));
+  CHECK(contains(error_of(""), "without a STOP"));
+}
+
+TEST(pickle_scan_refuses_deep_nesting) {
+  // (((...))) built from TUPLE1: 1000 levels pass, 1001 do not.
+  const Bytes ok = "\x80\x02)" + Bytes(999, '\x85') + ".";
+  CHECK_EQ(scan(ok).max_depth, 1000u);
+  const std::string e = error_of("\x80\x02)" + Bytes(1000, '\x85') + ".");
+  CHECK(contains(e, "nest deeper than 1000"));
+  CHECK(contains(e, "TUPLE1 at offset 1002"));
+  // Lists nested by APPEND: the depth flows into the list that receives the child.
+  Bytes lists = "\x80\x02" + Bytes(1200, ']') + Bytes(1199, 'a') + ".";
+  CHECK(contains(error_of(lists), "nest deeper"));
+  // Open MARKs.
+  CHECK(contains(error_of("\x80\x02" + Bytes(1001, '(') + "."), "MARKs are open"));
+  PickleScanOptions shallow;
+  shallow.max_depth = 3;
+  CHECK(scan(small_dict(), shallow).complete);
+  shallow.max_depth = 1;  // the list inside the dict's MARK opens a second MARK
+  CHECK(contains(error_of(small_dict(), shallow), "more than 1 MARKs are open"));
+}
+
+TEST(pickle_scan_weights_only_opcodes_match_torch) {
+  // What torch's weights-only unpickler refuses (FRAME, BINBYTES, INST, EXT1, STACK_GLOBAL...).
+  const char* refused[] = {"\x95", "B", "i", "\x82", "\x93", "\x94", "\x8c", "P", "0", "2"};
+  for (const char* op : refused) {
+    const std::string e = error_of("\x80\x02" + Bytes(op, 1) + ".");
+    CHECK(contains(e, "not supported by torch's weights-only unpickler"));
+    CHECK(contains(e, "at offset 2"));
+  }
+  CHECK(contains(error_of("\x80\x02\xff."), "unknown opcode 0xff"));
+  // A full load leaves unknown opcodes to the unpickler, which fails there.
+  const PickleScan lenient = scan("\x80\x02\xff" + Bytes(10, 'X'), full());
+  CHECK(!lenient.complete);
+  CHECK_EQ(lenient.end, 0u);
+}
+
+TEST(pickle_scan_full_mode_reads_every_protocol) {
+  // Protocol 4: FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL, EMPTY_SET/ADDITEMS, GET text.
+  Bytes b = "\x8c\x01m\x94\x8c\x01n\x94\x93\x94";
+  b += "\x8f(K\x01K\x02\x90";                          // {1, 2}
+  b += "h\x00"s "0" "(" "0" "2" "0";                    // GET, POP, MARK popped by POP, DUP
+  b += ".";
+  b = "\x80\x04\x95" + le(b.size(), 8) + b;  // one frame holding every other opcode
+  const PickleScan s = scan(b, full());
+  CHECK(s.complete);
+  CHECK_EQ(s.memo_puts, 3u);
+  CHECK(contains(error_of(b), "FRAME"));  // not in weights-only mode
+}
+
+TEST(pickle_scan_refuses_stack_underflow) {
+  CHECK(contains(error_of("\x80\x02R."), "stack underflow"));
+  CHECK(contains(error_of("\x80\x02."), "stack underflow"));
+  CHECK(contains(error_of("\x80\x02t."), "no MARK"));
+  CHECK(contains(error_of("\x80\x02N(q\x00."s), "BINPUT at offset 4"));
+}
+
+TEST(pickle_scan_is_linear) {
+  // A 20,000-entry dict of memoized tuples scans quickly and within its size.
+  Bytes b = "\x80\x02}q\x00("s;
+  std::uint32_t memo = 1;
+  for (int i = 0; i < 20000; ++i) {
+    b += binunicode("layer." + std::to_string(i)) + "r" + le(memo++, 4);
+    b += "K\x01K\x02\x86r" + le(memo++, 4);
+  }
+  b += "u.";
+  const PickleScan s = scan(b);
+  CHECK_EQ(s.memo_puts, 40001u);
+  CHECK_EQ(s.opcodes, 4u + 20000u * 6u + 2u);
+}
