@@ -51,6 +51,7 @@ WORKLOADS: dict[str, Callable[[], Any]] = {
 
 
 def _prime_writes(directory: str, nbytes: int) -> None:
+    # As ckptio.benchmark.runner.prime_writes; a copy, since the build under test may predate it.
     scratch = os.path.join(directory, "prime.bin")
     block = b"\0" * (16 << 20)
     with open(scratch, "wb") as f:

@@ -14,27 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 import ckptio
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from workloads import gpt2_medium_state_dict  # noqa: E402
-
-
-def _prime_page_cache_writes(directory: str, nbytes: int) -> None:
-    scratch = os.path.join(directory, "prime.bin")
-    block = b"\0" * (16 << 20)
-    with open(scratch, "wb") as f:
-        for _ in range(max(1, int(nbytes * 1.2) // len(block))):
-            f.write(block)
-    os.unlink(scratch)
+from ckptio.benchmark.runner import prime_writes
+from ckptio.benchmark.workloads import gpt2_medium_state_dict
 
 
 def _interleaved(
@@ -96,7 +84,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         p_ck, p_th = os.path.join(d, "ckptio.pt"), os.path.join(d, "torch.pt")
-        prime = lambda: _prime_page_cache_writes(d, nbytes)  # noqa: E731
+        prime = lambda: prime_writes(d, nbytes)  # noqa: E731
         saves = _interleaved(
             {
                 "torch.save": lambda: torch.save(sd, p_th),

@@ -25,7 +25,7 @@ import torch
 from . import _core
 from ._archive import ArchiveReader
 from ._staging import stream_to_device
-from ._unpickler import StorageLoader, _ascii, make_unpickler
+from ._unpickler import PlaceholderLoader, unpickle_placeholders
 from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
@@ -53,32 +53,6 @@ class ReadItem:
     nbytes: int
     dest: torch.Tensor
     then: Any = field(default=None, repr=False)
-
-
-class _PlaceholderLoader(StorageLoader):
-    """Hands the unpickler ``meta`` storages and remembers which record each stands for."""
-
-    def __init__(self, archive: ArchiveReader) -> None:
-        super().__init__(archive, "meta")
-        self.by_key: dict[str, torch.storage.TypedStorage] = {}
-        self.offset_of: dict[int, int] = {}  # id of the meta StorageImpl -> record data offset
-
-    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
-        key = _ascii(saved_id[2]) if isinstance(saved_id, tuple) and len(saved_id) == 5 else None
-        if isinstance(key, str) and key in self.by_key:
-            return self.by_key[key]
-        typed = super().persistent_load(saved_id)  # validates the id; a meta storage
-        assert isinstance(key, str)
-        rec = self.archive.record(f"data/{key}")
-        nbytes = typed._untyped_storage.nbytes()
-        if rec.size < nbytes:
-            raise CheckpointError(
-                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its storage "
-                f"needs {nbytes}"
-            )
-        self.by_key[key] = typed
-        self.offset_of[typed._untyped_storage._cdata] = rec.data_offset
-        return typed
 
 
 def _flatten(obj: Any) -> dict[Path, torch.Tensor]:
@@ -123,22 +97,6 @@ def _open(f: FileLike) -> tuple[Any, Any]:
     if adopted is not None:
         return adopted, adopted
     return _core.BufferSource(_read_file_object(f), _display_name(f)), None
-
-
-def _plan_from_file(archive: ArchiveReader) -> tuple[Any, _PlaceholderLoader]:
-    loader = _PlaceholderLoader(archive)
-    unpickler = make_unpickler(
-        archive.read("data.pkl"), loader, weights_only=True, pickle_module=None
-    )
-    try:
-        obj = unpickler.load()
-    except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        raise CheckpointError(
-            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
-        ) from e
-    return obj, loader
 
 
 def _item_for(src: torch.Tensor, dest: torch.Tensor, base: int) -> ReadItem:
@@ -269,7 +227,7 @@ def _load_into_archive(
         raise CheckpointError(
             f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
         )
-    loaded, loader = _plan_from_file(archive)
+    loaded, loader = unpickle_placeholders(archive)
     plan = _match(target, loaded, loader, strict, source.name)
     read_items(source, plan.items)
     return plan.keys
@@ -280,7 +238,7 @@ class _Plan(NamedTuple):
     keys: IncompatibleKeys
 
 
-def _match(target: Any, loaded: Any, loader: _PlaceholderLoader, strict: bool, name: str) -> _Plan:
+def _match(target: Any, loaded: Any, loader: PlaceholderLoader, strict: bool, name: str) -> _Plan:
     dests = _flatten(target)
     srcs = _flatten(loaded)
     missing = [_name(p) for p in dests if p not in srcs]
@@ -306,7 +264,8 @@ def _match(target: Any, loaded: Any, loader: _PlaceholderLoader, strict: bool, n
             continue
         if src.numel() == 0:
             continue
-        base = loader.offset_of.get(src.untyped_storage()._cdata)
+        placed = loader.placed.get(src.untyped_storage()._cdata)
+        base = None if placed is None else placed[2]
         if base is None:
             errors.append(f"{_name(path)!r}: the file's tensor has no storage record")
             continue

@@ -22,8 +22,8 @@ import torch
 
 from . import _core, _safetensors
 from ._archive import ArchiveReader
-from ._unpickler import StorageLoader, make_unpickler
-from ._util import contiguous_strides, gc_paused
+from ._unpickler import unpickle_placeholders
+from ._util import contiguous_strides
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -179,27 +179,11 @@ class CheckpointHandle:
         from .serialization import _check_version
 
         _check_version(archive)
-        loader = _PlaceholderLoader(archive)
-        unpickler = make_unpickler(
-            archive.read("data.pkl"),
-            loader,
-            weights_only=True,
-            pickle_module=None,
-            encoding="utf-8",
-        )
-        try:
-            with gc_paused():
-                obj = unpickler.load()
-        except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise CheckpointError(
-                f"{self.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
-            ) from e
+        obj, loader = unpickle_placeholders(archive)
         for path, value in _walk(obj, ()):
             name = ".".join(str(p) for p in path)
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                placed = loader.storages.get(value.untyped_storage()._cdata)
+                placed = loader.placed.get(value.untyped_storage()._cdata)
                 if placed is None:  # a tensor without storage (saved on meta)
                     self.paths_of_non_tensors[path] = value
                     self.non_tensors[name] = value
@@ -486,33 +470,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((start, length))
     return out
-
-
-# ------------------------------------------------------------------------------ placeholders
-class _PlaceholderLoader(StorageLoader):
-    """A storage loader that reads nothing: every storage is a meta storage of the right size,
-    remembered with its key, saved location and record offset."""
-
-    def __init__(self, archive: ArchiveReader) -> None:
-        super().__init__(archive, "meta", None)
-        self.storages: dict[int, tuple[str, str, int]] = {}
-        self._alive: list[Any] = []  # keeps StorageImpl addresses unique while we map them
-
-    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
-        typed = super().persistent_load(saved_id)
-        _, _, key, location, _ = saved_id
-        key = key.decode("ascii") if isinstance(key, bytes) else key
-        location = location.decode("ascii") if isinstance(location, bytes) else location
-        rec = self.archive.record(f"data/{key}")
-        nbytes = typed._untyped_storage.nbytes()
-        if rec.size < nbytes:
-            raise CheckpointError(
-                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its "
-                f"storage needs {nbytes}"
-            )
-        self._alive.append(typed)
-        self.storages[typed._untyped_storage._cdata] = (key, location, rec.data_offset)
-        return typed
 
 
 def _is_meta(map_location: Any) -> bool:

@@ -31,10 +31,17 @@ import torch
 
 from . import _core, _staging
 from ._archive import ArchiveReader
+from ._util import gc_paused
 from .errors import CheckpointError, UnsafeGlobalError
 from .settings import get_options
 
-__all__ = ["StorageLoader", "make_unpickler", "scan_pickle"]
+__all__ = [
+    "PlaceholderLoader",
+    "StorageLoader",
+    "make_unpickler",
+    "scan_pickle",
+    "unpickle_placeholders",
+]
 
 # Storages below this size share one host block per load (see StorageLoader._host_storage).
 _SMALL_STORAGE_BYTES = 1 << 20
@@ -560,6 +567,56 @@ def _full_unpickler_class(pickle_module: Any) -> type:
 
 
 _FULL_UNPICKLERS: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+
+
+class PlaceholderLoader(StorageLoader):
+    """A storage loader that reads nothing, for parsing a file's structure (``ckptio.open``,
+    ``load_into``, ``ckptio verify``): each storage is a ``meta`` storage of the right size,
+    one per key (so ties survive), remembered with its key, saved location and the data
+    offset of its record, whose size is checked against the storage's."""
+
+    def __init__(self, archive: ArchiveReader) -> None:
+        super().__init__(archive, "meta", None)
+        self.by_key: dict[str, torch.storage.TypedStorage] = {}  # also keeps addresses unique
+        #: id of each meta StorageImpl (``untyped_storage()._cdata``) -> (key, location,
+        #: record data offset)
+        self.placed: dict[int, tuple[str, str, int]] = {}
+
+    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
+        key = _ascii(saved_id[2]) if isinstance(saved_id, tuple) and len(saved_id) == 5 else None
+        if isinstance(key, str) and key in self.by_key:
+            return self.by_key[key]
+        typed = super().persistent_load(saved_id)  # validates the id; a meta storage
+        key, location = _ascii(saved_id[2]), _ascii(saved_id[3])
+        rec = self.archive.record(f"data/{key}")
+        nbytes = typed._untyped_storage.nbytes()
+        if rec.size < nbytes:
+            raise CheckpointError(
+                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its "
+                f"storage needs {nbytes}"
+            )
+        self.by_key[key] = typed
+        self.placed[typed._untyped_storage._cdata] = (key, location, rec.data_offset)
+        return typed
+
+
+def unpickle_placeholders(archive: ArchiveReader) -> tuple[Any, PlaceholderLoader]:
+    """The object in `archive`'s data.pkl, unpickled weights-only over placeholder (meta)
+    storages, and the loader that tells where each storage's bytes are."""
+    loader = PlaceholderLoader(archive)
+    unpickler = make_unpickler(
+        archive.read("data.pkl"), loader, weights_only=True, pickle_module=None, encoding="utf-8"
+    )
+    try:
+        with gc_paused():
+            obj = unpickler.load()
+    except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+        ) from e
+    return obj, loader
 
 
 def make_unpickler(

@@ -62,7 +62,7 @@ def _scratch_directory(settings: Settings) -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="ckptio-bench-", dir=settings.directory)
 
 
-def _prime_writes(directory: str, nbytes: int) -> None:
+def prime_writes(directory: str, nbytes: int) -> None:
     """Writes and deletes a throwaway file of ~1.2x the payload: on these VMs the first writes
     after idle run several times slower, which would penalise whichever save runs first."""
     scratch = os.path.join(directory, "prime.bin")
@@ -200,7 +200,7 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
             if f in failed:
                 continue
             if not settings.quick:
-                _prime_writes(d, nbytes)
+                prime_writes(d, nbytes)
             t0 = time.perf_counter()
             try:
                 FORMATS[f].save(payload[f], paths[f])
