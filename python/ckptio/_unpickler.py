@@ -217,11 +217,7 @@ class StorageLoader:
             data_offset, record_size, method = (0, 0, 1)
         if method != 0:
             self.archive.record(f"data/{key}")  # raises the error that names the problem
-        if record_size < nbytes:
-            raise CheckpointError(
-                f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
-                f"storage needs {nbytes}"
-            )
+        self._check_record_size(key, record_size, nbytes)
         staged = self._staged_target(location)
         if staged is not None:
             # Straight to the device through the pinned staging ring (_staging.py), mmap or
@@ -257,6 +253,15 @@ class StorageLoader:
             ):
                 self.location_error = e
             raise
+
+    def _check_record_size(self, key: str, record_size: int, nbytes: int) -> None:
+        # torch.load refuses a record whose size differs from its storage's (numel x element
+        # size) in either direction; a larger record would otherwise load a different tensor.
+        if record_size != nbytes:
+            raise CheckpointError(
+                f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
+                f"storage needs {nbytes} (numel x element size; they must be equal)"
+            )
 
     def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
         """Where a storage saved at `location` streams to, when map_location sends it to a
@@ -590,11 +595,7 @@ class PlaceholderLoader(StorageLoader):
         key, location = _ascii(saved_id[2]), _ascii(saved_id[3])
         rec = self.archive.record(f"data/{key}")
         nbytes = typed._untyped_storage.nbytes()
-        if rec.size < nbytes:
-            raise CheckpointError(
-                f"{self.archive.name}: record data/{key} holds {rec.size} bytes but its "
-                f"storage needs {nbytes}"
-            )
+        self._check_record_size(key, rec.size, nbytes)
         self.by_key[key] = typed
         self.placed[typed._untyped_storage._cdata] = (key, location, rec.data_offset)
         return typed
