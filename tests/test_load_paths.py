@@ -5,11 +5,16 @@
 * The shortcut that builds TypedStorage objects is only taken where it builds what the
   constructor builds.
 * Many small storages (the arena and the directory reader's paths) load as torch loads them.
+* The background read of small storages (overlap_reads) gives the same result, is waited for
+  before any code from the file can see a storage, raises its errors, and never outlives a
+  load.
 """
 
 from __future__ import annotations
 
 import gc
+import io
+import threading
 import weakref
 from pathlib import Path
 
@@ -17,7 +22,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import _unpickler
+from ckptio import _archive, _unpickler
 
 from conftest import assert_same, assert_same_sharing
 
@@ -101,3 +106,123 @@ def test_pickle_of_tensors_with_python_state_is_torchs(tmp_path: Path) -> None:
         assert zc.read("c/data.pkl") == zt.read("t/data.pkl")
     loaded = ckptio.load(tmp_path / "c.pt", weights_only=False)
     assert loaded["stateful"].note == "kept"
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ckptio-prefetch"]
+
+
+def _count_prefetches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    started: list[int] = []
+    original = _unpickler.StorageLoader._start_prefetch
+
+    def spy(self: _unpickler.StorageLoader, arena: object) -> None:
+        started.append(1)
+        original(self, arena)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_unpickler.StorageLoader, "_start_prefetch", spy)
+    return started
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "after"])
+@pytest.mark.parametrize("weights_only", [True, False], ids=["weights_only", "full"])
+@pytest.mark.parametrize("writer", ["torch", "ckptio"])
+@pytest.mark.parametrize("source", ["path", "bytesio"])
+def test_overlapped_small_reads_match_torch(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    overlap: bool,
+    weights_only: bool,
+    writer: str,
+    source: str,
+) -> None:
+    sd = _many_small(120)
+    sd["big"] = torch.arange(300_000, dtype=torch.float32)  # its own block, read afterwards
+    sd["empty"] = torch.zeros(0)
+    path = tmp_path / "m.pt"
+    (torch.save if writer == "torch" else ckptio.save)(sd, path)
+    started = _count_prefetches(monkeypatch)
+    f: object = path if source == "path" else io.BytesIO(path.read_bytes())
+    with ckptio.options(overlap_reads=overlap):
+        ours = ckptio.load(f, weights_only=weights_only)  # type: ignore[arg-type]
+    assert len(started) == (1 if overlap else 0)
+    theirs = torch.load(path, weights_only=weights_only)
+    assert_same(ours, theirs)
+    assert_same_sharing(ours, theirs)
+    assert_same(ours, sd)
+    assert not _prefetch_threads()
+
+
+def _observed_sum(t: torch.Tensor) -> float:
+    return float(t.double().sum())
+
+
+class _SumProbe:
+    """Unpickles to the sum of a tensor's values as seen while the pickle is being loaded."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+    def __reduce__(self) -> tuple[object, tuple[torch.Tensor]]:
+        return (_observed_sum, (self.t,))
+
+
+def test_code_from_the_file_sees_prefetched_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd: dict[str, object] = dict(_many_small(200))
+    probed = torch.arange(1.0, 513.0)
+    sd["probe"] = _SumProbe(probed)  # unpickled after 200 small storages have been queued
+    sd["after"] = torch.full((64,), 7.0)
+    path = tmp_path / "p.pt"
+    torch.save(sd, path)
+    started = _count_prefetches(monkeypatch)
+    loaded = ckptio.load(path, weights_only=False)
+    assert started == [1]
+    assert loaded["probe"] == float(probed.double().sum())
+    assert_same(loaded["after"], sd["after"])
+    assert_same({k: loaded[k] for k in _many_small(200)}, _many_small(200))
+
+
+class _FailingSource:
+    """A source whose parallel reads fail, as a vanishing disk would."""
+
+    def __init__(self, source: object) -> None:
+        self._source = source
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._source, name)
+
+    def read_into(self, *args: object) -> None:
+        raise OSError(5, "injected read failure")
+
+
+def test_background_read_errors_surface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "m.pt"
+    ckptio.save(_many_small(50), path)
+    original = _archive.ArchiveReader.__init__
+
+    def init(self: _archive.ArchiveReader, source: object) -> None:
+        original(self, source)  # type: ignore[arg-type]
+        self.source = _FailingSource(self.source)  # type: ignore[assignment]
+
+    monkeypatch.setattr(_archive.ArchiveReader, "__init__", init)
+    started = _count_prefetches(monkeypatch)
+    with pytest.raises(OSError, match="injected read failure"):
+        ckptio.load(path)
+    assert started == [1]
+    assert not _prefetch_threads()
+
+
+def test_failed_load_leaves_no_read_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd: dict[str, object] = dict(_many_small(100))
+    sd["refused"] = _SumProbe(torch.ones(3))  # a global weights-only loading refuses
+    path = tmp_path / "r.pt"
+    torch.save(sd, path)
+    started = _count_prefetches(monkeypatch)
+    with pytest.raises(ckptio.UnsafeGlobalError):
+        ckptio.load(path)
+    assert started == [1]
+    assert not _prefetch_threads()

@@ -220,14 +220,17 @@ def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[
     archive = SafetensorsArchive(source, header)
     loader = StorageLoader(archive, map_location, mapping)
     tensors: dict[str, torch.Tensor] = {}
-    for i, entry in enumerate(header.tensors):
-        typed = loader.persistent_load(
-            ("storage", torch.UntypedStorage, str(i), "cpu", entry.nbytes)
-        )
-        untyped = typed._untyped_storage
-        t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
-        tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
-    loader.flush()
+    try:
+        for i, entry in enumerate(header.tensors):
+            typed = loader.persistent_load(
+                ("storage", torch.UntypedStorage, str(i), "cpu", entry.nbytes)
+            )
+            untyped = typed._untyped_storage
+            t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
+            tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
+        loader.flush()
+    finally:
+        loader.join_prefetch()  # a failed load leaves no read running
     return {name: tensors[name] for name in _header_order(source, header)}
 
 

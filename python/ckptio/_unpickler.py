@@ -9,11 +9,13 @@ Two unpicklers share one storage loader:
 * full (``weights_only=False``): ``pickle_module.Unpickler`` as torch uses it.
 
 Storages resolve by key, so sharing and views come back exactly as torch rebuilds them. Eager
-CPU loads allocate every storage while unpickling and fill them all afterwards in one parallel
-read (the GIL released). That is safe because the functions that rebuild plain tensors never
-read storage data. The first global outside that known set (a user class, a quantized-tensor
-rebuild...) makes the loader flush what is pending and read each later storage as soon as it
-is created, so such code always sees real data. Storages that map_location sends to a CUDA
+CPU loads allocate every storage while unpickling and fill them in parallel reads (the GIL
+released): the small ones on a background thread while unpickling goes on (overlap_reads),
+the others in one batch afterwards. That is safe because the functions that rebuild plain
+tensors never read storage data. The first global outside that known set (a user class, a
+quantized-tensor rebuild...) makes the loader flush what is pending (waiting for the
+background read) and read each later storage as soon as it is created, so such code always
+sees real data. Storages that map_location sends to a CUDA
 device get their own device allocation and are filled the same way, through the pinned
 staging ring of _staging.py.
 """
@@ -24,6 +26,7 @@ import _compat_pickle
 import array
 import io
 import pickle
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -146,6 +149,10 @@ class StorageLoader:
         self.deferred = True  # until a data-reading global appears
         self._arena: memoryview | None = None
         self._arena_offsets: dict[str, int] = {}
+        # The background read of every small record into the arena (overlap_reads), and the
+        # exception it ended with.
+        self._prefetch: threading.Thread | None = None
+        self._prefetch_error: BaseException | None = None
         # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
         # flat uint8 tensor).
         self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
@@ -235,7 +242,7 @@ class StorageLoader:
             storage = self._mapped(data_offset, nbytes)
         else:
             storage = self._host_storage(key, nbytes, record_size)
-            if nbytes:
+            if nbytes and not (self._prefetch is not None and record_size < _SMALL_STORAGE_BYTES):
                 self.pending.extend((data_offset, nbytes, storage.data_ptr()))
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
@@ -301,6 +308,8 @@ class StorageLoader:
             if self._arena is None:
                 arena, self._arena_offsets = _plan_arena(self.archive)
                 self._arena = memoryview(arena)  # one buffer export, shared by every storage
+                if self.deferred and get_options().overlap_reads:
+                    self._start_prefetch(arena)
             buffer: Any = self._arena
             offset = self._arena_offsets[key]
         else:
@@ -308,6 +317,52 @@ class StorageLoader:
         return torch.frombuffer(
             buffer, dtype=torch.uint8, count=nbytes, offset=offset
         ).untyped_storage()
+
+    def _start_prefetch(self, arena: _core.HostBuffer) -> None:
+        """Starts reading every small stored record into its arena slot on a background
+        thread (the GIL released while it reads), so the read overlaps the unpickling.
+
+        Records the pickle never names are read too (their slots exist anyway): one batch in
+        file order instead of one request per storage as they are met. flush() waits for it,
+        so nothing sees a storage before its data is there.
+        """
+        requests = array.array("Q")
+        base = arena.address
+        records = self.archive.records
+        for key, slot in self._arena_offsets.items():
+            data_offset, size, method = records["data/" + key]
+            if size and method == 0:
+                requests.extend((data_offset, size, base + slot))
+        if not requests:
+            return
+        opts = get_options()  # the caller's (thread-local) options, not the reader thread's
+        read_into = self.archive.source.read_into
+
+        def run() -> None:
+            try:
+                read_into(requests, opts.threads, opts.chunk_bytes)
+            except BaseException as e:  # re-raised by flush() in the loading thread
+                self._prefetch_error = e
+
+        # The closure holds the arena and the source: both outlive the read even if the load
+        # fails and drops them first.
+        thread = threading.Thread(target=run, name="ckptio-prefetch", daemon=True)
+        thread.start()
+        self._prefetch = thread
+
+    def wait_prefetch(self) -> None:
+        """Waits for the background read (if any) and raises what it raised."""
+        if self._prefetch is not None:
+            self._prefetch.join()
+            error, self._prefetch_error = self._prefetch_error, None
+            if error is not None:
+                raise error
+
+    def join_prefetch(self) -> None:
+        """Waits for the background read without raising: for paths already failing, so no
+        read outlives the load."""
+        if self._prefetch is not None:
+            self._prefetch.join()
 
     # -- scheduling ------------------------------------------------------------------------
     def note_global(self, full_name: str, obj: Any) -> None:
@@ -319,6 +374,7 @@ class StorageLoader:
 
     def flush(self) -> None:
         """Reads every pending storage (one parallel batch, GIL released)."""
+        self.wait_prefetch()
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
             self.archive.read_many(pending)

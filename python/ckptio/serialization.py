@@ -424,6 +424,7 @@ def _unpickle(
             f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
     finally:
+        loader.join_prefetch()  # a failed load leaves no read running
         if tls is not None:
             tls.map_location = None
     torch._utils._validate_loaded_sparse_tensors()

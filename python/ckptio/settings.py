@@ -54,6 +54,9 @@ class Options:
     #: Back large storages of eager loads with transparent huge pages (fewer first-touch page
     #: faults). Env: ``CKPTIO_HUGE_PAGES``.
     huge_pages: bool = True
+    #: Eager loads read the small storages (under 1 MiB) on a background thread while
+    #: data.pkl is unpickled, instead of after it. Env: ``CKPTIO_OVERLAP_READS``.
+    overlap_reads: bool = True
     #: Bytes of one pinned host staging buffer for GPU loads and saves (storages bigger than
     #: this stream through in pieces; small ones share a buffer). Env:
     #: ``CKPTIO_STAGING_BUFFER_BYTES``.
@@ -82,7 +85,7 @@ class Options:
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
-        for name in ("crc32", "durable", "preallocate", "huge_pages"):
+        for name in ("crc32", "durable", "preallocate", "huge_pages", "overlap_reads"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -95,6 +98,7 @@ _ENV = {
     "durable": "CKPTIO_DURABLE",
     "preallocate": "CKPTIO_PREALLOCATE",
     "huge_pages": "CKPTIO_HUGE_PAGES",
+    "overlap_reads": "CKPTIO_OVERLAP_READS",
     "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",
