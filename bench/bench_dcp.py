@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
-import time
 import warnings
 from typing import Any, Callable
 
@@ -26,14 +24,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 import ckptio.dcp
+from ckptio.benchmark._measure import timed
+from ckptio.benchmark.report import print_medians
 
 from workloads import gpt2_medium_state_dict
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _seconds(fn: Callable[[], object]) -> float:
+    return timed(fn)[0]
 
 
 def main() -> None:
@@ -69,14 +67,16 @@ def main() -> None:
         for r in range(args.rounds):
             for name, make in writers.items():
                 shutil.rmtree(paths[name], ignore_errors=True)
-                seconds = _timed(lambda m=make, p=paths[name]: dcp.save(state, storage_writer=m(p)))
+                seconds = _seconds(
+                    lambda m=make, p=paths[name]: dcp.save(state, storage_writer=m(p))
+                )
                 times.setdefault(f"save: {name}", []).append(seconds)
             for name, make in readers.items():
                 for v in target.values():
                     if torch.is_tensor(v):
                         v.zero_()
                 path = paths[read_from[name]]
-                seconds = _timed(lambda m=make, p=path: dcp.load(target, storage_reader=m(p)))
+                seconds = _seconds(lambda m=make, p=path: dcp.load(target, storage_reader=m(p)))
                 times.setdefault(f"load: {name}", []).append(seconds)
                 bad = [
                     k
@@ -88,9 +88,7 @@ def main() -> None:
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
     print(f"\nstate dict: {nbytes / 1e6:.0f} MB of tensors, {args.rounds} rounds, 1 process")
-    print(f"{'candidate':40s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
-    for name, values in times.items():
-        print(f"{name:40s} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
+    print_medians(times)
 
 
 if __name__ == "__main__":

@@ -14,21 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import time
 from typing import Callable
 
 import torch
 
 import ckptio
+from ckptio.benchmark._measure import timed
+from ckptio.benchmark.report import print_medians
 
 from workloads import gpt2_medium_state_dict
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _fsync(path: str) -> None:
@@ -38,6 +33,10 @@ def _fsync(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    return timed(fn)[0]
 
 
 def main() -> None:
@@ -64,15 +63,15 @@ def main() -> None:
 
     try:
         for r in range(args.rounds):
-            record("torch.save", _timed(lambda: torch.save(sd, path)))
+            record("torch.save", _seconds(lambda: torch.save(sd, path)))
             with ckptio.options(durable=False):
-                record("ckptio.save durable=False", _timed(lambda: ckptio.save(sd, path)))
+                record("ckptio.save durable=False", _seconds(lambda: ckptio.save(sd, path)))
             with ckptio.options(durable=True):
-                record("ckptio.save durable=True", _timed(lambda: ckptio.save(sd, path)))
+                record("ckptio.save durable=True", _seconds(lambda: ckptio.save(sd, path)))
             # durable's extra work, isolated from the noise of whole saves: the fsyncs of a
             # file that a durable=False save has just written, and of its directory.
             ckptio.save(sd, path)
-            record("  fsync of file + directory", _timed(lambda: _fsync(path)))
+            record("  fsync of file + directory", _seconds(lambda: _fsync(path)))
             write_async()
             print(f"round {r + 1}/{args.rounds} done", flush=True)
         loaded = ckptio.load(path)
@@ -81,9 +80,7 @@ def main() -> None:
         shutil.rmtree(args.dir, ignore_errors=True)
 
     print(f"\nstate dict: {nbytes / 1e6:.0f} MB, {len(sd)} tensors, {args.rounds} rounds")
-    print(f"{'candidate':32s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
-    for name, values in times.items():
-        print(f"{name:32s} {statistics.median(values):9.3f} {min(values):7.3f} {max(values):7.3f}")
+    print_medians(times)
     first_async = times["async_save: caller blocked"][0]
     print(f"(first async_save allocates its staging buffer: blocked {first_async:.3f} s)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from typing import Any, Optional
 
 __all__ = ["markdown", "plot", "write_json"]
@@ -74,6 +75,14 @@ def markdown(results: dict[str, Any]) -> str:
                 else:
                     lines.append(f"| {k} | {v['s']:.3f} | {lim['bytes'] / v['s'] / 1e9:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def print_medians(times: dict[str, list[float]]) -> None:
+    """Prints one line per candidate: median, min and max of its timings (seconds)."""
+    width = max([9, *map(len, times)]) + 1
+    print(f"{'candidate':{width}s} {'median s':>9s} {'min s':>7s} {'max s':>7s}")
+    for name, v in times.items():
+        print(f"{name:{width}s} {statistics.median(v):9.3f} {min(v):7.3f} {max(v):7.3f}")
 
 
 def write_json(results: dict[str, Any], path: str) -> None:
