@@ -760,3 +760,50 @@ def test_large_storages_with_and_without_huge_pages(tmp_path: Path, huge_pages: 
         loaded = ckptio.load(tmp_path / "big.pt")
     assert_same(loaded, big)
     assert not loaded["a"].untyped_storage().resizable()  # as torch.load's storages
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])
+def test_storages_are_resizable_exactly_where_torch_loads_are(tmp_path: Path, mmap: bool) -> None:
+    obj = {
+        "large": torch.randn(3 << 18),
+        "small": torch.arange(10),
+        "empty": torch.empty(0),
+        "empty-2d": torch.empty(0, 7),
+        "view": torch.arange(40.0).view(4, 10)[1:, 2:],
+    }
+    torch.save(obj, tmp_path / "r.pt")
+    ours = ckptio.load(tmp_path / "r.pt", mmap=mmap)
+    theirs = torch.load(tmp_path / "r.pt", mmap=mmap)
+    assert_same(ours, theirs)
+    for key in obj:
+        assert (
+            ours[key].untyped_storage().resizable() == theirs[key].untyped_storage().resizable()
+        ), key
+        assert ours[key].untyped_storage().nbytes() == theirs[key].untyped_storage().nbytes()
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping holding `address`, from /proc/self/smaps."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and ":" not in head:
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_large_storages_are_advised_for_huge_pages(tmp_path: Path) -> None:
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off on this machine")
+    torch.save({"a": torch.randn(16 << 20)}, tmp_path / "big.pt")  # 64 MiB
+    with ckptio.options(huge_pages=True):
+        loaded = ckptio.load(tmp_path / "big.pt")
+    storage = loaded["a"].untyped_storage()
+    middle = storage.data_ptr() + storage.nbytes() // 2
+    assert "hg" in _vm_flags(middle)  # MADV_HUGEPAGE
+    assert torch.equal(loaded["a"], torch.load(tmp_path / "big.pt")["a"])

@@ -135,6 +135,15 @@ void register_io(py::module_& m) {
       });
 
   m.def(
+      "advise_huge_pages",
+      [](std::uintptr_t address, std::size_t nbytes) {
+        return advise_huge_pages(reinterpret_cast<void*>(address), nbytes);
+      },
+      py::arg("address"), py::arg("nbytes"),
+      "Advises the whole pages of [address, address + nbytes) for transparent huge pages "
+      "before first touch (best effort; False when refused).");
+
+  m.def(
       "raw_memoryview",
       [](std::uintptr_t address, py::ssize_t nbytes, bool readonly) {
         if (nbytes < 0) throw InvalidArgument("nbytes must be >= 0");

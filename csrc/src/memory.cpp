@@ -1,6 +1,7 @@
 #include "ckptio/memory.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstddef>
 #include <cstdint>
@@ -45,6 +46,23 @@ HostBuffer::~HostBuffer() {
   } else {
     std::free(base_);
   }
+}
+
+bool advise_huge_pages(void* address, std::size_t size) noexcept {
+#ifdef MADV_HUGEPAGE
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  const std::uintptr_t kPage = page_size > 0 ? static_cast<std::uintptr_t>(page_size) : 4096;
+  const auto addr = reinterpret_cast<std::uintptr_t>(address);
+  if (size > UINTPTR_MAX - addr) return false;
+  const std::uintptr_t begin = (addr + kPage - 1) & ~(kPage - 1);
+  const std::uintptr_t end = (addr + size) & ~(kPage - 1);
+  if (end <= begin) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)address;
+  (void)size;
+  return false;
+#endif
 }
 
 }  // namespace ckptio

@@ -1,4 +1,5 @@
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #include "ckptio/memory.hpp"
@@ -48,4 +49,18 @@ TEST(host_buffer_without_huge_pages_stays_on_the_heap) {
 TEST(host_buffer_refuses_impossible_sizes) {
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true), std::bad_alloc);
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, false), std::bad_alloc);
+}
+
+TEST(advise_huge_pages_keeps_data_and_refuses_ranges_without_a_whole_page) {
+  // A heap block with data in it: advising its interior must not change a byte.
+  const std::size_t n = 4 * HostBuffer::kHugePageBytes;
+  auto* block = static_cast<std::uint8_t*>(std::malloc(n));
+  CHECK(block != nullptr);
+  for (std::size_t i = 0; i < n; i += 4096) block[i] = static_cast<std::uint8_t>(i >> 12);
+  (void)ckptio::advise_huge_pages(block, n);  // true unless THP is off
+  for (std::size_t i = 0; i < n; i += 4096) CHECK_EQ(block[i], static_cast<std::uint8_t>(i >> 12));
+  // No whole page inside: nothing is advised.
+  CHECK(!ckptio::advise_huge_pages(block + 1, 100));
+  CHECK(!ckptio::advise_huge_pages(block, 0));
+  std::free(block);
 }

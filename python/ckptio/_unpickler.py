@@ -46,6 +46,14 @@ __all__ = [
     "unpickle_placeholders",
 ]
 
+_UNKNOWN: Any = object()  # a memo's "not computed yet"
+
+# storage[a:b] without UntypedStorage.__getitem__'s Python wrapper (a meta check; these
+# storages are never meta): a storage over the same memory that keeps its parent alive and,
+# as torch.load's, cannot be resized.
+_StorageBase: Any = torch._C.StorageBase
+_slice: Callable[[torch.UntypedStorage, slice], torch.UntypedStorage] = _StorageBase.__getitem__
+
 # Storages below this size share one host block per load (see StorageLoader._host_storage).
 _SMALL_STORAGE_BYTES = 1 << 20
 
@@ -147,7 +155,7 @@ class StorageLoader:
         self.loaded: dict[str, torch.storage.TypedStorage] = {}
         self.pending = array.array("Q")
         self.deferred = True  # until a data-reading global appears
-        self._arena: memoryview | None = None
+        self._arena: torch.UntypedStorage | None = None
         self._arena_offsets: dict[str, int] = {}
         # The background read of every small record into the arena (overlap_reads), and the
         # exception it ended with.
@@ -157,7 +165,7 @@ class StorageLoader:
         # flat uint8 tensor).
         self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
         self._targets: dict[str, _staging.DeviceTarget | None] = {}  # by saved location
-        self._mapping_view: memoryview | None = None
+        self._mapped_file: torch.UntypedStorage | None = None  # the whole mapping
         self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
         self._identity: dict[str, bool | None] = {}
         self.location_error: BaseException | None = None  # raised by restore_location
@@ -175,7 +183,7 @@ class StorageLoader:
         if type(key) is not str or type(location) is not str:
             key, location = _ascii(key), _ascii(location)
         if (
-            _ascii(typename) != "storage"
+            (typename != "storage" and _ascii(typename) != "storage")
             or not isinstance(key, str)
             or not isinstance(location, str)
         ):
@@ -193,7 +201,7 @@ class StorageLoader:
             return cached
         storage = self._storage(numel * element_size, key, location)
         typed = _typed_storage(storage, dtype)
-        if storage.data_ptr() != 0:  # as torch: empty storages are not shared
+        if numel:  # as torch: empty storages are not shared
             self.loaded[key] = typed
         return typed
 
@@ -224,8 +232,11 @@ class StorageLoader:
             data_offset, record_size, method = (0, 0, 1)
         if method != 0:
             self.archive.record(f"data/{key}")  # raises the error that names the problem
-        self._check_record_size(key, record_size, nbytes)
-        staged = self._staged_target(location)
+        if record_size != nbytes:
+            self._check_record_size(key, record_size, nbytes)
+        staged = self._targets.get(location, _UNKNOWN)
+        if staged is _UNKNOWN:
+            staged = self._staged_target(location)
         if staged is not None:
             # Straight to the device through the pinned staging ring (_staging.py), mmap or
             # not: torch's result is the same device storage either way.
@@ -235,8 +246,8 @@ class StorageLoader:
                 if not self.deferred:
                     self.flush()
             return memory.untyped_storage()
-        identity = self._identity.get(location)
-        if identity is None and location not in self._identity:
+        identity = self._identity.get(location, _UNKNOWN)
+        if identity is _UNKNOWN:
             identity = self._identity[location] = _restore_identity(self.map_location, location)
         if self.mapping is not None:
             storage = self._mapped(data_offset, nbytes)
@@ -284,41 +295,39 @@ class StorageLoader:
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:
-            return torch.UntypedStorage(0)
-        if self._mapping_view is None:
-            # One buffer export for the whole load; each tensor keeps the view and through it
-            # the Mapping object (and so the mapping) alive.
-            self._mapping_view = memoryview(self.mapping)  # type: ignore[arg-type]
-        return torch.frombuffer(
-            self._mapping_view, dtype=torch.uint8, count=nbytes, offset=offset
-        ).untyped_storage()
+            return _empty_storage()
+        if self._mapped_file is None:
+            # One storage over the whole mapping; each tensor's storage is a slice of it (one
+            # C call), which keeps it and through it the Mapping object (and so the mapping)
+            # alive.
+            self._mapped_file = torch.frombuffer(
+                memoryview(self.mapping),  # type: ignore[arg-type]
+                dtype=torch.uint8,
+            ).untyped_storage()
+        return _slice(self._mapped_file, slice(offset, offset + nbytes))
 
     def _host_storage(self, key: str, nbytes: int, record_size: int) -> torch.UntypedStorage:
-        """A fresh, non-resizable CPU storage (as torch.load's) in memory ckptio allocates.
+        """A fresh, non-resizable CPU storage (as torch.load's).
 
-        Large storages get a block each, huge-page backed, so first-touch page faults do not
-        dominate the load, and each is freed with its tensors. Small ones are carved from one
-        block per load (sized from the archive's records): one allocation and one run of huge
-        pages instead of thousands of malloc'd fragments; that block is freed with the last of
-        them.
+        Large storages get their own block from torch's CPU allocator (:func:`host_memory`),
+        freed with its tensors. Small ones are slices of one block per load (sized from the
+        archive's records): one allocation and one run of huge pages instead of thousands of
+        malloc'd fragments; that block is freed with the last of them.
         """
         if nbytes == 0:
-            return torch.UntypedStorage(0)
+            return _empty_storage()
         if record_size < _SMALL_STORAGE_BYTES:
-            if self._arena is None:
+            arena = self._arena
+            if arena is None:
                 arena, self._arena_offsets = _plan_arena(self.archive)
-                self._arena = memoryview(arena)  # one buffer export, shared by every storage
+                self._arena = arena
                 if self.deferred and get_options().overlap_reads:
                     self._start_prefetch(arena)
-            buffer: Any = self._arena
             offset = self._arena_offsets[key]
-        else:
-            buffer, offset = _core.HostBuffer(nbytes, get_options().huge_pages), 0
-        return torch.frombuffer(
-            buffer, dtype=torch.uint8, count=nbytes, offset=offset
-        ).untyped_storage()
+            return _slice(arena, slice(offset, offset + nbytes))
+        return host_memory(nbytes)
 
-    def _start_prefetch(self, arena: _core.HostBuffer) -> None:
+    def _start_prefetch(self, arena: torch.UntypedStorage) -> None:
         """Starts reading every small stored record into its arena slot on a background
         thread (the GIL released while it reads), so the read overlaps the unpickling.
 
@@ -327,7 +336,7 @@ class StorageLoader:
         so nothing sees a storage before its data is there.
         """
         requests = array.array("Q")
-        base = arena.address
+        base = arena.data_ptr()
         records = self.archive.records
         for key, slot in self._arena_offsets.items():
             data_offset, size, method = records["data/" + key]
@@ -387,14 +396,34 @@ class StorageLoader:
                 _staging.load_into_storages(self.archive.source, requests, target.make_copier())
 
 
-def _plan_arena(archive: ArchiveReader) -> tuple[_core.HostBuffer, dict[str, int]]:
+def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str, int]]:
     offsets: dict[str, int] = {}
     total = 0
     for name, (_, size, _) in archive.records.items():
         if size < _SMALL_STORAGE_BYTES and name.startswith("data/"):
             offsets[name[5:]] = total
             total += (size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
-    return _core.HostBuffer(max(total, 1), get_options().huge_pages), offsets
+    return host_memory(max(total, 1)), offsets
+
+
+def _empty_storage() -> torch.UntypedStorage:
+    # Non-resizable, as torch.load's empty storages (a fresh one each: they are not shared).
+    return _slice(torch.UntypedStorage(0), slice(0, 0))
+
+
+def host_memory(nbytes: int) -> torch.UntypedStorage:
+    """`nbytes` of uninitialized memory from torch's CPU allocator as a non-resizable storage
+    (as torch.load's), its whole pages advised for transparent huge pages before first touch
+    (settings ``huge_pages``).
+
+    torch's allocator, not a mapping of ckptio's own: blocks it reuses (glibc keeps freed
+    mid-sized blocks in its heap, as for torch.load in a loop) are already faulted in, and
+    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, "Host memory").
+    """
+    owner = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+    if get_options().huge_pages:
+        _core.advise_huge_pages(owner.data_ptr(), nbytes)
+    return owner[0:nbytes]  # a slice: same memory, not resizable
 
 
 def _check_geometry(
@@ -453,10 +482,23 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
     set_metadata = torch._utils.set_tensor_metadata
 
     def build(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: Any) -> Any:
-        untyped = _check_geometry(name, storage, storage_offset, size, stride, dtype)
-        return empty((0,), dtype=dtype, device=untyped.device).set_(
-            untyped, storage_offset, size, stride
-        )
+        # set_ refuses every geometry that does not fit a non-resizable storage (what the
+        # loaders make for data: slices of one block or of the mapping), so the check in
+        # Python runs only where torch would grow the storage instead (meta placeholders,
+        # device and empty storages), and after a refusal, to say what was wrong.
+        if type(storage) is _TypedStorage:
+            untyped = storage._untyped_storage
+            if untyped.resizable():
+                _check_geometry(name, storage, storage_offset, size, stride, dtype)
+        else:
+            untyped = _check_geometry(name, storage, storage_offset, size, stride, dtype)
+        try:
+            return empty((0,), dtype=dtype, device=untyped.device).set_(
+                untyped, storage_offset, size, stride
+            )
+        except Exception as e:
+            _check_geometry(name, storage, storage_offset, size, stride, dtype)
+            raise CheckpointError(f"{name}: a tensor could not be rebuilt: {e}") from None
 
     def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> Any:
         return build(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
@@ -687,7 +729,9 @@ def make_unpickler(
     """An unpickler over `pickle_bytes` (a data.pkl) wired to `loader`. The pickle is
     pre-scanned first (:func:`scan_pickle`), so every unpickler ckptio makes is guarded."""
     scan_pickle(loader.archive.name, pickle_bytes, weights_only=weights_only)
-    data = io.BytesIO(pickle_bytes)
+    # Buffered: CPython's unpickler prefetches 128 KiB at a time through peek(), which BytesIO
+    # lacks; without it every opcode is a read() call (20 ms of 50 for a 2 MB data.pkl).
+    data = io.BufferedReader(io.BytesIO(pickle_bytes), max(1, min(len(pickle_bytes), 1 << 20)))
     checked = _checked_rebuilds(loader.archive.name)
     if weights_only:
         allowed = {**_allowed_globals(), **checked}

@@ -37,4 +37,10 @@ class HostBuffer {
   std::size_t size_ = 0;
 };
 
+/// Advises the whole pages of [address, address + size) for transparent huge pages
+/// (MADV_HUGEPAGE), before their first touch. For memory allocated elsewhere (torch's CPU
+/// allocator): its fresh mappings then fault 2 MiB at a time, and memory it reuses is
+/// unaffected. Best effort: returns false when the kernel refused (THP off, no whole page).
+bool advise_huge_pages(void* address, std::size_t size) noexcept;
+
 }  // namespace ckptio
