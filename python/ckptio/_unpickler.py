@@ -680,23 +680,21 @@ class PlaceholderLoader(StorageLoader):
 
     def __init__(self, archive: ArchiveReader) -> None:
         super().__init__(archive, "meta", None)
-        self.by_key: dict[str, torch.storage.TypedStorage] = {}  # also keeps addresses unique
         #: id of each meta StorageImpl (``untyped_storage()._cdata``) -> (key, location,
         #: record data offset)
         self.placed: dict[int, tuple[str, str, int]] = {}
+        self._made: list[torch.UntypedStorage] = []  # alive, so that those ids stay unique
 
-    def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
-        key = _ascii(saved_id[2]) if isinstance(saved_id, tuple) and len(saved_id) == 5 else None
-        if isinstance(key, str) and key in self.by_key:
-            return self.by_key[key]
-        typed = super().persistent_load(saved_id)  # validates the id; a meta storage
-        key, location = _ascii(saved_id[2]), _ascii(saved_id[3])
-        rec = self.archive.record(f"data/{key}")
-        nbytes = typed._untyped_storage.nbytes()
-        self._check_record_size(key, rec.size, nbytes)
-        self.by_key[key] = typed
-        self.placed[typed._untyped_storage._cdata] = (key, location, rec.data_offset)
-        return typed
+    def _storage(self, nbytes: int, key: str, location: str) -> Any:
+        data_offset, record_size, method = self.archive.records.get("data/" + key, (0, 0, 1))
+        if method != 0:
+            self.archive.record(f"data/{key}")  # raises the error that names the problem
+        if record_size != nbytes:
+            self._check_record_size(key, record_size, nbytes)
+        storage = torch.UntypedStorage(nbytes, device="meta")
+        self.placed[storage._cdata] = (key, location, data_offset)
+        self._made.append(storage)
+        return storage
 
 
 def unpickle_placeholders(archive: ArchiveReader) -> tuple[Any, PlaceholderLoader]:
