@@ -89,28 +89,29 @@ void register_zip(py::module_& m) {
 
   m.def(
       "read_zip_directory",
-      [](const File& file) {
+      [](const File& file, std::size_t threads) {
         ZipDirectory dir;
         {
           py::gil_scoped_release nogil;
-          dir = read_zip_directory(file);
+          auto pool = threads > 1 ? shared_pool(threads) : nullptr;
+          dir = read_zip_directory(file, pool.get());
         }
         return directory_tuple(dir);
       },
-      py::arg("source"),
+      py::arg("source"), py::arg("threads") = 1,
       "Parses and validates the container: (prefix, {name: (data_offset, size, method)}), "
       "names relative to the prefix.");
   m.def(
       "read_zip_directory",
-      [](const BufferSource& buffer) {
+      [](const BufferSource& buffer, std::size_t /*threads*/) {
         ZipDirectory dir;
         {
           py::gil_scoped_release nogil;
-          dir = read_zip_directory(buffer.source());
+          dir = read_zip_directory(buffer.source());  // memory: nothing to wait for
         }
         return directory_tuple(dir);
       },
-      py::arg("source"));
+      py::arg("source"), py::arg("threads") = 1);
 
   py::class_<ArchiveLayout>(m, "ArchiveLayout")
       .def_property_readonly("total_size", [](const ArchiveLayout& l) { return l.total_size; })

@@ -655,3 +655,40 @@ TEST(zip_twenty_thousand_tiny_records) {
   CHECK_THROWS(ckptio::write_archive(f, layout, payloads, pool, {}), ckptio::InvalidArgument);
   CHECK_EQ(f.size(), 0u);
 }
+
+TEST(zip_local_headers_read_in_parallel_give_the_same_directory_and_the_same_error) {
+  // 3,000 records 8 KiB apart: every local header is a read of its own, so the pool splits them.
+  std::vector<Record> records;
+  records.push_back({"data.pkl", harness::pattern(100, 1), 64});
+  for (int i = 0; i < 3000; ++i) {
+    records.push_back({"data/" + std::to_string(i), harness::pattern(8192, static_cast<std::uint64_t>(i)), 4096});
+  }
+  Bytes bytes = build("archive", records);
+  ckptio::ThreadPool pool(4);
+  ckptio::MemorySource src(bytes.data(), bytes.size(), "test.pt");
+  const ZipDirectory serial = ckptio::read_zip_directory(src);
+  const ZipDirectory parallel = ckptio::read_zip_directory(src, &pool);
+  CHECK_EQ(parallel.entries.size(), serial.entries.size());
+  bool same = parallel.entries.size() == serial.entries.size();
+  for (std::size_t i = 0; same && i < serial.entries.size(); ++i) {
+    same = parallel.entries[i].name == serial.entries[i].name &&
+           parallel.entries[i].data_offset == serial.entries[i].data_offset &&
+           parallel.entries[i].size == serial.entries[i].size;
+  }
+  CHECK(same);
+
+  // Break two headers far apart: whatever the scheduling, the first in file order is named.
+  const ArchiveLayout layout = ckptio::plan_archive("archive", specs_of(records));
+  bytes[static_cast<std::size_t>(layout.records[2900].header_offset)] = 'X';
+  bytes[static_cast<std::size_t>(layout.records[700].header_offset)] = 'X';
+  ckptio::MemorySource broken(bytes.data(), bytes.size(), "test.pt");
+  for (int round = 0; round < 20; ++round) {
+    std::string message;
+    try {
+      ckptio::read_zip_directory(broken, &pool);
+    } catch (const ckptio::FormatError& e) {
+      message = e.what();
+    }
+    CHECK(message.find("data/699") != std::string::npos);
+  }
+}

@@ -53,7 +53,7 @@ class ArchiveReader:
         self.source = source
         self.name = source.name
         with gc_paused():  # 20,000 new tuples would otherwise trigger full collections
-            prefix, records = _core.read_zip_directory(source)
+            prefix, records = _core.read_zip_directory(source, get_options().threads)
         self.prefix: str = prefix
         self.records: dict[str, tuple[int, int, int]] = records
 

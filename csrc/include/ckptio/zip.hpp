@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ckptio/byte_source.hpp"
+#include "ckptio/thread_pool.hpp"
 
 namespace ckptio {
 
@@ -33,8 +34,10 @@ struct ZipDirectory {
 /// each local header. Validates every offset, size and count against the source size: each
 /// record lies wholly before the central directory, records do not overlap, names are unique
 /// and all share the first entry's "<archive>/" prefix, counts agree. Throws FormatError
-/// naming the source and the problem.
-ZipDirectory read_zip_directory(const ByteSource& source);
+/// naming the source and the problem. With a pool, the local headers (one read per record
+/// whose neighbours lie more than a few KiB away) are read in parallel; the result and the
+/// error raised for a bad file are the same either way.
+ZipDirectory read_zip_directory(const ByteSource& source, ThreadPool* pool = nullptr);
 
 /// True if `head` (at least 4 bytes) starts with a local file header signature.
 bool looks_like_zip(const void* head, std::size_t n) noexcept;
