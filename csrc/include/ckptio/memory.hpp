@@ -1,4 +1,5 @@
-// Host memory for eager loads.
+// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side), and
+// huge-page advice for memory allocated elsewhere (eager loads allocate through torch).
 #pragma once
 
 #include <cstddef>
@@ -6,8 +7,7 @@
 
 namespace ckptio {
 
-/// A block of host memory that a loaded storage lives in (Python wraps it with
-/// torch.frombuffer, so the storage owns it and cannot be resized, as torch.load's storages).
+/// A block of host memory for ckptio's own buffers (Python wraps it with torch.frombuffer).
 ///
 /// Blocks of at least kHugePageBytes are mapped 2 MiB-aligned and advised to use transparent
 /// huge pages before first touch: on fresh memory the 4 KiB page faults cost more than
