@@ -368,7 +368,8 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
   constexpr std::uint64_t kWindow = std::uint64_t{1} << 20;
   constexpr std::uint64_t kMaxGap = std::uint64_t{4} << 10;
   struct Group {
-    std::size_t begin, end;  // indices into `order`
+    std::size_t begin, end;                 // indices into `order`
+    std::uint64_t window_start, window_end;  // the bytes one read fetches for them
   };
   std::vector<Group> groups;
   for (std::size_t k = 0; k < order.size();) {
@@ -382,7 +383,7 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
       window_end = end;
       ++m;
     }
-    groups.push_back({k, m});
+    groups.push_back({k, m, window_start, window_end});
     k = m;
   }
 
@@ -390,16 +391,10 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
   // the pool. Every group records its own error and the first group's in file order is
   // raised, so a file with several bad headers always gets the same message.
   auto resolve = [&](const Group& g, std::vector<std::uint8_t>& window) {
-    const std::uint64_t window_start = entries[order[g.begin]].header_offset;
-    std::uint64_t window_end = window_start;
-    for (std::size_t j = g.begin; j < g.end; ++j) {
-      const ZipEntry& e = entries[order[j]];
-      window_end = std::max(window_end, e.header_offset + header_span(e));
-    }
-    r.read_into(window, window_start, window_end - window_start);
+    r.read_into(window, g.window_start, g.window_end - g.window_start);
     for (std::size_t j = g.begin; j < g.end; ++j) {
       ZipEntry& e = entries[order[j]];
-      const std::uint8_t* h = window.data() + (e.header_offset - window_start);
+      const std::uint8_t* h = window.data() + (e.header_offset - g.window_start);
       if (get32(h) != kLocalHeaderSig) {
         r.fail("record " + quote(e.name) + ": no local header at offset " + num(e.header_offset));
       }

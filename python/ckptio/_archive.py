@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Sequence, Union, cast
 
 from . import _core
-from ._staging import DevicePayload, write_archive_staged
+from ._staging import DevicePayload, payload_size, write_archive_staged
 from ._util import gc_paused
 from .settings import get_options
 
@@ -128,7 +128,7 @@ def torch_records(
     payloads: list[Payload] = [p for _, p in meta]
     # One pass, no call per storage: 20,000 small storages make this loop show.
     specs += [
-        ("data/" + str(key), p[1] if type(p) is tuple else _payload_size(p), data_alignment)
+        ("data/" + str(key), p[1] if type(p) is tuple else payload_size(p), data_alignment)
         for key, p in enumerate(storages)
     ]
     payloads += storages
@@ -143,14 +143,6 @@ def torch_records(
         specs.append((n, len(p), META_ALIGNMENT))
         payloads.append(p)
     return specs, payloads
-
-
-def _payload_size(p: Payload) -> int:
-    if isinstance(p, DevicePayload):
-        return p.nbytes
-    if isinstance(p, tuple):
-        return int(p[1])
-    return memoryview(p).nbytes
 
 
 def write_archive(

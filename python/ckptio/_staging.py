@@ -52,6 +52,7 @@ __all__ = [
     "SimulatedCopier",
     "TorchCopier",
     "copier_for",
+    "payload_size",
     "plan_fills",
     "save_payloads",
     "stream_in",
@@ -830,7 +831,7 @@ def write_archive_staged(
                 put(offsets[i], bytes(view))
                 if crc32:
                     crcs[i] = _core.crc32(view)
-        put(offsets[i] + _payload_size(p), layout.data_descriptor(i, crcs[i]))
+        put(offsets[i] + payload_size(p), layout.data_descriptor(i, crcs[i]))
     put(layout.central_directory_offset, layout.central_directory(crcs))
 
     holder = (ctypes.c_char * max(len(blob), 1)).from_buffer(blob if blob else bytearray(1))
@@ -845,7 +846,9 @@ def write_archive_staged(
     del holder
 
 
-def _payload_size(p: Any) -> int:
+def payload_size(p: Any) -> int:
+    """Bytes of an archive record's payload: a DevicePayload, an (address, nbytes) pair or a
+    bytes-like object."""
     if isinstance(p, DevicePayload):
         return p.nbytes
     if isinstance(p, tuple):

@@ -233,7 +233,7 @@ class StorageLoader:
         if method != 0:
             self.archive.record(f"data/{key}")  # raises the error that names the problem
         if record_size != nbytes:
-            self._check_record_size(key, record_size, nbytes)
+            raise self._wrong_record_size(key, record_size, nbytes)
         staged = self._targets.get(location, _UNKNOWN)
         if staged is _UNKNOWN:
             staged = self._staged_target(location)
@@ -272,26 +272,23 @@ class StorageLoader:
                 self.location_error = e
             raise
 
-    def _check_record_size(self, key: str, record_size: int, nbytes: int) -> None:
+    def _wrong_record_size(self, key: str, record_size: int, nbytes: int) -> CheckpointError:
         # torch.load refuses a record whose size differs from its storage's (numel x element
         # size) in either direction; a larger record would otherwise load a different tensor.
-        if record_size != nbytes:
-            raise CheckpointError(
-                f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
-                f"storage needs {nbytes} (numel x element size; they must be equal)"
-            )
+        return CheckpointError(
+            f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
+            f"storage needs {nbytes} (numel x element size; they must be equal)"
+        )
 
     def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
         """Where a storage saved at `location` streams to, when map_location sends it to a
         staged device (a CUDA device given as str, torch.device or dict value; callables keep
-        torch's path, as only calling them tells where a storage goes)."""
-        try:
-            return self._targets[location]  # a few distinct locations per file
-        except KeyError:
-            target = _restore_target(self.map_location, location)
-            staged = None if target is None else _staging.staging_target(target)
-            self._targets[location] = staged
-            return staged
+        torch's path, as only calling them tells where a storage goes). Memoised in
+        self._targets (a few distinct locations per file)."""
+        target = _restore_target(self.map_location, location)
+        staged = None if target is None else _staging.staging_target(target)
+        self._targets[location] = staged
+        return staged
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:
@@ -690,7 +687,7 @@ class PlaceholderLoader(StorageLoader):
         if method != 0:
             self.archive.record(f"data/{key}")  # raises the error that names the problem
         if record_size != nbytes:
-            self._check_record_size(key, record_size, nbytes)
+            raise self._wrong_record_size(key, record_size, nbytes)
         storage = torch.UntypedStorage(nbytes, device="meta")
         self.placed[storage._cdata] = (key, location, data_offset)
         self._made.append(storage)

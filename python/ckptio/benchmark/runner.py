@@ -349,11 +349,16 @@ def _meta(settings: Settings) -> dict:
     }
 
 
+def _start(settings: Settings) -> tuple[list[Candidate], dict]:
+    """The candidates to run and the results dict they fill (meta, skipped candidates)."""
+    cands, skipped = select(settings, settings.log)
+    return cands, {"meta": _meta(settings), "skipped": skipped, "workloads": {}}
+
+
 def run(workloads: Sequence[str], settings: Settings) -> dict:
     """Runs the synthetic workloads; returns the results as a JSON-ready dict."""
     log = settings.log
-    cands, skipped = select(settings, log)
-    results = {"meta": _meta(settings), "skipped": skipped, "workloads": {}}
+    cands, results = _start(settings)
     with _scratch_directory(settings) as d:
         for name in workloads:
             log(f"building workload {name}{' (quick)' if settings.quick else ''}...")
@@ -393,8 +398,7 @@ def _reference(path: str, group: str) -> Any:
 def run_files(files: Sequence[str], settings: Settings) -> dict:
     """Benchmarks loading existing files with every candidate that reads their format."""
     log = settings.log
-    cands, skipped = select(settings, log)
-    results = {"meta": _meta(settings), "skipped": skipped, "workloads": {}}
+    cands, results = _start(settings)
     with _scratch_directory(settings) as d:
         for path in files:
             group = _file_group(path)
