@@ -415,12 +415,12 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
 
     torch's allocator, not a mapping of ckptio's own: blocks it reuses (glibc keeps freed
     mid-sized blocks in its heap, as for torch.load in a loop) are already faulted in, and
-    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, "Host memory").
+    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, Load, step 3).
     """
     owner = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
     if get_options().huge_pages:
         _core.advise_huge_pages(owner.data_ptr(), nbytes)
-    return owner[0:nbytes]  # a slice: same memory, not resizable
+    return _slice(owner, slice(0, nbytes))  # same memory, not resizable
 
 
 def _check_geometry(
@@ -481,8 +481,8 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
     def build(storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: Any) -> Any:
         # set_ refuses every geometry that does not fit a non-resizable storage (what the
         # loaders make for data: slices of one block or of the mapping), so the check in
-        # Python runs only where torch would grow the storage instead (meta placeholders,
-        # device and empty storages), and after a refusal, to say what was wrong.
+        # Python runs only where torch would grow the storage instead (meta placeholders and
+        # device storages), and after a refusal, to say what was wrong.
         if type(storage) is _TypedStorage:
             untyped = storage._untyped_storage
             if untyped.resizable():
