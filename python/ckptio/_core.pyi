@@ -73,6 +73,32 @@ class HostBuffer:
 def dispatch_by_type(
     table: dict[type, Callable[[Any], Any]], default: Any
 ) -> Callable[[Any], Any]: ...
+
+class StorageSlicer:
+    """persistent_load for storages sliced from one base storage (see _unpickler.py)."""
+
+    base: Any  # the storage slices come from; None makes every call fall back
+    offsets: dict[str, int] | None  # None: slices start at the record's data offset
+    limit: int  # with offsets: records of this many bytes or more fall back
+    def __init__(
+        self,
+        fallback: Callable[[Any], Any],
+        records: dict[str, tuple[int, int, int]],
+        types: dict[Any, tuple[Any, int]],
+        identity: set[str] | frozenset[str],
+        loaded: dict[str, Any],
+        slice: Callable[[Any, slice], Any],
+        typed: type,
+    ) -> None: ...
+    def __call__(self, saved_id: Any) -> Any: ...
+
+def fast_rebuild_v2(
+    fallback: Callable[..., Any],
+    typed: type,
+    untyped: type,
+    make_empty: Callable[[Any], Any],
+    set_metadata: Callable[[Any, Any], Any],
+) -> Callable[..., Any]: ...
 def advise_huge_pages(address: int, nbytes: int) -> bool: ...
 def raw_memoryview(address: int, nbytes: int, readonly: bool = True) -> memoryview: ...
 def looks_like_zip(head: bytes) -> bool: ...

@@ -169,6 +169,38 @@ class StorageLoader:
         self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
         self._identity: dict[str, bool | None] = {}
         self.location_error: BaseException | None = None  # raised by restore_location
+        # The C persistent_load made by unpickler_hook(), held weakly: it holds this loader
+        # (its fallback), and a cycle would keep every storage of the load alive until the
+        # next full garbage collection.
+        self._slicer: Callable[[], Any] = _no_slicer
+
+    def unpickler_hook(self) -> Callable[[Any], Any]:
+        """The persistent_load to give the unpickler: a C StorageSlicer over this loader's
+        persistent_load, which it arms with the storage its slices come from once there is
+        one (the mapping, or the block of small storages being read in the background),
+        and disarms when reads stop being deferred. It handles the common case itself (a
+        slice wrapped in a TypedStorage: one C call instead of five Python frames) and
+        everything else through persistent_load."""
+        if _typed_storage is not _typed_storage_direct:
+            return self.persistent_load
+        slicer = _core.StorageSlicer(
+            self.persistent_load,
+            self.archive.records,
+            self._storage_types,
+            {loc for loc in ("cpu",) if _restore_identity(self.map_location, loc) is True},
+            self.loaded,
+            _slice,
+            _TypedStorage,
+        )
+        self._slicer = weakref.ref(slicer)
+        return slicer  # type: ignore[no-any-return]
+
+    def _arm_slicer(self, base: torch.UntypedStorage, offsets: dict[str, int] | None) -> None:
+        slicer = self._slicer()
+        if slicer is not None and self.deferred:
+            slicer.offsets = offsets
+            slicer.limit = _SMALL_STORAGE_BYTES
+            slicer.base = base
 
     # -- persistent ids --------------------------------------------------------------------
     def persistent_load(self, saved_id: Any) -> torch.storage.TypedStorage:
@@ -301,6 +333,7 @@ class StorageLoader:
                 memoryview(self.mapping),  # type: ignore[arg-type]
                 dtype=torch.uint8,
             ).untyped_storage()
+            self._arm_slicer(self._mapped_file, None)
         return _slice(self._mapped_file, slice(offset, offset + nbytes))
 
     def _host_storage(self, key: str, nbytes: int, record_size: int) -> torch.UntypedStorage:
@@ -320,6 +353,7 @@ class StorageLoader:
                 self._arena = arena
                 if self.deferred and get_options().overlap_reads:
                     self._start_prefetch(arena)
+                    self._arm_slicer(arena, self._arena_offsets)
             offset = self._arena_offsets[key]
             return _slice(arena, slice(offset, offset + nbytes))
         return host_memory(nbytes)
@@ -375,6 +409,9 @@ class StorageLoader:
         """Called for each global the pickle names: one that might read storage data ends the
         deferral of reads."""
         if self.deferred and callable(obj) and full_name not in _DATA_BLIND:
+            slicer = self._slicer()
+            if slicer is not None:
+                slicer.base = None  # from now on every storage goes through _storage
             self.flush()
             self.deferred = False
 
@@ -391,6 +428,10 @@ class StorageLoader:
                 groups.setdefault(id(target), (target, []))[1].append((offset, nbytes, storage))
             for target, requests in groups.values():
                 _staging.load_into_storages(self.archive.source, requests, target.make_copier())
+
+
+def _no_slicer() -> None:
+    return None
 
 
 def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str, int]]:
@@ -535,12 +576,20 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
 
     return {
         "torch._utils._rebuild_tensor": rebuild_tensor,
-        "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
+        # In C for storages that cannot grow (what the loaders make for data); others, and
+        # every failure, go to the Python function above.
+        "torch._utils._rebuild_tensor_v2": _core.fast_rebuild_v2(
+            rebuild_tensor_v2, _TypedStorage, torch.UntypedStorage, _empty_of, set_metadata
+        ),
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
     }
 
 
 _TypedStorage = torch.storage.TypedStorage
+
+
+def _empty_of(dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((0,), dtype=dtype)
 
 
 def _typed_storage_by_constructor(storage: Any, dtype: torch.dtype) -> Any:
@@ -618,7 +667,7 @@ class _WeightsOnlyUnpickler(pickle.Unpickler):
         super().__init__(data, encoding=encoding)
         self._loader = loader
         self._allowed = allowed
-        self.persistent_load = loader.persistent_load  # type: ignore[method-assign]
+        self.persistent_load = loader.unpickler_hook()  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _fix_import(module, name)

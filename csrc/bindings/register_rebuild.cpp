@@ -1,0 +1,425 @@
+// The load's per-storage and per-tensor hot paths, as C callables the unpickler calls directly.
+//
+// Unpickling 20,000 small tensors calls persistent_load and the tensor rebuild 20,000 times
+// each; as Python functions their frames and bytecode cost more than the torch calls they
+// make. These two do the common case with the same torch calls, through the C API (torch's
+// Python objects only: nothing here links against libtorch), and hand every other case, and
+// every failure, to the Python function they were built over, which holds the policy and
+// the error messages (python/ckptio/_unpickler.py). Python decides which storages qualify by
+// the tables it gives them; they decide nothing themselves.
+#include <Python.h>
+#include <structmember.h>
+
+#include <climits>
+
+#include "register.hpp"
+
+namespace py = pybind11;
+
+namespace ckptio::bindings {
+
+namespace {
+
+// Interned attribute and method names, made once at registration.
+struct Names {
+  PyObject* storage;           // "storage", the persistent id's tag
+  PyObject* data_prefix;       // "data/"
+  PyObject* dtype;             // TypedStorage.dtype
+  PyObject* untyped_storage;   // TypedStorage._untyped_storage
+  PyObject* resizable;         // UntypedStorage.resizable()
+  PyObject* nbytes;            // UntypedStorage.nbytes()
+  PyObject* device;            // UntypedStorage.device
+  PyObject* type;              // torch.device.type
+  PyObject* cpu;               // "cpu"
+  PyObject* new_;              // Tensor.new()
+  PyObject* set_;              // Tensor.set_(storage, offset, size, stride)
+  PyObject* requires_grad;     // Tensor.requires_grad
+  PyObject* backward_hooks;    // Tensor._backward_hooks
+};
+Names names;
+
+PyObject* intern(const char* s) {
+  PyObject* o = PyUnicode_InternFromString(s);
+  if (o == nullptr) throw py::error_already_set();
+  return o;
+}
+
+// Returns v as a non-negative Py_ssize_t, or -1 when v is not an exact int in that range (no
+// Python error is left set).
+Py_ssize_t small_index(PyObject* v) {
+  if (!PyLong_CheckExact(v)) return -1;
+  const Py_ssize_t n = PyLong_AsSsize_t(v);
+  if (n == -1 && PyErr_Occurred() != nullptr) {
+    PyErr_Clear();
+    return -1;
+  }
+  return n < 0 ? -1 : n;
+}
+
+// ---------------------------------------------------------------------------------------
+// StorageSlicer: persistent_load(("storage", type, key, location, numel)) for storages that
+// are slices of one base storage (the whole-file mapping, or a load's block of small
+// storages), wrapped in a TypedStorage as torch.load does.
+struct StorageSlicer {
+  PyObject_HEAD
+  PyObject* fallback;   // the Python persistent_load: every case not handled here
+  PyObject* records;    // {"data/<key>": (data offset, size, method)}
+  PyObject* types;      // {storage type: (dtype, element size)}, filled by the fallback
+  PyObject* identity;   // set of saved locations whose restore leaves a CPU storage as it is
+  PyObject* loaded;     // {key: TypedStorage}, shared with the fallback (ties and views)
+  PyObject* slice;      // torch._C.StorageBase.__getitem__
+  PyObject* typed_cls;  // torch.storage.TypedStorage
+  PyObject* base;       // the storage slices come from; None: everything falls back
+  PyObject* offsets;    // None: a slice starts at the record's data offset (a mapping);
+                        // else {key: offset in base} (a block filled by reads)
+  Py_ssize_t limit;     // with offsets: records of this size or more fall back
+  PyObject* weakrefs;
+};
+
+int slicer_traverse(PyObject* self_obj, visitproc visit, void* arg) {
+  auto* self = reinterpret_cast<StorageSlicer*>(self_obj);
+  Py_VISIT(Py_TYPE(self_obj));
+  Py_VISIT(self->fallback);
+  Py_VISIT(self->records);
+  Py_VISIT(self->types);
+  Py_VISIT(self->identity);
+  Py_VISIT(self->loaded);
+  Py_VISIT(self->slice);
+  Py_VISIT(self->typed_cls);
+  Py_VISIT(self->base);
+  Py_VISIT(self->offsets);
+  return 0;
+}
+
+int slicer_clear(PyObject* self_obj) {
+  auto* self = reinterpret_cast<StorageSlicer*>(self_obj);
+  Py_CLEAR(self->fallback);
+  Py_CLEAR(self->records);
+  Py_CLEAR(self->types);
+  Py_CLEAR(self->identity);
+  Py_CLEAR(self->loaded);
+  Py_CLEAR(self->slice);
+  Py_CLEAR(self->typed_cls);
+  Py_CLEAR(self->base);
+  Py_CLEAR(self->offsets);
+  return 0;
+}
+
+void slicer_dealloc(PyObject* self_obj) {
+  PyTypeObject* tp = Py_TYPE(self_obj);
+  PyObject_GC_UnTrack(self_obj);
+  if (reinterpret_cast<StorageSlicer*>(self_obj)->weakrefs != nullptr) {
+    PyObject_ClearWeakRefs(self_obj);
+  }
+  slicer_clear(self_obj);
+  tp->tp_free(self_obj);
+  Py_DECREF(tp);
+}
+
+PyObject* slicer_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  static const char* kwlist[] = {"fallback", "records", "types", "identity", "loaded",
+                                 "slice",    "typed",   nullptr};
+  PyObject *fallback, *records, *types, *identity, *loaded, *slice, *typed;
+  if (PyArg_ParseTupleAndKeywords(args, kwargs, "OO!O!OO!OO!:StorageSlicer",
+                                  const_cast<char**>(kwlist), &fallback, &PyDict_Type, &records,
+                                  &PyDict_Type, &types, &identity, &PyDict_Type, &loaded, &slice,
+                                  &PyType_Type, &typed) == 0) {
+    return nullptr;
+  }
+  if (!PyAnySet_Check(identity)) {
+    PyErr_SetString(PyExc_TypeError, "StorageSlicer: identity must be a set or frozenset");
+    return nullptr;
+  }
+  auto* self = reinterpret_cast<StorageSlicer*>(type->tp_alloc(type, 0));
+  if (self == nullptr) return nullptr;
+  PyObject* fields[] = {fallback, records, types, identity, loaded, slice, typed};
+  PyObject** slots[] = {&self->fallback, &self->records, &self->types,    &self->identity,
+                        &self->loaded,   &self->slice,   &self->typed_cls};
+  for (std::size_t i = 0; i < 7; ++i) {
+    Py_INCREF(fields[i]);
+    *slots[i] = fields[i];
+  }
+  Py_INCREF(Py_None);
+  self->base = Py_None;
+  Py_INCREF(Py_None);
+  self->offsets = Py_None;
+  self->limit = PY_SSIZE_T_MAX;
+  return reinterpret_cast<PyObject*>(self);
+}
+
+// The storage for saved_id if this is the common case, nullptr with no error set if not, or
+// nullptr with an error set if a torch call failed.
+PyObject* slicer_fast(StorageSlicer* self, PyObject* saved_id) {
+  if (self->base == Py_None || !PyTuple_CheckExact(saved_id) ||
+      PyTuple_GET_SIZE(saved_id) != 5) {
+    return nullptr;
+  }
+  PyObject* tag = PyTuple_GET_ITEM(saved_id, 0);
+  PyObject* storage_type = PyTuple_GET_ITEM(saved_id, 1);
+  PyObject* key = PyTuple_GET_ITEM(saved_id, 2);
+  PyObject* location = PyTuple_GET_ITEM(saved_id, 3);
+  const Py_ssize_t numel = small_index(PyTuple_GET_ITEM(saved_id, 4));
+  if (!PyUnicode_CheckExact(tag) || !PyUnicode_CheckExact(key) ||
+      !PyUnicode_CheckExact(location) || numel <= 0 ||
+      PyUnicode_Compare(tag, names.storage) != 0) {
+    return nullptr;
+  }
+  PyObject* entry = PyDict_GetItemWithError(self->types, storage_type);  // borrowed
+  if (entry == nullptr) {
+    PyErr_Clear();  // unknown or unhashable: the fallback decides
+    return nullptr;
+  }
+  if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) return nullptr;
+  PyObject* dtype = PyTuple_GET_ITEM(entry, 0);
+  const Py_ssize_t element_size = small_index(PyTuple_GET_ITEM(entry, 1));
+  if (element_size <= 0 || numel > PY_SSIZE_T_MAX / element_size) return nullptr;
+  const Py_ssize_t nbytes = numel * element_size;
+
+  PyObject* cached = PyDict_GetItemWithError(self->loaded, key);
+  if (cached != nullptr) {
+    Py_INCREF(cached);
+    return cached;
+  }
+  if (PyErr_Occurred() != nullptr) return nullptr;
+  if (PySet_Contains(self->identity, location) != 1) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  PyObject* name = PyUnicode_Concat(names.data_prefix, key);
+  if (name == nullptr) return nullptr;
+  PyObject* record = PyDict_GetItemWithError(self->records, name);  // borrowed
+  Py_DECREF(name);
+  if (record == nullptr || !PyTuple_CheckExact(record) || PyTuple_GET_SIZE(record) != 3) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  Py_ssize_t start = small_index(PyTuple_GET_ITEM(record, 0));
+  const Py_ssize_t size = small_index(PyTuple_GET_ITEM(record, 1));
+  if (start < 0 || size != nbytes || small_index(PyTuple_GET_ITEM(record, 2)) != 0) {
+    return nullptr;  // the fallback raises the error that names the problem
+  }
+  if (self->offsets != Py_None) {
+    if (!PyDict_CheckExact(self->offsets) || size >= self->limit) return nullptr;
+    PyObject* slot = PyDict_GetItemWithError(self->offsets, key);
+    if (slot == nullptr) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    start = small_index(slot);
+    if (start < 0) return nullptr;
+  }
+  if (start > PY_SSIZE_T_MAX - nbytes) return nullptr;
+
+  PyObject* lo = PyLong_FromSsize_t(start);
+  PyObject* hi = lo == nullptr ? nullptr : PyLong_FromSsize_t(start + nbytes);
+  PyObject* bounds = hi == nullptr ? nullptr : PySlice_New(lo, hi, nullptr);
+  Py_XDECREF(lo);
+  Py_XDECREF(hi);
+  if (bounds == nullptr) return nullptr;
+  PyObject* call_args[] = {self->base, bounds};
+  PyObject* storage = PyObject_Vectorcall(self->slice, call_args, 2, nullptr);
+  Py_DECREF(bounds);
+  if (storage == nullptr) return nullptr;
+  // A slice past the base's end comes back short (the archive reader refuses such records
+  // first; the fallback names them): never hand one out.
+  PyObject* got = PyObject_CallMethodNoArgs(storage, names.nbytes);
+  const Py_ssize_t got_bytes = got == nullptr ? -1 : PyLong_AsSsize_t(got);
+  Py_XDECREF(got);
+  if (got_bytes != nbytes) {  // an error is set only if nbytes() itself failed
+    Py_DECREF(storage);
+    return nullptr;
+  }
+
+  // object.__new__(TypedStorage) with the two attributes its constructor sets (Python checks
+  // at import that this builds what the constructor builds, or makes no slicer).
+  auto* typed_type = reinterpret_cast<PyTypeObject*>(self->typed_cls);
+  PyObject* empty = PyTuple_New(0);
+  PyObject* typed = empty == nullptr ? nullptr : PyBaseObject_Type.tp_new(typed_type, empty, nullptr);
+  Py_XDECREF(empty);
+  if (typed == nullptr || PyObject_SetAttr(typed, names.dtype, dtype) != 0 ||
+      PyObject_SetAttr(typed, names.untyped_storage, storage) != 0 ||
+      PyDict_SetItem(self->loaded, key, typed) != 0) {
+    Py_XDECREF(typed);
+    Py_DECREF(storage);
+    return nullptr;
+  }
+  Py_DECREF(storage);
+  return typed;
+}
+
+PyObject* slicer_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
+  auto* self = reinterpret_cast<StorageSlicer*>(self_obj);
+  if (kwargs != nullptr || PyTuple_GET_SIZE(args) != 1) {
+    return PyObject_Call(self->fallback, args, kwargs);
+  }
+  PyObject* saved_id = PyTuple_GET_ITEM(args, 0);
+  PyObject* out = slicer_fast(self, saved_id);
+  if (out != nullptr || PyErr_Occurred() != nullptr) return out;
+  return PyObject_CallOneArg(self->fallback, saved_id);
+}
+
+PyMemberDef slicer_members[] = {
+    {"base", T_OBJECT_EX, offsetof(StorageSlicer, base), 0,
+     "The storage slices come from; None makes every call fall back."},
+    {"offsets", T_OBJECT_EX, offsetof(StorageSlicer, offsets), 0,
+     "None: slices start at the record's data offset; else {key: offset in base}."},
+    {"limit", T_PYSSIZET, offsetof(StorageSlicer, limit), 0,
+     "With offsets: records of this many bytes or more fall back."},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(StorageSlicer, weakrefs), READONLY, nullptr},
+    {nullptr, 0, 0, 0, nullptr}};
+
+PyType_Slot slicer_slots[] = {
+    {Py_tp_new, reinterpret_cast<void*>(slicer_new)},
+    {Py_tp_dealloc, reinterpret_cast<void*>(slicer_dealloc)},
+    {Py_tp_traverse, reinterpret_cast<void*>(slicer_traverse)},
+    {Py_tp_clear, reinterpret_cast<void*>(slicer_clear)},
+    {Py_tp_call, reinterpret_cast<void*>(slicer_call)},
+    {Py_tp_members, slicer_members},
+    {Py_tp_doc, const_cast<char*>(
+                    "StorageSlicer(fallback, records, types, identity, loaded, slice, typed)\n\n"
+                    "A persistent_load for storages that are slices of one base storage. "
+                    "Anything else, and every failure, goes to fallback.")},
+    {0, nullptr}};
+
+PyType_Spec slicer_spec = {"ckptio._core.StorageSlicer", sizeof(StorageSlicer), 0,
+                           Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, slicer_slots};
+
+// ---------------------------------------------------------------------------------------
+// rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks[, metadata])
+// for a TypedStorage over a non-resizable CPU storage: a fresh tensor of its dtype (Tensor.new
+// on a cached empty tensor: a third of torch.empty's cost), set_ to the geometry (which
+// refuses any geometry that does not fit a non-resizable storage), then what torch's
+// _rebuild_tensor_v2 sets. The bound tuple holds (fallback, TypedStorage, UntypedStorage,
+// {dtype: empty CPU tensor}, make_empty(dtype), set_tensor_metadata).
+PyObject* rebuild_fast(PyObject* bound, PyObject* const* args, Py_ssize_t nargs) {
+  PyObject* typed_cls = PyTuple_GET_ITEM(bound, 1);
+  PyObject* untyped_cls = PyTuple_GET_ITEM(bound, 2);
+  PyObject* protos = PyTuple_GET_ITEM(bound, 3);
+  if ((nargs != 6 && nargs != 7) ||
+      Py_TYPE(args[0]) != reinterpret_cast<PyTypeObject*>(typed_cls)) {
+    return nullptr;
+  }
+  PyObject* untyped = PyObject_GetAttr(args[0], names.untyped_storage);
+  if (untyped == nullptr) return nullptr;
+  PyObject* tensor = nullptr;
+  PyObject* dtype = nullptr;
+  PyObject* proto = nullptr;
+  PyObject* resizable = nullptr;
+  PyObject* device = nullptr;
+  PyObject* device_type = nullptr;
+  do {
+    if (Py_TYPE(untyped) != reinterpret_cast<PyTypeObject*>(untyped_cls)) break;
+    resizable = PyObject_CallMethodNoArgs(untyped, names.resizable);
+    if (resizable != Py_False) break;  // meta and device storages: Python checks the geometry
+    device = PyObject_GetAttr(untyped, names.device);
+    device_type = device == nullptr ? nullptr : PyObject_GetAttr(device, names.type);
+    if (device_type == nullptr || !PyUnicode_CheckExact(device_type) ||
+        PyUnicode_Compare(device_type, names.cpu) != 0) {
+      break;
+    }
+    dtype = PyObject_GetAttr(args[0], names.dtype);
+    if (dtype == nullptr) break;
+    proto = PyDict_GetItemWithError(protos, dtype);  // borrowed
+    if (proto != nullptr) {
+      Py_INCREF(proto);
+    } else {
+      if (PyErr_Occurred() != nullptr) break;
+      proto = PyObject_CallOneArg(PyTuple_GET_ITEM(bound, 4), dtype);
+      if (proto == nullptr || PyDict_SetItem(protos, dtype, proto) != 0) break;
+    }
+    PyObject* fresh = PyObject_CallMethodNoArgs(proto, names.new_);
+    if (fresh == nullptr) break;
+    PyObject* set_args[] = {fresh, untyped, args[1], args[2], args[3]};
+    tensor = PyObject_VectorcallMethod(names.set_, set_args,
+                                       5 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
+    Py_DECREF(fresh);
+  } while (false);
+  Py_DECREF(untyped);
+  Py_XDECREF(dtype);
+  Py_XDECREF(proto);
+  Py_XDECREF(resizable);
+  Py_XDECREF(device);
+  Py_XDECREF(device_type);
+  if (tensor == nullptr) return nullptr;
+  if ((args[4] != Py_False && PyObject_SetAttr(tensor, names.requires_grad, args[4]) != 0)) {
+    Py_DECREF(tensor);
+    return nullptr;
+  }
+  if (nargs == 7) {
+    const int has_metadata = PyObject_IsTrue(args[6]);
+    PyObject* done = has_metadata == 1
+                         ? PyObject_CallFunctionObjArgs(PyTuple_GET_ITEM(bound, 5), tensor,
+                                                        args[6], nullptr)
+                         : nullptr;
+    if (has_metadata < 0 || (has_metadata == 1 && done == nullptr)) {
+      Py_DECREF(tensor);
+      return nullptr;
+    }
+    Py_XDECREF(done);
+  }
+  if (PyObject_SetAttr(tensor, names.backward_hooks, args[5]) != 0) {
+    Py_DECREF(tensor);
+    return nullptr;
+  }
+  return tensor;
+}
+
+PyObject* rebuild_call(PyObject* bound, PyObject* const* args, Py_ssize_t nargs) {
+  PyObject* out = rebuild_fast(bound, args, nargs);
+  if (out != nullptr) return out;
+  if (PyErr_Occurred() != nullptr) {
+    // Only ordinary errors fall back (the Python rebuild redoes the work and raises the error
+    // that names the problem); KeyboardInterrupt, MemoryError and the like go out as they are.
+    if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(PyExc_MemoryError)) {
+      return nullptr;
+    }
+    PyErr_Clear();
+  }
+  return PyObject_Vectorcall(PyTuple_GET_ITEM(bound, 0), args, nargs, nullptr);
+}
+
+PyMethodDef rebuild_def = {"rebuild_tensor_v2", reinterpret_cast<PyCFunction>(rebuild_call),
+                           METH_FASTCALL,
+                           "torch._utils._rebuild_tensor_v2 for CPU storages that cannot "
+                           "grow; anything else goes to the Python rebuild."};
+
+}  // namespace
+
+void register_rebuild(py::module_& m) {
+  names.storage = intern("storage");
+  names.data_prefix = intern("data/");
+  names.dtype = intern("dtype");
+  names.untyped_storage = intern("_untyped_storage");
+  names.resizable = intern("resizable");
+  names.nbytes = intern("nbytes");
+  names.device = intern("device");
+  names.type = intern("type");
+  names.cpu = intern("cpu");
+  names.new_ = intern("new");
+  names.set_ = intern("set_");
+  names.requires_grad = intern("requires_grad");
+  names.backward_hooks = intern("_backward_hooks");
+
+  PyObject* slicer_type = PyType_FromSpec(&slicer_spec);
+  if (slicer_type == nullptr) throw py::error_already_set();
+  m.add_object("StorageSlicer", py::reinterpret_steal<py::object>(slicer_type));
+
+  m.def(
+      "fast_rebuild_v2",
+      [](const py::object& fallback, const py::object& typed, const py::object& untyped,
+         const py::object& make_empty, const py::object& set_metadata) {
+        const py::tuple bound =
+            py::make_tuple(fallback, typed, untyped, py::dict(), make_empty, set_metadata);
+        PyObject* f = PyCFunction_NewEx(&rebuild_def, bound.ptr(), nullptr);
+        if (f == nullptr) throw py::error_already_set();
+        return py::reinterpret_steal<py::object>(f);
+      },
+      py::arg("fallback"), py::arg("typed"), py::arg("untyped"), py::arg("make_empty"),
+      py::arg("set_metadata"),
+      "A C callable with torch._utils._rebuild_tensor_v2's signature: for a `typed` storage "
+      "over a non-resizable CPU `untyped` storage it builds the tensor itself (make_empty(dtype) "
+      "gives the empty tensor of each dtype that Tensor.new copies), and calls fallback "
+      "otherwise or when anything fails.");
+}
+
+}  // namespace ckptio::bindings
