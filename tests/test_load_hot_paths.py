@@ -1,4 +1,4 @@
-"""The load's C hot paths (csrc/bindings/register_rebuild.cpp): _core.StorageSlicer, the
+"""The load's C hot paths (csrc/bindings/register_unpickle.cpp): _core.StorageSlicer, the
 persistent_load of storages that are slices of one base storage, and _core.fast_rebuild_v2,
 torch's _rebuild_tensor_v2 for CPU storages that cannot grow.
 

@@ -8,5 +8,5 @@ PYBIND11_MODULE(_core, m) {
   ckptio::bindings::register_io(m);
   ckptio::bindings::register_zip(m);
   ckptio::bindings::register_pickle(m);
-  ckptio::bindings::register_rebuild(m);
+  ckptio::bindings::register_unpickle(m);
 }

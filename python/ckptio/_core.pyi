@@ -99,6 +99,26 @@ def fast_rebuild_v2(
     make_empty: Callable[[Any], Any],
     set_metadata: Callable[[Any, Any], Any],
 ) -> Callable[..., Any]: ...
+def tensor_reducer(
+    fallback: Callable[[Any], Any],
+    strided: Any,
+    device_flags: tuple[str, ...],
+    v3_dtypes: frozenset[Any],
+    rebuild_v2: Callable[..., Any],
+    typed: type,
+    hooks_stand_in: type,
+    get_metadata: Callable[[Any], Any],
+) -> Callable[[Any], Any]: ...
+def storage_ids(
+    fallback: Callable[[Any], Any],
+    typed: type,
+    untyped: type,
+    storage_types: dict[Any, tuple[Any, int]],
+    locations: dict[Any, str],
+    keys: dict[int, str],
+    storages: list[Any],
+    dtypes: dict[int, Any],
+) -> Callable[[Any], Any]: ...
 def advise_huge_pages(address: int, nbytes: int) -> bool: ...
 def raw_memoryview(address: int, nbytes: int, readonly: bool = True) -> memoryview: ...
 def looks_like_zip(head: bytes) -> bool: ...

@@ -17,7 +17,7 @@ import torch
 from torch.serialization import location_tag, normalize_storage_type
 
 from . import _core
-from ._unpickler import _typed_storage
+from ._unpickler import _typed_storage, _typed_storage_direct
 from ._util import gc_paused
 
 __all__ = ["dumps"]
@@ -27,19 +27,24 @@ def dumps(
     obj: Any, pickle_module: Any = pickle, protocol: int = 2
 ) -> tuple[bytes, list[torch.UntypedStorage]]:
     """Returns (data.pkl bytes, storages in key order). Storages may live on any device."""
+    # Shared with the C persistent_id (_core.storage_ids), which handles the storages whose
+    # dtype and device this function has already seen.
     storages: list[torch.UntypedStorage] = []
     keys: dict[int, str] = {}  # storage._cdata -> key
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype, to refuse one storage as two types
-    storage_types: dict[torch.dtype, Any] = {}  # memo of the legacy storage class per dtype
-    locations: dict[torch.device, str] = {}  # memo of location_tag per device
+    # memo of the legacy storage class (and the item size) per dtype
+    storage_types: dict[torch.dtype, tuple[Any, int]] = {}
+    locations: dict[torch.device, str] = {}  # memo of location_tag per device with data
 
     def storage_id(obj: Any) -> tuple | None:
         if isinstance(obj, torch.storage.TypedStorage):
             storage = obj._untyped_storage
             dtype = obj.dtype
-            storage_type = storage_types.get(dtype)
-            if storage_type is None:
-                storage_type = storage_types[dtype] = getattr(torch, obj._pickle_storage_type())
+            entry = storage_types.get(dtype)
+            if entry is None:
+                storage_class = getattr(torch, obj._pickle_storage_type())
+                entry = storage_types[dtype] = (storage_class, dtype.itemsize)
+            storage_type = entry[0]
             numel = storage.nbytes() // dtype.itemsize  # == obj._size(), without its overhead
         elif torch.is_storage(obj):
             storage = obj
@@ -65,16 +70,30 @@ def dumps(
             location = str(fake)
         else:  # torch's tag depends on the device alone
             device = storage.device
-            if device not in locations:
-                locations[device] = location_tag(storage)
-            location = locations[device]
+            location = locations.get(device) or location_tag(storage)
+            if device.type != "meta":
+                locations[device] = location
         return ("storage", storage_type, key, location, numel)
+
+    persistent_ids: dict[type, Any] = dict.fromkeys(_STORAGE_TYPES, storage_id)
+    if _C_HOOKS:
+        persistent_ids[_TypedStorage] = _core.storage_ids(
+            storage_id,
+            _TypedStorage,
+            torch.UntypedStorage,
+            storage_types,
+            locations,
+            keys,
+            storages,
+            dtypes,
+        )
 
     class _Pickler(pickle_module.Pickler):  # type: ignore[name-defined,misc]
         # Both hooks run for every object pickled (about 19 per tensor of a state dict). As C
         # callables that look the object's exact type up, only storages and plain tensors
-        # reach Python (builtins do not bind, so as class attributes they get obj alone).
-        persistent_id = _core.dispatch_by_type(dict.fromkeys(_STORAGE_TYPES, storage_id), None)
+        # reach their functions, and those are C too for the common case (builtins do not
+        # bind, so as class attributes they get obj alone).
+        persistent_id = _core.dispatch_by_type(persistent_ids, None)
         reducer_override = _core.dispatch_by_type(_REDUCERS, NotImplemented)
 
     buf = io.BytesIO()
@@ -94,6 +113,7 @@ _STORAGE_TYPES = frozenset(torch._storage_classes) | {
 }
 _NEW_DTYPES = frozenset(torch.storage._new_dtypes())
 _FAST_DEVICES = frozenset({"cpu", "cuda"})
+_FAST_DEVICE_FLAGS = ("is_cpu", "is_cuda")  # the same test, as tensor attributes
 _STRIDED = torch.strided
 # torch._utils._get_obj_state(t) of a plain tensor is its __dict__ (empty: no state) unless
 # torch.Tensor defines its own __getstate__.
@@ -155,9 +175,26 @@ def _reduce_empty_hooks(_hooks: _EmptyHooks) -> Any:
     return _EMPTY_HOOKS_REDUCTION
 
 
+_TypedStorage = torch.storage.TypedStorage
+# The C forms of storage_id and _reduce_plain_tensor (csrc/bindings/register_pickle.cpp) build
+# TypedStorage wrappers as _typed_storage_direct does: only where that builds what the
+# constructor builds, and where torch reduces a tensor's state as its __dict__.
+_C_HOOKS = _typed_storage is _typed_storage_direct and _STATE_IS_DICT
+
 # reducer_override by exact type: plain tensors and the hooks stand-in; everything else
 # (subclasses such as Parameter included) reduces as pickle and torch reduce it.
 _REDUCERS: dict[type, Any] = {
-    torch.Tensor: _reduce_plain_tensor,
+    torch.Tensor: _core.tensor_reducer(
+        _reduce_plain_tensor,
+        _STRIDED,
+        _FAST_DEVICE_FLAGS,
+        _NEW_DTYPES,
+        torch._utils._rebuild_tensor_v2,
+        _TypedStorage,
+        _EmptyHooks,
+        torch._C._get_tensor_metadata,  # type: ignore[attr-defined]
+    )
+    if _C_HOOKS
+    else _reduce_plain_tensor,
     _EmptyHooks: _reduce_empty_hooks,
 }

@@ -1,4 +1,5 @@
-// The load's per-storage and per-tensor hot paths, as C callables the unpickler calls directly.
+// Unpickling data.pkl: the pre-scan of its opcodes (see ckptio/pickle_scan.hpp), and the
+// load's per-storage and per-tensor hot paths, as C callables the unpickler calls directly.
 //
 // Unpickling 20,000 small tensors calls persistent_load and the tensor rebuild 20,000 times
 // each; as Python functions their frames and bytecode cost more than the torch calls they
@@ -12,6 +13,8 @@
 
 #include <climits>
 
+#include "ckptio/pickle_scan.hpp"
+#include "pyobjects.hpp"
 #include "register.hpp"
 
 namespace py = pybind11;
@@ -37,24 +40,6 @@ struct Names {
   PyObject* backward_hooks;    // Tensor._backward_hooks
 };
 Names names;
-
-PyObject* intern(const char* s) {
-  PyObject* o = PyUnicode_InternFromString(s);
-  if (o == nullptr) throw py::error_already_set();
-  return o;
-}
-
-// Returns v as a non-negative Py_ssize_t, or -1 when v is not an exact int in that range (no
-// Python error is left set).
-Py_ssize_t small_index(PyObject* v) {
-  if (!PyLong_CheckExact(v)) return -1;
-  const Py_ssize_t n = PyLong_AsSsize_t(v);
-  if (n == -1 && PyErr_Occurred() != nullptr) {
-    PyErr_Clear();
-    return -1;
-  }
-  return n < 0 ? -1 : n;
-}
 
 // ---------------------------------------------------------------------------------------
 // StorageSlicer: persistent_load(("storage", type, key, location, numel)) for storages that
@@ -230,15 +215,9 @@ PyObject* slicer_fast(StorageSlicer* self, PyObject* saved_id) {
     return nullptr;
   }
 
-  // object.__new__(TypedStorage) with the two attributes its constructor sets (Python checks
-  // at import that this builds what the constructor builds, or makes no slicer).
-  auto* typed_type = reinterpret_cast<PyTypeObject*>(self->typed_cls);
-  PyObject* empty = PyTuple_New(0);
-  PyObject* typed = empty == nullptr ? nullptr : PyBaseObject_Type.tp_new(typed_type, empty, nullptr);
-  Py_XDECREF(empty);
-  if (typed == nullptr || PyObject_SetAttr(typed, names.dtype, dtype) != 0 ||
-      PyObject_SetAttr(typed, names.untyped_storage, storage) != 0 ||
-      PyDict_SetItem(self->loaded, key, typed) != 0) {
+  PyObject* typed = new_typed_storage(self->typed_cls, storage, dtype, names.dtype,
+                                      names.untyped_storage);
+  if (typed == nullptr || PyDict_SetItem(self->loaded, key, typed) != 0) {
     Py_XDECREF(typed);
     Py_DECREF(storage);
     return nullptr;
@@ -254,7 +233,7 @@ PyObject* slicer_call(PyObject* self_obj, PyObject* args, PyObject* kwargs) {
   }
   PyObject* saved_id = PyTuple_GET_ITEM(args, 0);
   PyObject* out = slicer_fast(self, saved_id);
-  if (out != nullptr || PyErr_Occurred() != nullptr) return out;
+  if (out != nullptr || !fall_back_after_failure()) return out;
   return PyObject_CallOneArg(self->fallback, saved_id);
 }
 
@@ -366,15 +345,7 @@ PyObject* rebuild_fast(PyObject* bound, PyObject* const* args, Py_ssize_t nargs)
 
 PyObject* rebuild_call(PyObject* bound, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* out = rebuild_fast(bound, args, nargs);
-  if (out != nullptr) return out;
-  if (PyErr_Occurred() != nullptr) {
-    // Only ordinary errors fall back (the Python rebuild redoes the work and raises the error
-    // that names the problem); KeyboardInterrupt, MemoryError and the like go out as they are.
-    if (!PyErr_ExceptionMatches(PyExc_Exception) || PyErr_ExceptionMatches(PyExc_MemoryError)) {
-      return nullptr;
-    }
-    PyErr_Clear();
-  }
+  if (out != nullptr || !fall_back_after_failure()) return out;
   return PyObject_Vectorcall(PyTuple_GET_ITEM(bound, 0), args, nargs, nullptr);
 }
 
@@ -385,7 +356,7 @@ PyMethodDef rebuild_def = {"rebuild_tensor_v2", reinterpret_cast<PyCFunction>(re
 
 }  // namespace
 
-void register_rebuild(py::module_& m) {
+void register_unpickle(py::module_& m) {
   names.storage = intern("storage");
   names.data_prefix = intern("data/");
   names.dtype = intern("dtype");
@@ -420,6 +391,27 @@ void register_rebuild(py::module_& m) {
       "over a non-resizable CPU `untyped` storage it builds the tensor itself (make_empty(dtype) "
       "gives the empty tensor of each dtype that Tensor.new copies), and calls fallback "
       "otherwise or when anything fails.");
+
+  m.def(
+      "scan_pickle",
+      [](const py::buffer& data, bool weights_only, std::size_t max_depth) {
+        py::buffer_info info = data.request();
+        const auto n = static_cast<std::size_t>(info.size * info.itemsize);
+        PickleScanOptions options;
+        options.weights_only = weights_only;
+        options.max_depth = max_depth;
+        PickleScan scan;
+        {
+          py::gil_scoped_release nogil;
+          scan = scan_pickle(info.ptr, n, options);
+        }
+        return py::make_tuple(scan.opcodes, scan.memo_puts, scan.max_depth, scan.end,
+                              scan.complete);
+      },
+      py::arg("data"), py::arg("weights_only"), py::arg("max_depth") = 1000,
+      "Checks a pickle's opcodes without running them (memo indices, lengths, nesting, and in "
+      "weights-only mode the opcodes torch's weights-only unpickler supports). Returns "
+      "(opcodes, memo_puts, max_depth, end, complete); raises CheckpointError.");
 }
 
 }  // namespace ckptio::bindings
