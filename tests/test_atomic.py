@@ -214,3 +214,54 @@ def test_save_into_a_fifo_writes_through_it(tmp_path: Path) -> None:
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO must not be replaced by a file"
     loaded = torch.load(io.BytesIO(received[0]))
     assert torch.equal(loaded["w"], obj["w"])
+
+
+def _release_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "ckptio-release"]
+
+
+def _open_descriptors() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_replaced_file_is_released_in_the_background(previous: Path) -> None:
+    """The file a save replaces is held open across the rename and closed on a background
+    thread (freeing its blocks and page cache off the save); the descriptor never leaks, and
+    a reader that had the old file open keeps reading it whole."""
+    with open(previous, "rb") as reader:
+        for t in _release_threads():
+            t.join()
+        before = _open_descriptors()
+        old_inode = os.stat(previous).st_ino
+        ckptio.save({"generation": 2, "w": torch.zeros(1000)}, previous)
+        for t in _release_threads():
+            t.join()
+        assert _open_descriptors() == before
+        assert os.stat(previous).st_ino != old_inode
+        assert os.fstat(reader.fileno()).st_ino == old_inode
+        assert torch.load(io.BytesIO(reader.read()))["generation"] == 1
+    assert ckptio.load(previous)["generation"] == 2
+
+
+def test_unreadable_target_is_replaced_without_holding_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target that cannot be opened for reading (mode 0o200 for a non-root user) is
+    replaced all the same; the rename then frees it."""
+    path = tmp_path / "w.pt"
+    ckptio.save({"generation": 1}, path)
+    real_open = os.open
+    refused: list[str] = []
+
+    def no_reading(name: Any, flags: int, *args: Any) -> int:
+        if os.fspath(name) == str(path) and flags & (os.O_WRONLY | os.O_RDWR) == 0:
+            refused.append(str(name))
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(serialization.os, "open", no_reading)
+    ckptio.save({"generation": 2}, path)
+    monkeypatch.undo()
+    assert refused == [str(path)]
+    assert ckptio.load(path)["generation"] == 2

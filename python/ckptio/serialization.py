@@ -18,6 +18,7 @@ import secrets
 import socket
 import stat
 import sys
+import threading
 import warnings
 from typing import IO, Any, Callable, Mapping, Union
 
@@ -196,7 +197,12 @@ def _write_file_atomically(
             write(file)
             if durable:
                 file.sync()
-        os.replace(tmp, target)
+        replaced = _hold(target) if mode is not None else -1
+        try:
+            os.replace(tmp, target)
+        finally:
+            if replaced >= 0:
+                _close_in_background(replaced)
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -211,6 +217,20 @@ def _write_file_atomically(
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _hold(path: str) -> int:
+    """A read-only descriptor of the file a save is about to replace, or -1. Held across the
+    rename, it makes the last close, not the rename, free the old file (its blocks and page
+    cache: 40 ms for 700 MB here), and _close_in_background moves that off the save."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return -1  # unreadable (write-only mode): the rename frees it, as before
+
+
+def _close_in_background(fd: int) -> None:
+    threading.Thread(target=os.close, args=(fd,), name="ckptio-release", daemon=True).start()
 
 
 # Temporary files are named ".<target name>.ckptio-<host>-<pid>-<random>.tmp": hidden, beside
