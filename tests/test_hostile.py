@@ -63,6 +63,9 @@ _CHILD = LIMIT_MEMORY + textwrap.dedent("""
         if case["kind"] == "file" and not kw.get("mmap"):
             data = open(path, "rb").read()
             res["buffer"] = outcome(lambda: ckptio.load(io.BytesIO(data), **kw))
+            # load_into parses the whole file (its own unpickling: tensors as specs) even
+            # into an empty target; it reads no tensor data then.
+            res["load_into"] = outcome(lambda: ckptio.load_into({}, path, strict=False))
         results[case["name"]] = res
     json.dump(results, sys.stdout)
 """)
@@ -119,6 +122,15 @@ def test_hostile_file(name: str, corpus_results: dict[str, Any]) -> None:
         _check(case, result["buffer"])
     if case.marker:
         assert not result["markers"], f"a payload ran: {result['markers']}"
+    if "load_into" in result:
+        # Parsing for load_into succeeds or refuses the file as load does: never another
+        # exception (a crash would have failed the child).
+        got = result["load_into"]
+        assert got["exc"] == "ok" or got["exc"] in ("CheckpointError", "UnsafeGlobalError"), (
+            f"{name}: load_into: {got}"
+        )
+        if case.expected == "UnsafeGlobalError":  # the same global is refused
+            assert got["exc"] == "UnsafeGlobalError", f"{name}: load_into: {got}"
 
 
 REGRESSIONS = sorted((Path(__file__).resolve().parent.parent / "fuzz" / "regressions").iterdir())

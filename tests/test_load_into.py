@@ -202,3 +202,86 @@ def test_cuda_destination(tmp_path: Path) -> None:  # pragma: no cover - no GPU 
     target = {"a": torch.zeros(1000, device="cuda")}
     ckptio.load_into(target, path)
     assert torch.equal(target["a"].cpu(), sd["a"])
+
+
+# -- how the file is parsed: TensorSpecs, or meta placeholders when tensors are needed -------
+def _flatten(obj: Any, leaf: type) -> dict[Any, Any]:
+    from ckptio._load_into import _flatten as flatten
+
+    return flatten(obj, leaf)
+
+
+def _spy_placeholders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from ckptio import _load_into
+
+    calls: list[int] = []
+    original = _load_into.unpickle_placeholders
+
+    def spy(archive: Any) -> Any:
+        calls.append(1)
+        return original(archive)
+
+    monkeypatch.setattr(_load_into, "unpickle_placeholders", spy)
+    return calls
+
+
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_plain_checkpoints_are_parsed_without_tensor_objects(
+    tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, opt = trained_optimizer("adamw")
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7}
+    ckpt["model"]["param"] = torch.nn.Parameter(torch.arange(3.0))  # _rebuild_parameter
+    ckpt["model"]["uint16"] = torch.arange(4).to(torch.uint16)  # _rebuild_tensor_v3
+    path = tmp_path / "ckpt.pt"
+    WRITERS[writer](ckpt, path)
+    calls = _spy_placeholders(monkeypatch)
+    target = _zeroed(ckpt)
+    assert ckptio.load_into(target, path) == ([], [])
+    assert calls == []
+    oracle = _flatten(torch.load(path), torch.Tensor)
+    got = _flatten(target, torch.Tensor)
+    assert list(got) == list(oracle)
+    for k, v in oracle.items():  # (values: the target's tensors keep their own type)
+        assert torch.equal(got[k], v), k
+
+
+def test_files_that_need_tensor_objects_are_parsed_over_placeholders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sparse tensor (rebuilt from tensors) sends the parse to meta placeholders; dense
+    tensors still load, and the sparse one is named if the target asks for it."""
+    sd = {"w": torch.arange(6.0), "sparse": torch.eye(3).to_sparse()}
+    path = tmp_path / "sparse.pt"
+    torch.save(sd, path)
+    calls = _spy_placeholders(monkeypatch)
+    target = {"w": torch.zeros(6)}
+    assert ckptio.load_into(target, path, strict=False) == ([], ["sparse"])
+    assert torch.equal(target["w"], sd["w"])
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="'sparse': only dense"):
+        ckptio.load_into({"w": torch.zeros(6), "sparse": torch.zeros(3, 3)}, path)
+
+
+def test_tensor_saved_without_storage_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "meta.pt"
+    torch.save({"m": torch.empty(3, device="meta"), "e": torch.empty(0, device="meta")}, path)
+    target = {"m": torch.zeros(3), "e": torch.zeros(0)}
+    with pytest.raises(RuntimeError, match="'m': the file's tensor has no storage record"):
+        ckptio.load_into(target, path)
+    assert ckptio.load_into({"e": torch.zeros(0)}, path, strict=False) == ([], ["m"])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_contiguity_is_torchs(seed: int) -> None:
+    from ckptio._load_into import _is_contiguous
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        ndim = int(torch.randint(0, 4, (1,), generator=g))
+        size = tuple(int(x) for x in torch.randint(1, 4, (ndim,), generator=g))
+        stride = tuple(int(x) for x in torch.randint(0, 13, (ndim,), generator=g))
+        if torch.rand(1, generator=g) < 0.5:  # often the row-major strides themselves
+            stride = torch.empty(size).stride()
+        t = torch.empty_strided(size, stride)
+        assert _is_contiguous(size, stride) == t.is_contiguous(), (size, stride)

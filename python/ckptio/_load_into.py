@@ -16,6 +16,7 @@ and copied with ``copy_``. A GPU pipeline can take that list over for CUDA desti
 from __future__ import annotations
 
 import array
+import math
 import os
 from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple, Union
@@ -25,7 +26,7 @@ import torch
 from . import _core
 from ._archive import ArchiveReader
 from ._staging import stream_to_device
-from ._unpickler import PlaceholderLoader, unpickle_placeholders
+from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
 from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
@@ -55,14 +56,14 @@ class ReadItem:
     then: Any = field(default=None, repr=False)
 
 
-def _flatten(obj: Any) -> dict[Path, torch.Tensor]:
-    """{path: tensor} for every tensor in nested dicts, lists and tuples (in order)."""
-    out: dict[Path, torch.Tensor] = {}
-    Tensor = torch.Tensor
+def _flatten(obj: Any, leaf: type) -> dict[Path, Any]:
+    """{path: value} for every `leaf` (a tensor, or a TensorSpec) in nested dicts, lists and
+    tuples (in order)."""
+    out: dict[Path, Any] = {}
     if isinstance(obj, dict):  # the common case, a flat state dict: no recursion
         nested = False
         for k, v in obj.items():
-            if isinstance(v, Tensor):
+            if isinstance(v, leaf):
                 out[(k,)] = v
             elif isinstance(v, (dict, list, tuple)):
                 nested = True
@@ -73,7 +74,7 @@ def _flatten(obj: Any) -> dict[Path, torch.Tensor]:
     stack: list[tuple[Path, Any]] = [((), obj)]
     while stack:
         path, o = stack.pop()
-        if isinstance(o, Tensor):
+        if isinstance(o, leaf):
             out[path] = o
         elif isinstance(o, dict):
             stack.extend(((*path, k), v) for k, v in reversed(list(o.items())))
@@ -99,22 +100,32 @@ def _open(f: FileLike) -> tuple[Any, Any]:
     return _core.BufferSource(_read_file_object(f), _display_name(f)), None
 
 
-def _item_for(src: torch.Tensor, dest: torch.Tensor, base: int) -> ReadItem:
-    """The read that fills `dest` from the meta tensor `src` whose storage starts at `base`."""
-    itemsize = src.element_size()
-    start = base + int(src.storage_offset()) * itemsize
-    if src.is_contiguous():
-        return ReadItem(start, src.numel() * itemsize, dest)
+def _item_for(src: TensorSpec, dest: torch.Tensor, numel: int) -> ReadItem:
+    """The read that fills `dest` from the file's tensor `src` (`numel` elements)."""
+    itemsize = src.dtype.itemsize
+    start = src.data_offset + src.storage_offset * itemsize
+    if _is_contiguous(src.size, src.stride):
+        return ReadItem(start, numel * itemsize, dest)
     # A strided view in the file: read the span it covers, then copy it out strided.
-    span = 1 + sum((n - 1) * s for n, s in zip(src.shape, src.stride(), strict=True))
+    span = 1 + sum((n - 1) * s for n, s in zip(src.size, src.stride, strict=True))
     temp = torch.empty(span * itemsize, dtype=torch.uint8)
-    size, stride = tuple(src.shape), src.stride()
 
     def scatter() -> None:
         with torch.no_grad():
-            dest.copy_(temp.view(src.dtype).as_strided(size, stride, 0))
+            dest.copy_(temp.view(src.dtype).as_strided(src.size, src.stride, 0))
 
     return ReadItem(start, span * itemsize, temp, scatter)
+
+
+def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Row-major contiguity as torch defines it (dimensions of size 1 have any stride), for
+    a tensor with elements."""
+    expected = 1
+    for n, step in zip(reversed(size), reversed(stride), strict=True):
+        if n != 1 and step != expected:
+            return False
+        expected *= n
+    return True
 
 
 def read_items(source: Any, items: list[ReadItem]) -> None:
@@ -227,10 +238,34 @@ def _load_into_archive(
         raise CheckpointError(
             f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
         )
-    loaded, loader = unpickle_placeholders(archive)
-    plan = _match(target, loaded, loader, strict, source.name)
+    plan = _match(target, _file_tensors(archive), strict, source.name)
     read_items(source, plan.items)
     return plan.keys
+
+
+def _file_tensors(archive: ArchiveReader) -> dict[Path, TensorSpec | str]:
+    """{path: TensorSpec} of every tensor of the file, or the reason it cannot be loaded
+    into. Plain tensors are unpickled as TensorSpecs directly (no torch object per tensor);
+    a file that needs real tensor objects (a subclass, a sparse tensor...) is unpickled over
+    meta placeholders and its tensors described from those."""
+    try:
+        return _flatten(unpickle_specs(archive), TensorSpec)
+    except NeedsTensors:
+        pass
+    loaded, loader = unpickle_placeholders(archive)
+    out: dict[Path, TensorSpec | str] = {}
+    for path, t in _flatten(loaded, torch.Tensor).items():
+        if t.layout != torch.strided:
+            out[path] = "only dense (strided) tensors can be loaded into"
+            continue
+        placed = loader.placed.get(t.untyped_storage()._cdata)
+        if placed is None and t.numel():
+            out[path] = "the file's tensor has no storage record"
+        else:  # (an empty tensor saved without storage reads nothing)
+            size, stride = tuple(t.shape), tuple(t.stride())
+            offset = 0 if placed is None else placed[2]
+            out[path] = TensorSpec(offset, t.dtype, int(t.storage_offset()), size, stride)
+    return out
 
 
 class _Plan(NamedTuple):
@@ -238,9 +273,8 @@ class _Plan(NamedTuple):
     keys: IncompatibleKeys
 
 
-def _match(target: Any, loaded: Any, loader: PlaceholderLoader, strict: bool, name: str) -> _Plan:
-    dests = _flatten(target)
-    srcs = _flatten(loaded)
+def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: str) -> _Plan:
+    dests = _flatten(target, torch.Tensor)
     missing = [_name(p) for p in dests if p not in srcs]
     unexpected = [_name(p) for p in srcs if p not in dests]
     errors: list[str] = []
@@ -249,27 +283,27 @@ def _match(target: Any, loaded: Any, loader: PlaceholderLoader, strict: bool, na
     if strict and missing:
         errors.append("Missing key(s) in the file: " + ", ".join(map(repr, missing)))
     items: list[ReadItem] = []
+    strided = torch.strided
     for path, dest in dests.items():
         src = srcs.get(path)
         if src is None:
             continue
-        if src.shape != dest.shape or src.dtype != dest.dtype:
+        if type(src) is str:
+            errors.append(f"{_name(path)!r}: {src}")
+            continue
+        assert isinstance(src, TensorSpec)
+        if src.size != dest.shape or src.dtype != dest.dtype:
             errors.append(
-                f"mismatch for {_name(path)!r}: the file has {src.dtype} {tuple(src.shape)}, "
+                f"mismatch for {_name(path)!r}: the file has {src.dtype} {src.size}, "
                 f"the target {dest.dtype} {tuple(dest.shape)}"
             )
             continue
-        if src.layout != torch.strided or dest.layout != torch.strided:
+        if dest.layout != strided:
             errors.append(f"{_name(path)!r}: only dense (strided) tensors can be loaded into")
             continue
-        if src.numel() == 0:
-            continue
-        placed = loader.placed.get(src.untyped_storage()._cdata)
-        base = None if placed is None else placed[2]
-        if base is None:
-            errors.append(f"{_name(path)!r}: the file's tensor has no storage record")
-            continue
-        items.append(_item_for(src, dest, base))
+        numel = math.prod(src.size)
+        if numel:
+            items.append(_item_for(src, dest, numel))
     if errors:
         raise RuntimeError(f"Error(s) in loading {name} into the target:\n\t" + "\n\t".join(errors))
     return _Plan(items, IncompatibleKeys(missing, unexpected))

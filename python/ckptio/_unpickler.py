@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import array
+import dataclasses
 import io
 import pickle
 import threading
@@ -39,11 +40,15 @@ from .errors import CheckpointError, UnsafeGlobalError
 from .settings import get_options
 
 __all__ = [
+    "NeedsTensors",
     "PlaceholderLoader",
     "StorageLoader",
+    "StorageRef",
+    "TensorSpec",
     "make_unpickler",
     "scan_pickle",
     "unpickle_placeholders",
+    "unpickle_specs",
 ]
 
 _UNKNOWN: Any = object()  # a memo's "not computed yet"
@@ -232,10 +237,14 @@ class StorageLoader:
         if cached is not None:
             return cached
         storage = self._storage(numel * element_size, key, location)
-        typed = _typed_storage(storage, dtype)
+        typed = self._wrap(storage, dtype)
         if numel:  # as torch: empty storages are not shared
             self.loaded[key] = typed
         return typed
+
+    def _wrap(self, storage: Any, dtype: torch.dtype) -> Any:
+        """What persistent_load returns for `storage` (what _storage made) of `dtype`."""
+        return _typed_storage(storage, dtype)
 
     def _storage_type(self, key: str, storage_type: Any) -> tuple[torch.dtype, int]:
         if storage_type is torch.UntypedStorage:
@@ -258,14 +267,7 @@ class StorageLoader:
     def _storage(self, nbytes: int, key: str, location: str) -> Any:
         if self.is_meta:
             return torch.UntypedStorage(nbytes, device="meta")
-        try:
-            data_offset, record_size, method = self.archive.records["data/" + key]
-        except KeyError:
-            data_offset, record_size, method = (0, 0, 1)
-        if method != 0:
-            self.archive.record(f"data/{key}")  # raises the error that names the problem
-        if record_size != nbytes:
-            raise self._wrong_record_size(key, record_size, nbytes)
+        data_offset, record_size = self._record(key, nbytes)
         staged = self._targets.get(location, _UNKNOWN)
         if staged is _UNKNOWN:
             staged = self._staged_target(location)
@@ -304,13 +306,19 @@ class StorageLoader:
                 self.location_error = e
             raise
 
-    def _wrong_record_size(self, key: str, record_size: int, nbytes: int) -> CheckpointError:
-        # torch.load refuses a record whose size differs from its storage's (numel x element
-        # size) in either direction; a larger record would otherwise load a different tensor.
-        return CheckpointError(
-            f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
-            f"storage needs {nbytes} (numel x element size; they must be equal)"
-        )
+    def _record(self, key: str, nbytes: int) -> tuple[int, int]:
+        """(data offset, size) of the stored record data/<key> of a storage of `nbytes`."""
+        data_offset, record_size, method = self.archive.records.get("data/" + key, (0, 0, 1))
+        if method != 0:
+            self.archive.record(f"data/{key}")  # raises the error that names the problem
+        if record_size != nbytes:
+            # torch.load refuses a record whose size differs from its storage's (numel x
+            # element size) in either direction; a larger record would load another tensor.
+            raise CheckpointError(
+                f"{self.archive.name}: record data/{key} holds {record_size} bytes but its "
+                f"storage needs {nbytes} (numel x element size; they must be equal)"
+            )
+        return data_offset, record_size
 
     def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
         """Where a storage saved at `location` streams to, when map_location sends it to a
@@ -474,6 +482,16 @@ def _check_geometry(
         raise CheckpointError(
             f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
         )
+    untyped: torch.UntypedStorage = storage._untyped_storage
+    _check_fits(name, offset, size, stride, dtype, untyped.nbytes)
+    return untyped
+
+
+def _check_fits(
+    name: str, offset: Any, size: Any, stride: Any, dtype: Any, available: Callable[[], int]
+) -> None:
+    """Refuses a geometry that is malformed or reaches past `available()` bytes (called only
+    for a non-empty tensor)."""
     if type(dtype) is not torch.dtype:
         raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
     last = offset
@@ -498,16 +516,14 @@ def _check_geometry(
             f"{name}: invalid tensor geometry: offset {offset!r:.40}, size "
             f"{size!r:.80}, stride {stride!r:.80}"
         )
-    untyped: torch.UntypedStorage = storage._untyped_storage
     if empty:
-        return untyped
-    available = untyped.nbytes()
-    if (last + 1) * dtype.itemsize > available:
+        return
+    nbytes = available()
+    if (last + 1) * dtype.itemsize > nbytes:
         raise CheckpointError(
             f"{name}: a tensor of size {tuple(size)} with stride {tuple(stride)} at offset "
-            f"{offset} needs {(last + 1) * dtype.itemsize} bytes; its storage has {available}"
+            f"{offset} needs {(last + 1) * dtype.itemsize} bytes; its storage has {nbytes}"
         )
-    return untyped
 
 
 def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
@@ -731,12 +747,11 @@ class PlaceholderLoader(StorageLoader):
         self.placed: dict[int, tuple[str, str, int]] = {}
         self._made: list[torch.UntypedStorage] = []  # alive, so that those ids stay unique
 
+    def unpickler_hook(self) -> Callable[[Any], Any]:
+        return self.persistent_load  # nothing to slice
+
     def _storage(self, nbytes: int, key: str, location: str) -> Any:
-        data_offset, record_size, method = self.archive.records.get("data/" + key, (0, 0, 1))
-        if method != 0:
-            self.archive.record(f"data/{key}")  # raises the error that names the problem
-        if record_size != nbytes:
-            raise self._wrong_record_size(key, record_size, nbytes)
+        data_offset, _ = self._record(key, nbytes)
         storage = torch.UntypedStorage(nbytes, device="meta")
         self.placed[storage._cdata] = (key, location, data_offset)
         self._made.append(storage)
@@ -762,6 +777,148 @@ def unpickle_placeholders(archive: ArchiveReader) -> tuple[Any, PlaceholderLoade
     return obj, loader
 
 
+class NeedsTensors(Exception):
+    """The pickle names a global that needs real tensor objects (a subclass, a parameter with
+    state, a sparse or quantized rebuild...): :func:`unpickle_specs` cannot stand in for
+    them."""
+
+
+@dataclasses.dataclass(slots=True)
+class StorageRef:
+    """A storage of the file, not read: where its record's bytes start, and its size and
+    dtype (what :func:`unpickle_specs` hands to the rebuild functions)."""
+
+    data_offset: int
+    nbytes: int
+    dtype: torch.dtype
+
+
+@dataclasses.dataclass(slots=True)
+class TensorSpec:
+    """A dense tensor of the file, without a torch object: the file offset of its storage's
+    first byte, its dtype and its geometry in elements (checked against its storage)."""
+
+    data_offset: int
+    dtype: torch.dtype
+    storage_offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+# Globals a pickle of plain tensors may name besides the rebuild functions: none of them take
+# a tensor, so specs can stand in for the tensors around them.
+_SPEC_GLOBALS = frozenset(
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "builtins.set",
+        "builtins.complex",
+        "builtins.bytearray",
+        "_codecs.encode",
+        "torch.Size",
+        "torch.device",
+        "torch.storage.UntypedStorage",
+        "torch.serialization._get_layout",
+        "torch._utils._rebuild_tensor",
+        "torch._utils._rebuild_tensor_v2",
+        "torch._utils._rebuild_tensor_v3",
+        "torch._utils._rebuild_parameter",
+    }
+)
+
+
+class SpecLoader(StorageLoader):
+    """Storages as :class:`StorageRef` (nothing read or allocated), one per key (ties
+    survive), for :func:`unpickle_specs`."""
+
+    def __init__(self, archive: ArchiveReader) -> None:
+        super().__init__(archive, "meta", None)
+
+    def unpickler_hook(self) -> Callable[[Any], Any]:
+        return self.persistent_load
+
+    def _storage(self, nbytes: int, key: str, location: str) -> Any:
+        return self._record(key, nbytes)
+
+    def _wrap(self, storage: Any, dtype: torch.dtype) -> Any:
+        data_offset, nbytes = storage
+        return StorageRef(data_offset, nbytes, dtype)
+
+    def note_global(self, full_name: str, obj: Any) -> None:
+        if callable(obj) and full_name not in _SPEC_GLOBALS:
+            raise NeedsTensors(full_name)
+
+
+def _spec_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
+    """torch's tensor rebuild functions over StorageRefs: each returns a TensorSpec."""
+
+    def spec(storage: Any, offset: Any, size: Any, stride: Any, dtype: Any) -> TensorSpec:
+        if type(storage) is not StorageRef:
+            raise CheckpointError(
+                f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
+            )
+        _check_fits(name, offset, size, stride, dtype, lambda: storage.nbytes)
+        return TensorSpec(storage.data_offset, dtype, offset, tuple(size), tuple(stride))
+
+    def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> TensorSpec:
+        return spec(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
+
+    def rebuild_tensor_v2(
+        storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any
+    ) -> TensorSpec:
+        return spec(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
+
+    def rebuild_tensor_v3(
+        storage: Any,
+        storage_offset: Any,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        backward_hooks: Any,
+        dtype: Any,
+        *_: Any,
+    ) -> TensorSpec:
+        return spec(storage, storage_offset, size, stride, dtype)
+
+    def rebuild_parameter(data: Any, *_: Any) -> TensorSpec:
+        if type(data) is not TensorSpec:
+            raise NeedsTensors("torch._utils._rebuild_parameter")
+        return data
+
+    return {
+        "torch._utils._rebuild_tensor": rebuild_tensor,
+        "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
+        "torch._utils._rebuild_parameter": rebuild_parameter,
+    }
+
+
+def unpickle_specs(archive: ArchiveReader) -> Any:
+    """The object in `archive`'s data.pkl with a :class:`TensorSpec` for each tensor, under
+    the weights-only rules (a global they refuse raises UnsafeGlobalError as in load()).
+    Raises NeedsTensors when the pickle needs real tensors: unpickle_placeholders then."""
+    pickle_bytes = archive.read("data.pkl")
+    scan_pickle(archive.name, pickle_bytes, weights_only=True)
+    allowed = {**_allowed_globals(), **_spec_rebuilds(archive.name)}
+    data = _pickle_stream(pickle_bytes)
+    unpickler = _WeightsOnlyUnpickler(data, SpecLoader(archive), allowed, "utf-8")
+    try:
+        with gc_paused():
+            return unpickler.load()
+    except (CheckpointError, NeedsTensors, OSError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _pickle_stream(pickle_bytes: bytes) -> io.BufferedReader:
+    # Buffered: CPython's unpickler prefetches 128 KiB at a time through peek(), which BytesIO
+    # lacks; without it every opcode is a read() call (20 ms of 50 for a 2 MB data.pkl).
+    return io.BufferedReader(io.BytesIO(pickle_bytes), max(1, min(len(pickle_bytes), 1 << 20)))
+
+
 def make_unpickler(
     pickle_bytes: bytes,
     loader: StorageLoader,
@@ -773,9 +930,7 @@ def make_unpickler(
     """An unpickler over `pickle_bytes` (a data.pkl) wired to `loader`. The pickle is
     pre-scanned first (:func:`scan_pickle`), so every unpickler ckptio makes is guarded."""
     scan_pickle(loader.archive.name, pickle_bytes, weights_only=weights_only)
-    # Buffered: CPython's unpickler prefetches 128 KiB at a time through peek(), which BytesIO
-    # lacks; without it every opcode is a read() call (20 ms of 50 for a 2 MB data.pkl).
-    data = io.BufferedReader(io.BytesIO(pickle_bytes), max(1, min(len(pickle_bytes), 1 << 20)))
+    data = _pickle_stream(pickle_bytes)
     checked = _checked_rebuilds(loader.archive.name)
     if weights_only:
         allowed = {**_allowed_globals(), **checked}
