@@ -341,3 +341,34 @@ def test_rebuild_failures_reach_the_python_rebuild_which_raises() -> None:
         checked(*args)
     with pytest.raises(RuntimeError, match="floating point"):
         torch._utils._rebuild_tensor_v2(*args)
+
+
+# -- plan_arena and read_into's base --------------------------------------------------------
+def test_plan_arena_slots_small_records_in_order() -> None:
+    records = {
+        "data.pkl": (100, 50, 0),  # not a storage record
+        "data/0": (4096, 100, 0),
+        "data/1": (8192, 0, 0),  # empty: a slot of no bytes, nothing to read
+        "data/2": (12288, 64, 8),  # compressed: a slot, but the loader reads it itself
+        "data/3": (16384, 1 << 20, 0),  # not small
+        "data/4": (20480, 65, 0),
+        "version": (30000, 2, 0),
+    }
+    total, offsets, requests = _core.plan_arena(records, 1 << 20, 64)
+    assert offsets == {"0": 0, "1": 128, "2": 128, "4": 192}
+    assert total == 192 + 128
+    assert list(memoryview(requests).cast("Q")) == [4096, 100, 0, 20480, 65, 192]
+    with pytest.raises(ValueError, match="power of two"):
+        _core.plan_arena(records, 1 << 20, 48)
+
+
+def test_read_into_addresses_relative_to_a_base(tmp_path: Path) -> None:
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(bytes(range(256)))
+    block = torch.zeros(64, dtype=torch.uint8)
+    requests = memoryview(_core.plan_arena({"data/a": (10, 5, 0), "data/b": (200, 3, 0)}, 64, 8)[2])
+    with _core.File.open(str(path), _core.FileMode.READ) as f:
+        f.read_into(requests.cast("Q"), 2, 1 << 20, block.data_ptr())
+    assert block[:5].tolist() == list(range(10, 15))
+    assert block[8:11].tolist() == [200, 201, 202]
+    assert block[5:8].tolist() == [0, 0, 0] and block[11:].sum() == 0

@@ -116,9 +116,9 @@ def _count_prefetches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     started: list[int] = []
     original = _unpickler.StorageLoader._start_prefetch
 
-    def spy(self: _unpickler.StorageLoader, arena: object) -> None:
+    def spy(self: _unpickler.StorageLoader, arena: object, requests: object) -> None:
         started.append(1)
-        original(self, arena)  # type: ignore[arg-type]
+        original(self, arena, requests)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_unpickler.StorageLoader, "_start_prefetch", spy)
     return started

@@ -41,8 +41,13 @@ py::bytes pread_bytes(const ByteSource& source, std::uint64_t offset, std::uint6
 }
 
 void read_into(const ByteSource& source, const py::buffer& requests, std::size_t threads,
-               std::size_t chunk_bytes) {
+               std::size_t chunk_bytes, std::uintptr_t base) {
   std::vector<ReadRequest> batch = parse_read_requests(requests);
+  if (base != 0) {
+    for (ReadRequest& r : batch) {
+      r.dst = reinterpret_cast<void*>(base + reinterpret_cast<std::uintptr_t>(r.dst));
+    }
+  }
   py::gil_scoped_release nogil;
   auto pool = shared_pool(threads);
   read_ranges(source, batch, *pool, chunk_bytes);
@@ -77,10 +82,14 @@ void register_io(py::module_& m) {
       .def("pread", [](const File& f, std::uint64_t offset,
                        std::uint64_t n) { return pread_bytes(f, offset, n); },
            py::arg("offset"), py::arg("n"), "Reads exactly n bytes at offset.")
-      .def("read_into", [](const File& f, const py::buffer& requests, std::size_t threads,
-                           std::size_t chunk_bytes) { read_into(f, requests, threads, chunk_bytes); },
-           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"),
-           "Parallel reads; requests is a flat uint64 buffer of (offset, length, address) triples.")
+      .def("read_into",
+           [](const File& f, const py::buffer& requests, std::size_t threads,
+              std::size_t chunk_bytes, std::uintptr_t base) {
+             read_into(f, requests, threads, chunk_bytes, base);
+           },
+           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"), py::arg("base") = 0,
+           "Parallel reads; requests is a flat uint64 buffer of (offset, length, address) "
+           "triples, each address relative to base.")
       .def("write_from", &write_from, py::arg("requests"), py::arg("threads"),
            py::arg("chunk_bytes"),
            "Parallel writes; requests is a flat uint64 buffer of (offset, length, address) "
@@ -101,11 +110,12 @@ void register_io(py::module_& m) {
       .def("pread", [](const BufferSource& b, std::uint64_t offset,
                        std::uint64_t n) { return pread_bytes(b.source(), offset, n); },
            py::arg("offset"), py::arg("n"))
-      .def("read_into", [](const BufferSource& b, const py::buffer& requests, std::size_t threads,
-                           std::size_t chunk_bytes) {
-             read_into(b.source(), requests, threads, chunk_bytes);
+      .def("read_into",
+           [](const BufferSource& b, const py::buffer& requests, std::size_t threads,
+              std::size_t chunk_bytes, std::uintptr_t base) {
+             read_into(b.source(), requests, threads, chunk_bytes, base);
            },
-           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"));
+           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"), py::arg("base") = 0);
 
   py::class_<Mapping, std::shared_ptr<Mapping>>(m, "Mapping", py::buffer_protocol())
       .def(py::init([](const File& file, bool shared) { return Mapping::map_file(file, shared); }),

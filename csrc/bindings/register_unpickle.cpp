@@ -12,6 +12,8 @@
 #include <structmember.h>
 
 #include <climits>
+#include <cstdint>
+#include <string>
 
 #include "ckptio/pickle_scan.hpp"
 #include "pyobjects.hpp"
@@ -354,6 +356,45 @@ PyMethodDef rebuild_def = {"rebuild_tensor_v2", reinterpret_cast<PyCFunction>(re
                            "torch._utils._rebuild_tensor_v2 for CPU storages that cannot "
                            "grow; anything else goes to the Python rebuild."};
 
+// The block of a load's small storages: every "data/<key>" record below `limit` bytes gets a
+// slot, in record order, each `alignment`-aligned. Returns (total bytes, {key: slot offset},
+// (file offset, size, slot offset) uint64 triples for the stored, non-empty ones).
+py::tuple plan_arena(const py::dict& records, Py_ssize_t limit, Py_ssize_t alignment) {
+  if (alignment <= 0 || (alignment & (alignment - 1)) != 0) {
+    throw py::value_error("plan_arena: alignment must be a power of two");
+  }
+  py::dict offsets;
+  std::string requests;  // packed uint64 triples
+  std::uint64_t total = 0;
+  const auto push = [&requests](std::uint64_t v) {
+    requests.append(reinterpret_cast<const char*>(&v), sizeof v);
+  };
+  for (const auto& item : records) {
+    PyObject* name = item.first.ptr();
+    PyObject* record = item.second.ptr();
+    if (!PyUnicode_Check(name) || PyUnicode_Tailmatch(name, names.data_prefix, 0, 5, -1) != 1 ||
+        !PyTuple_Check(record) || PyTuple_GET_SIZE(record) != 3) {
+      continue;
+    }
+    const Py_ssize_t offset = small_index(PyTuple_GET_ITEM(record, 0));
+    const Py_ssize_t size = small_index(PyTuple_GET_ITEM(record, 1));
+    const Py_ssize_t method = small_index(PyTuple_GET_ITEM(record, 2));
+    if (offset < 0 || size < 0 || size >= limit) continue;
+    py::object key = py::reinterpret_steal<py::object>(
+        PyUnicode_Substring(name, 5, PyUnicode_GET_LENGTH(name)));
+    if (!key) throw py::error_already_set();
+    offsets[key] = total;
+    if (size > 0 && method == 0) {
+      push(static_cast<std::uint64_t>(offset));
+      push(static_cast<std::uint64_t>(size));
+      push(total);
+    }
+    const auto align = static_cast<std::uint64_t>(alignment);
+    total += (static_cast<std::uint64_t>(size) + align - 1) & ~(align - 1);
+  }
+  return py::make_tuple(total, offsets, py::bytes(requests));
+}
+
 }  // namespace
 
 void register_unpickle(py::module_& m) {
@@ -374,6 +415,13 @@ void register_unpickle(py::module_& m) {
   PyObject* slicer_type = PyType_FromSpec(&slicer_spec);
   if (slicer_type == nullptr) throw py::error_already_set();
   m.add_object("StorageSlicer", py::reinterpret_steal<py::object>(slicer_type));
+
+  m.def("plan_arena", &plan_arena, py::arg("records"), py::arg("limit"), py::arg("alignment"),
+        "The block of a load's small storages: every data/<key> record of `records` ({name: "
+        "(data offset, size, method)}) below `limit` bytes gets an `alignment`-aligned slot in "
+        "record order. Returns (total bytes, {key: slot offset}, bytes of uint64 (file offset, "
+        "size, slot offset) triples for the stored, non-empty ones: read_into's requests "
+        "relative to the block's address).");
 
   m.def(
       "fast_rebuild_v2",

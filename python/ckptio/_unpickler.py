@@ -357,38 +357,32 @@ class StorageLoader:
         if record_size < _SMALL_STORAGE_BYTES:
             arena = self._arena
             if arena is None:
-                arena, self._arena_offsets = _plan_arena(self.archive)
+                arena, self._arena_offsets, requests = _plan_arena(self.archive)
                 self._arena = arena
                 if self.deferred and get_options().overlap_reads:
-                    self._start_prefetch(arena)
+                    self._start_prefetch(arena, requests)
                     self._arm_slicer(arena, self._arena_offsets)
             offset = self._arena_offsets[key]
             return _slice(arena, slice(offset, offset + nbytes))
         return host_memory(nbytes)
 
-    def _start_prefetch(self, arena: torch.UntypedStorage) -> None:
-        """Starts reading every small stored record into its arena slot on a background
-        thread (the GIL released while it reads), so the read overlaps the unpickling.
+    def _start_prefetch(self, arena: torch.UntypedStorage, requests: Any) -> None:
+        """Starts reading every small stored record into its arena slot (`requests`, relative
+        to the arena's address) on a background thread (the GIL released while it reads), so
+        the read overlaps the unpickling.
 
         Records the pickle never names are read too (their slots exist anyway): one batch in
         file order instead of one request per storage as they are met. flush() waits for it,
         so nothing sees a storage before its data is there.
         """
-        requests = array.array("Q")
-        base = arena.data_ptr()
-        records = self.archive.records
-        for key, slot in self._arena_offsets.items():
-            data_offset, size, method = records["data/" + key]
-            if size and method == 0:
-                requests.extend((data_offset, size, base + slot))
-        if not requests:
+        if not len(requests):
             return
         opts = get_options()  # the caller's (thread-local) options, not the reader thread's
         read_into = self.archive.source.read_into
 
         def run() -> None:
             try:
-                read_into(requests, opts.threads, opts.chunk_bytes)
+                read_into(requests, opts.threads, opts.chunk_bytes, arena.data_ptr())
             except BaseException as e:  # re-raised by flush() in the loading thread
                 self._prefetch_error = e
 
@@ -442,14 +436,12 @@ def _no_slicer() -> None:
     return None
 
 
-def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str, int]]:
-    offsets: dict[str, int] = {}
-    total = 0
-    for name, (_, size, _) in archive.records.items():
-        if size < _SMALL_STORAGE_BYTES and name.startswith("data/"):
-            offsets[name[5:]] = total
-            total += (size + 63) & ~63  # 64-byte aligned, as torch's CPU allocator
-    return host_memory(max(total, 1)), offsets
+def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str, int], Any]:
+    """The block of a load's small storages (64-byte aligned slots, as torch's CPU allocator
+    aligns), each small record's slot, and the reads that fill the block: (file offset, size,
+    slot) uint64 triples, relative to the block's address."""
+    total, offsets, requests = _core.plan_arena(archive.records, _SMALL_STORAGE_BYTES, 64)
+    return host_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
 
 
 def _empty_storage() -> torch.UntypedStorage:
