@@ -58,7 +58,8 @@ asan: $(STAMP)
 	$(BIN)/ctest --test-dir build/asan --output-on-failure
 	$(MAKE) asan-py
 
-# The Python hostile-file and mutation tests against an extension built with ASan + UBSan
+# The Python hostile-file and mutation tests, and those of the C hot paths that touch Python
+# objects (pickling and unpickling hooks), against an extension built with ASan + UBSan
 # (build/asan-py, put first on sys.path; the Python interpreter itself is not instrumented, so
 # libasan is preloaded and leak checks are off).
 ASAN_LIB = $(shell $(CXX) -print-file-name=libasan.so)
@@ -73,7 +74,8 @@ asan-py: $(STAMP)
 	LD_PRELOAD="$(ASAN_LIB) $(UBSAN_LIB)" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CKPTIO_TEST_PYTHONPATH=build/asan-py/pkg \
 	    PYTHONPATH=build/asan-py/pkg $(BIN)/python -m pytest -q -p no:cacheprovider \
-	    tests/test_hostile.py tests/test_mutation.py tests/test_errors.py
+	    tests/test_hostile.py tests/test_mutation.py tests/test_errors.py \
+	    tests/test_load_hot_paths.py tests/test_pickler_hooks.py tests/test_format.py
 
 # libFuzzer over the C++ parsers (fuzz/fuzz_parsers.cpp), seeded with small valid checkpoints.
 FUZZ_SECONDS ?= 600
