@@ -372,3 +372,12 @@ def test_read_into_addresses_relative_to_a_base(tmp_path: Path) -> None:
     assert block[:5].tolist() == list(range(10, 15))
     assert block[8:11].tolist() == [200, 201, 202]
     assert block[5:8].tolist() == [0, 0, 0] and block[11:].sum() == 0
+
+
+def test_slicer_with_deleted_attributes_falls_back() -> None:
+    sid = ("storage", torch.FloatStorage, "0", "cpu", 2)
+    for attribute in ("base", "offsets"):
+        slicer, recorder, _base, _loaded = _slicer()
+        delattr(slicer, attribute)
+        assert slicer(sid) == "fallback"
+        assert recorder.calls == [sid]

@@ -39,7 +39,7 @@ PyMethodDef by_type_def = {"by_type", by_type_call, METH_O,
 struct Names {
   PyObject* storage;          // "storage", the persistent id's tag
   PyObject* layout;           // Tensor.layout
-  PyObject* device;           // Tensor.device, UntypedStorage.device
+  PyObject* device;           // UntypedStorage.device
   PyObject* is_quantized;     // Tensor.is_quantized
   PyObject* is_nested;        // Tensor.is_nested
   PyObject* backward_hooks;   // Tensor._backward_hooks
@@ -60,10 +60,13 @@ Names names;
 
 // Owned references released at scope exit: the hot paths below bail out at many points.
 struct Refs {
-  PyObject* items[16] = {};
+  static constexpr int kCapacity = 24;  // reduce_fast keeps 15
+  PyObject* items[kCapacity] = {};
   int n = 0;
   PyObject* keep(PyObject* o) {
-    if (o != nullptr) items[n++] = o;
+    if (o == nullptr) return o;
+    if (n == kCapacity) Py_FatalError("ckptio: Refs capacity exceeded (a programming error)");
+    items[n++] = o;
     return o;
   }
   ~Refs() {

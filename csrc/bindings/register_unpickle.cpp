@@ -135,10 +135,11 @@ PyObject* slicer_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
 }
 
 // The storage for saved_id if this is the common case, nullptr with no error set if not, or
-// nullptr with an error set if a torch call failed.
+// nullptr with an error set if a call failed (the caller then falls back for ordinary ones).
 PyObject* slicer_fast(StorageSlicer* self, PyObject* saved_id) {
-  if (self->base == Py_None || !PyTuple_CheckExact(saved_id) ||
-      PyTuple_GET_SIZE(saved_id) != 5) {
+  // base and offsets are settable from Python, deletable too (NULL): both mean "not armed".
+  if (self->base == nullptr || self->base == Py_None || self->offsets == nullptr ||
+      !PyTuple_CheckExact(saved_id) || PyTuple_GET_SIZE(saved_id) != 5) {
     return nullptr;
   }
   PyObject* tag = PyTuple_GET_ITEM(saved_id, 0);

@@ -15,9 +15,13 @@ the others in one batch afterwards. That is safe because the functions that rebu
 tensors never read storage data. The first global outside that known set (a user class, a
 quantized-tensor rebuild...) makes the loader flush what is pending (waiting for the
 background read) and read each later storage as soon as it is created, so such code always
-sees real data. Storages that map_location sends to a CUDA
-device get their own device allocation and are filled the same way, through the pinned
-staging ring of _staging.py.
+sees real data. Storages that map_location sends to a CUDA device get their own device
+allocation and are filled the same way, through the pinned staging ring of _staging.py.
+
+The per-storage and per-tensor calls of the common case (a slice of the mapping or of the
+block of small storages; a tensor over a CPU storage that cannot grow) are C callables
+(csrc/bindings/register_unpickle.cpp) that hand everything else to the Python functions
+here. load_into parses a file into TensorSpecs instead of tensors (unpickle_specs).
 """
 
 from __future__ import annotations
@@ -482,8 +486,8 @@ def _check_geometry(
 def _check_fits(
     name: str, offset: Any, size: Any, stride: Any, dtype: Any, available: Callable[[], int]
 ) -> None:
-    """Refuses a geometry that is malformed or reaches past `available()` bytes (called only
-    for a non-empty tensor)."""
+    """Refuses a geometry that is malformed or, for a tensor with elements, reaches past
+    `available()` bytes (called only then)."""
     if type(dtype) is not torch.dtype:
         raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
     last = offset
