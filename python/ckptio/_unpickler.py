@@ -801,26 +801,16 @@ class TensorSpec:
     stride: tuple[int, ...]
 
 
-# Globals a pickle of plain tensors may name besides the rebuild functions: none of them take
-# a tensor, so specs can stand in for the tensors around them.
-_SPEC_GLOBALS = frozenset(
-    {
-        "collections.OrderedDict",
-        "collections.Counter",
-        "builtins.set",
-        "builtins.complex",
-        "builtins.bytearray",
-        "_codecs.encode",
-        "torch.Size",
-        "torch.device",
-        "torch.storage.UntypedStorage",
-        "torch.serialization._get_layout",
-        "torch._utils._rebuild_tensor",
-        "torch._utils._rebuild_tensor_v2",
-        "torch._utils._rebuild_tensor_v3",
-        "torch._utils._rebuild_parameter",
-    }
-)
+# The globals that rebuild objects without reading storage data and also take no tensor (the
+# others of _DATA_BLIND wrap or rebuild a tensor object): specs can stand in for the tensors
+# around them, and the rebuild functions among them are replaced by _spec_rebuilds.
+_SPEC_GLOBALS = _DATA_BLIND - {
+    "torch.nn.parameter.Parameter",
+    "torch.Tensor",
+    "torch._utils._rebuild_parameter_with_state",
+    "torch._utils._rebuild_meta_tensor_no_storage",
+    "torch._tensor._rebuild_from_type_v2",
+}
 
 
 class SpecLoader(StorageLoader):
