@@ -761,16 +761,7 @@ def unpickle_placeholders(archive: ArchiveReader) -> tuple[Any, PlaceholderLoade
     unpickler = make_unpickler(
         archive.read("data.pkl"), loader, weights_only=True, pickle_module=None, encoding="utf-8"
     )
-    try:
-        with gc_paused():
-            obj = unpickler.load()
-    except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        raise CheckpointError(
-            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
-        ) from e
-    return obj, loader
+    return _load(unpickler, archive.name), loader
 
 
 class NeedsTensors(Exception):
@@ -883,11 +874,21 @@ def unpickle_specs(archive: ArchiveReader) -> Any:
     """The object in `archive`'s data.pkl with a :class:`TensorSpec` for each tensor, under
     the weights-only rules (a global they refuse raises UnsafeGlobalError as in load()).
     Raises NeedsTensors when the pickle needs real tensors: unpickle_placeholders then."""
-    pickle_bytes = archive.read("data.pkl")
-    scan_pickle(archive.name, pickle_bytes, weights_only=True)
-    allowed = {**_allowed_globals(), **_spec_rebuilds(archive.name)}
-    data = _pickle_stream(pickle_bytes)
-    unpickler = _WeightsOnlyUnpickler(data, SpecLoader(archive), allowed, "utf-8")
+    unpickler = make_unpickler(
+        archive.read("data.pkl"),
+        SpecLoader(archive),
+        weights_only=True,
+        pickle_module=None,
+        rebuilds=_spec_rebuilds(archive.name),
+        encoding="utf-8",
+    )
+    return _load(unpickler, archive.name)
+
+
+def _load(unpickler: Any, name: str) -> Any:
+    """unpickler.load() with the collector paused, for the weights-only parses of
+    unpickle_placeholders and unpickle_specs: an unexpected exception becomes a
+    CheckpointError naming the file."""
     try:
         with gc_paused():
             return unpickler.load()
@@ -895,14 +896,8 @@ def unpickle_specs(archive: ArchiveReader) -> Any:
         raise
     except Exception as e:
         raise CheckpointError(
-            f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+            f"{name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
-
-
-def _pickle_stream(pickle_bytes: bytes) -> io.BufferedReader:
-    # Buffered: CPython's unpickler prefetches 128 KiB at a time through peek(), which BytesIO
-    # lacks; without it every opcode is a read() call (20 ms of 50 for a 2 MB data.pkl).
-    return io.BufferedReader(io.BytesIO(pickle_bytes), max(1, min(len(pickle_bytes), 1 << 20)))
 
 
 def make_unpickler(
@@ -911,13 +906,18 @@ def make_unpickler(
     *,
     weights_only: bool,
     pickle_module: Any,
+    rebuilds: dict[str, Callable[..., Any]] | None = None,
     **pickle_load_args: Any,
 ) -> Any:
-    """An unpickler over `pickle_bytes` (a data.pkl) wired to `loader`. The pickle is
-    pre-scanned first (:func:`scan_pickle`), so every unpickler ckptio makes is guarded."""
+    """An unpickler over `pickle_bytes` (a data.pkl) wired to `loader`, resolving torch's
+    tensor rebuild functions to `rebuilds` (default: the checked ones that build tensors).
+    The pickle is pre-scanned first (:func:`scan_pickle`), so every unpickler ckptio makes is
+    guarded."""
     scan_pickle(loader.archive.name, pickle_bytes, weights_only=weights_only)
-    data = _pickle_stream(pickle_bytes)
-    checked = _checked_rebuilds(loader.archive.name)
+    # Buffered: CPython's unpickler prefetches 128 KiB at a time through peek(), which BytesIO
+    # lacks; without it every opcode is a read() call (20 ms of 50 for a 2 MB data.pkl).
+    data = io.BufferedReader(io.BytesIO(pickle_bytes), max(1, min(len(pickle_bytes), 1 << 20)))
+    checked = _checked_rebuilds(loader.archive.name) if rebuilds is None else rebuilds
     if weights_only:
         allowed = {**_allowed_globals(), **checked}
         return _WeightsOnlyUnpickler(
