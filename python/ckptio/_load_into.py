@@ -2,10 +2,12 @@
 
 A training loop that reloads weights, or a server that swaps models of one shape, already has
 memory for every tensor. ``load_into`` parses ``data.pkl`` without materialising a single
-storage (the storages it meets are ``meta`` placeholders, through the same weights-only
-``find_class`` and checked rebuild functions as :func:`ckptio.load`), maps each tensor of the
-target to the bytes of its counterpart in the file, and reads them all in one parallel batch
-straight into the target's memory: no allocation, no page faults on fresh memory, no copy.
+storage: each tensor of the file becomes a ``TensorSpec`` (where its bytes are, its dtype and
+geometry), through the same weights-only ``find_class``, pre-scan and record and geometry
+checks as :func:`ckptio.load`; a pickle that needs tensor objects is parsed over ``meta``
+placeholders instead. It maps each tensor of the target to the bytes of its counterpart in
+the file, and reads them all in one parallel batch straight into the target's memory: no
+allocation, no page faults on fresh memory, no copy.
 
 The read step is one function over a list of :class:`ReadItem` (file offset, byte count,
 destination tensor), :func:`read_items`. Contiguous CPU destinations are read into directly;
