@@ -259,6 +259,7 @@ def _rebuild(make_empty: Any = None) -> tuple[Any, list[tuple[Any, ...]]]:
         torch.UntypedStorage,
         make_empty or (lambda dtype: torch.empty((0,), dtype=dtype)),
         torch._utils.set_tensor_metadata,
+        torch.device("cpu"),
     )
     return f, calls
 

@@ -27,6 +27,22 @@ inline Py_ssize_t small_index(PyObject* v) {
   return n < 0 ? -1 : n;
 }
 
+// Owned references released at scope exit: the hot paths bail out at many points.
+struct Refs {
+  static constexpr int kCapacity = 24;  // register_pickle's reduce_fast keeps 15, the most
+  PyObject* items[kCapacity] = {};
+  int n = 0;
+  PyObject* keep(PyObject* o) {
+    if (o == nullptr) return o;
+    if (n == kCapacity) Py_FatalError("ckptio: Refs capacity exceeded (a programming error)");
+    items[n++] = o;
+    return o;
+  }
+  ~Refs() {
+    for (int i = 0; i < n; ++i) Py_DECREF(items[i]);
+  }
+};
+
 // After a hot path returned nullptr: true if the caller should hand the call to its Python
 // fallback, which redoes the work and raises what it raises: no error is set (not the common
 // case), or an ordinary one, which is cleared. False with the error left set for

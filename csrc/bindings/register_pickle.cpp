@@ -58,22 +58,6 @@ struct Names {
 };
 Names names;
 
-// Owned references released at scope exit: the hot paths below bail out at many points.
-struct Refs {
-  static constexpr int kCapacity = 24;  // reduce_fast keeps 15
-  PyObject* items[kCapacity] = {};
-  int n = 0;
-  PyObject* keep(PyObject* o) {
-    if (o == nullptr) return o;
-    if (n == kCapacity) Py_FatalError("ckptio: Refs capacity exceeded (a programming error)");
-    items[n++] = o;
-    return o;
-  }
-  ~Refs() {
-    for (int i = 0; i < n; ++i) Py_DECREF(items[i]);
-  }
-};
-
 // tensor_reducer(t): what _reduce_plain_tensor returns for a plain dense CPU or CUDA tensor
 // with no hooks, no Python state and a dtype of _rebuild_tensor_v2: (_rebuild_tensor_v2,
 // (TypedStorage, offset, size, stride, requires_grad, hooks stand-in[, metadata])). nullptr

@@ -34,8 +34,6 @@ struct Names {
   PyObject* resizable;         // UntypedStorage.resizable()
   PyObject* nbytes;            // UntypedStorage.nbytes()
   PyObject* device;            // UntypedStorage.device
-  PyObject* type;              // torch.device.type
-  PyObject* cpu;               // "cpu"
   PyObject* new_;              // Tensor.new()
   PyObject* set_;              // Tensor.set_(storage, offset, size, stride)
   PyObject* requires_grad;     // Tensor.requires_grad
@@ -272,57 +270,43 @@ PyType_Spec slicer_spec = {"ckptio._core.StorageSlicer", sizeof(StorageSlicer), 
 // on a cached empty tensor: a third of torch.empty's cost), set_ to the geometry (which
 // refuses any geometry that does not fit a non-resizable storage), then what torch's
 // _rebuild_tensor_v2 sets. The bound tuple holds (fallback, TypedStorage, UntypedStorage,
-// {dtype: empty CPU tensor}, make_empty(dtype), set_tensor_metadata).
+// {dtype: empty CPU tensor}, make_empty(dtype), set_tensor_metadata, torch.device("cpu")).
 PyObject* rebuild_fast(PyObject* bound, PyObject* const* args, Py_ssize_t nargs) {
-  PyObject* typed_cls = PyTuple_GET_ITEM(bound, 1);
-  PyObject* untyped_cls = PyTuple_GET_ITEM(bound, 2);
-  PyObject* protos = PyTuple_GET_ITEM(bound, 3);
   if ((nargs != 6 && nargs != 7) ||
-      Py_TYPE(args[0]) != reinterpret_cast<PyTypeObject*>(typed_cls)) {
+      Py_TYPE(args[0]) != reinterpret_cast<PyTypeObject*>(PyTuple_GET_ITEM(bound, 1))) {
     return nullptr;
   }
-  PyObject* untyped = PyObject_GetAttr(args[0], names.untyped_storage);
-  if (untyped == nullptr) return nullptr;
   PyObject* tensor = nullptr;
-  PyObject* dtype = nullptr;
-  PyObject* proto = nullptr;
-  PyObject* resizable = nullptr;
-  PyObject* device = nullptr;
-  PyObject* device_type = nullptr;
-  do {
-    if (Py_TYPE(untyped) != reinterpret_cast<PyTypeObject*>(untyped_cls)) break;
-    resizable = PyObject_CallMethodNoArgs(untyped, names.resizable);
-    if (resizable != Py_False) break;  // meta and device storages: Python checks the geometry
-    device = PyObject_GetAttr(untyped, names.device);
-    device_type = device == nullptr ? nullptr : PyObject_GetAttr(device, names.type);
-    if (device_type == nullptr || !PyUnicode_CheckExact(device_type) ||
-        PyUnicode_Compare(device_type, names.cpu) != 0) {
-      break;
+  {
+    Refs refs;
+    PyObject* untyped = refs.keep(PyObject_GetAttr(args[0], names.untyped_storage));
+    if (untyped == nullptr ||
+        Py_TYPE(untyped) != reinterpret_cast<PyTypeObject*>(PyTuple_GET_ITEM(bound, 2))) {
+      return nullptr;
     }
-    dtype = PyObject_GetAttr(args[0], names.dtype);
-    if (dtype == nullptr) break;
-    proto = PyDict_GetItemWithError(protos, dtype);  // borrowed
-    if (proto != nullptr) {
-      Py_INCREF(proto);
-    } else {
-      if (PyErr_Occurred() != nullptr) break;
-      proto = PyObject_CallOneArg(PyTuple_GET_ITEM(bound, 4), dtype);
-      if (proto == nullptr || PyDict_SetItem(protos, dtype, proto) != 0) break;
+    PyObject* resizable = refs.keep(PyObject_CallMethodNoArgs(untyped, names.resizable));
+    if (resizable != Py_False) return nullptr;  // meta, device: Python checks the geometry
+    PyObject* device = refs.keep(PyObject_GetAttr(untyped, names.device));
+    if (device == nullptr ||
+        PyObject_RichCompareBool(device, PyTuple_GET_ITEM(bound, 6), Py_EQ) != 1) {
+      return nullptr;
     }
-    PyObject* fresh = PyObject_CallMethodNoArgs(proto, names.new_);
-    if (fresh == nullptr) break;
+    PyObject* dtype = refs.keep(PyObject_GetAttr(args[0], names.dtype));
+    if (dtype == nullptr) return nullptr;
+    PyObject* protos = PyTuple_GET_ITEM(bound, 3);
+    PyObject* proto = PyDict_GetItemWithError(protos, dtype);  // borrowed
+    if (proto == nullptr) {
+      if (PyErr_Occurred() != nullptr) return nullptr;
+      proto = refs.keep(PyObject_CallOneArg(PyTuple_GET_ITEM(bound, 4), dtype));
+      if (proto == nullptr || PyDict_SetItem(protos, dtype, proto) != 0) return nullptr;
+    }
+    PyObject* fresh = refs.keep(PyObject_CallMethodNoArgs(proto, names.new_));
+    if (fresh == nullptr) return nullptr;
     PyObject* set_args[] = {fresh, untyped, args[1], args[2], args[3]};
     tensor = PyObject_VectorcallMethod(names.set_, set_args,
                                        5 | PY_VECTORCALL_ARGUMENTS_OFFSET, nullptr);
-    Py_DECREF(fresh);
-  } while (false);
-  Py_DECREF(untyped);
-  Py_XDECREF(dtype);
-  Py_XDECREF(proto);
-  Py_XDECREF(resizable);
-  Py_XDECREF(device);
-  Py_XDECREF(device_type);
-  if (tensor == nullptr) return nullptr;
+    if (tensor == nullptr) return nullptr;
+  }
   if ((args[4] != Py_False && PyObject_SetAttr(tensor, names.requires_grad, args[4]) != 0)) {
     Py_DECREF(tensor);
     return nullptr;
@@ -406,8 +390,6 @@ void register_unpickle(py::module_& m) {
   names.resizable = intern("resizable");
   names.nbytes = intern("nbytes");
   names.device = intern("device");
-  names.type = intern("type");
-  names.cpu = intern("cpu");
   names.new_ = intern("new");
   names.set_ = intern("set_");
   names.requires_grad = intern("requires_grad");
@@ -427,19 +409,19 @@ void register_unpickle(py::module_& m) {
   m.def(
       "fast_rebuild_v2",
       [](const py::object& fallback, const py::object& typed, const py::object& untyped,
-         const py::object& make_empty, const py::object& set_metadata) {
-        const py::tuple bound =
-            py::make_tuple(fallback, typed, untyped, py::dict(), make_empty, set_metadata);
+         const py::object& make_empty, const py::object& set_metadata, const py::object& cpu) {
+        const py::tuple bound = py::make_tuple(fallback, typed, untyped, py::dict(), make_empty,
+                                               set_metadata, cpu);
         PyObject* f = PyCFunction_NewEx(&rebuild_def, bound.ptr(), nullptr);
         if (f == nullptr) throw py::error_already_set();
         return py::reinterpret_steal<py::object>(f);
       },
       py::arg("fallback"), py::arg("typed"), py::arg("untyped"), py::arg("make_empty"),
-      py::arg("set_metadata"),
+      py::arg("set_metadata"), py::arg("cpu"),
       "A C callable with torch._utils._rebuild_tensor_v2's signature: for a `typed` storage "
-      "over a non-resizable CPU `untyped` storage it builds the tensor itself (make_empty(dtype) "
-      "gives the empty tensor of each dtype that Tensor.new copies), and calls fallback "
-      "otherwise or when anything fails.");
+      "over a non-resizable `untyped` storage on device `cpu` it builds the tensor itself "
+      "(make_empty(dtype) gives the empty tensor of each dtype that Tensor.new copies), and "
+      "calls fallback otherwise or when anything fails.");
 
   m.def(
       "scan_pickle",

@@ -102,6 +102,7 @@ def fast_rebuild_v2(
     untyped: type,
     make_empty: Callable[[Any], Any],
     set_metadata: Callable[[Any, Any], Any],
+    cpu: Any,
 ) -> Callable[..., Any]: ...
 def tensor_reducer(
     fallback: Callable[[Any], Any],

@@ -479,15 +479,13 @@ def _check_geometry(
             f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
         )
     untyped: torch.UntypedStorage = storage._untyped_storage
-    _check_fits(name, offset, size, stride, dtype, untyped.nbytes)
+    _check_fits(name, offset, size, stride, dtype, untyped.nbytes())
     return untyped
 
 
-def _check_fits(
-    name: str, offset: Any, size: Any, stride: Any, dtype: Any, available: Callable[[], int]
-) -> None:
-    """Refuses a geometry that is malformed or, for a tensor with elements, reaches past
-    `available()` bytes (called only then)."""
+def _check_fits(name: str, offset: Any, size: Any, stride: Any, dtype: Any, nbytes: int) -> None:
+    """Refuses a geometry that is malformed or, for a tensor with elements, reaches past the
+    `nbytes` of its storage."""
     if type(dtype) is not torch.dtype:
         raise CheckpointError(f"{name}: tensor dtype {dtype!r:.40} is not a torch.dtype")
     last = offset
@@ -514,7 +512,6 @@ def _check_fits(
         )
     if empty:
         return
-    nbytes = available()
     if (last + 1) * dtype.itemsize > nbytes:
         raise CheckpointError(
             f"{name}: a tensor of size {tuple(size)} with stride {tuple(stride)} at offset "
@@ -591,7 +588,12 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         # In C for storages that cannot grow (what the loaders make for data); others, and
         # every failure, go to the Python function above.
         "torch._utils._rebuild_tensor_v2": _core.fast_rebuild_v2(
-            rebuild_tensor_v2, _TypedStorage, torch.UntypedStorage, _empty_of, set_metadata
+            rebuild_tensor_v2,
+            _TypedStorage,
+            torch.UntypedStorage,
+            _empty_of,
+            set_metadata,
+            torch.device("cpu"),
         ),
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
     }
@@ -834,7 +836,7 @@ def _spec_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
             raise CheckpointError(
                 f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
             )
-        _check_fits(name, offset, size, stride, dtype, lambda: storage.nbytes)
+        _check_fits(name, offset, size, stride, dtype, storage.nbytes)
         return TensorSpec(storage.data_offset, dtype, offset, tuple(size), tuple(stride))
 
     def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> TensorSpec:
