@@ -75,7 +75,8 @@ asan-py: $(STAMP)
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CKPTIO_TEST_PYTHONPATH=build/asan-py/pkg \
 	    PYTHONPATH=build/asan-py/pkg $(BIN)/python -m pytest -q -p no:cacheprovider \
 	    tests/test_hostile.py tests/test_mutation.py tests/test_errors.py \
-	    tests/test_load_hot_paths.py tests/test_pickler_hooks.py tests/test_format.py
+	    tests/test_load_hot_paths.py tests/test_load_into_hot_paths.py tests/test_pickler_hooks.py \
+	    tests/test_format.py
 
 # libFuzzer over the C++ parsers (fuzz/fuzz_parsers.cpp), seeded with small valid checkpoints.
 FUZZ_SECONDS ?= 600

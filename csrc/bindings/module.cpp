@@ -9,4 +9,5 @@ PYBIND11_MODULE(_core, m) {
   ckptio::bindings::register_zip(m);
   ckptio::bindings::register_pickle(m);
   ckptio::bindings::register_unpickle(m);
+  ckptio::bindings::register_specs(m);
 }

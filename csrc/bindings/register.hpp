@@ -11,5 +11,6 @@ void register_io(pybind11::module_& m);
 void register_zip(pybind11::module_& m);
 void register_pickle(pybind11::module_& m);
 void register_unpickle(pybind11::module_& m);
+void register_specs(pybind11::module_& m);
 
 }  // namespace ckptio::bindings

@@ -18,6 +18,7 @@
 #include "ckptio/pickle_scan.hpp"
 #include "pyobjects.hpp"
 #include "register.hpp"
+#include "storage_ids.hpp"
 
 namespace py = pybind11;
 
@@ -136,30 +137,13 @@ PyObject* slicer_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
 // nullptr with an error set if a call failed (the caller then falls back for ordinary ones).
 PyObject* slicer_fast(StorageSlicer* self, PyObject* saved_id) {
   // base and offsets are settable from Python, deletable too (NULL): both mean "not armed".
-  if (self->base == nullptr || self->base == Py_None || self->offsets == nullptr ||
-      !PyTuple_CheckExact(saved_id) || PyTuple_GET_SIZE(saved_id) != 5) {
+  if (self->base == nullptr || self->base == Py_None || self->offsets == nullptr) {
     return nullptr;
   }
-  PyObject* tag = PyTuple_GET_ITEM(saved_id, 0);
-  PyObject* storage_type = PyTuple_GET_ITEM(saved_id, 1);
-  PyObject* key = PyTuple_GET_ITEM(saved_id, 2);
-  PyObject* location = PyTuple_GET_ITEM(saved_id, 3);
-  const Py_ssize_t numel = small_index(PyTuple_GET_ITEM(saved_id, 4));
-  if (!PyUnicode_CheckExact(tag) || !PyUnicode_CheckExact(key) ||
-      !PyUnicode_CheckExact(location) || numel <= 0 ||
-      PyUnicode_Compare(tag, names.storage) != 0) {
-    return nullptr;
-  }
-  PyObject* entry = PyDict_GetItemWithError(self->types, storage_type);  // borrowed
-  if (entry == nullptr) {
-    PyErr_Clear();  // unknown or unhashable: the fallback decides
-    return nullptr;
-  }
-  if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2) return nullptr;
-  PyObject* dtype = PyTuple_GET_ITEM(entry, 0);
-  const Py_ssize_t element_size = small_index(PyTuple_GET_ITEM(entry, 1));
-  if (element_size <= 0 || numel > PY_SSIZE_T_MAX / element_size) return nullptr;
-  const Py_ssize_t nbytes = numel * element_size;
+  StorageId id{};
+  if (!parse_storage_id(saved_id, self->types, names.storage, &id)) return nullptr;
+  const Py_ssize_t nbytes = id.nbytes;
+  PyObject* key = id.key;
 
   PyObject* cached = PyDict_GetItemWithError(self->loaded, key);
   if (cached != nullptr) {
@@ -167,25 +151,14 @@ PyObject* slicer_fast(StorageSlicer* self, PyObject* saved_id) {
     return cached;
   }
   if (PyErr_Occurred() != nullptr) return nullptr;
-  if (PySet_Contains(self->identity, location) != 1) {
+  if (PySet_Contains(self->identity, id.location) != 1) {
     PyErr_Clear();
     return nullptr;
   }
-  PyObject* name = PyUnicode_Concat(names.data_prefix, key);
-  if (name == nullptr) return nullptr;
-  PyObject* record = PyDict_GetItemWithError(self->records, name);  // borrowed
-  Py_DECREF(name);
-  if (record == nullptr || !PyTuple_CheckExact(record) || PyTuple_GET_SIZE(record) != 3) {
-    PyErr_Clear();
-    return nullptr;
-  }
-  Py_ssize_t start = small_index(PyTuple_GET_ITEM(record, 0));
-  const Py_ssize_t size = small_index(PyTuple_GET_ITEM(record, 1));
-  if (start < 0 || size != nbytes || small_index(PyTuple_GET_ITEM(record, 2)) != 0) {
-    return nullptr;  // the fallback raises the error that names the problem
-  }
+  Py_ssize_t start = record_start(self->records, names.data_prefix, key, nbytes);
+  if (start < 0) return nullptr;  // the fallback raises the error that names the problem
   if (self->offsets != Py_None) {
-    if (!PyDict_CheckExact(self->offsets) || size >= self->limit) return nullptr;
+    if (!PyDict_CheckExact(self->offsets) || nbytes >= self->limit) return nullptr;
     PyObject* slot = PyDict_GetItemWithError(self->offsets, key);
     if (slot == nullptr) {
       PyErr_Clear();
@@ -216,7 +189,7 @@ PyObject* slicer_fast(StorageSlicer* self, PyObject* saved_id) {
     return nullptr;
   }
 
-  PyObject* typed = new_typed_storage(self->typed_cls, storage, dtype, names.dtype,
+  PyObject* typed = new_typed_storage(self->typed_cls, storage, id.dtype, names.dtype,
                                       names.untyped_storage);
   if (typed == nullptr || PyDict_SetItem(self->loaded, key, typed) != 0) {
     Py_XDECREF(typed);

@@ -9,10 +9,15 @@ placeholders instead. It maps each tensor of the target to the bytes of its coun
 the file, and reads them all in one parallel batch straight into the target's memory: no
 allocation, no page faults on fresh memory, no copy.
 
-The read step is one function over a list of :class:`ReadItem` (file offset, byte count,
-destination tensor), :func:`read_items`. Contiguous CPU destinations are read into directly;
-every other destination (non-contiguous, or on an accelerator) is read into a host temporary
-and copied with ``copy_``. A GPU pipeline can take that list over for CUDA destinations.
+The common case of the parse and of the match is C (csrc/bindings/register_specs.cpp): the
+per-tensor calls of the unpickler, and ``_core.plan_direct_reads``, which turns each pair of
+contiguous CPU tensors of the same dtype and shape into a (file offset, size, address) read.
+It leaves every other pair to :func:`_match` here.
+
+The read step is one function over those reads and a list of :class:`ReadItem` (file offset,
+byte count, destination tensor), :func:`read_items`. Contiguous CPU destinations are read
+into directly; CUDA destinations stream through the pinned staging ring; other
+non-contiguous destinations are read into a host temporary and copied with ``copy_``.
 """
 
 from __future__ import annotations
@@ -130,16 +135,18 @@ def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-def read_items(source: Any, items: list[ReadItem]) -> None:
-    """Fills every item's destination from `source` (a ``_core.File`` or ``BufferSource``).
+def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
+    """Fills every item's destination from `source` (a ``_core.File`` or ``BufferSource``),
+    and does the reads of `direct` (uint64 (file offset, size, address) triples).
 
-    Contiguous CPU destinations are read into directly, all in ONE parallel batch (GIL
-    released). CUDA destinations stream through the pinned staging ring straight into their
-    memory (``_staging.stream_to_device``; a non-contiguous one through a device temporary).
+    `direct` and the contiguous CPU destinations are read into directly, all in ONE parallel
+    batch (GIL released). CUDA destinations stream through the pinned staging ring straight
+    into their memory (``_staging.stream_to_device``; a non-contiguous one through a device
+    temporary).
     Other non-contiguous destinations are read into a host temporary in the same batch and
     then copied with ``copy_``.
     """
-    requests = array.array("Q")
+    requests = array.array("Q", direct)
     staged: list[tuple[int, int, torch.Tensor]] = []
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: set[tuple[int, int, int]] = set()
@@ -241,7 +248,7 @@ def _load_into_archive(
             f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
         )
     plan = _match(target, _file_tensors(archive), strict, source.name)
-    read_items(source, plan.items)
+    read_items(source, plan.items, plan.direct)
     return plan.keys
 
 
@@ -266,12 +273,13 @@ def _file_tensors(archive: ArchiveReader) -> dict[Path, TensorSpec | str]:
         else:  # (an empty tensor saved without storage reads nothing)
             size, stride = tuple(t.shape), tuple(t.stride())
             offset = 0 if placed is None else placed[2]
-            out[path] = TensorSpec(offset, t.dtype, int(t.storage_offset()), size, stride)
+            out[path] = TensorSpec((offset, t.dtype, int(t.storage_offset()), size, stride))
     return out
 
 
 class _Plan(NamedTuple):
-    items: list[ReadItem]
+    direct: bytes  # uint64 (file offset, size, address) triples: reads into CPU tensors
+    items: list[ReadItem]  # the other reads
     keys: IncompatibleKeys
 
 
@@ -284,12 +292,12 @@ def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: 
         errors.append("Unexpected key(s) in the file: " + ", ".join(map(repr, unexpected)))
     if strict and missing:
         errors.append("Missing key(s) in the file: " + ", ".join(map(repr, missing)))
+    # The common case in C: same dtype and shape, both contiguous, the destination on the CPU
+    # (one read straight into it). The paths it leaves are matched here, in target order.
+    direct, rest = _core.plan_direct_reads(dests, srcs, torch.strided)
     items: list[ReadItem] = []
-    strided = torch.strided
-    for path, dest in dests.items():
-        src = srcs.get(path)
-        if src is None:
-            continue
+    for path in rest:
+        dest, src = dests[path], srcs[path]
         if type(src) is str:
             errors.append(f"{_name(path)!r}: {src}")
             continue
@@ -300,7 +308,7 @@ def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: 
                 f"the target {dest.dtype} {tuple(dest.shape)}"
             )
             continue
-        if dest.layout != strided:
+        if dest.layout != torch.strided:
             errors.append(f"{_name(path)!r}: only dense (strided) tensors can be loaded into")
             continue
         numel = math.prod(src.size)
@@ -308,4 +316,4 @@ def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: 
             items.append(_item_for(src, dest, numel))
     if errors:
         raise RuntimeError(f"Error(s) in loading {name} into the target:\n\t" + "\n\t".join(errors))
-    return _Plan(items, IncompatibleKeys(missing, unexpected))
+    return _Plan(direct, items, IncompatibleKeys(missing, unexpected))

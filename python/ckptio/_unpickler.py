@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import _compat_pickle
 import array
-import dataclasses
 import io
 import pickle
 import threading
@@ -772,26 +771,13 @@ class NeedsTensors(Exception):
     them."""
 
 
-@dataclasses.dataclass(slots=True)
-class StorageRef:
-    """A storage of the file, not read: where its record's bytes start, and its size and
-    dtype (what :func:`unpickle_specs` hands to the rebuild functions)."""
-
-    data_offset: int
-    nbytes: int
-    dtype: torch.dtype
-
-
-@dataclasses.dataclass(slots=True)
-class TensorSpec:
-    """A dense tensor of the file, without a torch object: the file offset of its storage's
-    first byte, its dtype and its geometry in elements (checked against its storage)."""
-
-    data_offset: int
-    dtype: torch.dtype
-    storage_offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
+# A storage of the file, not read: StorageRef((data_offset, nbytes, dtype, itemsize)), what
+# unpickle_specs hands to the rebuild functions; and a dense tensor of the file without a
+# torch object: TensorSpec((data_offset, dtype, storage_offset, size, stride)), the file
+# offset of its storage's first byte, its dtype and its geometry in elements (checked against
+# its storage). Named tuples made in C (register_specs.cpp), which builds most of them.
+StorageRef = _core.StorageRef
+TensorSpec = _core.TensorSpec
 
 
 # The globals that rebuild objects without reading storage data and also take no tensor (the
@@ -814,14 +800,17 @@ class SpecLoader(StorageLoader):
         super().__init__(archive, "meta", None)
 
     def unpickler_hook(self) -> Callable[[Any], Any]:
-        return self.persistent_load
+        # The common case in C; the rest, and every failure, through persistent_load.
+        return _core.spec_persistent_load(  # type: ignore[no-any-return]
+            self.persistent_load, self.archive.records, self._storage_types, self.loaded
+        )
 
     def _storage(self, nbytes: int, key: str, location: str) -> Any:
         return self._record(key, nbytes)
 
     def _wrap(self, storage: Any, dtype: torch.dtype) -> Any:
         data_offset, nbytes = storage
-        return StorageRef(data_offset, nbytes, dtype)
+        return StorageRef((data_offset, nbytes, dtype, dtype.itemsize))
 
     def note_global(self, full_name: str, obj: Any) -> None:
         if callable(obj) and full_name not in _SPEC_GLOBALS:
@@ -837,7 +826,7 @@ def _spec_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
                 f"{name}: a tensor is rebuilt from {type(storage).__name__}, not a storage"
             )
         _check_fits(name, offset, size, stride, dtype, storage.nbytes)
-        return TensorSpec(storage.data_offset, dtype, offset, tuple(size), tuple(stride))
+        return TensorSpec((storage.data_offset, dtype, offset, tuple(size), tuple(stride)))
 
     def rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> TensorSpec:
         return spec(storage, storage_offset, size, stride, getattr(storage, "dtype", None))
@@ -866,7 +855,9 @@ def _spec_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
 
     return {
         "torch._utils._rebuild_tensor": rebuild_tensor,
-        "torch._utils._rebuild_tensor_v2": rebuild_tensor_v2,
+        # In C for a StorageRef and a geometry that fits it; the rest, and every failure, in
+        # the Python function above.
+        "torch._utils._rebuild_tensor_v2": _core.spec_rebuild_v2(rebuild_tensor_v2),
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
         "torch._utils._rebuild_parameter": rebuild_parameter,
     }
