@@ -142,9 +142,8 @@ def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
     `direct` and the contiguous CPU destinations are read into directly, all in ONE parallel
     batch (GIL released). CUDA destinations stream through the pinned staging ring straight
     into their memory (``_staging.stream_to_device``; a non-contiguous one through a device
-    temporary).
-    Other non-contiguous destinations are read into a host temporary in the same batch and
-    then copied with ``copy_``.
+    temporary). Other non-contiguous destinations are read into a host temporary in the same
+    batch and then copied with ``copy_``.
     """
     requests = array.array("Q", direct)
     staged: list[tuple[int, int, torch.Tensor]] = []
