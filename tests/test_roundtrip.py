@@ -807,3 +807,59 @@ def test_large_storages_are_advised_for_huge_pages(tmp_path: Path) -> None:
     middle = storage.data_ptr() + storage.nbytes() // 2
     assert "hg" in _vm_flags(middle)  # MADV_HUGEPAGE
     assert torch.equal(loaded["a"], torch.load(tmp_path / "big.pt")["a"])
+
+
+def _mapped(address: int) -> bool:
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split(" ", 1)[0].split("-"))
+            if lo <= address < hi:
+                return True
+    return False
+
+
+def test_large_storages_own_an_aligned_mapping_freed_with_them(tmp_path: Path) -> None:
+    """With huge_pages, a storage of 2 MiB or more is a 2 MiB-aligned mapping of its own
+    (every aligned 2 MiB of it can be one huge page), unmapped when its last tensor goes."""
+    obj = {"a": torch.randn((2 << 20) // 4 + 1000), "tail": torch.randn(5 << 18)[7:]}
+    torch.save(obj, tmp_path / "big.pt")
+    with ckptio.options(huge_pages=True):
+        loaded = ckptio.load(tmp_path / "big.pt")
+    assert_same(loaded, torch.load(tmp_path / "big.pt"))
+    addresses = [loaded[k].untyped_storage().data_ptr() for k in obj]
+    for address in addresses:
+        assert address % (2 << 20) == 0
+        assert _mapped(address)
+    view = loaded["a"][5:]  # a view keeps the memory alive
+    del loaded
+    assert _mapped(addresses[0]) and not _mapped(addresses[1])
+    assert view[0] == obj["a"][5]
+    del view
+    assert not _mapped(addresses[0])
+
+
+def test_large_storages_come_from_torchs_allocator_without_huge_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_args: Any) -> Any:
+        raise AssertionError("no mapping of ckptio's own without huge_pages")
+
+    torch.save({"a": torch.randn(1 << 20)}, tmp_path / "big.pt")
+    monkeypatch.setattr(ckptio._core, "HostBuffer", refuse)
+    with ckptio.options(huge_pages=False):
+        loaded = ckptio.load(tmp_path / "big.pt")
+    assert torch.equal(loaded["a"], torch.load(tmp_path / "big.pt")["a"])
+
+
+def test_large_storages_fall_back_to_torchs_allocator_when_mapping_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_memory(*_args: Any) -> Any:
+        raise MemoryError
+
+    torch.save({"a": torch.randn(1 << 20)}, tmp_path / "big.pt")
+    monkeypatch.setattr(ckptio._core, "HostBuffer", no_memory)
+    with ckptio.options(huge_pages=True):
+        loaded = ckptio.load(tmp_path / "big.pt")
+    assert torch.equal(loaded["a"], torch.load(tmp_path / "big.pt")["a"])
+    assert not loaded["a"].untyped_storage().resizable()

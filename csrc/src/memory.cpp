@@ -15,21 +15,25 @@ HostBuffer::HostBuffer(std::size_t size, bool huge_pages) : size_(size) {
   // wrapping around to a small block.
   if (size > static_cast<std::size_t>(PTRDIFF_MAX) - 2 * kHugePageBytes) throw std::bad_alloc();
   if (huge_pages && size >= kHugePageBytes) {
-    // Over-map by one huge page so the data can start on a 2 MiB boundary: only aligned 2 MiB
-    // ranges can be backed by huge pages.
+    // Over-map by one huge page so the data can start on a 2 MiB boundary (only aligned 2 MiB
+    // ranges can be backed by huge pages), then unmap the slack on either side.
     const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-    mapped_ = rounded + kHugePageBytes;
-    void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
-      mapped_ = 0;
-      throw std::bad_alloc();
-    }
-    base_ = p;
+    const std::size_t over = rounded + kHugePageBytes;
+    void* p = mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
     const auto addr = reinterpret_cast<std::uintptr_t>(p);
     const std::uintptr_t aligned = (addr + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-    data_ = reinterpret_cast<void*>(aligned);
+    const std::size_t head = aligned - addr;
+    if (head != 0) (void)munmap(p, head);
+    if (over - head > rounded) {
+      (void)munmap(reinterpret_cast<void*>(aligned + rounded), over - head - rounded);
+    }
+    base_ = data_ = reinterpret_cast<void*>(aligned);
+    mapped_ = rounded;
 #ifdef MADV_HUGEPAGE
-    (void)madvise(data_, rounded, MADV_HUGEPAGE);  // best effort: THP may be off
+    // Only the whole huge pages of the data: a huge page for its last partial 2 MiB would
+    // make the block resident beyond its size (up to 2 MiB more per block).
+    (void)madvise(data_, size & ~(kHugePageBytes - 1), MADV_HUGEPAGE);  // best effort
 #endif
     return;
   }

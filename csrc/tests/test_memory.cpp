@@ -1,6 +1,10 @@
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "ckptio/memory.hpp"
 #include "harness.hpp"
@@ -11,6 +15,16 @@ namespace {
 
 bool aligned(const void* p, std::uintptr_t alignment) {
   return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
+}
+
+// How many pages of [p, p + n) are resident (p page-aligned).
+std::size_t resident_pages(const void* p, std::size_t n) {
+  const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec((n + page - 1) / page);
+  if (mincore(const_cast<void*>(p), n, vec.data()) != 0) return ~std::size_t{0};
+  std::size_t count = 0;
+  for (unsigned char v : vec) count += v & 1;
+  return count;
 }
 
 }  // namespace
@@ -36,6 +50,18 @@ TEST(host_buffer_large_blocks_are_huge_page_aligned_mappings) {
   std::memset(bytes, 0x5A, n);
   CHECK_EQ(bytes[0], 0x5A);
   CHECK_EQ(bytes[n - 1], 0x5A);
+}
+
+TEST(host_buffer_tail_is_not_a_huge_page) {
+  // A block just over one huge page: its last partial 2 MiB must not become resident as a
+  // whole huge page when one byte of it is touched (the block would then use twice its size).
+  const std::size_t page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+  const std::size_t n = HostBuffer::kHugePageBytes + page;
+  HostBuffer b(n, true);
+  CHECK(b.huge());
+  auto* tail = static_cast<std::uint8_t*>(b.data()) + HostBuffer::kHugePageBytes;
+  tail[0] = 1;
+  CHECK_EQ(resident_pages(tail, HostBuffer::kHugePageBytes), std::size_t{1});
 }
 
 TEST(host_buffer_without_huge_pages_stays_on_the_heap) {

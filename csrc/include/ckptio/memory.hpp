@@ -1,5 +1,6 @@
-// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side), and
-// huge-page advice for memory allocated elsewhere (eager loads allocate through torch).
+// Host memory ckptio owns (the large storages of eager loads, async_save's snapshot buffers,
+// the staging ring's host side), and huge-page advice for memory allocated elsewhere (the
+// smaller storages of eager loads, allocated through torch).
 #pragma once
 
 #include <cstddef>
@@ -7,12 +8,14 @@
 
 namespace ckptio {
 
-/// A block of host memory for ckptio's own buffers (Python wraps it with torch.frombuffer).
+/// A block of host memory for ckptio's own buffers and the large storages of eager loads
+/// (Python wraps it with torch.frombuffer; the storage owns it and unmaps it when freed).
 ///
-/// Blocks of at least kHugePageBytes are mapped 2 MiB-aligned and advised to use transparent
-/// huge pages before first touch: on fresh memory the 4 KiB page faults cost more than
-/// copying the data from the page cache, and one huge-page fault maps 2 MiB. Smaller blocks
-/// come from the C heap, 64-byte aligned. Contents start undefined.
+/// Blocks of at least kHugePageBytes are mapped 2 MiB-aligned and their whole huge pages
+/// advised to use transparent huge pages before first touch: on fresh memory the 4 KiB page
+/// faults cost more than copying the data from the page cache, and one huge-page fault maps
+/// 2 MiB. The last partial 2 MiB stays on 4 KiB pages, so a block is never resident beyond
+/// its size. Smaller blocks come from the C heap, 64-byte aligned. Contents start undefined.
 class HostBuffer {
  public:
   static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
