@@ -453,32 +453,18 @@ def _empty_storage() -> torch.UntypedStorage:
 
 
 def host_memory(nbytes: int) -> torch.UntypedStorage:
-    """`nbytes` of uninitialized host memory as a non-resizable storage (as torch.load's),
-    freed with the last tensor over it.
+    """`nbytes` of uninitialized memory from torch's CPU allocator as a non-resizable storage
+    (as torch.load's), its whole pages advised for transparent huge pages before first touch
+    (settings ``huge_pages``).
 
-    With settings ``huge_pages`` on, a block of 2 MiB or more is a mapping of its own
-    (``_core.HostBuffer``, owned by the storage through ``torch.frombuffer`` and unmapped when
-    it is freed), 2 MiB-aligned, its whole huge pages advised for transparent huge pages before
-    first touch: every 2 MiB of it faults in at once. A block from torch's CPU allocator is
-    not aligned, and its first and last partial 2 MiB fault 4 KiB at a time: about 50,000
-    faults per load of the llm workload (docs/design.md, Load, step 3). Smaller blocks, and
-    every block with the option off, come from torch's CPU allocator (whole pages advised).
+    torch's allocator, not a mapping of ckptio's own: blocks it reuses (glibc keeps freed
+    mid-sized blocks in its heap, as for torch.load in a loop) are already faulted in, and
+    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, Load, step 3).
     """
-    huge = get_options().huge_pages
-    if huge and nbytes >= _HUGE_PAGE_BYTES:
-        try:
-            owner = torch.frombuffer(_core.HostBuffer(nbytes, True), dtype=torch.uint8)
-        except MemoryError:  # no mapping to be had (the map count limit...): the allocator's
-            pass
-        else:
-            return _slice(owner.untyped_storage(), slice(0, nbytes))  # not resizable
-    owner = torch.empty(nbytes, dtype=torch.uint8)
-    if huge:
+    owner = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+    if get_options().huge_pages:
         _core.advise_huge_pages(owner.data_ptr(), nbytes)
-    return _slice(owner.untyped_storage(), slice(0, nbytes))  # same memory, not resizable
-
-
-_HUGE_PAGE_BYTES = 2 << 20
+    return _slice(owner, slice(0, nbytes))  # same memory, not resizable
 
 
 def _check_geometry(

@@ -1,6 +1,5 @@
-// Host memory ckptio owns (the large storages of eager loads, async_save's snapshot buffers,
-// the staging ring's host side), and huge-page advice for memory allocated elsewhere (the
-// smaller storages of eager loads, allocated through torch).
+// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side), and
+// huge-page advice for memory allocated elsewhere (eager loads allocate through torch).
 #pragma once
 
 #include <cstddef>
@@ -8,8 +7,7 @@
 
 namespace ckptio {
 
-/// A block of host memory for ckptio's own buffers and the large storages of eager loads
-/// (Python wraps it with torch.frombuffer; the storage owns it and unmaps it when freed).
+/// A block of host memory for ckptio's own buffers (Python wraps it with torch.frombuffer).
 ///
 /// Blocks of at least kHugePageBytes are mapped 2 MiB-aligned and their whole huge pages
 /// advised to use transparent huge pages before first touch: on fresh memory the 4 KiB page
