@@ -3,7 +3,8 @@ random bytes (bit flips, overwrites, truncations, insertions, and writes of extr
 into the zip's length and offset fields and into the pickle's opcode arguments), must load
 to the original, load to what torch loads from the same bytes, or raise CheckpointError,
 OSError or UnsafeGlobalError (for legacy-format files, which torch's parser reads, any
-pickle.UnpicklingError). Nothing else: no other exception, no crash, no hang.
+pickle.UnpicklingError). Nothing else: no other exception, no crash, no hang. A zip mutant
+that loads must also load_into zeroed copies of what it loaded, to the same values.
 
 Hypothesis draws batches of mutants; each batch loads in one child process (path, mmap and
 BytesIO), under a memory limit and a timeout. CKPTIO_MUTATION_EXAMPLES (batches, default 3)
@@ -161,6 +162,24 @@ _CHILD = LIMIT_MEMORY + textwrap.dedent("""
                     and all(same(x, y) for x, y in zip(a, b)))
         return type(a) is type(b) and (a == b or a != a and b != b)
 
+    def zeroed(a):
+        if isinstance(a, torch.Tensor):
+            return torch.zeros(a.shape, dtype=a.dtype) if a.layout == torch.strided else a
+        if isinstance(a, dict):
+            return type(a)((k, zeroed(v)) for k, v in a.items())
+        if isinstance(a, (list, tuple)):
+            return type(a)(zeroed(v) for v in a)
+        return a
+
+    def same_values(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(raw(a), raw(b))
+        if isinstance(a, dict):
+            return all(same_values(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return all(same_values(x, y) for x, y in zip(a, b))
+        return True
+
     original_path, mutants_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     legacy = sys.argv[4] == "legacy"
     ALLOWED = (ckptio.CheckpointError, OSError, ckptio.UnsafeGlobalError)
@@ -185,6 +204,16 @@ _CHILD = LIMIT_MEMORY + textwrap.dedent("""
             except BaseException as e:
                 report["bad"].append([i, how, f"{type(e).__name__}: {str(e)[:300]}"])
                 continue
+            if how == "path" and not legacy:
+                # load_into parses the same bytes on its own path (TensorSpecs, the C match):
+                # into zeroed copies of what load made, it must make the same values.
+                target = zeroed(got)
+                try:
+                    ckptio.load_into(target, io.BytesIO(data))
+                    if not same_values(target, got):
+                        report["bad"].append([i, "load_into", "filled other values than load"])
+                except BaseException as e:
+                    report["bad"].append([i, "load_into", f"{type(e).__name__}: {str(e)[:300]}"])
             if same(got, original):
                 report["equal"] += 1
                 continue
