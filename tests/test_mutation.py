@@ -204,7 +204,7 @@ _CHILD = LIMIT_MEMORY + textwrap.dedent("""
             except BaseException as e:
                 report["bad"].append([i, how, f"{type(e).__name__}: {str(e)[:300]}"])
                 continue
-            if how == "path" and not legacy:
+            if how == "path" and not legacy and isinstance(got, (dict, list, tuple)):
                 # load_into parses the same bytes on its own path (TensorSpecs, the C match):
                 # into zeroed copies of what load made, it must make the same values.
                 target = zeroed(got)
