@@ -76,7 +76,7 @@ asan-py: $(STAMP)
 	    PYTHONPATH=build/asan-py/pkg $(BIN)/python -m pytest -q -p no:cacheprovider \
 	    tests/test_hostile.py tests/test_mutation.py tests/test_errors.py \
 	    tests/test_load_hot_paths.py tests/test_load_into_hot_paths.py tests/test_pickler_hooks.py \
-	    tests/test_format.py
+	    tests/test_format.py tests/test_load_paths.py
 
 # libFuzzer over the C++ parsers (fuzz/fuzz_parsers.cpp), seeded with small valid checkpoints.
 FUZZ_SECONDS ?= 600

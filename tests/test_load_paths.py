@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import _archive, _unpickler
+from ckptio import _archive, _core, _unpickler
 
 from conftest import assert_same, assert_same_sharing
 
@@ -88,6 +88,40 @@ def test_many_small_storages_match_torch(tmp_path: Path, mmap: bool, writer: str
     assert_same(ours, theirs)
     assert_same_sharing(ours, theirs)
     assert_same(ours, sd)
+
+
+def _small_block_start(sd: dict[str, torch.Tensor]) -> int:
+    return min(t.untyped_storage().data_ptr() for t in sd.values() if t.numel())
+
+
+@pytest.mark.parametrize("writer", ["torch", "ckptio"])
+def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) -> None:
+    """recycle_memory: the next load of a file of the same shape gets the freed block back
+    (no fresh memory to fault in), and overwrites all of it: values are torch.load's."""
+    first_sd = {f"t{i}": torch.randn(4000) for i in range(300)}  # 16 KB each, 4.8 MB in all
+    second_sd = {k: v + 1 for k, v in first_sd.items()}
+    (torch.save if writer == "torch" else ckptio.save)(first_sd, tmp_path / "a.pt")
+    (torch.save if writer == "torch" else ckptio.save)(second_sd, tmp_path / "b.pt")
+    _core.drop_recycled()
+    with ckptio.options(huge_pages=True, recycle_memory=True):
+        first = ckptio.load(tmp_path / "a.pt")
+        start = _small_block_start(first)
+        assert start % (2 << 20) == 0  # a mapping of ckptio's own
+        held = ckptio.load(tmp_path / "b.pt")  # while `first` lives: a block of its own
+        assert _small_block_start(held) != start
+        assert_same(held, second_sd)
+        del first
+        second = ckptio.load(tmp_path / "b.pt")
+        assert _small_block_start(second) == start
+        assert_same(second, second_sd)
+        assert_same(second, torch.load(tmp_path / "b.pt"))
+        del held, second
+    with ckptio.options(huge_pages=True, recycle_memory=False):
+        plain = ckptio.load(tmp_path / "a.pt")
+        assert_same(plain, first_sd)
+    # Kept: the block `second` had (`held`'s, freed first, was replaced by it).
+    assert _core.drop_recycled() > 0
+    assert _core.drop_recycled() == 0
 
 
 @pytest.mark.parametrize("huge_pages", [True, False], ids=["huge-pages", "small-pages"])

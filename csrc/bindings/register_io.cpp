@@ -133,8 +133,11 @@ void register_io(py::module_& m) {
       });
 
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
-      .def(py::init<std::size_t, bool>(), py::arg("nbytes"), py::arg("huge_pages"),
-           "Uninitialized host memory for storages; huge-page backed when large and asked.")
+      .def(py::init<std::size_t, bool, bool>(), py::arg("nbytes"), py::arg("huge_pages"),
+           py::arg("recycle") = false,
+           "Uninitialized host memory for storages; huge-page backed when large and asked. "
+           "recycle: when freed, the mapping is kept (MADV_FREE) for the next recycled block "
+           "it can hold.")
       .def_property_readonly("size", &HostBuffer::size)
       .def_property_readonly("huge", &HostBuffer::huge)
       .def_property_readonly(
@@ -143,6 +146,10 @@ void register_io(py::module_& m) {
         return py::buffer_info(b.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.size())}, {1}, /*readonly=*/false);
       });
+
+  m.def("drop_recycled", &drop_recycled,
+        "Unmaps the freed HostBuffer mapping kept for reuse, if any; returns its size in "
+        "bytes (0: none was kept).");
 
   m.def(
       "advise_huge_pages",

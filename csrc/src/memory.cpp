@@ -6,18 +6,62 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <new>
+#include <utility>
 
 namespace ckptio {
 
-HostBuffer::HostBuffer(std::size_t size, bool huge_pages) : size_(size) {
+namespace {
+
+// The one freed recycled mapping kept for reuse (2 MiB-aligned, `bytes` long), or none.
+std::mutex recycled_mutex;
+void* recycled_base = nullptr;
+std::size_t recycled_bytes = 0;
+
+// Takes the kept mapping if it is `rounded` bytes long (the same block size: the next load of
+// a file of the same shape), else leaves it kept.
+void* take_recycled(std::size_t rounded) noexcept {
+  const std::lock_guard<std::mutex> lock(recycled_mutex);
+  if (recycled_base == nullptr || recycled_bytes != rounded) return nullptr;
+  void* base = recycled_base;
+  recycled_base = nullptr;
+  recycled_bytes = 0;
+  return base;
+}
+
+}  // namespace
+
+std::size_t drop_recycled() noexcept {
+  void* base = nullptr;
+  std::size_t bytes = 0;
+  {
+    const std::lock_guard<std::mutex> lock(recycled_mutex);
+    std::swap(base, recycled_base);
+    std::swap(bytes, recycled_bytes);
+  }
+  if (base != nullptr) (void)munmap(base, bytes);
+  return bytes;
+}
+
+HostBuffer::HostBuffer(std::size_t size, bool huge_pages, bool recycle) : size_(size) {
   // No object may exceed PTRDIFF_MAX; refusing here also keeps the rounding below from
   // wrapping around to a small block.
   if (size > static_cast<std::size_t>(PTRDIFF_MAX) - 2 * kHugePageBytes) throw std::bad_alloc();
   if (huge_pages && size >= kHugePageBytes) {
+    const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
+    recycle_ = recycle;
+    if (recycle) {
+      if (void* kept = take_recycled(rounded)) {
+        // Its pages are resident unless the kernel took them back (MADV_FREE): then they
+        // fault in again, still advised for huge pages.
+        base_ = data_ = kept;
+        mapped_ = rounded;
+        return;
+      }
+    }
     // Over-map by one huge page so the data can start on a 2 MiB boundary (only aligned 2 MiB
     // ranges can be backed by huge pages), then unmap the slack on either side.
-    const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
     const std::size_t over = rounded + kHugePageBytes;
     void* p = mmap(nullptr, over, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) throw std::bad_alloc();
@@ -45,7 +89,19 @@ HostBuffer::HostBuffer(std::size_t size, bool huge_pages) : size_(size) {
 }
 
 HostBuffer::~HostBuffer() {
-  if (mapped_ != 0) {
+  if (mapped_ != 0 && recycle_) {
+#ifdef MADV_FREE
+    (void)madvise(base_, mapped_, MADV_FREE);  // best effort: kept resident otherwise
+#endif
+    void* old = base_;
+    std::size_t old_bytes = mapped_;
+    {
+      const std::lock_guard<std::mutex> lock(recycled_mutex);
+      std::swap(old, recycled_base);
+      std::swap(old_bytes, recycled_bytes);
+    }
+    if (old != nullptr) (void)munmap(old, old_bytes);  // the one kept before
+  } else if (mapped_ != 0) {
     munmap(base_, mapped_);
   } else {
     std::free(base_);

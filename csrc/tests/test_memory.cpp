@@ -72,6 +72,37 @@ TEST(host_buffer_without_huge_pages_stays_on_the_heap) {
   std::memset(b.data(), 1, n);
 }
 
+TEST(recycled_block_is_kept_for_the_next_of_its_size) {
+  ckptio::drop_recycled();
+  const std::size_t n = 3 * HostBuffer::kHugePageBytes + 4096;  // maps 4 huge pages
+  void* first = nullptr;
+  {
+    HostBuffer b(n, true, true);
+    CHECK(b.huge());
+    first = b.data();
+    std::memset(b.data(), 0x11, n);
+  }
+  {
+    HostBuffer other_size(n + HostBuffer::kHugePageBytes, true, true);  // maps 5: not reused
+    CHECK(other_size.data() != first);
+    HostBuffer plain(n, true);  // not recycled: never takes the kept block
+    CHECK(plain.data() != first);
+    HostBuffer same(n - 100, true, true);  // maps 4 huge pages too: reuses it
+    CHECK_EQ(same.data(), first);
+    CHECK(aligned(same.data(), HostBuffer::kHugePageBytes));
+    std::memset(same.data(), 0x22, same.size());  // writable end to end
+    CHECK_EQ(static_cast<unsigned char*>(same.data())[same.size() - 1], 0x22);
+  }
+  // Freed in reverse order: `same` was kept, then `other_size` replaced it.
+  CHECK_EQ(ckptio::drop_recycled(), 5 * HostBuffer::kHugePageBytes);
+  CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});
+  {
+    HostBuffer small(4096, true, true);  // heap blocks are never kept
+    CHECK(!small.huge());
+  }
+  CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});
+}
+
 TEST(host_buffer_refuses_impossible_sizes) {
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true), std::bad_alloc);
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, false), std::bad_alloc);

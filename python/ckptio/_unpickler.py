@@ -352,8 +352,9 @@ class StorageLoader:
 
         Large storages get their own block from torch's CPU allocator (:func:`host_memory`),
         freed with its tensors. Small ones are slices of one block per load (sized from the
-        archive's records): one allocation and one run of huge pages instead of thousands of
-        malloc'd fragments; that block is freed with the last of them.
+        archive's records, :func:`_arena_memory`): one allocation and one run of huge pages
+        instead of thousands of malloc'd fragments; that block is freed (or kept for the next
+        load, settings ``recycle_memory``) with the last of them.
         """
         if nbytes == 0:
             return _empty_storage()
@@ -444,7 +445,26 @@ def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str,
     aligns), each small record's slot, and the reads that fill the block: (file offset, size,
     slot) uint64 triples, relative to the block's address."""
     total, offsets, requests = _core.plan_arena(archive.records, _SMALL_STORAGE_BYTES, 64)
-    return host_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
+    return _arena_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
+
+
+def _arena_memory(nbytes: int) -> torch.UntypedStorage:
+    """The block of a load's small storages. With settings ``huge_pages`` and
+    ``recycle_memory`` on, a mapping of ckptio's own (``_core.HostBuffer``, owned by the storage
+    through ``torch.frombuffer``) that, once freed, is kept (MADV_FREE) for the next load whose
+    block has its size: a load in a loop reuses memory that is already faulted in, as glibc's
+    heap does for torch.load's small tensors, where this block (the size of all the small
+    storages of a file) is far above the 32 MiB up to which glibc keeps freed blocks."""
+    opts = get_options()
+    if opts.huge_pages and opts.recycle_memory and nbytes >= _HUGE_PAGE_BYTES:
+        try:
+            buffer = _core.HostBuffer(nbytes, True, True)
+        except MemoryError:
+            pass
+        else:
+            owner = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[call-overload]
+            return _slice(owner.untyped_storage(), slice(0, nbytes))
+    return host_memory(nbytes)
 
 
 def _empty_storage() -> torch.UntypedStorage:

@@ -57,6 +57,11 @@ class Options:
     #: Eager loads read the small storages (under 1 MiB) on a background thread while
     #: data.pkl is unpickled, instead of after it. Env: ``CKPTIO_OVERLAP_READS``.
     overlap_reads: bool = True
+    #: When the block that holds an eager load's small storages is freed, keep it (one block,
+    #: marked MADV_FREE: the kernel takes it back under memory pressure) for the next load
+    #: whose small storages need a block of that size. Needs ``huge_pages``. Env:
+    #: ``CKPTIO_RECYCLE_MEMORY``.
+    recycle_memory: bool = True
     #: Bytes of one pinned host staging buffer for GPU loads and saves (storages bigger than
     #: this stream through in pieces; small ones share a buffer). Env:
     #: ``CKPTIO_STAGING_BUFFER_BYTES``.
@@ -85,7 +90,14 @@ class Options:
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
-        for name in ("crc32", "durable", "preallocate", "huge_pages", "overlap_reads"):
+        for name in (
+            "crc32",
+            "durable",
+            "preallocate",
+            "huge_pages",
+            "overlap_reads",
+            "recycle_memory",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -99,6 +111,7 @@ _ENV = {
     "preallocate": "CKPTIO_PREALLOCATE",
     "huge_pages": "CKPTIO_HUGE_PAGES",
     "overlap_reads": "CKPTIO_OVERLAP_READS",
+    "recycle_memory": "CKPTIO_RECYCLE_MEMORY",
     "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",

@@ -21,7 +21,14 @@ class HostBuffer {
   /// `huge_pages=false` keeps large blocks on ordinary pages (some VMs make huge-page faults
   /// on memory the host has reclaimed slow). Throws std::bad_alloc when the memory cannot be
   /// had.
-  HostBuffer(std::size_t size, bool huge_pages);
+  ///
+  /// `recycle=true` (huge-page blocks only): when the block is freed, its mapping is kept,
+  /// marked MADV_FREE (the kernel takes its pages back only under memory pressure), as the
+  /// one block kept for reuse, replacing the one kept before; a later recycled block that
+  /// maps as many bytes reuses it instead of faulting in fresh memory, as glibc's heap reuses
+  /// freed blocks of up to 32 MiB. For the block of an eager load's small storages, which
+  /// is larger than any block glibc reuses.
+  HostBuffer(std::size_t size, bool huge_pages, bool recycle = false);
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
@@ -34,9 +41,13 @@ class HostBuffer {
  private:
   void* base_ = nullptr;     // what to free / unmap
   std::size_t mapped_ = 0;   // bytes mapped (0: heap block)
+  bool recycle_ = false;     // keep the mapping for reuse when freed
   void* data_ = nullptr;
   std::size_t size_ = 0;
 };
+
+/// Unmaps the block kept for reuse (HostBuffer's `recycle`), if any; returns its size.
+std::size_t drop_recycled() noexcept;
 
 /// Advises the whole pages of [address, address + size) for transparent huge pages
 /// (MADV_HUGEPAGE), before their first touch. For memory allocated elsewhere (torch's CPU
