@@ -4,8 +4,8 @@
   at once, not at the next full garbage collection.
 * The shortcut that builds TypedStorage objects is only taken where it builds what the
   constructor builds.
-* Many small storages (the arena and the directory reader's paths) load as torch loads them;
-  large storages start on a huge page.
+* Many small storages (the arena and the directory reader's paths) load as torch loads them,
+  and the freed arena is reused by the next load of the same shape (recycle_memory).
 * The background read of small storages (overlap_reads) gives the same result, is waited for
   before any code from the file can see a storage, raises its errors, and never outlives a
   load.
@@ -122,24 +122,6 @@ def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) ->
     # Kept: the block `second` had (`held`'s, freed first, was replaced by it).
     assert _core.drop_recycled() > 0
     assert _core.drop_recycled() == 0
-
-
-@pytest.mark.parametrize("huge_pages", [True, False], ids=["huge-pages", "small-pages"])
-def test_storages_of_2_mib_or_more_start_on_a_huge_page(tmp_path: Path, huge_pages: bool) -> None:
-    """With huge pages on, only the last partial 2 MiB of a large storage can fault 4 KiB
-    at a time: its first byte is on a 2 MiB boundary. Its bytes are torch.load's either way."""
-    sd = {"a": torch.randn((3 << 20) // 4 + 5), "b": torch.randn(1 << 19), "c": torch.ones(9)}
-    path = tmp_path / "big.pt"
-    torch.save(sd, path)
-    with ckptio.options(huge_pages=huge_pages):
-        ours = ckptio.load(path)
-    assert_same(ours, torch.load(path))
-    if huge_pages:
-        for key in ("a", "b"):
-            assert ours[key].data_ptr() % (2 << 20) == 0, key
-    for t in ours.values():
-        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        assert not t.untyped_storage().resizable()
 
 
 def test_pickle_of_tensors_with_python_state_is_torchs(tmp_path: Path) -> None:

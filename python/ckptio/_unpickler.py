@@ -479,18 +479,12 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
 
     torch's allocator, not a mapping of ckptio's own: blocks it reuses (glibc keeps freed
     mid-sized blocks in its heap, as for torch.load in a loop) are already faulted in, and
-    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, Load, step 3). With
-    huge pages on, a storage of 2 MiB or more starts on a 2 MiB boundary inside a block
-    2 MiB larger (the slack around it is never touched, so never resident): only its last
-    partial 2 MiB faults 4 KiB at a time, not its first too.
+    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, Load, step 3).
     """
-    huge = get_options().huge_pages
-    pad = _HUGE_PAGE_BYTES if huge and nbytes >= _HUGE_PAGE_BYTES else 0
-    owner = torch.empty(nbytes + pad, dtype=torch.uint8).untyped_storage()
-    start = -owner.data_ptr() % _HUGE_PAGE_BYTES if pad else 0
-    if huge:
-        _core.advise_huge_pages(owner.data_ptr() + start, nbytes)
-    return _slice(owner, slice(start, start + nbytes))  # same memory, not resizable
+    owner = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+    if get_options().huge_pages:
+        _core.advise_huge_pages(owner.data_ptr(), nbytes)
+    return _slice(owner, slice(0, nbytes))  # same memory, not resizable
 
 
 _HUGE_PAGE_BYTES = 2 << 20
