@@ -137,7 +137,7 @@ void register_io(py::module_& m) {
            py::arg("recycle") = false,
            "Uninitialized host memory for storages; huge-page backed when large and asked. "
            "recycle: when freed, the mapping is kept (MADV_FREE) for the next recycled block "
-           "it can hold.")
+           "that maps as many bytes.")
       .def_property_readonly("size", &HostBuffer::size)
       .def_property_readonly("huge", &HostBuffer::huge)
       .def_property_readonly(

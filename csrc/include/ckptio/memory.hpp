@@ -1,5 +1,6 @@
-// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side), and
-// huge-page advice for memory allocated elsewhere (eager loads allocate through torch).
+// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side, the
+// block of an eager load's small storages), and huge-page advice for memory allocated
+// elsewhere (eager loads allocate their large storages through torch).
 #pragma once
 
 #include <cstddef>
