@@ -106,10 +106,13 @@ def test_durable_environment_variable_and_its_former_name(
     assert json.loads(proc.stdout)["durable"] is expected
 
 
-def test_bad_environment_variable_names_the_variable() -> None:
-    proc = _child_options({"CKPTIO_THREADS": "many"})
+@pytest.mark.parametrize(
+    ("name", "value"), [("CKPTIO_THREADS", "many"), ("CKPTIO_RECYCLE_MEMORY", "sometimes")]
+)
+def test_bad_environment_variable_names_the_variable(name: str, value: str) -> None:
+    proc = _child_options({name: value})
     assert proc.returncode != 0
-    assert "CKPTIO_THREADS" in proc.stderr and "ValueError" in proc.stderr
+    assert name in proc.stderr and "ValueError" in proc.stderr
 
 
 def test_options_context_restores() -> None:
@@ -173,6 +176,7 @@ def test_set_options(restore_options: None) -> None:
         {"preallocate": None},
         {"staging_buffer_bytes": 4096},
         {"staging_buffers": 0},
+        {"recycle_memory": "yes"},
         {"bogus": True},
     ],
     ids=[
@@ -182,6 +186,7 @@ def test_set_options(restore_options: None) -> None:
         "preallocate=None",
         "staging_buffer_bytes=4096",
         "staging_buffers=0",
+        "recycle_memory=str",
         "unknown",
     ],
 )

@@ -106,6 +106,9 @@ TEST(recycled_block_is_kept_for_the_next_of_its_size) {
 TEST(host_buffer_refuses_impossible_sizes) {
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true), std::bad_alloc);
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, false), std::bad_alloc);
+  ckptio::drop_recycled();
+  CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true, true), std::bad_alloc);
+  CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});  // nothing was kept
 }
 
 TEST(advise_huge_pages_keeps_data_and_refuses_ranges_without_a_whole_page) {
