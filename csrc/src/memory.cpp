@@ -30,19 +30,22 @@ void* take_recycled(std::size_t rounded) noexcept {
   return base;
 }
 
-}  // namespace
-
-std::size_t drop_recycled() noexcept {
-  void* base = nullptr;
-  std::size_t bytes = 0;
+// Makes (base, bytes) the kept mapping (nullptr, 0: none) and unmaps the one kept before;
+// returns that one's size.
+std::size_t keep_recycled(void* base, std::size_t bytes) noexcept {
   {
     const std::lock_guard<std::mutex> lock(recycled_mutex);
     std::swap(base, recycled_base);
     std::swap(bytes, recycled_bytes);
   }
-  if (base != nullptr) (void)munmap(base, bytes);
+  if (base == nullptr) return 0;
+  (void)munmap(base, bytes);
   return bytes;
 }
+
+}  // namespace
+
+std::size_t drop_recycled() noexcept { return keep_recycled(nullptr, 0); }
 
 HostBuffer::HostBuffer(std::size_t size, bool huge_pages, bool recycle) : size_(size) {
   // No object may exceed PTRDIFF_MAX; refusing here also keeps the rounding below from
@@ -93,14 +96,7 @@ HostBuffer::~HostBuffer() {
 #ifdef MADV_FREE
     (void)madvise(base_, mapped_, MADV_FREE);  // best effort: kept resident otherwise
 #endif
-    void* old = base_;
-    std::size_t old_bytes = mapped_;
-    {
-      const std::lock_guard<std::mutex> lock(recycled_mutex);
-      std::swap(old, recycled_base);
-      std::swap(old_bytes, recycled_bytes);
-    }
-    if (old != nullptr) (void)munmap(old, old_bytes);  // the one kept before
+    (void)keep_recycled(base_, mapped_);
   } else if (mapped_ != 0) {
     munmap(base_, mapped_);
   } else {

@@ -64,6 +64,8 @@ _slice: Callable[[torch.UntypedStorage, slice], torch.UntypedStorage] = _Storage
 
 # Storages below this size share one host block per load (see StorageLoader._host_storage).
 _SMALL_STORAGE_BYTES = 1 << 20
+# Blocks of at least this size can be huge pages (_arena_memory maps its own from here up).
+_HUGE_PAGE_BYTES = 2 << 20
 
 # Globals that rebuild objects without reading storage data (non-callables such as dtypes are
 # always harmless and are not listed).
@@ -485,9 +487,6 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
     if get_options().huge_pages:
         _core.advise_huge_pages(owner.data_ptr(), nbytes)
     return _slice(owner, slice(0, nbytes))  # same memory, not resizable
-
-
-_HUGE_PAGE_BYTES = 2 << 20
 
 
 def _check_geometry(
