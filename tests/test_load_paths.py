@@ -5,7 +5,8 @@
 * The shortcut that builds TypedStorage objects is only taken where it builds what the
   constructor builds.
 * Many small storages (the arena and the directory reader's paths) load as torch loads them,
-  and the freed arena is reused by the next load of the same shape (recycle_memory).
+  and the freed arena and large storages are reused by the next load of the same shape
+  (recycle_memory), within recycle_max_bytes.
 * The background read of small storages (overlap_reads) gives the same result, is waited for
   before any code from the file can see a storage, raises its errors, and never outlives a
   load.
@@ -122,6 +123,69 @@ def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) ->
     # Kept: the block `second` had (`held`'s, freed first, was replaced by it).
     assert _core.drop_recycled() > 0
     assert _core.drop_recycled() == 0
+
+
+def _large_starts(sd: dict[str, torch.Tensor]) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in sd.values() if t.nbytes >= 2 << 20}
+
+
+@pytest.mark.parametrize("writer", ["torch", "ckptio"])
+def test_freed_large_storages_are_reused_within_the_limit(tmp_path: Path, writer: str) -> None:
+    """recycle_memory: storages of 2 MiB or more are 2 MiB-aligned mappings of ckptio's own
+    that the next load of a file of the same shape gets back, values overwritten; no more
+    than recycle_max_bytes of them are kept."""
+    mib = 1 << 20
+    sizes = [2 * mib, 3 * mib + 4096, 5 * mib, 8 * mib]
+    first_sd = {f"w{i}": torch.randn(n // 4) for i, n in enumerate(sizes)}
+    first_sd["tied"] = first_sd["w3"][: mib // 4]  # a view of a large storage
+    second_sd = {k: v * 2 for k, v in first_sd.items() if k != "tied"}
+    second_sd["tied"] = second_sd["w3"][: mib // 4]
+    save = torch.save if writer == "torch" else ckptio.save
+    save(first_sd, tmp_path / "a.pt")
+    save(second_sd, tmp_path / "b.pt")
+    _core.drop_recycled()
+    with ckptio.options(huge_pages=True, recycle_memory=True):
+        first = ckptio.load(tmp_path / "a.pt")
+        starts = _large_starts(first)
+        assert len(starts) == len(sizes)
+        assert all(start % (2 << 20) == 0 for start in starts)
+        assert_same(first, first_sd)
+        assert_same_sharing(first, first_sd)
+        del first
+        second = ckptio.load(tmp_path / "b.pt")
+        assert _large_starts(second) == starts
+        assert_same(second, second_sd)
+        assert_same_sharing(second, second_sd)
+        assert_same(second, torch.load(tmp_path / "b.pt"))
+        del second
+    kept = _core.drop_recycled()
+    assert kept >= sum(sizes)
+    # A limit below the load's blocks keeps the last freed that fit, never more.
+    limit = 10 * mib
+    with ckptio.options(huge_pages=True, recycle_memory=True, recycle_max_bytes=limit):
+        third = ckptio.load(tmp_path / "a.pt")
+        assert_same(third, first_sd)
+        assert_same_sharing(third, first_sd)
+        del third
+    assert 0 < _core.drop_recycled() <= limit
+    for off in ({"recycle_memory": False}, {"recycle_max_bytes": 0}):
+        with ckptio.options(**off):
+            plain = ckptio.load(tmp_path / "a.pt")
+            assert_same(plain, first_sd)
+            assert_same_sharing(plain, first_sd)
+            del plain
+        assert _core.drop_recycled() == 0, off
+    # Without huge pages: mappings all the same, recycled.
+    with ckptio.options(huge_pages=False):
+        fourth = ckptio.load(tmp_path / "a.pt")
+        starts = _large_starts(fourth)
+        assert all(start % (2 << 20) == 0 for start in starts)
+        del fourth
+        fifth = ckptio.load(tmp_path / "b.pt")
+        assert _large_starts(fifth) == starts
+        assert_same(fifth, second_sd)
+        del fifth
+    assert _core.drop_recycled() >= sum(sizes)
 
 
 def test_pickle_of_tensors_with_python_state_is_torchs(tmp_path: Path) -> None:

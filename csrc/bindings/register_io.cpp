@@ -133,11 +133,12 @@ void register_io(py::module_& m) {
       });
 
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
-      .def(py::init<std::size_t, bool, bool>(), py::arg("nbytes"), py::arg("huge_pages"),
-           py::arg("recycle") = false,
+      .def(py::init<std::size_t, bool, std::size_t>(), py::arg("nbytes"), py::arg("huge_pages"),
+           py::arg("recycle_limit") = 0,
            "Uninitialized host memory for storages; huge-page backed when large and asked. "
-           "recycle: when freed, the mapping is kept (MADV_FREE) for the next recycled block "
-           "that maps as many bytes.")
+           "recycle_limit > 0: when freed, the mapping is kept (MADV_FREE) for the next "
+           "recycled block that maps as many bytes, the oldest kept ones unmapped beyond "
+           "recycle_limit bytes in all.")
       .def_property_readonly("size", &HostBuffer::size)
       .def_property_readonly("huge", &HostBuffer::huge)
       .def_property_readonly(
@@ -148,7 +149,7 @@ void register_io(py::module_& m) {
       });
 
   m.def("drop_recycled", &drop_recycled,
-        "Unmaps the freed HostBuffer mapping kept for reuse, if any; returns its size in "
+        "Unmaps the freed HostBuffer mappings kept for reuse; returns their total size in "
         "bytes (0: none was kept).");
 
   m.def(

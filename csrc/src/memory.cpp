@@ -6,58 +6,99 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <iterator>
 #include <mutex>
 #include <new>
-#include <utility>
+#include <vector>
 
 namespace ckptio {
 
 namespace {
 
-// The one freed recycled mapping kept for reuse (2 MiB-aligned, `bytes` long), or none.
-std::mutex recycled_mutex;
-void* recycled_base = nullptr;
-std::size_t recycled_bytes = 0;
-
-// Takes the kept mapping if it is `rounded` bytes long (the same block size: the next load of
-// a file of the same shape), else leaves it kept.
-void* take_recycled(std::size_t rounded) noexcept {
-  const std::lock_guard<std::mutex> lock(recycled_mutex);
-  if (recycled_base == nullptr || recycled_bytes != rounded) return nullptr;
-  void* base = recycled_base;
-  recycled_base = nullptr;
-  recycled_bytes = 0;
-  return base;
+// Freed recycled mappings kept for reuse (each 2 MiB-aligned), oldest first. Allocated once
+// and never destroyed: a block may be freed after static destructors run (at exit).
+struct Kept {
+  void* base;
+  std::size_t bytes;
+  bool huge;  // advised for huge pages
+};
+struct RecycledPool {
+  std::mutex mutex;
+  std::vector<Kept> kept;
+  std::size_t bytes = 0;
+};
+RecycledPool& pool() {
+  static auto* const instance = new RecycledPool();
+  return *instance;
 }
 
-// Makes (base, bytes) the kept mapping (nullptr, 0: none) and unmaps the one kept before;
-// returns that one's size.
-std::size_t keep_recycled(void* base, std::size_t bytes) noexcept {
-  {
-    const std::lock_guard<std::mutex> lock(recycled_mutex);
-    std::swap(base, recycled_base);
-    std::swap(bytes, recycled_bytes);
+// Takes the most recently kept mapping that is `rounded` bytes long (a block of the same size:
+// the next load of a file of the same shape) and advised alike, if any.
+void* take_recycled(std::size_t rounded, bool huge) noexcept {
+  RecycledPool& p = pool();
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  for (auto it = p.kept.rbegin(); it != p.kept.rend(); ++it) {
+    if (it->bytes != rounded || it->huge != huge) continue;
+    void* base = it->base;
+    p.bytes -= rounded;
+    p.kept.erase(std::next(it).base());
+    return base;
   }
-  if (base == nullptr) return 0;
-  (void)munmap(base, bytes);
-  return bytes;
+  return nullptr;
+}
+
+// Keeps (base, bytes) for reuse, then unmaps the oldest kept mappings until they total at most
+// `limit` bytes (`base` itself when it alone is larger). Returns the bytes unmapped.
+std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t limit) noexcept {
+  std::vector<Kept> dropped;
+  {
+    RecycledPool& p = pool();
+    const std::lock_guard<std::mutex> lock(p.mutex);
+    try {
+      if (base != nullptr && bytes <= limit) {
+        p.kept.push_back({base, bytes, huge});
+        p.bytes += bytes;
+        base = nullptr;
+      }
+      std::size_t n = 0;
+      std::size_t left = p.bytes;
+      while (n < p.kept.size() && left > limit) left -= p.kept[n++].bytes;
+      dropped.assign(p.kept.begin(), p.kept.begin() + static_cast<std::ptrdiff_t>(n));
+      p.kept.erase(p.kept.begin(), p.kept.begin() + static_cast<std::ptrdiff_t>(n));
+      p.bytes = left;
+    } catch (const std::bad_alloc&) {
+      // No memory for the bookkeeping: the block is unmapped below instead of kept.
+    }
+  }
+  std::size_t unmapped = 0;
+  if (base != nullptr) {
+    (void)munmap(base, bytes);
+    unmapped += bytes;
+  }
+  for (const Kept& k : dropped) {
+    (void)munmap(k.base, k.bytes);
+    unmapped += k.bytes;
+  }
+  return unmapped;
 }
 
 }  // namespace
 
-std::size_t drop_recycled() noexcept { return keep_recycled(nullptr, 0); }
+std::size_t drop_recycled() noexcept { return keep_recycled(nullptr, 0, false, 0); }
 
-HostBuffer::HostBuffer(std::size_t size, bool huge_pages, bool recycle) : size_(size) {
+HostBuffer::HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit)
+    : size_(size) {
   // No object may exceed PTRDIFF_MAX; refusing here also keeps the rounding below from
   // wrapping around to a small block.
   if (size > static_cast<std::size_t>(PTRDIFF_MAX) - 2 * kHugePageBytes) throw std::bad_alloc();
-  if (huge_pages && size >= kHugePageBytes) {
+  if ((huge_pages || recycle_limit != 0) && size >= kHugePageBytes) {
     const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
-    recycle_ = recycle;
-    if (recycle) {
-      if (void* kept = take_recycled(rounded)) {
+    recycle_limit_ = recycle_limit;
+    huge_ = huge_pages;
+    if (recycle_limit != 0) {
+      if (void* kept = take_recycled(rounded, huge_pages)) {
         // Its pages are resident unless the kernel took them back (MADV_FREE): then they
-        // fault in again, still advised for huge pages.
+        // fault in again, advised as before.
         base_ = data_ = kept;
         mapped_ = rounded;
         return;
@@ -80,7 +121,7 @@ HostBuffer::HostBuffer(std::size_t size, bool huge_pages, bool recycle) : size_(
 #ifdef MADV_HUGEPAGE
     // Only the whole huge pages of the data: a huge page for its last partial 2 MiB would
     // make the block resident beyond its size (up to 2 MiB more per block).
-    (void)madvise(data_, size & ~(kHugePageBytes - 1), MADV_HUGEPAGE);  // best effort
+    if (huge_pages) (void)madvise(data_, size & ~(kHugePageBytes - 1), MADV_HUGEPAGE);
 #endif
     return;
   }
@@ -92,11 +133,11 @@ HostBuffer::HostBuffer(std::size_t size, bool huge_pages, bool recycle) : size_(
 }
 
 HostBuffer::~HostBuffer() {
-  if (mapped_ != 0 && recycle_) {
+  if (mapped_ != 0 && recycle_limit_ != 0) {
 #ifdef MADV_FREE
     (void)madvise(base_, mapped_, MADV_FREE);  // best effort: kept resident otherwise
 #endif
-    (void)keep_recycled(base_, mapped_);
+    (void)keep_recycled(base_, mapped_, huge_, recycle_limit_);
   } else if (mapped_ != 0) {
     munmap(base_, mapped_);
   } else {

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "ckptio/memory.hpp"
@@ -17,7 +18,7 @@ bool aligned(const void* p, std::uintptr_t alignment) {
   return reinterpret_cast<std::uintptr_t>(p) % alignment == 0;
 }
 
-// How many pages of [p, p + n) are resident (p page-aligned).
+// How many pages of [p, p + n) are resident (p page-aligned); all ones where some are unmapped.
 std::size_t resident_pages(const void* p, std::size_t n) {
   const auto page = static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
   std::vector<unsigned char> vec((n + page - 1) / page);
@@ -68,37 +69,96 @@ TEST(host_buffer_without_huge_pages_stays_on_the_heap) {
   const std::size_t n = 2 * HostBuffer::kHugePageBytes;
   HostBuffer b(n, false);
   CHECK(!b.huge());
+  CHECK(!b.mapped());
   CHECK(aligned(b.data(), 64));
   std::memset(b.data(), 1, n);
 }
 
+TEST(recycled_block_without_huge_pages_is_a_mapping_kept_apart_from_huge_ones) {
+  ckptio::drop_recycled();
+  constexpr std::size_t kPage = HostBuffer::kHugePageBytes;
+  void* plain_first = nullptr;
+  {
+    HostBuffer b(2 * kPage, false, 64 * kPage);
+    CHECK(b.mapped());
+    CHECK(!b.huge());
+    CHECK(aligned(b.data(), kPage));
+    std::memset(b.data(), 1, b.size());
+    plain_first = b.data();
+  }
+  {
+    HostBuffer huge(2 * kPage, true, 64 * kPage);  // advised otherwise: not the kept block
+    CHECK(huge.huge());
+    CHECK(huge.data() != plain_first);
+    HostBuffer plain(2 * kPage, false, 64 * kPage);
+    CHECK_EQ(plain.data(), plain_first);
+  }
+  CHECK_EQ(ckptio::drop_recycled(), 4 * kPage);
+}
+
 TEST(recycled_block_is_kept_for_the_next_of_its_size) {
   ckptio::drop_recycled();
-  const std::size_t n = 3 * HostBuffer::kHugePageBytes + 4096;  // maps 4 huge pages
+  constexpr std::size_t kPage = HostBuffer::kHugePageBytes;
+  constexpr std::size_t kLimit = 64 * kPage;
+  const std::size_t n = 3 * kPage + 4096;  // maps 4 huge pages
   void* first = nullptr;
   {
-    HostBuffer b(n, true, true);
+    HostBuffer b(n, true, kLimit);
     CHECK(b.huge());
     first = b.data();
     std::memset(b.data(), 0x11, n);
   }
   {
-    HostBuffer other_size(n + HostBuffer::kHugePageBytes, true, true);  // maps 5: not reused
+    HostBuffer other_size(n + kPage, true, kLimit);  // maps 5: not reused
     CHECK(other_size.data() != first);
     HostBuffer plain(n, true);  // not recycled: never takes the kept block
     CHECK(plain.data() != first);
-    HostBuffer same(n - 100, true, true);  // maps 4 huge pages too: reuses it
+    HostBuffer same(n - 100, true, kLimit);  // maps 4 huge pages too: reuses it
     CHECK_EQ(same.data(), first);
-    CHECK(aligned(same.data(), HostBuffer::kHugePageBytes));
+    CHECK(aligned(same.data(), kPage));
     std::memset(same.data(), 0x22, same.size());  // writable end to end
     CHECK_EQ(static_cast<unsigned char*>(same.data())[same.size() - 1], 0x22);
+    HostBuffer again(n, true, kLimit);  // the kept one is taken: a fresh mapping
+    CHECK(again.data() != first);
   }
-  // Freed in reverse order: `same` was kept, then `other_size` replaced it.
-  CHECK_EQ(ckptio::drop_recycled(), 5 * HostBuffer::kHugePageBytes);
+  // All three recycled blocks were kept (4 + 4 + 5 huge pages), and each is taken once.
+  CHECK_EQ(ckptio::drop_recycled(), 13 * kPage);
   CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});
   {
-    HostBuffer small(4096, true, true);  // heap blocks are never kept
+    HostBuffer small(4096, true, kLimit);  // heap blocks are never kept
     CHECK(!small.huge());
+  }
+  CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});
+}
+
+TEST(recycled_blocks_beyond_the_limit_are_unmapped_oldest_first) {
+  ckptio::drop_recycled();
+  constexpr std::size_t kPage = HostBuffer::kHugePageBytes;
+  void* oldest = nullptr;
+  void* newer = nullptr;
+  {
+    auto a = std::make_unique<HostBuffer>(4 * kPage, true, 8 * kPage);
+    auto b = std::make_unique<HostBuffer>(4 * kPage, true, 8 * kPage);
+    auto c = std::make_unique<HostBuffer>(2 * kPage, true, 8 * kPage);
+    oldest = a->data();
+    newer = b->data();
+    a.reset();
+    b.reset();  // 8 pages kept: both
+    c.reset();  // 10 > 8: `a`, the oldest, is unmapped
+  }
+  constexpr std::size_t kUnmapped = ~std::size_t{0};
+  CHECK_EQ(resident_pages(oldest, kPage), kUnmapped);
+  CHECK(resident_pages(newer, 4 * kPage) != kUnmapped);
+  {
+    HostBuffer taken(4 * kPage, true, 8 * kPage);
+    CHECK_EQ(taken.data(), newer);  // the one left of that size
+    HostBuffer fresh(4 * kPage, true, 8 * kPage);
+    CHECK(fresh.data() != newer);
+  }
+  // `fresh` was kept after c (6 pages), then `taken` (10 > 8): c was unmapped.
+  CHECK_EQ(ckptio::drop_recycled(), 8 * kPage);
+  {
+    HostBuffer too_big(4 * kPage, true, 2 * kPage);  // larger than its limit: never kept
   }
   CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});
 }
@@ -107,7 +167,7 @@ TEST(host_buffer_refuses_impossible_sizes) {
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true), std::bad_alloc);
   CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, false), std::bad_alloc);
   ckptio::drop_recycled();
-  CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true, true), std::bad_alloc);
+  CHECK_THROWS(HostBuffer(~std::size_t{0} - 4096, true, std::size_t{1} << 30), std::bad_alloc);
   CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});  // nothing was kept
 }
 

@@ -64,7 +64,7 @@ _slice: Callable[[torch.UntypedStorage, slice], torch.UntypedStorage] = _Storage
 
 # Storages below this size share one host block per load (see StorageLoader._host_storage).
 _SMALL_STORAGE_BYTES = 1 << 20
-# Blocks of at least this size can be huge pages (_arena_memory maps its own from here up).
+# Blocks of at least this size can be huge pages (host_memory maps its own from here up).
 _HUGE_PAGE_BYTES = 2 << 20
 
 # Globals that rebuild objects without reading storage data (non-callables such as dtypes are
@@ -352,11 +352,11 @@ class StorageLoader:
     def _host_storage(self, key: str, nbytes: int, record_size: int) -> torch.UntypedStorage:
         """A fresh, non-resizable CPU storage (as torch.load's).
 
-        Large storages get their own block from torch's CPU allocator (:func:`host_memory`),
-        freed with its tensors. Small ones are slices of one block per load (sized from the
-        archive's records, :func:`_arena_memory`): one allocation and one run of huge pages
-        instead of thousands of malloc'd fragments; that block is freed (or kept for the next
-        load, settings ``recycle_memory``) with the last of them.
+        Large storages get their own block (:func:`host_memory`), freed (or kept for the next
+        load, settings ``recycle_memory``) with its tensors. Small ones are slices of one block
+        per load (sized from the archive's records, :func:`_plan_arena`): one allocation and
+        one run of huge pages instead of thousands of malloc'd fragments; that block is freed
+        (or kept) with the last of them.
         """
         if nbytes == 0:
             return _empty_storage()
@@ -447,26 +447,7 @@ def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str,
     aligns), each small record's slot, and the reads that fill the block: (file offset, size,
     slot) uint64 triples, relative to the block's address."""
     total, offsets, requests = _core.plan_arena(archive.records, _SMALL_STORAGE_BYTES, 64)
-    return _arena_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
-
-
-def _arena_memory(nbytes: int) -> torch.UntypedStorage:
-    """The block of a load's small storages. With settings ``huge_pages`` and
-    ``recycle_memory`` on, a mapping of ckptio's own (``_core.HostBuffer``, owned by the storage
-    through ``torch.frombuffer``) that, once freed, is kept (MADV_FREE) for the next load whose
-    block has its size: a load in a loop reuses memory that is already faulted in, as glibc's
-    heap does for torch.load's small tensors, where this block (the size of all the small
-    storages of a file) is far above the 32 MiB up to which glibc keeps freed blocks."""
-    opts = get_options()
-    if opts.huge_pages and opts.recycle_memory and nbytes >= _HUGE_PAGE_BYTES:
-        try:
-            buffer = _core.HostBuffer(nbytes, True, True)
-        except MemoryError:
-            pass
-        else:
-            owner = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[call-overload]
-            return _slice(owner.untyped_storage(), slice(0, nbytes))
-    return host_memory(nbytes)
+    return host_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
 
 
 def _empty_storage() -> torch.UntypedStorage:
@@ -475,16 +456,28 @@ def _empty_storage() -> torch.UntypedStorage:
 
 
 def host_memory(nbytes: int) -> torch.UntypedStorage:
-    """`nbytes` of uninitialized memory from torch's CPU allocator as a non-resizable storage
-    (as torch.load's), its whole pages advised for transparent huge pages before first touch
-    (settings ``huge_pages``).
+    """`nbytes` of uninitialized host memory as a non-resizable storage (as torch.load's),
+    advised for transparent huge pages before first touch (settings ``huge_pages``), where
+    first-touch 4 KiB page faults cost more than the copy (docs/design.md, Load, step 3).
 
-    torch's allocator, not a mapping of ckptio's own: blocks it reuses (glibc keeps freed
-    mid-sized blocks in its heap, as for torch.load in a loop) are already faulted in, and
-    fresh ones fault 2 MiB at a time instead of 4 KiB (docs/design.md, Load, step 3).
+    From :data:`_HUGE_PAGE_BYTES` up, with ``recycle_memory`` on: a mapping of ckptio's own
+    (``_core.HostBuffer``, owned by the storage through ``torch.frombuffer``), 2 MiB-aligned,
+    that once freed is kept for the next block of its size, so an eager load in a loop
+    reuses memory already faulted in (``recycle_max_bytes`` bounds what is kept). glibc does
+    that for torch.load's tensors of up to 32 MiB only, and when torch.load between two
+    loads has not rearranged its heap. Otherwise a block of torch's CPU allocator.
     """
+    opts = get_options()
+    if opts.recycle_memory and opts.recycle_max_bytes and nbytes >= _HUGE_PAGE_BYTES:
+        try:
+            buffer = _core.HostBuffer(nbytes, opts.huge_pages, opts.recycle_max_bytes)
+        except MemoryError:
+            pass
+        else:
+            mapped = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[call-overload]
+            return _slice(mapped.untyped_storage(), slice(0, nbytes))
     owner = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
-    if get_options().huge_pages:
+    if opts.huge_pages:
         _core.advise_huge_pages(owner.data_ptr(), nbytes)
     return _slice(owner, slice(0, nbytes))  # same memory, not resizable
 

@@ -57,11 +57,14 @@ class Options:
     #: Eager loads read the small storages (under 1 MiB) on a background thread while
     #: data.pkl is unpickled, instead of after it. Env: ``CKPTIO_OVERLAP_READS``.
     overlap_reads: bool = True
-    #: When the block that holds an eager load's small storages is freed, keep it (one block,
-    #: marked MADV_FREE: the kernel takes it back under memory pressure) for the next load
-    #: whose small storages need a block of that size. Needs ``huge_pages``. Env:
-    #: ``CKPTIO_RECYCLE_MEMORY``.
+    #: Eager loads put storages of 2 MiB or more, and the block of their small storages, in
+    #: mappings of ckptio's own that, once freed, are kept (marked MADV_FREE: the kernel takes
+    #: them back under memory pressure) for later loads that need blocks of those sizes.
+    #: Env: ``CKPTIO_RECYCLE_MEMORY``.
     recycle_memory: bool = True
+    #: Most bytes of freed mappings kept for reuse (``recycle_memory``); the oldest go first.
+    #: Env: ``CKPTIO_RECYCLE_MAX_BYTES``.
+    recycle_max_bytes: int = 2 << 30
     #: Bytes of one pinned host staging buffer for GPU loads and saves (storages bigger than
     #: this stream through in pieces; small ones share a buffer). Env:
     #: ``CKPTIO_STAGING_BUFFER_BYTES``.
@@ -87,6 +90,9 @@ class Options:
         b = self.staging_buffer_bytes
         if not isinstance(b, int) or isinstance(b, bool) or b < 65536:
             raise ValueError(f"staging_buffer_bytes must be an int >= 65536, got {b!r}")
+        n = self.recycle_max_bytes
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"recycle_max_bytes must be an int >= 0, got {n!r}")
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
@@ -112,6 +118,7 @@ _ENV = {
     "huge_pages": "CKPTIO_HUGE_PAGES",
     "overlap_reads": "CKPTIO_OVERLAP_READS",
     "recycle_memory": "CKPTIO_RECYCLE_MEMORY",
+    "recycle_max_bytes": "CKPTIO_RECYCLE_MAX_BYTES",
     "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",

@@ -1,6 +1,6 @@
-// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side, the
-// block of an eager load's small storages), and huge-page advice for memory allocated
-// elsewhere (eager loads allocate their large storages through torch).
+// Host memory ckptio owns (async_save's snapshot buffers, the staging ring's host side, an
+// eager load's storages of 2 MiB or more and its block of small storages), and huge-page
+// advice for memory allocated elsewhere (torch's allocator, for the blocks in between).
 #pragma once
 
 #include <cstddef>
@@ -10,11 +10,12 @@ namespace ckptio {
 
 /// A block of host memory for ckptio's own buffers (Python wraps it with torch.frombuffer).
 ///
-/// Blocks of at least kHugePageBytes are mapped 2 MiB-aligned and their whole huge pages
-/// advised to use transparent huge pages before first touch: on fresh memory the 4 KiB page
-/// faults cost more than copying the data from the page cache, and one huge-page fault maps
-/// 2 MiB. The last partial 2 MiB stays on 4 KiB pages, so a block is never resident beyond
-/// its size. Smaller blocks come from the C heap, 64-byte aligned. Contents start undefined.
+/// Blocks of at least kHugePageBytes, when asked for huge pages or recycling, are mappings of
+/// their own, 2 MiB-aligned. With huge pages their whole huge pages are advised to use
+/// transparent huge pages before first touch: on fresh memory the 4 KiB page faults cost
+/// more than copying the data from the page cache, and one huge-page fault maps 2 MiB. The
+/// last partial 2 MiB stays on 4 KiB pages, so a block is never resident beyond its size.
+/// Other blocks come from the C heap, 64-byte aligned. Contents start undefined.
 class HostBuffer {
  public:
   static constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
@@ -23,31 +24,35 @@ class HostBuffer {
   /// on memory the host has reclaimed slow). Throws std::bad_alloc when the memory cannot be
   /// had.
   ///
-  /// `recycle=true` (huge-page blocks only): when the block is freed, its mapping is kept,
-  /// marked MADV_FREE (the kernel takes its pages back only under memory pressure), as the
-  /// one block kept for reuse, replacing the one kept before; a later recycled block that
-  /// maps as many bytes reuses it instead of faulting in fresh memory, as glibc's heap reuses
-  /// freed blocks of up to 32 MiB. For the block of an eager load's small storages, which
-  /// is larger than any block glibc reuses.
-  HostBuffer(std::size_t size, bool huge_pages, bool recycle = false);
+  /// `recycle_limit > 0` (mapped blocks only): when the block is freed, its mapping is
+  /// kept, marked MADV_FREE (the kernel takes its pages back only under memory pressure), and
+  /// the oldest kept mappings are unmapped until those kept total at most `recycle_limit`
+  /// bytes. A later recycled block that maps as many bytes, advised alike, takes the most
+  /// recent of them instead of faulting in fresh memory: an eager load in a loop reuses its
+  /// blocks, as glibc's heap reuses freed blocks of up to 32 MiB (and not larger ones) for
+  /// torch.load.
+  HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit = 0);
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
 
   void* data() const noexcept { return data_; }
   std::size_t size() const noexcept { return size_; }
+  /// True when the block is a mapping of its own (2 MiB-aligned).
+  bool mapped() const noexcept { return mapped_ != 0; }
   /// True when the block is a huge-page-advised mapping.
-  bool huge() const noexcept { return mapped_ != 0; }
+  bool huge() const noexcept { return mapped_ != 0 && huge_; }
 
  private:
   void* base_ = nullptr;     // what to free / unmap
   std::size_t mapped_ = 0;   // bytes mapped (0: heap block)
-  bool recycle_ = false;     // keep the mapping for reuse when freed
+  std::size_t recycle_limit_ = 0;  // keep the mapping for reuse when freed (0: never)
+  bool huge_ = false;              // the mapping is advised for huge pages
   void* data_ = nullptr;
   std::size_t size_ = 0;
 };
 
-/// Unmaps the block kept for reuse (HostBuffer's `recycle`), if any; returns its size.
+/// Unmaps every block kept for reuse (HostBuffer's `recycle_limit`); returns their total size.
 std::size_t drop_recycled() noexcept;
 
 /// Advises the whole pages of [address, address + size) for transparent huge pages
