@@ -11,12 +11,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
 
 import ckptio
+from ckptio import settings
 
 from conftest import assert_same, assert_same_sharing, make_model
 
@@ -83,7 +84,7 @@ def test_environment_defaults() -> None:
         "crc32": False,
         "durable": False,
         "preallocate": True,
-        "huge_pages": True,
+        "huge_pages": not settings._host_takes_back_free_memory(),
         "overlap_reads": True,
         "recycle_memory": True,
         "recycle_max_bytes": 2 << 30,
@@ -91,6 +92,32 @@ def test_environment_defaults() -> None:
         "staging_buffers": 4,
         "async_max_pending": 2,
     }
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        ("0110010100000000", True),  # this development VM's balloon: bit 5 set
+        ("0110000100000000", False),  # a balloon without free page reporting
+        ("01100", False),  # too short to have bit 5
+        (None, False),  # no balloon at all
+    ],
+    ids=["reporting", "no-reporting", "short", "no-balloon"],
+)
+def test_huge_pages_default_follows_free_page_reporting(
+    tmp_path: Path, features: Optional[str], expected: bool
+) -> None:
+    """A VM whose balloon reports free pages (VIRTIO_BALLOON_F_REPORTING, bit 5 of the
+    device's feature string) gives huge pages back to the host: huge_pages defaults off."""
+    drivers = tmp_path / "bus" / "virtio" / "drivers"
+    (drivers / "virtio_net" / "virtio1").mkdir(parents=True)
+    (drivers / "virtio_net" / "virtio1" / "features").write_text("1" * 64 + "\n")
+    if features is not None:
+        (drivers / "virtio_balloon" / "virtio0").mkdir(parents=True)
+        (drivers / "virtio_balloon" / "virtio0" / "features").write_text(features + "\n")
+    assert settings._host_takes_back_free_memory(str(tmp_path)) is expected
+    (drivers / "virtio_balloon" / "virtio3" / "features").mkdir(parents=True)  # unreadable
+    assert settings._host_takes_back_free_memory(str(tmp_path)) is expected
 
 
 @pytest.mark.parametrize(

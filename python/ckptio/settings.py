@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import os
 import threading
 from typing import Any, Iterator
@@ -28,6 +29,37 @@ def _default_threads() -> int:
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
     return max(1, min(cpus, 16))
+
+
+#: VIRTIO_BALLOON_F_REPORTING: the guest reports free memory to the host, which takes it back.
+_BALLOON_FREE_PAGE_REPORTING_BIT = 5
+
+
+def _host_takes_back_free_memory(sysfs: str = "/sys") -> bool:
+    """True inside a VM whose virtio balloon reports free pages to the host (free page
+    reporting), which then takes that memory back. The guest reports free blocks of 2 MiB and
+    up, so a fresh huge page is memory the host must fault in again, while 4 KiB pages still
+    come from the smaller free fragments it kept. On such a VM the first load of a process
+    faults in huge pages 3-4x slower than 4 KiB ones (docs/settings.md), so ``huge_pages``
+    defaults to off there."""
+    for path in glob.glob(
+        os.path.join(sysfs, "bus/virtio/drivers/virtio_balloon/virtio*/features")
+    ):
+        try:
+            with open(path) as f:
+                bits = f.read().strip()  # one '0'/'1' per feature bit, bit 0 first
+        except OSError:
+            continue
+        if (
+            len(bits) > _BALLOON_FREE_PAGE_REPORTING_BIT
+            and bits[_BALLOON_FREE_PAGE_REPORTING_BIT] == "1"
+        ):
+            return True
+    return False
+
+
+def _default_huge_pages() -> bool:
+    return not _host_takes_back_free_memory()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +84,9 @@ class Options:
     #: ``CKPTIO_PREALLOCATE``.
     preallocate: bool = True
     #: Back large storages of eager loads with transparent huge pages (fewer first-touch page
-    #: faults). Env: ``CKPTIO_HUGE_PAGES``.
-    huge_pages: bool = True
+    #: faults and TLB misses). Off by default in VMs whose host takes back free memory
+    #: (:func:`_host_takes_back_free_memory`). Env: ``CKPTIO_HUGE_PAGES``.
+    huge_pages: bool = dataclasses.field(default_factory=_default_huge_pages)
     #: Eager loads read the small storages (under 1 MiB) on a background thread while
     #: data.pkl is unpickled, instead of after it. Env: ``CKPTIO_OVERLAP_READS``.
     overlap_reads: bool = True

@@ -21,12 +21,18 @@ def _mib(v: Optional[int]) -> str:
     return "" if v is None else f"{v / 2**20:.0f}"
 
 
+def _on(flag: Any) -> str:
+    return "unrecorded" if flag is None else "on" if flag else "off"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One table of saves, one of loads and one of the machine's limits per workload."""
     meta = results["meta"]
     lines = [
         f"ckptio {meta['ckptio']}, torch {meta['torch']}, Python {meta['python']}, "
-        f"{meta['cpus']} CPUs, {meta['ckptio_threads']} ckptio threads, THP "
+        f"{meta['cpus']} CPUs, {meta['ckptio_threads']} ckptio threads, ckptio huge pages "
+        f"{_on(meta.get('ckptio_huge_pages'))}, recycling up to "
+        f"{meta.get('ckptio_recycle_max_bytes', 0) / 2**30:g} GiB, THP "
         f"{meta['transparent_hugepage']}; medians of {meta['rounds']} rounds after a warm-up, "
         "candidates interleaved, page cache warm, every loader verified against the original.",
         "",

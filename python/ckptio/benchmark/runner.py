@@ -349,6 +349,8 @@ def _meta(settings: Settings) -> dict:
         "torch": torch.__version__,
         "ckptio": ckptio.__version__,
         "ckptio_threads": opts.threads,
+        "ckptio_huge_pages": opts.huge_pages,
+        "ckptio_recycle_max_bytes": opts.recycle_max_bytes if opts.recycle_memory else 0,
         "transparent_hugepage": thp,
         "rounds": settings.rounds,
         "warmup_rounds": 1,
