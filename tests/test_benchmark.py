@@ -70,13 +70,28 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert lim["cold read"]["s"] is None or lim["cold read"]["s"] > 0
 
 
-def test_peak_rss_is_measured_in_a_child(tmp_path: Path) -> None:
-    rc, res = _run(tmp_path, "--workloads", "small", "--candidates", "ckptio", "--no-limits")
+def test_peak_rss_and_first_load_are_measured_in_a_child(tmp_path: Path) -> None:
+    md = tmp_path / "r.md"
+    rc, res = _run(
+        tmp_path,
+        "--workloads",
+        "small",
+        "--candidates",
+        "ckptio",
+        "--no-limits",
+        "--markdown",
+        str(md),
+    )
     assert rc == 0
     w = res["workloads"]["small"]
     rss = w["candidates"]["ckptio"]["rss"]
     assert "error" not in rss, rss
     assert rss["peak_rss"] >= rss["base_rss"] > 0
+    # The child times its one load+touch: a process's first load, in the table beside RSS.
+    assert rss["seconds"] > 0
+    assert w["saves"]["ckptio"]["rss"]["seconds"] > 0
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| ckptio |"))
+    assert f"| {rss['seconds']:.3f} |" in row
     # The load+touch holds the whole file's tensors: the peak grows by at least their size.
     assert rss["delta_rss"] >= 0.5 * w["tensor_bytes"]
     assert "delta_rss" in w["saves"]["ckptio"]["rss"]

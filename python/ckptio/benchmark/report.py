@@ -56,16 +56,17 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("")
         lines += [
             "| loader | kind | load (s) | load+touch (s) | vs torch.load | vs torch mmap "
-            "| peak RSS added (MiB) | RSS / file |",
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            "| first load+touch of a process (s) | peak RSS added (MiB) | RSS / file |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for cname, c in w["candidates"].items():
-            rss = c.get("rss", {}).get("delta_rss")
+            child = c.get("rss", {})
+            rss = child.get("delta_rss")
             ratio = f"{rss / c['file_bytes']:.2f}" if rss is not None and c["file_bytes"] else ""
             lines.append(
                 f"| {cname} | {c['kind']} | {_s(c['load_s'])} | {_s(c['load_touch_s'])} | "
                 f"{_x(c.get('load_touch_vs_torch'))} | {_x(c.get('load_touch_vs_torch_mmap'))} | "
-                f"{_mib(rss)} | {ratio} |"
+                f"{_s(child.get('seconds'))} | {_mib(rss)} | {ratio} |"
             )
         for cname, why in w.get("failed", {}).items():
             lines.append(f"\n- {cname}: n/a ({why})")
