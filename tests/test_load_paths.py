@@ -120,7 +120,7 @@ def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) ->
     with ckptio.options(huge_pages=True, recycle_memory=False):
         plain = ckptio.load(tmp_path / "a.pt")
         assert_same(plain, first_sd)
-    # Kept: the block `second` had (`held`'s, freed first, was replaced by it).
+    # Kept: the blocks `held` and `second` had (the pool keeps both, well under its limit).
     assert _core.drop_recycled() > 0
     assert _core.drop_recycled() == 0
 
