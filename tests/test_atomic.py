@@ -8,6 +8,8 @@ import errno
 import io
 import os
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,49 @@ def test_pickling_error_keeps_previous_file(previous: Path, payload: Any) -> Non
     assert torch.load(previous)["generation"] == 1
 
 
+def test_pickling_error_after_many_storages_were_written(previous: Path) -> None:
+    """Storages go to the file while the pickler runs: a failure after many of them stops the
+    writes in flight, removes the temporary file and raises the pickler's error."""
+    payload: dict[str, Any] = {f"w{i}": torch.full((300_000,), float(i)) for i in range(40)}
+    payload["last"] = ExplodingReduce()
+    before = _listing(previous.parent)
+    with ckptio.options(threads=3, chunk_bytes=1 << 20), pytest.raises(ValueError, match="boom"):
+        ckptio.save(payload, previous)
+    assert _listing(previous.parent) == before
+    assert torch.load(previous)["generation"] == 1
+
+
+_FILE_SIZE_LIMIT_SAVE = """
+import errno, resource, signal, sys, torch, ckptio
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+obj = {f"w{i}": torch.full((100_000,), float(i)) for i in range(50)}  # 20 MB
+try:
+    with ckptio.options(preallocate=sys.argv[2] == "1", chunk_bytes=1 << 20, threads=2):
+        ckptio.save(obj, sys.argv[1])
+except OSError as e:
+    print(errno.errorcode[e.errno], e.filename == sys.argv[1] or e.filename)
+"""
+
+
+@pytest.mark.parametrize("preallocate", [True, False], ids=["preallocate", "no-preallocate"])
+def test_write_failure_mid_save_raises_oserror(tmp_path: Path, preallocate: bool) -> None:
+    """A write that fails while the pickler runs (a file-size limit: EFBIG from fallocate, or
+    from a worker's pwrite without preallocation) surfaces as the OSError, with no temporary
+    file left behind."""
+    target = tmp_path / "big.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FILE_SIZE_LIMIT_SAVE, str(target), "1" if preallocate else "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    code, _ = proc.stdout.split()
+    assert code == "EFBIG", proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     "exc",
     [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()],
@@ -62,7 +107,7 @@ def test_error_while_writing_removes_temp_file(
 ) -> None:
     """An error after the temporary file is written (or half written) removes it and leaves
     the previous file as it was."""
-    real = serialization.write_archive
+    real = serialization.save_archive
     temp_files: list[str] = []
 
     def write_then_fail(target: Any, *args: Any, **kwargs: Any) -> None:
@@ -70,7 +115,7 @@ def test_error_while_writing_removes_temp_file(
         temp_files.extend(p.name for p in previous.parent.iterdir() if p != previous)
         raise exc
 
-    monkeypatch.setattr(serialization, "write_archive", write_then_fail)
+    monkeypatch.setattr(serialization, "save_archive", write_then_fail)
     before = _listing(previous.parent)
     with pytest.raises(type(exc)):
         ckptio.save({"generation": 2, "w": torch.zeros(5000)}, previous)

@@ -259,10 +259,10 @@ def test_failed_overwrite_leaves_no_stale_metadata(
     dcp.save({"t": torch.ones(4)}, storage_writer=ckptio.dcp.Writer(tmp_path))
     assert (tmp_path / ".metadata").exists()
 
-    def full_disk(*args: Any) -> None:
+    def full_disk(*args: Any, **kwargs: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckptio.dcp._core, "write_archive", full_disk)
+    monkeypatch.setattr(ckptio.dcp, "write_archive", full_disk)
     with pytest.raises(CheckpointException, match="No space left"):
         dcp.save({"t": torch.zeros(4)}, storage_writer=ckptio.dcp.Writer(tmp_path))
     assert not (tmp_path / ".metadata").exists()  # visibly incomplete, not half old

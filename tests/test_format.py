@@ -68,15 +68,35 @@ def test_record_order(sample_file: Path) -> None:
     records = zip_records(sample_file)
     n = _n_storages(sample_file)
     assert n > 5
+    # torch's records; data.pkl after the storages, which are written while it is pickled
+    # (TORCH_FORMAT.md §1.1: record order does not matter to torch.load).
     expected = (
-        ["data.pkl", ".format_version", ".storage_alignment", "byteorder"]
+        [".format_version", ".storage_alignment", "byteorder"]
         + [f"data/{k}" for k in range(n)]
-        + ["version", ".data/serialization_id"]
+        + ["data.pkl", "version", ".data/serialization_id"]
     )
     assert [r.name for r in records] == [f"sample/{name}" for name in expected]
     # The central directory lists the records in file order.
     offsets = [r.header_offset for r in records]
     assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+@pytest.mark.parametrize("crc32", [False, True], ids=["nocrc", "crc32"])
+@pytest.mark.parametrize("threads", [1, 3], ids=lambda t: f"threads{t}")
+def test_streamed_file_is_the_file_object_bytes(tmp_path: Path, crc32: bool, threads: int) -> None:
+    """To a path, storages are written while the pickler runs (records of up to chunk_bytes
+    grouped, larger ones split); to a file object, one after the other once it is done: the
+    bytes are the same."""
+    many = [torch.full((i,), i) for i in range(300)]
+    obj = {**_sample(), "big": torch.randn(700_000), "many": many}
+    with ckptio.options(crc32=crc32, threads=threads, chunk_bytes=1 << 20):
+        ckptio.save(obj, tmp_path / "archive.pt")  # the name a file object's archive gets
+        buf = io.BytesIO()
+        ckptio.save(obj, buf)
+    assert (tmp_path / "archive.pt").read_bytes() == buf.getvalue()
+    with zipfile.ZipFile(tmp_path / "archive.pt") as zf:
+        assert (zf.testzip() is None) == crc32  # CRCs off: every record's is 0
+    assert_same(obj, torch.load(tmp_path / "archive.pt"))
 
 
 @pytest.mark.parametrize("alignment", [4096, 64, 32768], ids=lambda a: f"align{a}")
@@ -164,9 +184,9 @@ def test_non_ascii_path_archive_name(tmp_path: Path) -> None:
     obj = {"t": torch.ones(2)}
     ckptio.save(obj, tmp_path / "modèle.pt")
     torch.save(obj, tmp_path / "modèle-torch.pt")
-    ours = zip_records(tmp_path / "modèle.pt")[0].name
-    theirs = zip_records(tmp_path / "modèle-torch.pt")[0].name
-    assert ours == theirs == "archive/data.pkl"
+    ours = {r.name.split("/", 1)[0] for r in zip_records(tmp_path / "modèle.pt")}
+    theirs = {r.name.split("/", 1)[0] for r in zip_records(tmp_path / "modèle-torch.pt")}
+    assert ours == theirs == {"archive"}
     assert_same(obj, torch.load(tmp_path / "modèle.pt"))
 
 
@@ -277,11 +297,18 @@ def _with_serialization_id(data: bytes, sid: bytes) -> bytes:
     return bytes(out)
 
 
+def _in_torch_order(specs: list[Any], payloads: list[Any]) -> tuple[list[Any], list[Any]]:
+    """ckptio's records with data.pkl moved first, where torch.save writes it."""
+    i = next(k for k, spec in enumerate(specs) if spec[0] == "data.pkl")
+    return [specs[i]] + specs[:i] + specs[i + 1 :], [payloads[i]] + payloads[:i] + payloads[i + 1 :]
+
+
 @pytest.mark.parametrize("target", ["core-file", "buffer"])
 @pytest.mark.parametrize("payload_kind", ["bytes", "address"])
 def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
-    """ckptio's writer, given torch's pickle and torch's alignment (64), reproduces the file
-    torch.save wrote byte for byte, except the 40-byte serialization_id and its CRC."""
+    """ckptio's writer, given torch's pickle, torch's alignment (64) and torch's record order
+    (data.pkl first), reproduces the file torch.save wrote byte for byte, except the 40-byte
+    serialization_id and its CRC."""
     golden = tmp_path / "golden.pt"
     torch.save(_golden_object(), golden)
     torch_bytes = golden.read_bytes()
@@ -299,7 +326,9 @@ def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
         keep_alive = tensors
         payloads = [(t.data_ptr(), t.numel()) for t in tensors]
 
-    specs, record_payloads = _archive.torch_records(pkl, payloads, data_alignment=64)
+    specs, record_payloads = _in_torch_order(
+        *_archive.torch_records(pkl, payloads, data_alignment=64)
+    )
     if target == "core-file":
         out = tmp_path / "golden2.pt"
         with _core.File.open(str(out), _core.FileMode.CREATE) as f:
@@ -333,7 +362,9 @@ def test_golden_bytes_without_crc(tmp_path: Path) -> None:
     torch_bytes = golden.read_bytes()
     pkl = _raw(torch_bytes, "golden/data.pkl")
     payloads = [_raw(torch_bytes, f"golden/data/{k}") for k in range(4)]
-    specs, record_payloads = _archive.torch_records(pkl, payloads, data_alignment=64)
+    specs, record_payloads = _in_torch_order(
+        *_archive.torch_records(pkl, payloads, data_alignment=64)
+    )
     buf = io.BytesIO()
     _archive.write_archive(buf, "golden", specs, record_payloads, crc32=False)
     ours = buf.getvalue()
@@ -353,7 +384,7 @@ def test_save_matches_torch_at_page_alignment(tmp_path: Path) -> None:
         torch.save(obj, tmp_path / "ref.pt")
     ours = {r.name.split("/", 1)[1]: r for r in zip_records(tmp_path / "m.pt")}
     theirs = {r.name.split("/", 1)[1]: r for r in zip_records(tmp_path / "ref.pt")}
-    assert list(ours) == list(theirs)
+    assert sorted(ours) == sorted(theirs)
     a, b = (tmp_path / "m.pt").read_bytes(), (tmp_path / "ref.pt").read_bytes()
     assert _raw(a, "m/data.pkl") == _raw(b, "ref/data.pkl")
     for name in ours:

@@ -4,9 +4,16 @@
 
 #include <pybind11/pybind11.h>
 
+#include <exception>
+
 namespace ckptio::bindings {
 
 void register_errors(pybind11::module_& m);
+
+/// Sets the Python exception for a ckptio C++ error (CheckpointError, OSError, ValueError,
+/// RuntimeError), as pybind11 does at a binding's boundary; for C functions the pickler calls
+/// directly. Rethrows anything else.
+void set_python_error(std::exception_ptr p);
 void register_io(pybind11::module_& m);
 void register_zip(pybind11::module_& m);
 void register_pickle(pybind11::module_& m);

@@ -8,6 +8,11 @@
 // only: nothing here links against libtorch), and hand everything else to those Python
 // functions, which hold the policy and the errors. Python decides what qualifies by the
 // tables it gives them.
+#include <cstdint>
+#include <string>
+
+#include "ckptio/archive_writer.hpp"
+#include "ckptio/errors.hpp"
 #include "pyobjects.hpp"
 #include "register.hpp"
 
@@ -130,12 +135,50 @@ PyMethodDef reduce_def = {"reduce_plain_tensor", reduce_call, METH_O,
                           "reducer_override for plain tensors; anything else goes to the "
                           "Python reducer."};
 
+// A streaming save's new storage goes to its archive writer as record "data/<key>": written
+// from its own memory when its location is in the sink's direct locations (the CPU), else
+// reserved, for Python to write after pickling (device memory). sink: None, or (ArchiveWriter,
+// alignment, frozenset of direct locations, capsule of the writer's address). False with an
+// error set on failure.
+bool stream_storage(PyObject* sink, PyObject* key, PyObject* location, PyObject* ptr,
+                    Py_ssize_t nbytes) {
+  if (sink == Py_None) return true;
+  const int direct = PySet_Contains(PyTuple_GET_ITEM(sink, 2), location);
+  if (direct < 0) return false;
+  const char* key_text = PyUnicode_AsUTF8(key);
+  const unsigned long alignment = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(sink, 1));
+  void* address = direct == 1 ? PyLong_AsVoidPtr(ptr) : nullptr;
+  if (key_text == nullptr || PyErr_Occurred() != nullptr) return false;
+  auto* writer_ptr = static_cast<ArchiveWriter*>(PyCapsule_GetPointer(PyTuple_GET_ITEM(sink, 3), nullptr));
+  if (writer_ptr == nullptr) return false;
+  ArchiveWriter& writer = *writer_ptr;
+  try {
+    const std::string name = std::string("data/") + key_text;
+    const auto size = static_cast<std::uint64_t>(nbytes);
+    if (direct == 1) {
+      writer.add(name, static_cast<std::uint32_t>(alignment), address, size);
+    } else {
+      writer.reserve(name, static_cast<std::uint32_t>(alignment), size);
+    }
+  } catch (py::error_already_set& e) {
+    e.restore();
+    return false;
+  } catch (const Error&) {
+    set_python_error(std::current_exception());
+    return false;
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+    return false;
+  }
+  return true;
+}
+
 // storage_ids(obj): persistent_id of a TypedStorage (exact type) over an UntypedStorage whose
 // dtype and device Python has already seen: ("storage", storage type, key, location, numel),
 // giving each distinct storage the next key and recording it, as _pickler.storage_id does.
 // Bound tuple: (fallback, TypedStorage, UntypedStorage, {dtype: (storage type, itemsize)},
 // {device: location} (devices with data: not meta), {storage _cdata: key}, [storages],
-// {data_ptr: dtype}).
+// {data_ptr: dtype}, sink of stream_storage).
 PyObject* storage_id_fast(PyObject* bound, PyObject* obj) {
   if (Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(PyTuple_GET_ITEM(bound, 1))) {
     return nullptr;
@@ -190,7 +233,10 @@ PyObject* storage_id_fast(PyObject* bound, PyObject* obj) {
     PyObject* count = PyLong_FromSsize_t(PyDict_GET_SIZE(keys));
     key = count == nullptr ? nullptr : PyObject_Str(count);
     Py_XDECREF(count);
-    if (key == nullptr || PyDict_SetItem(keys, cdata, key) != 0 ||
+    // The archive writer first: if it fails, nothing is recorded and the Python function
+    // redoes it all (and raises the writer's error).
+    if (key == nullptr || !stream_storage(PyTuple_GET_ITEM(bound, 8), key, location, ptr, nbytes) ||
+        PyDict_SetItem(keys, cdata, key) != 0 ||
         PyList_Append(PyTuple_GET_ITEM(bound, 6), storage) != 0) {
       Py_XDECREF(key);
       return nullptr;
@@ -259,18 +305,34 @@ void register_pickle(py::module_& m) {
       "storage_ids",
       [](const py::object& fallback, const py::object& typed, const py::object& untyped,
          const py::dict& storage_types, const py::dict& locations, const py::dict& keys,
-         const py::list& storages, const py::dict& dtypes) {
+         const py::list& storages, const py::dict& dtypes, const py::object& sink) {
+        py::object bound_sink = py::none();
+        if (!sink.is_none()) {
+          // Checked once here, so the hot path can take the tuple's items as they are, with
+          // the writer's address in a capsule (the tuple keeps the writer alive).
+          const auto t = sink.cast<py::tuple>();
+          if (t.size() != 3 || !py::isinstance<ArchiveWriter>(t[0]) ||
+              !py::isinstance<py::int_>(t[1]) || !py::isinstance<py::frozenset>(t[2])) {
+            throw InvalidArgument(
+                "storage_ids: sink must be None or (ArchiveWriter, alignment, frozenset)");
+          }
+          auto* writer = t[0].cast<ArchiveWriter*>();
+          bound_sink = py::make_tuple(t[0], t[1], t[2], py::capsule(writer));
+        }
         return py::reinterpret_steal<py::object>(
             bind(&storage_id_def, py::make_tuple(fallback, typed, untyped, storage_types,
-                                                 locations, keys, storages, dtypes)));
+                                                 locations, keys, storages, dtypes, bound_sink)));
       },
       py::arg("fallback"), py::arg("typed"), py::arg("untyped"), py::arg("storage_types"),
       py::arg("locations"), py::arg("keys"), py::arg("storages"), py::arg("dtypes"),
+      py::arg("sink") = py::none(),
       "A C persistent_id for `typed` storages over `untyped` ones whose dtype is in "
       "storage_types ({dtype: (storage type, itemsize)}) and device in locations: returns "
       "('storage', type, key, location, numel), keys a new storage str(len(keys)) in `keys` "
       "(by _cdata) and appends it to `storages`, and records its data_ptr's dtype in "
-      "`dtypes`. Anything else (a dtype clash included) goes to fallback.");
+      "`dtypes`. With a sink (ArchiveWriter, alignment, direct locations), a new storage also "
+      "becomes the writer's record data/<key> (see stream_storage). Anything else (a dtype "
+      "clash included) goes to fallback.");
 
   m.def(
       "dispatch_by_type",

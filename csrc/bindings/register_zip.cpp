@@ -1,9 +1,9 @@
-// The zip container: reading a directory, planning an archive, writing it in parallel, CRC-32.
+// The zip container: reading a directory, planning an archive, writing it while records are
+// added, CRC-32.
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "ckptio/archive_writer.hpp"
@@ -37,46 +37,6 @@ py::tuple directory_tuple(const ZipDirectory& dir) {
         py::make_tuple(e.data_offset, e.size, e.method);
   }
   return py::make_tuple(dir.prefix, records);
-}
-
-/// One payload: a bytes-like object, or an (address, nbytes) pair of memory the caller owns.
-struct HeldPayloads {
-  std::vector<py::buffer_info> views;
-  std::vector<Payload> payloads;
-};
-
-HeldPayloads hold_payloads(const py::list& items) {
-  HeldPayloads held;
-  held.views.reserve(items.size());
-  held.payloads.reserve(items.size());
-  for (const py::handle item : items) {
-    if (PyTuple_CheckExact(item.ptr()) && PyTuple_GET_SIZE(item.ptr()) == 2) {
-      // The common case, once per storage: read the two ints without pybind11's casters.
-      const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item.ptr(), 0));
-      if (address == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-        throw py::error_already_set();
-      }
-      const unsigned long long size = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item.ptr(), 1));
-      if (size == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
-        throw py::error_already_set();
-      }
-      held.payloads.push_back(Payload{reinterpret_cast<const void*>(static_cast<std::uintptr_t>(address)),
-                                      static_cast<std::uint64_t>(size)});
-    } else if (py::isinstance<py::tuple>(item)) {
-      auto pair = item.cast<std::tuple<std::uintptr_t, std::uint64_t>>();
-      held.payloads.push_back(
-          Payload{reinterpret_cast<const void*>(std::get<0>(pair)), std::get<1>(pair)});
-    } else {
-      py::buffer_info info = py::reinterpret_borrow<py::buffer>(item).request();
-      if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize)) {
-        throw InvalidArgument("payload buffers must be contiguous");
-      }
-      held.payloads.push_back(
-          Payload{info.ptr, static_cast<std::uint64_t>(info.size * info.itemsize)});
-      held.views.push_back(std::move(info));
-    }
-  }
-  return held;
 }
 
 }  // namespace
@@ -126,7 +86,9 @@ void register_zip(py::module_& m) {
                              })
       .def("__len__", [](const ArchiveLayout& l) { return l.records.size(); })
       .def("local_header",
-           [](const ArchiveLayout& l, std::size_t i) { return to_bytes(l.records.at(i).local_header); })
+           [](const ArchiveLayout& l, std::size_t i) {
+             return to_bytes(local_header_bytes(l.records.at(i)));
+           })
       .def("data_descriptor",
            [](const ArchiveLayout& l, std::size_t i, std::uint32_t crc) {
              return to_bytes(data_descriptor(l.records.at(i), crc));
@@ -148,23 +110,66 @@ void register_zip(py::module_& m) {
       py::arg("archive_name"), py::arg("records"),
       "Lays out an archive of (name, size, alignment) records exactly as torch's writer does.");
 
-  m.def(
-      "write_archive",
-      [](const File& file, const ArchiveLayout& layout, const py::list& payloads,
-         std::size_t threads, std::size_t chunk_bytes, bool crc32, bool preallocate) {
-        HeldPayloads held = hold_payloads(payloads);
-        WriteOptions options;
-        options.chunk_bytes = chunk_bytes;
-        options.crc32 = crc32;
-        options.preallocate = preallocate;
-        py::gil_scoped_release nogil;
-        auto pool = shared_pool(threads);
-        return write_archive(file, layout, held.payloads, *pool, options);
-      },
-      py::arg("file"), py::arg("layout"), py::arg("payloads"), py::arg("threads"),
-      py::arg("chunk_bytes"), py::arg("crc32"), py::arg("preallocate"),
-      "Writes the planned archive with parallel pwrite; payloads are bytes-like objects or "
-      "(address, nbytes) pairs. Returns the CRC of each record (0s when crc32 is False).");
+  py::class_<ArchiveWriter>(m, "ArchiveWriter")
+      .def(py::init([](const File& file, const std::string& archive_name, std::size_t threads,
+                       std::size_t chunk_bytes, bool crc32, bool preallocate) {
+             WriteOptions options;
+             options.threads = threads;
+             options.chunk_bytes = chunk_bytes;
+             options.crc32 = crc32;
+             options.preallocate = preallocate;
+             return new ArchiveWriter(file, archive_name, options);
+           }),
+           py::arg("file"), py::arg("archive_name"), py::arg("threads"), py::arg("chunk_bytes"),
+           py::arg("crc32"), py::arg("preallocate"), py::keep_alive<1, 2>(),
+           "Writes a torch archive into `file` (new and empty) while records are added: "
+           "threads - 1 workers write the records already added; finish() joins them.")
+      .def(
+          "add",
+          [](ArchiveWriter& w, const std::string& name, std::uint32_t alignment,
+             std::uintptr_t address, std::uint64_t nbytes) {
+            return w.add(name, alignment, reinterpret_cast<const void*>(address), nbytes);
+          },
+          py::arg("name"), py::arg("alignment"), py::arg("address"), py::arg("nbytes"),
+          "Adds a record of the `nbytes` at `address`, which the caller keeps alive and "
+          "unchanged until finish() or abandon() returns. Returns its index.")
+      .def(
+          "add_bytes",
+          [](ArchiveWriter& w, const std::string& name, std::uint32_t alignment,
+             const py::buffer& data) {
+            py::buffer_info info = data.request();
+            if (info.ndim > 1 || (info.ndim == 1 && info.strides[0] != info.itemsize)) {
+              throw InvalidArgument("add_bytes: the payload buffer must be contiguous");
+            }
+            std::string copy(static_cast<const char*>(info.ptr),
+                             static_cast<std::size_t>(info.size * info.itemsize));
+            return w.add_copy(name, alignment, std::move(copy));
+          },
+          py::arg("name"), py::arg("alignment"), py::arg("data"),
+          "Adds a record holding a copy of the bytes-like `data`. Returns its index.")
+      .def("reserve", &ArchiveWriter::reserve, py::arg("name"), py::arg("alignment"),
+           py::arg("nbytes"),
+           "Adds a record whose payload the caller writes at data_offset(index) before "
+           "finish(). Returns its index.")
+      .def("data_offset", &ArchiveWriter::data_offset, py::arg("index"))
+      .def("reserved", &ArchiveWriter::reserved_records, "Indices of the reserved records.")
+      .def("__len__", &ArchiveWriter::record_count)
+      .def(
+          "finish",
+          [](ArchiveWriter& w, const std::vector<std::pair<std::size_t, std::uint32_t>>& crcs) {
+            py::gil_scoped_release nogil;
+            return w.finish(crcs);
+          },
+          py::arg("reserved_crcs") = std::vector<std::pair<std::size_t, std::uint32_t>>{},
+          "Waits for the writes, then writes the central directory. `reserved_crcs`: (index, "
+          "crc) of reserved records (crc32 only). Returns each record's CRC (0s without crc32).")
+      .def(
+          "abandon",
+          [](ArchiveWriter& w) {
+            py::gil_scoped_release nogil;
+            w.abandon();
+          },
+          "Stops writing and returns once no write is in flight; the file is incomplete.");
 
   m.def("crc32_available", &crc32_available);
   m.def(

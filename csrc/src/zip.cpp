@@ -506,90 +506,124 @@ bool looks_like_zip(const void* head, std::size_t n) noexcept {
 
 // ---------------------------------------------------------------- writing
 
-ArchiveLayout plan_archive(const std::string& archive_name,
-                           const std::vector<RecordSpec>& records) {
+void check_archive_name(const std::string& archive_name) {
   // A '/' would move the prefix the reader takes from the first name.
   if (archive_name.empty() || archive_name.find_first_of(std::string("/\0", 2)) !=
                                   std::string::npos) {
     throw InvalidArgument("plan_archive: archive name " + quote(archive_name) +
                           " must be non-empty and contain no '/' or NUL");
   }
+}
+
+PlannedRecord plan_record(const std::string& archive_name, const RecordSpec& spec,
+                          std::uint64_t offset) {
+  if (spec.name.empty() || spec.name.find('\0') != std::string::npos) {
+    throw InvalidArgument("plan_archive: record name " + quote(spec.name) +
+                          " must be non-empty and contain no NUL");
+  }
+  if (spec.alignment < 1 || spec.alignment > kMax16) {
+    throw InvalidArgument("plan_archive: alignment " + num(spec.alignment) + " of record " +
+                          quote(spec.name) + " is outside [1, 65535]");
+  }
+  PlannedRecord rec;
+  rec.name = archive_name + "/" + spec.name;
+  rec.size = spec.size;
+  rec.header_offset = offset;
+  if (rec.name.size() > kMax16) {
+    throw InvalidArgument("plan_archive: record name " + quote(rec.name) +
+                          " is longer than 65535 bytes");
+  }
+
+  // miniz quirk (TORCH_FORMAT.md §1.3): the local zip64 extra carries [usize, 0] for a big
+  // record and the header offset for a far one, although the local sizes are 0 (bit 3).
+  std::vector<std::uint8_t> z64;
+  const bool big = needs_zip64_size(spec.size);
+  const bool far = needs_zip64_offset(offset);
+  if (big || far) {
+    put16(z64, kZip64ExtraTag);
+    put16(z64, 8 * ((big ? 2 : 0) + (far ? 1 : 0)));
+    if (big) {
+      put64(z64, spec.size);
+      put64(z64, 0);
+    }
+    if (far) put64(z64, offset);
+  }
+  // caffe2::serialize::detail::getPadding: the 4 is the "FB" tag and its length field.
+  const std::uint64_t unpadded =
+      checked_add(offset, kLocalHeaderSize + rec.name.size() + z64.size() + 4);
+  const std::uint64_t pad = (spec.alignment - unpadded % spec.alignment) % spec.alignment;
+  const std::uint64_t extra_len = z64.size() + 4 + pad;
+  if (extra_len > kMax16) {
+    throw InvalidArgument("plan_archive: alignment " + num(spec.alignment) + " of record " +
+                          quote(spec.name) + " needs " + num(pad) +
+                          " bytes of padding, more than a zip extra field can hold");
+  }
+
+  std::vector<std::uint8_t>& h = rec.local_header;
+  h.reserve(static_cast<std::size_t>(kLocalHeaderSize + rec.name.size() + extra_len - pad));
+  put32(h, kLocalHeaderSig);
+  put16(h, 0);                        // version needed
+  put16(h, record_flags(spec.size));  // bit 3: CRC and sizes follow in a data descriptor
+  put16(h, 0);                        // method: stored
+  put16(h, 0);                        // time
+  put16(h, 0);                        // date
+  put32(h, 0);                        // crc
+  put32(h, 0);                        // compressed size
+  put32(h, 0);                        // uncompressed size
+  put16(h, rec.name.size());
+  put16(h, extra_len);
+  h.insert(h.end(), rec.name.begin(), rec.name.end());
+  h.insert(h.end(), z64.begin(), z64.end());
+  h.push_back('F');
+  h.push_back('B');
+  put16(h, pad);
+  rec.padding = static_cast<std::uint32_t>(pad);
+
+  rec.data_offset = checked_add(offset, h.size() + pad);
+  rec.descriptor_offset = checked_add(rec.data_offset, rec.size);
+  rec.descriptor_size = spec.size == 0 ? 0 : (big || far ? 24 : 16);
+  checked_add(rec.descriptor_offset, rec.descriptor_size);
+  return rec;
+}
+
+const std::uint8_t* padding_bytes() noexcept {
+  static const std::vector<std::uint8_t> bytes(kMaxPadding, kPaddingByte);
+  return bytes.data();
+}
+
+std::vector<std::uint8_t> local_header_bytes(const PlannedRecord& record) {
+  std::vector<std::uint8_t> out;
+  out.reserve(record.local_header.size() + record.padding);
+  out.insert(out.end(), record.local_header.begin(), record.local_header.end());
+  out.insert(out.end(), record.padding, kPaddingByte);
+  return out;
+}
+
+std::uint64_t record_end(const PlannedRecord& record) {
+  return record.descriptor_offset + record.descriptor_size;
+}
+
+std::uint64_t archive_size(const std::vector<PlannedRecord>& records,
+                           std::uint64_t central_directory_offset) {
+  std::uint64_t size = central_directory_offset;
+  for (const PlannedRecord& rec : records) {
+    size = checked_add(size, kCentralHeaderSize + rec.name.size() + central_extra_len(rec));
+  }
+  return checked_add(size, kZip64EocdSize + kZip64LocatorSize + kEocdSize);
+}
+
+ArchiveLayout plan_archive(const std::string& archive_name,
+                           const std::vector<RecordSpec>& records) {
+  check_archive_name(archive_name);
   ArchiveLayout layout;
   layout.records.reserve(records.size());
   std::uint64_t pos = 0;
-  std::uint64_t cd_size = 0;
   for (const RecordSpec& spec : records) {
-    if (spec.name.empty() || spec.name.find('\0') != std::string::npos) {
-      throw InvalidArgument("plan_archive: record name " + quote(spec.name) +
-                            " must be non-empty and contain no NUL");
-    }
-    if (spec.alignment < 1 || spec.alignment > kMax16) {
-      throw InvalidArgument("plan_archive: alignment " + num(spec.alignment) + " of record " +
-                            quote(spec.name) + " is outside [1, 65535]");
-    }
-    PlannedRecord rec;
-    rec.name = archive_name + "/" + spec.name;
-    rec.size = spec.size;
-    rec.header_offset = pos;
-    if (rec.name.size() > kMax16) {
-      throw InvalidArgument("plan_archive: record name " + quote(rec.name) +
-                            " is longer than 65535 bytes");
-    }
-
-    // miniz quirk (TORCH_FORMAT.md §1.3): the local zip64 extra carries [usize, 0] for a big
-    // record and the header offset for a far one, although the local sizes are 0 (bit 3).
-    std::vector<std::uint8_t> z64;
-    const bool big = needs_zip64_size(spec.size);
-    const bool far = needs_zip64_offset(pos);
-    if (big || far) {
-      put16(z64, kZip64ExtraTag);
-      put16(z64, 8 * ((big ? 2 : 0) + (far ? 1 : 0)));
-      if (big) {
-        put64(z64, spec.size);
-        put64(z64, 0);
-      }
-      if (far) put64(z64, pos);
-    }
-    // caffe2::serialize::detail::getPadding: the 4 is the "FB" tag and its length field.
-    const std::uint64_t unpadded = checked_add(pos, kLocalHeaderSize + rec.name.size() + z64.size() + 4);
-    const std::uint64_t pad = (spec.alignment - unpadded % spec.alignment) % spec.alignment;
-    const std::uint64_t extra_len = z64.size() + 4 + pad;
-    if (extra_len > kMax16) {
-      throw InvalidArgument("plan_archive: alignment " + num(spec.alignment) + " of record " +
-                            quote(spec.name) + " needs " + num(pad) +
-                            " bytes of padding, more than a zip extra field can hold");
-    }
-
-    std::vector<std::uint8_t>& h = rec.local_header;
-    h.reserve(static_cast<std::size_t>(kLocalHeaderSize + rec.name.size() + extra_len));
-    put32(h, kLocalHeaderSig);
-    put16(h, 0);                        // version needed
-    put16(h, record_flags(spec.size));  // bit 3: CRC and sizes follow in a data descriptor
-    put16(h, 0);                        // method: stored
-    put16(h, 0);                        // time
-    put16(h, 0);                        // date
-    put32(h, 0);                        // crc
-    put32(h, 0);                        // compressed size
-    put32(h, 0);                        // uncompressed size
-    put16(h, rec.name.size());
-    put16(h, extra_len);
-    h.insert(h.end(), rec.name.begin(), rec.name.end());
-    h.insert(h.end(), z64.begin(), z64.end());
-    h.push_back('F');
-    h.push_back('B');
-    put16(h, pad);
-    h.insert(h.end(), static_cast<std::size_t>(pad), 'Z');
-
-    rec.data_offset = checked_add(pos, h.size());
-    rec.descriptor_offset = checked_add(rec.data_offset, rec.size);
-    rec.descriptor_size = spec.size == 0 ? 0 : (big || far ? 24 : 16);
-    pos = checked_add(rec.descriptor_offset, rec.descriptor_size);
-    cd_size = checked_add(cd_size, kCentralHeaderSize + rec.name.size() + central_extra_len(rec));
-    layout.records.push_back(std::move(rec));
+    layout.records.push_back(plan_record(archive_name, spec, pos));
+    pos = record_end(layout.records.back());
   }
   layout.central_directory_offset = pos;
-  layout.total_size = checked_add(
-      checked_add(pos, cd_size), kZip64EocdSize + kZip64LocatorSize + kEocdSize);
+  layout.total_size = archive_size(layout.records, pos);
   return layout;
 }
 

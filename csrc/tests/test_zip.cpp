@@ -55,7 +55,7 @@ std::vector<RecordSpec> specs_of(const std::vector<Record>& records) {
   return specs;
 }
 
-// Assembles an archive in memory exactly as write_archive lays it out.
+// Assembles an archive in memory exactly as plan_archive lays it out.
 Bytes build(const std::string& archive, const std::vector<Record>& records, bool crc = true) {
   const ArchiveLayout layout = ckptio::plan_archive(archive, specs_of(records));
   Bytes out(static_cast<std::size_t>(layout.total_size), 0xAB);
@@ -66,7 +66,8 @@ Bytes build(const std::string& archive, const std::vector<Record>& records, bool
     const std::uint32_t c =
         crc && ckptio::crc32_available() ? ckptio::crc32_update(0, payload.data(), payload.size()) : 0;
     crcs.push_back(c);
-    std::copy(rec.local_header.begin(), rec.local_header.end(), out.begin() + static_cast<long>(rec.header_offset));
+    const Bytes header = ckptio::local_header_bytes(rec);
+    std::copy(header.begin(), header.end(), out.begin() + static_cast<long>(rec.header_offset));
     std::copy(payload.begin(), payload.end(), out.begin() + static_cast<long>(rec.data_offset));
     const Bytes d = ckptio::data_descriptor(rec, c);
     CHECK_EQ(d.size(), rec.descriptor_size);
@@ -76,6 +77,29 @@ Bytes build(const std::string& archive, const std::vector<Record>& records, bool
   CHECK_EQ(layout.central_directory_offset + cd.size(), layout.total_size);
   std::copy(cd.begin(), cd.end(), out.begin() + static_cast<long>(layout.central_directory_offset));
   return out;
+}
+
+// Writes `records` through an ArchiveWriter; records whose index is in `reserved` are
+// reserved and then written by the caller, as a device payload is. Returns the CRCs.
+std::vector<std::uint32_t> write_with(const ckptio::File& f, const std::string& archive,
+                                      const std::vector<Record>& records,
+                                      const ckptio::WriteOptions& options,
+                                      const std::vector<std::size_t>& reserved = {}) {
+  ckptio::ArchiveWriter writer(f, archive, options);
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    const auto& r = records[i];
+    const bool later = std::find(reserved.begin(), reserved.end(), i) != reserved.end();
+    const std::size_t index = later ? writer.reserve(r.name, r.alignment, r.payload.size())
+                                    : writer.add(r.name, r.alignment, r.payload.data(), r.payload.size());
+    CHECK_EQ(index, i);
+  }
+  std::vector<std::pair<std::size_t, std::uint32_t>> crcs;
+  for (std::size_t i : reserved) {
+    const auto& payload = records[i].payload;
+    f.write_all(payload.data(), payload.size(), writer.data_offset(i));
+    if (options.crc32) crcs.emplace_back(i, ckptio::crc32_update(0, payload.data(), payload.size()));
+  }
+  return writer.finish(crcs);
 }
 
 ZipDirectory parse(const Bytes& bytes) {
@@ -207,54 +231,56 @@ void check_python_zip(const Bytes& bytes) {
 
 }  // namespace
 
-TEST(zip_write_archive_then_read_round_trips) {
+TEST(zip_archive_writer_then_read_round_trips) {
   harness::TempDir dir;
   const auto records = small_records();
   const ArchiveLayout layout = ckptio::plan_archive("ckpt", specs_of(records));
-  std::vector<ckptio::Payload> payloads;
-  for (const auto& r : records) payloads.push_back({r.payload.data(), r.payload.size()});
   for (bool crc : {false, true}) {
     if (crc && !ckptio::crc32_available()) continue;
-    const std::string path = dir.file(crc ? "crc.pt" : "nocrc.pt");
-    ckptio::ThreadPool pool(3);
-    std::vector<std::uint32_t> crcs;
-    {
-      ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kCreate);
-      ckptio::WriteOptions options;
-      options.crc32 = crc;
-      options.chunk_bytes = 1000;  // force splitting and grouping
-      crcs = ckptio::write_archive(f, layout, payloads, pool, options);
+    for (std::size_t threads : {std::size_t{1}, std::size_t{3}}) {
+      // Record 1 is reserved and written by the caller; chunk_bytes of 1000 splits the larger
+      // payloads into pieces and groups the small records into shared writes.
+      const std::string path = dir.file("t" + std::to_string(threads) + (crc ? "crc.pt" : ".pt"));
+      std::vector<std::uint32_t> crcs;
+      {
+        ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kCreate);
+        ckptio::WriteOptions options;
+        options.threads = threads;
+        options.crc32 = crc;
+        options.chunk_bytes = 1000;
+        crcs = write_with(f, "ckpt", records, options, {1});
+      }
+      ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
+      CHECK_EQ(f.size(), layout.total_size);
+      const ZipDirectory zd = ckptio::read_zip_directory(f);
+      CHECK_EQ(zd.prefix, std::string("ckpt/"));
+      CHECK_EQ(zd.central_directory_offset, layout.central_directory_offset);
+      CHECK_EQ(zd.entries.size(), records.size());
+      if (zd.entries.size() != records.size()) continue;
+      for (std::size_t i = 0; i < records.size(); ++i) {
+        const auto& e = zd.entries[i];
+        const auto& p = layout.records[i];
+        CHECK_EQ(e.name, "ckpt/" + records[i].name);
+        CHECK_EQ(e.header_offset, p.header_offset);
+        CHECK_EQ(e.data_offset, p.data_offset);
+        CHECK_EQ(e.size, records[i].payload.size());
+        CHECK_EQ(e.uncompressed_size, records[i].payload.size());
+        CHECK_EQ(e.method, 0);
+        CHECK_EQ(e.data_offset % records[i].alignment, 0u);
+        const std::uint32_t want = crc ? ckptio::crc32_update(0, records[i].payload.data(),
+                                                              records[i].payload.size())
+                                       : 0;
+        CHECK_EQ(e.crc32, want);
+        CHECK_EQ(crcs[i], want);
+        Bytes back(records[i].payload.size());
+        f.read_exact(back.data(), back.size(), e.data_offset);
+        CHECK(back == records[i].payload);
+      }
+      // The file the writer produced is the one build() assembles from plan_archive.
+      Bytes whole(static_cast<std::size_t>(f.size()));
+      f.read_exact(whole.data(), whole.size(), 0);
+      CHECK(whole == build("ckpt", records, crc));
     }
-    ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
-    CHECK_EQ(f.size(), layout.total_size);
-    const ZipDirectory zd = ckptio::read_zip_directory(f);
-    CHECK_EQ(zd.prefix, std::string("ckpt/"));
-    CHECK_EQ(zd.central_directory_offset, layout.central_directory_offset);
-    CHECK_EQ(zd.entries.size(), records.size());
-    if (zd.entries.size() != records.size()) continue;
-    for (std::size_t i = 0; i < records.size(); ++i) {
-      const auto& e = zd.entries[i];
-      const auto& p = layout.records[i];
-      CHECK_EQ(e.name, "ckpt/" + records[i].name);
-      CHECK_EQ(e.header_offset, p.header_offset);
-      CHECK_EQ(e.data_offset, p.data_offset);
-      CHECK_EQ(e.size, records[i].payload.size());
-      CHECK_EQ(e.uncompressed_size, records[i].payload.size());
-      CHECK_EQ(e.method, 0);
-      CHECK_EQ(e.data_offset % records[i].alignment, 0u);
-      const std::uint32_t want = crc ? ckptio::crc32_update(0, records[i].payload.data(),
-                                                            records[i].payload.size())
-                                     : 0;
-      CHECK_EQ(e.crc32, want);
-      CHECK_EQ(crcs[i], want);
-      Bytes back(records[i].payload.size());
-      f.read_exact(back.data(), back.size(), e.data_offset);
-      CHECK(back == records[i].payload);
-    }
-    // The file write_archive produced is the one build() assembles in memory.
-    Bytes whole(static_cast<std::size_t>(f.size()));
-    f.read_exact(whole.data(), whole.size(), 0);
-    CHECK(whole == build("ckpt", records, crc));
   }
 }
 
@@ -268,7 +294,7 @@ TEST(zip_data_offsets_follow_requested_alignment) {
     const ArchiveLayout layout = ckptio::plan_archive("a", specs_of(records));
     for (const auto& rec : layout.records) {
       CHECK_EQ(rec.data_offset % align, 0u);
-      CHECK_EQ(rec.data_offset, rec.header_offset + rec.local_header.size());
+      CHECK_EQ(rec.data_offset, rec.header_offset + ckptio::local_header_bytes(rec).size());
     }
     const ZipDirectory zd = parse(bytes);
     CHECK_EQ(zd.entries.size(), 5u);
@@ -289,7 +315,9 @@ TEST(zip_data_offsets_follow_requested_alignment) {
 TEST(zip_local_header_bytes_match_torch_rules) {
   const ArchiveLayout layout = ckptio::plan_archive("ckpt", {{"data.pkl", 37, 64}, {"data/0", 0, 64}});
   const auto& r0 = layout.records[0];
-  const Bytes& h = r0.local_header;
+  const Bytes h = ckptio::local_header_bytes(r0);
+  CHECK_EQ(r0.padding, 17u);
+  CHECK_EQ(r0.local_header.size() + r0.padding, h.size());
   CHECK_EQ(le32(h.data()), 0x04034b50u);
   CHECK_EQ(le16(h.data() + 4), 0);       // version needed
   CHECK_EQ(le16(h.data() + 6), 0x0808);  // descriptor + utf-8
@@ -402,7 +430,7 @@ TEST(zip_zip64_planning_without_writing_4gib) {
   // Lay the headers, descriptors and CD over a sparse 10 GiB "file" and read it back.
   std::map<std::uint64_t, Bytes> pieces;
   for (std::size_t i = 0; i < r.size(); ++i) {
-    pieces[r[i].header_offset] = r[i].local_header;
+    pieces[r[i].header_offset] = ckptio::local_header_bytes(r[i]);
     if (r[i].descriptor_size != 0) pieces[r[i].descriptor_offset] = ckptio::data_descriptor(r[i], crcs[i]);
   }
   pieces[layout.central_directory_offset] = cd;
@@ -605,19 +633,18 @@ TEST(zip_twenty_thousand_tiny_records) {
   }
   records.push_back({"version", {'3', '\n'}, 64});
   const ArchiveLayout layout = ckptio::plan_archive("big", specs_of(records));
-  std::vector<ckptio::Payload> payloads;
-  for (const auto& r : records) payloads.push_back({r.payload.data(), r.payload.size()});
-  ckptio::ThreadPool pool(2);
   for (bool crc : {false, true}) {
     if (crc && !ckptio::crc32_available()) continue;
     const std::string path = dir.file("many.pt");
     {
       ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kCreate);
       ckptio::WriteOptions options;
+      options.threads = 2;
       options.crc32 = crc;
-      ckptio::write_archive(f, layout, payloads, pool, options);
+      write_with(f, "big", records, options);
     }
     ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
+    CHECK_EQ(f.size(), layout.total_size);
     const ZipDirectory zd = ckptio::read_zip_directory(f);
     CHECK_EQ(zd.entries.size(), records.size());
     bool ok = zd.entries.size() == records.size();
@@ -636,24 +663,67 @@ TEST(zip_twenty_thousand_tiny_records) {
     ckptio::File f = ckptio::File::open(dir.file("nozlib.pt"), ckptio::File::Mode::kCreate);
     ckptio::WriteOptions options;
     options.crc32 = true;
-    CHECK_THROWS(ckptio::write_archive(f, layout, payloads, pool, options), ckptio::InvalidArgument);
+    CHECK_THROWS(ckptio::ArchiveWriter(f, "big", options), ckptio::InvalidArgument);
   }
   {
     // Without preallocation the file still ends up exactly total_size long.
     ckptio::File f = ckptio::File::open(dir.file("noprealloc.pt"), ckptio::File::Mode::kCreate);
     ckptio::WriteOptions options;
+    options.threads = 2;
     options.preallocate = false;
     options.chunk_bytes = 4096;
-    ckptio::write_archive(f, layout, payloads, pool, options);
+    write_with(f, "big", records, options);
     CHECK_EQ(f.size(), layout.total_size);
   }
-  // Mismatched payloads are refused before anything is written.
-  payloads[3].size += 1;
-  ckptio::File f = ckptio::File::open(dir.file("bad.pt"), ckptio::File::Mode::kCreate);
-  CHECK_THROWS(ckptio::write_archive(f, layout, payloads, pool, {}), ckptio::InvalidArgument);
-  payloads.pop_back();
-  CHECK_THROWS(ckptio::write_archive(f, layout, payloads, pool, {}), ckptio::InvalidArgument);
-  CHECK_EQ(f.size(), 0u);
+}
+
+TEST(zip_archive_writer_refuses_bad_records_and_keeps_going) {
+  harness::TempDir dir;
+  ckptio::File f = ckptio::File::open(dir.file("a.pt"), ckptio::File::Mode::kCreate);
+  CHECK_THROWS(ckptio::ArchiveWriter(f, "a/b", {}), ckptio::InvalidArgument);
+  ckptio::WriteOptions options;
+  options.threads = 2;
+  ckptio::ArchiveWriter writer(f, "a", options);
+  const Bytes payload = harness::pattern(100, 7);
+  CHECK_EQ(writer.add("data/0", 64, payload.data(), payload.size()), 0u);
+  CHECK_THROWS(writer.add("data/1", 0, payload.data(), payload.size()), ckptio::InvalidArgument);
+  CHECK_THROWS(writer.add("", 64, payload.data(), payload.size()), ckptio::InvalidArgument);
+  CHECK_THROWS(writer.add("data/1", 64, nullptr, 10), ckptio::InvalidArgument);
+  CHECK_EQ(writer.add_copy("version", 64, "3\n"), 1u);  // the refused ones took no index
+  CHECK_EQ(writer.record_count(), 2u);
+  CHECK_THROWS((writer.finish({{0, 1}})), ckptio::InvalidArgument);  // not a reserved record
+  CHECK_THROWS(writer.add("data/2", 64, payload.data(), payload.size()), ckptio::InvalidArgument);
+}
+
+TEST(zip_archive_writer_reports_a_failed_write_and_abandons_cleanly) {
+  harness::TempDir dir;
+  const std::string path = dir.file("ro.pt");
+  { ckptio::File::open(path, ckptio::File::Mode::kCreate); }
+  // Writes into a read-only descriptor fail (EBADF) on the workers: finish, or the next add,
+  // rethrows the first error.
+  ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
+  const Bytes payload = harness::pattern(3 << 20, 3);
+  for (std::size_t threads : {std::size_t{1}, std::size_t{2}}) {
+    ckptio::WriteOptions options;
+    options.threads = threads;
+    options.preallocate = false;
+    options.chunk_bytes = 1 << 20;
+    ckptio::ArchiveWriter writer(f, "ro", options);
+    writer.add("data/0", 4096, payload.data(), payload.size());
+    CHECK_THROWS(writer.finish(), ckptio::IoError);
+    CHECK_THROWS(writer.finish(), ckptio::IoError);
+  }
+  // Abandoned with writes queued: returns once none is in flight; the destructor after it is
+  // a no-op.
+  ckptio::File out = ckptio::File::open(dir.file("abandoned.pt"), ckptio::File::Mode::kCreate);
+  ckptio::WriteOptions options;
+  options.threads = 3;
+  options.chunk_bytes = 4096;
+  ckptio::ArchiveWriter writer(out, "x", options);
+  for (int i = 0; i < 200; ++i) writer.add("data/" + std::to_string(i), 64, payload.data(), 20000);
+  writer.abandon();
+  writer.abandon();
+  CHECK_THROWS(writer.finish(), ckptio::InvalidArgument);
 }
 
 TEST(zip_local_headers_read_in_parallel_give_the_same_directory_and_the_same_error) {

@@ -1,8 +1,9 @@
 """torch's zip container: reading the record table of any torch archive, writing ckptio's.
 
-The byte layout lives in C++ (``_core.plan_archive``); this module chooses the records, their
-order and alignment (shared/TORCH_FORMAT.md §1.1, docs/format.md) and moves the bytes: in
-parallel into a file descriptor, or sequentially into a writable file object.
+The byte layout lives in C++ (``_core.plan_archive``, ``_core.ArchiveWriter``); this module
+chooses the records, their order and alignment (shared/TORCH_FORMAT.md §1.1, docs/format.md)
+and moves the bytes: into a file descriptor by the ArchiveWriter's threads (during pickling, for
+a save), or sequentially into a writable file object.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import array
 import hashlib
 import sys
 from dataclasses import dataclass
-from typing import IO, Any, Sequence, Union, cast
+from typing import IO, Sequence, Union
 
 from . import _core
-from ._staging import DevicePayload, payload_size, write_archive_staged
+from ._staging import DevicePayload, payload_size, write_payloads_at
 from ._util import gc_paused
 from .settings import get_options
 
@@ -22,6 +23,10 @@ __all__ = [
     "ArchiveReader",
     "Record",
     "archive_name_for",
+    "archive_writer",
+    "finish_archive",
+    "head_records",
+    "tail_records",
     "torch_records",
     "write_all",
     "write_archive",
@@ -109,6 +114,30 @@ def _serialization_id(names: Sequence[str], pickle_bytes: bytes) -> bytes:
     return f"{a:020d}{b:020d}".encode()
 
 
+# The layout (docs/format.md): torch's records, with data.pkl after the storages, so that the
+# storages can be written while the pickler finds them (save_archive).
+def head_records(data_alignment: int, byteorder: str | None) -> list[tuple[str, bytes]]:
+    """The records before the storages."""
+    head = [(".format_version", b"1"), (".storage_alignment", str(data_alignment).encode())]
+    if byteorder is not None:
+        head.append(("byteorder", byteorder.encode()))
+    return head
+
+
+def tail_records(
+    head: Sequence[tuple[str, bytes]], n_storages: int, pickle_bytes: bytes
+) -> list[tuple[str, bytes]]:
+    """The records after the storages."""
+    names = [n for n, _ in head]
+    names += ["data/" + str(key) for key in range(n_storages)]
+    names += ["data.pkl", "version"]
+    return [
+        ("data.pkl", pickle_bytes),
+        ("version", b"3\n"),
+        (".data/serialization_id", _serialization_id(names, pickle_bytes)),
+    ]
+
+
 def torch_records(
     pickle_bytes: bytes,
     storages: Sequence[Payload],
@@ -116,33 +145,41 @@ def torch_records(
     data_alignment: int,
     byteorder: str | None = sys.byteorder,
 ) -> tuple[list[tuple[str, int, int]], list[Payload]]:
-    """The records torch.save writes, in its order, as (name, size, alignment) + payloads."""
-    meta: list[tuple[str, Payload]] = [
-        ("data.pkl", pickle_bytes),
-        (".format_version", b"1"),
-        (".storage_alignment", str(data_alignment).encode()),
-    ]
-    if byteorder is not None:
-        meta.append(("byteorder", byteorder.encode()))
-    specs = [(n, len(p), META_ALIGNMENT) for n, p in meta]  # type: ignore[arg-type]
-    payloads: list[Payload] = [p for _, p in meta]
+    """The records of an archive, in file order, as (name, size, alignment) + payloads."""
+    head = head_records(data_alignment, byteorder)
+    specs = [(n, len(p), META_ALIGNMENT) for n, p in head]
+    payloads: list[Payload] = [p for _, p in head]
     # One pass, no call per storage: 20,000 small storages make this loop show.
     specs += [
         ("data/" + str(key), p[1] if type(p) is tuple else payload_size(p), data_alignment)
         for key, p in enumerate(storages)
     ]
     payloads += storages
-    tail: list[tuple[str, bytes]] = [("version", b"3\n")]
-    tail.append(
-        (
-            ".data/serialization_id",
-            _serialization_id([s[0] for s in specs] + ["version"], pickle_bytes),
-        )
-    )
-    for n, p in tail:
+    for n, p in tail_records(head, len(storages), pickle_bytes):
         specs.append((n, len(p), META_ALIGNMENT))
         payloads.append(p)
     return specs, payloads
+
+
+def archive_writer(file: _core.File, archive_name: str, crc32: bool) -> _core.ArchiveWriter:
+    if crc32 and not _core.crc32_available():
+        raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+    opts = get_options()
+    return _core.ArchiveWriter(
+        file, archive_name, opts.threads, opts.chunk_bytes, crc32, opts.preallocate
+    )
+
+
+def finish_archive(
+    writer: _core.ArchiveWriter,
+    file: _core.File,
+    reserved: Sequence[tuple[int, Payload]],
+    crc32: bool,
+) -> None:
+    """Writes the payloads of the `reserved` (index, payload) records, then the end."""
+    placed = [(i, writer.data_offset(i), p) for i, p in reserved]
+    crcs = write_payloads_at(file, placed, crc32=crc32)
+    writer.finish(sorted(crcs.items()))
 
 
 def write_archive(
@@ -152,22 +189,30 @@ def write_archive(
     payloads: Sequence[Payload],
     *,
     crc32: bool,
-) -> None:
-    """Writes an archive: parallel pwrite into a _core.File, sequential writes otherwise."""
+) -> list[int]:
+    """Writes an archive of records whose payloads all exist: into a _core.File by the
+    ArchiveWriter (device payloads through the staging ring), into a file object by
+    sequential writes. Returns each record's data offset."""
     if crc32 and not _core.crc32_available():
         raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
-    if isinstance(target, _core.File) and any(isinstance(p, DevicePayload) for p in payloads):
-        # Device storages stream through the pinned staging ring (_staging.py).
-        write_archive_staged(target, archive_name, specs, payloads, crc32=crc32)
-        return
-    layout = _core.plan_archive(archive_name, list(specs))
-    opts = get_options()
     if isinstance(target, _core.File):
-        host_payloads = cast("list[Any]", list(payloads))  # no DevicePayload here
-        _core.write_archive(
-            target, layout, host_payloads, opts.threads, opts.chunk_bytes, crc32, opts.preallocate
-        )
-        return
+        writer = archive_writer(target, archive_name, crc32)
+        try:
+            reserved: list[tuple[int, Payload]] = []
+            for (name, size, alignment), p in zip(specs, payloads, strict=True):
+                if isinstance(p, DevicePayload):
+                    reserved.append((writer.reserve(name, alignment, size), p))
+                elif isinstance(p, tuple):
+                    writer.add(name, alignment, p[0], p[1])
+                else:
+                    writer.add_bytes(name, alignment, p)
+            offsets = [writer.data_offset(i) for i in range(len(specs))]
+            finish_archive(writer, target, reserved, crc32)
+        except BaseException:
+            writer.abandon()
+            raise
+        return offsets
+    layout = _core.plan_archive(archive_name, list(specs))
     crcs = []
     for i, payload in enumerate(payloads):
         host = payload.storage.cpu() if isinstance(payload, DevicePayload) else None
@@ -178,6 +223,7 @@ def write_archive(
         crcs.append(crc)
         write_all(target, layout.data_descriptor(i, crc))
     write_all(target, layout.central_directory(crcs))
+    return list(layout.data_offsets)
 
 
 def _payload_view(payload: Payload) -> memoryview:

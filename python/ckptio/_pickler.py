@@ -16,17 +16,33 @@ from typing import Any
 import torch
 from torch.serialization import location_tag, normalize_storage_type
 
-from . import _core
+from . import _core, _staging
+from ._archive import (
+    META_ALIGNMENT,
+    archive_writer,
+    finish_archive,
+    head_records,
+    tail_records,
+)
 from ._unpickler import _typed_storage, _typed_storage_direct
 from ._util import gc_paused
+from .settings import get_options
 
-__all__ = ["dumps"]
+__all__ = ["dumps", "save_archive"]
 
 
 def dumps(
-    obj: Any, pickle_module: Any = pickle, protocol: int = 2
+    obj: Any,
+    pickle_module: Any = pickle,
+    protocol: int = 2,
+    sink: tuple[_core.ArchiveWriter, int, frozenset[str]] | None = None,
 ) -> tuple[bytes, list[torch.UntypedStorage]]:
-    """Returns (data.pkl bytes, storages in key order). Storages may live on any device."""
+    """Returns (data.pkl bytes, storages in key order). Storages may live on any device.
+
+    With a `sink` (writer, alignment, direct locations), each new storage also becomes the
+    writer's record ``data/<key>`` as the pickler finds it: added (written from its memory
+    while pickling goes on) when its location tag is in the direct locations, else reserved
+    for the caller to write."""
     # Shared with the C persistent_id (_core.storage_ids), which handles the storages whose
     # dtype and device this function has already seen.
     storages: list[torch.UntypedStorage] = []
@@ -61,10 +77,6 @@ def dumps(
                     "Cannot save multiple tensors or storages that view the same data as "
                     f"different types ({seen} and {dtype})"
                 )
-        key = keys.get(storage._cdata)
-        if key is None:
-            key = keys[storage._cdata] = str(len(keys))
-            storages.append(storage)
         fake = getattr(obj, "_fake_device", None)
         if fake is not None:
             location = str(fake)
@@ -73,6 +85,17 @@ def dumps(
             location = locations.get(device) or location_tag(storage)
             if device.type != "meta":
                 locations[device] = location
+        key = keys.get(storage._cdata)
+        if key is None:
+            key = str(len(keys))
+            if sink is not None:  # as the C storage_ids does: the writer first
+                writer, alignment, direct = sink
+                if location in direct:
+                    writer.add("data/" + key, alignment, storage.data_ptr(), storage.nbytes())
+                else:
+                    writer.reserve("data/" + key, alignment, storage.nbytes())
+            keys[storage._cdata] = key
+            storages.append(storage)
         return ("storage", storage_type, key, location, numel)
 
     persistent_ids: dict[type, Any] = dict.fromkeys(_STORAGE_TYPES, storage_id)
@@ -86,6 +109,7 @@ def dumps(
             keys,
             storages,
             dtypes,
+            sink,
         )
 
     class _Pickler(pickle_module.Pickler):  # type: ignore[name-defined,misc]
@@ -104,6 +128,45 @@ def dumps(
         # collector is paused, so it never scans them.
         pickler.clear_memo()
     return buf.getvalue(), storages
+
+
+def save_archive(
+    file: _core.File,
+    archive_name: str,
+    obj: Any,
+    pickle_module: Any,
+    protocol: int,
+    *,
+    byteorder: str | None,
+) -> None:
+    """Pickles `obj` into a new archive in `file`, writing each CPU storage while the pickler
+    goes on (the C++ ArchiveWriter's workers); storages elsewhere (a GPU's) are reserved, then
+    streamed out through the staging ring once the pickle is complete."""
+    opts = get_options()
+    writer = archive_writer(file, archive_name, opts.crc32)
+    try:
+        head = head_records(opts.data_alignment, byteorder)
+        for name, data in head:
+            writer.add_bytes(name, META_ALIGNMENT, data)
+        # A test may stage CPU storages through the ring too: then none is written directly.
+        cpu = torch.device("cpu")
+        copiers = {cpu: _staging.copier_for(cpu)}
+        direct = frozenset() if copiers[cpu] else frozenset({"cpu"})
+        pickle_bytes, storages = dumps(
+            obj, pickle_module, protocol, sink=(writer, opts.data_alignment, direct)
+        )
+        first = len(head)
+        reserved = writer.reserved()
+        payloads, keepalive = _staging.save_payloads(
+            [storages[i - first] for i in reserved], copiers
+        )
+        for name, data in tail_records(head, len(storages), pickle_bytes):
+            writer.add_bytes(name, META_ALIGNMENT, data)
+        finish_archive(writer, file, list(zip(reserved, payloads, strict=True)), opts.crc32)
+        del keepalive  # host copies of storages on devices without a ring
+    except BaseException:
+        writer.abandon()  # no write in flight after this: the storages may go
+        raise
 
 
 # torch.is_storage's classes: TypedStorage, UntypedStorage and the legacy typed classes.

@@ -58,7 +58,7 @@ __all__ = [
     "stream_in",
     "stream_out",
     "stream_to_device",
-    "write_archive_staged",
+    "write_payloads_at",
 ]
 
 #: Offsets of pieces inside a host buffer are aligned to this (DMA- and vector-friendly).
@@ -726,18 +726,26 @@ class DevicePayload:
         return int(self.storage.nbytes())
 
 
-def save_payloads(storages: Sequence[torch.UntypedStorage]) -> tuple[list[Any], list[Any]]:
+def save_payloads(
+    storages: Sequence[torch.UntypedStorage],
+    copiers: dict[torch.device, Copier | None] | None = None,
+) -> tuple[list[Any], list[Any]]:
     """The record payloads of storages being saved, and host copies that must stay alive
     meanwhile (the caller keeps `storages` alive too).
 
     CPU storages are written from their own memory ((address, nbytes) pairs); storages on a
     staged device (CUDA) become DevicePayloads, one copier per device, streamed through the
-    ring; any other device is copied to the CPU whole, as before.
+    ring; any other device is copied to the CPU whole, as before. `copiers`: the copier of
+    each device the caller already asked :func:`copier_for` about (filled in as needed).
     """
     payloads: list[Any] = []
     keepalive: list[Any] = []  # host copies of storages of unstaged devices
-    cpu_copier = copier_for(torch.device("cpu"))  # None, unless a test stages CPU storages
-    copiers: dict[torch.device, Copier | None] = {}
+    if copiers is None:
+        copiers = {}
+    cpu = torch.device("cpu")
+    if cpu not in copiers:
+        copiers[cpu] = copier_for(cpu)
+    cpu_copier = copiers[cpu]  # None, unless a test stages CPU storages
     for storage in storages:
         device = storage.device
         if device.type == "cpu":  # the hot path: one test per storage
@@ -758,92 +766,52 @@ def save_payloads(storages: Sequence[torch.UntypedStorage]) -> tuple[list[Any], 
     return payloads, keepalive
 
 
-def write_archive_staged(
-    file: _core.File,
-    archive_name: str,
-    specs: Sequence[tuple[str, int, int]],
-    payloads: Sequence[Any],
-    *,
-    crc32: bool,
-) -> None:
-    """write_archive for payloads of which some are DevicePayloads.
-
-    Same layout (``_core.plan_archive``), same bytes as writing their CPU copies: device
-    payloads stream through the ring into their record offsets first (CRCs computed on the way
-    when asked), then headers, host payloads, data descriptors and the central directory are
-    written in one parallel batch.
-    """
+def write_payloads_at(
+    file: _core.File, placed: Sequence[tuple[Any, int, Any]], *, crc32: bool
+) -> dict[Any, int]:
+    """Writes each (key, file offset, payload) of `placed`: DevicePayloads stream through
+    their copier's ring (one pass per copier), (address, nbytes) pairs go out in one parallel
+    write. The payloads of records an archive writer reserved (ArchiveWriter.reserve) are
+    written this way. With `crc32`, returns the CRC-32 of each key's payload."""
     opts = get_options()
-    layout = _core.plan_archive(archive_name, list(specs))
-    if opts.preallocate:
-        file.preallocate(layout.total_size)
-    offsets = layout.data_offsets
-    n = len(payloads)
-    crcs = [0] * n
-
+    crcs: dict[Any, int] = {}
     by_copier: dict[int, tuple[Copier, list[tuple[int, int, Any]]]] = {}
-    for i, p in enumerate(payloads):
-        if isinstance(p, DevicePayload) and p.nbytes:
-            entry = by_copier.setdefault(id(p.copier), (p.copier, []))
-            entry[1].append((offsets[i], p.nbytes, (i, entry[0].bind(p.storage))))
+    host = array.array("Q")
+    for key, offset, p in placed:
+        if isinstance(p, DevicePayload):
+            if p.nbytes:
+                entry = by_copier.setdefault(id(p.copier), (p.copier, []))
+                entry[1].append((offset, p.nbytes, (key, entry[0].bind(p.storage))))
+            elif crc32:
+                crcs[key] = 0
+            continue
+        address, size = p
+        if size:
+            host.extend((offset, size, address))
+        if crc32:
+            crcs[key] = _core.crc32(_core.raw_memoryview(address, size)) if size else 0
     buffer_bytes, buffers, threads, chunk = _knobs()
     for copier, requests in by_copier.values():
         fills = plan_fills(requests, buffer_bytes)
-        # Targets are (record index, bound target): the copier sees the bound target, the
-        # index keys the CRC.
+        # Targets are (key, bound target): the copier sees the bound target, the key names
+        # the CRC.
         for fill in fills:
             fill.keys = [t[0] for _, _, t, _ in fill.segments]
             fill.segments = [(h, m, t[1], o) for h, m, t, o in fill.segments]
-        got = stream_out(
-            file,
-            fills,
-            copier,
-            buffers=buffers,
-            threads=threads,
-            chunk_bytes=chunk,
-            crc32=crc32,
+        crcs.update(
+            stream_out(
+                file,
+                fills,
+                copier,
+                buffers=buffers,
+                threads=threads,
+                chunk_bytes=chunk,
+                crc32=crc32,
+            )
         )
-        for i, crc in got.items():
-            crcs[i] = crc
-
-    blob = bytearray()
-    placed: list[tuple[int, int, int]] = []  # (file offset, nbytes, blob offset)
-    host: list[tuple[int, int, int]] = []  # (file offset, nbytes, address)
-
-    def put(file_offset: int, data: bytes) -> None:
-        placed.append((file_offset, len(data), len(blob)))
-        blob.extend(data)
-
-    from ._archive import _payload_view
-
-    for i, p in enumerate(payloads):
-        header = layout.local_header(i)
-        put(offsets[i] - len(header), header)
-        if not isinstance(p, DevicePayload):
-            if isinstance(p, tuple):
-                address, size = p
-                if size:
-                    host.append((offsets[i], size, address))
-                    if crc32:
-                        crcs[i] = _core.crc32(_core.raw_memoryview(address, size))
-            else:
-                view = _payload_view(p)
-                put(offsets[i], bytes(view))
-                if crc32:
-                    crcs[i] = _core.crc32(view)
-        put(offsets[i] + payload_size(p), layout.data_descriptor(i, crcs[i]))
-    put(layout.central_directory_offset, layout.central_directory(crcs))
-
-    holder = (ctypes.c_char * max(len(blob), 1)).from_buffer(blob if blob else bytearray(1))
-    base = ctypes.addressof(holder)
-    requests_out = array.array("Q")
-    for file_offset, size, at in placed:
-        if size:
-            requests_out.extend((file_offset, size, base + at))
-    for file_offset, size, address in host:
-        requests_out.extend((file_offset, size, address))
-    file.write_from(requests_out, opts.threads, opts.chunk_bytes)
-    del holder
+    if len(host):
+        file.write_from(host, opts.threads, opts.chunk_bytes)
+    return crcs
 
 
 def payload_size(p: Any) -> int:

@@ -57,6 +57,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from . import _core, serialization
+from ._archive import write_archive
 from ._util import contiguous_strides
 from .errors import CheckpointError
 from .settings import get_options
@@ -194,12 +195,8 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
             infos.append(
                 (item.index, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
             )
-        layout = _core.plan_archive("archive", specs)
-        opts = get_options()
         with _core.File.open(os.path.join(self.path, relative), _core.FileMode.CREATE) as file:
-            _core.write_archive(
-                file, layout, payloads, opts.threads, opts.chunk_bytes, False, opts.preallocate
-            )
+            offsets = write_archive(file, "archive", specs, payloads, crc32=False)
             if self.durable:
                 file.sync()
         del keep_alive
@@ -210,7 +207,7 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
                 storage_data=StorageInfo(relative, offset, size, dtype, shape),
             )
             for (index, dtype, shape), (_, size, _), offset in zip(
-                infos, specs, layout.data_offsets, strict=True
+                infos, specs, offsets, strict=True
             )
         ]
         future: Future[list[WriteResult]] = Future()

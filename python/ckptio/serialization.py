@@ -27,7 +27,7 @@ import torch
 from . import _core, _safetensors
 from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
 from ._legacy import check_legacy
-from ._pickler import dumps
+from ._pickler import dumps, save_archive
 from ._staging import save_payloads
 from ._unpickler import StorageLoader, make_unpickler, scan_pickle
 from ._util import gc_paused
@@ -108,22 +108,23 @@ def save(
     if not _is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     opts = get_options()
-    pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
-    # CUDA storages stream through the pinned staging ring while the file is written.
-    storage_payloads, keepalive = save_payloads(storages)
-    specs, payloads = torch_records(
-        pickle_bytes,
-        storage_payloads,
-        data_alignment=opts.data_alignment,
-        byteorder=None if _disable_byteorder_record else sys.byteorder,
-    )
+    byteorder = None if _disable_byteorder_record else sys.byteorder
     name = archive_name_for(f)
 
     def write(target: Any) -> None:
+        if isinstance(target, _core.File):
+            # Storages go out while the pickler runs; CUDA ones through the staging ring.
+            save_archive(target, name, obj, pickle_module, pickle_protocol, byteorder=byteorder)
+            return
+        pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
+        storage_payloads, keepalive = save_payloads(storages)
+        specs, payloads = torch_records(
+            pickle_bytes, storage_payloads, data_alignment=opts.data_alignment, byteorder=byteorder
+        )
         write_archive(target, name, specs, payloads, crc32=opts.crc32)
+        del keepalive  # payload addresses stayed valid until here
 
     _write_to(f, write, opts.durable)
-    del keepalive  # payload addresses stayed valid until here
 
 
 def _save_safetensors(
@@ -135,7 +136,7 @@ def _save_safetensors(
     _write_to(f, lambda target: _safetensors.write(target, layout), get_options().durable)
 
 
-def _write_to(f: FileLike, write: Callable[[Any], None], durable: bool) -> None:
+def _write_to(f: FileLike, write: Callable[[Any], object], durable: bool) -> None:
     """Runs `write` on a _core.File (a path: atomically) or on the writable file object f."""
     if isinstance(f, (str, bytes, os.PathLike)):
         _save_to_path(os.fsdecode(f), write, durable)
@@ -146,7 +147,7 @@ def _write_to(f: FileLike, write: Callable[[Any], None], durable: bool) -> None:
             flush()
 
 
-def _save_to_path(path: str, write: Callable[[Any], None], durable: bool) -> None:
+def _save_to_path(path: str, write: Callable[[Any], object], durable: bool) -> None:
     # Write through a symlink to its target, as open(path, "wb") would.
     target = os.path.realpath(path) if os.path.islink(path) else path
     try:
@@ -171,7 +172,7 @@ def _write_file_atomically(
     path: str,
     target: str,
     mode: int | None,
-    write: Callable[[Any], None],
+    write: Callable[[Any], object],
     durable: bool,
 ) -> None:
     """Writes a temporary file beside `target` and renames it over `target` when complete.
