@@ -94,7 +94,7 @@ void register_io(py::module_& m) {
            py::arg("chunk_bytes"),
            "Parallel writes; requests is a flat uint64 buffer of (offset, length, address) "
            "triples (the caller keeps the memory alive for the call).")
-      .def("preallocate", &File::preallocate, py::arg("size"),
+      .def("preallocate", &File::preallocate, py::arg("size"), py::arg("start") = 0,
            py::call_guard<py::gil_scoped_release>(),
            "Reserves size bytes of disk (a full disk fails here, not mid-write).")
       .def("sync", &File::sync, py::call_guard<py::gil_scoped_release>())

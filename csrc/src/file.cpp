@@ -171,15 +171,15 @@ void File::writev_all(struct iovec* iov, int count, std::uint64_t offset) const 
   }
 }
 
-void File::preallocate(std::uint64_t size) const {
-  if (size == 0) return;
+void File::preallocate(std::uint64_t size, std::uint64_t from) const {
+  if (size <= from) return;
   if (size > kMaxOffset) throw IoError(EFBIG, "fallocate", path_);
   // fallocate(2) rather than posix_fallocate(3): where the file system cannot reserve space,
   // glibc's posix_fallocate emulates it by writing every block, which costs a full extra pass
   // over the file; we would rather fall back to a cheap ftruncate.
   int rc;
   do {
-    rc = ::fallocate(fd_, 0, 0, static_cast<off_t>(size));
+    rc = ::fallocate(fd_, 0, static_cast<off_t>(from), static_cast<off_t>(size - from));
   } while (rc != 0 && errno == EINTR);
   if (rc == 0) return;
   const int err = errno;

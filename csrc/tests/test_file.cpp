@@ -170,6 +170,10 @@ TEST(file_preallocate_and_truncate) {
   CHECK_EQ(f.size(), 1u << 20);
   f.preallocate(0);
   CHECK_EQ(f.size(), 1u << 20);
+  f.preallocate(3 << 20, 1 << 20);  // only the new range
+  CHECK_EQ(f.size(), 3u << 20);
+  f.preallocate(2 << 20, 3 << 20);  // nothing new
+  CHECK_EQ(f.size(), 3u << 20);
   f.truncate(5);
   CHECK_EQ(f.size(), 5u);
   CHECK_THROWS(f.preallocate(UINT64_MAX), ckptio::IoError);

@@ -36,16 +36,19 @@ def dumps(
     pickle_module: Any = pickle,
     protocol: int = 2,
     sink: tuple[_core.ArchiveWriter, int, frozenset[str]] | None = None,
+    storages: list[torch.UntypedStorage] | None = None,
 ) -> tuple[bytes, list[torch.UntypedStorage]]:
     """Returns (data.pkl bytes, storages in key order). Storages may live on any device.
 
     With a `sink` (writer, alignment, direct locations), each new storage also becomes the
     writer's record ``data/<key>`` as the pickler finds it: added (written from its memory
     while pickling goes on) when its location tag is in the direct locations, else reserved
-    for the caller to write."""
+    for the caller to write. `storages`: an empty list to collect them in, which the caller
+    holds while the writer may still read them, also when pickling raises."""
     # Shared with the C persistent_id (_core.storage_ids), which handles the storages whose
     # dtype and device this function has already seen.
-    storages: list[torch.UntypedStorage] = []
+    if storages is None:
+        storages = []
     keys: dict[int, str] = {}  # storage._cdata -> key
     dtypes: dict[int, torch.dtype] = {}  # data_ptr -> dtype, to refuse one storage as two types
     # memo of the legacy storage class (and the item size) per dtype
@@ -144,6 +147,9 @@ def save_archive(
     streamed out through the staging ring once the pickle is complete."""
     opts = get_options()
     writer = archive_writer(file, archive_name, opts.crc32)
+    # Held here, not only inside dumps: the storages the writer is reading must outlive an
+    # exception from the pickler until abandon() returns.
+    storages: list[torch.UntypedStorage] = []
     try:
         head = head_records(opts.data_alignment, byteorder)
         for name, data in head:
@@ -152,8 +158,8 @@ def save_archive(
         cpu = torch.device("cpu")
         copiers = {cpu: _staging.copier_for(cpu)}
         direct = frozenset() if copiers[cpu] else frozenset({"cpu"})
-        pickle_bytes, storages = dumps(
-            obj, pickle_module, protocol, sink=(writer, opts.data_alignment, direct)
+        pickle_bytes, _ = dumps(
+            obj, pickle_module, protocol, (writer, opts.data_alignment, direct), storages
         )
         first = len(head)
         reserved = writer.reserved()

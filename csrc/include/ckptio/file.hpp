@@ -54,7 +54,8 @@ class File final : public ByteSource {
 
   /// Reserves `size` bytes of disk (posix_fallocate where the file system supports it, so a
   /// full disk fails here and not mid-write), falling back to ftruncate.
-  void preallocate(std::uint64_t size) const;
+  /// Only [from, size) is reserved when `from` is given: the part before it already was.
+  void preallocate(std::uint64_t size, std::uint64_t from = 0) const;
 
   /// ftruncate.
   void truncate(std::uint64_t size) const;
