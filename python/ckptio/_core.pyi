@@ -6,7 +6,6 @@ import enum
 import os
 from typing import Any, Callable, Sequence, Union
 
-Payload = Union[bytes, bytearray, memoryview, tuple[int, int]]
 # flat uint64 (offset, length, address) triples
 Requests = Union[memoryview, bytes, array.array]
 
