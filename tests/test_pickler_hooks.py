@@ -225,3 +225,34 @@ def test_save_with_the_c_hooks_writes_torchs_bytes(tmp_path: Path) -> None:
         ckptio.save(sd, tmp_path / "c.pt")
     with zipfile.ZipFile(tmp_path / "t.pt") as zt, zipfile.ZipFile(tmp_path / "c.pt") as zc:
         assert zc.read("c/data.pkl") == zt.read("t/data.pkl")
+
+
+def test_python_storage_id_feeds_the_archive_writer_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save streams each storage to the archive writer from whichever persistent_id finds
+    it: with the C one off, the Python storage_id adds the same records, so the file is the
+    same bytes."""
+    obj: dict[str, Any] = {
+        "a": torch.arange(10.0),
+        "view": torch.arange(10.0)[2:],
+        "i": torch.ones(3, dtype=torch.int64),
+        "v3": torch.arange(4).to(torch.uint16),
+        "big": torch.randn(300_000),
+        "empty": torch.empty(0),
+    }
+    obj["tied"] = obj["a"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "py").mkdir()
+    ckptio.save(obj, tmp_path / "c" / "m.pt")
+
+    def no_c_hook(*args: Any) -> Any:
+        raise AssertionError("the C persistent_id was used")
+
+    monkeypatch.setattr(_pickler, "_C_HOOKS", False)
+    monkeypatch.setattr(_core, "storage_ids", no_c_hook)
+    ckptio.save(obj, tmp_path / "py" / "m.pt")
+    assert (tmp_path / "py" / "m.pt").read_bytes() == (tmp_path / "c" / "m.pt").read_bytes()
+    loaded = torch.load(tmp_path / "py" / "m.pt")
+    assert all(torch.equal(loaded[k], obj[k]) for k in obj)
+    assert loaded["tied"].untyped_storage().data_ptr() == loaded["a"].untyped_storage().data_ptr()
