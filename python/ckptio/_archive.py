@@ -161,9 +161,13 @@ def torch_records(
     return specs, payloads
 
 
-def archive_writer(file: _core.File, archive_name: str, crc32: bool) -> _core.ArchiveWriter:
+def _require_crc32(crc32: bool) -> None:
     if crc32 and not _core.crc32_available():
         raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+
+
+def archive_writer(file: _core.File, archive_name: str, crc32: bool) -> _core.ArchiveWriter:
+    _require_crc32(crc32)
     opts = get_options()
     return _core.ArchiveWriter(
         file, archive_name, opts.threads, opts.chunk_bytes, crc32, opts.preallocate
@@ -193,8 +197,7 @@ def write_archive(
     """Writes an archive of records whose payloads all exist: into a _core.File by the
     ArchiveWriter (device payloads through the staging ring), into a file object by
     sequential writes. Returns each record's data offset."""
-    if crc32 and not _core.crc32_available():
-        raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+    _require_crc32(crc32)
     if isinstance(target, _core.File):
         writer = archive_writer(target, archive_name, crc32)
         try:
