@@ -66,7 +66,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         lim = w["limits"]
         assert lim["bytes"] == w["saves"]["ckptio"]["file_bytes"]
         for k in ("memcpy", "read prefaulted", "read fresh 4K", "read fresh huge", "write"):
-            assert lim[k]["s"] > 0, k
+            assert lim[k]["s"] > 0 and len(lim[k]["runs"]) == meta["rounds"], k
         assert lim["cold read"]["s"] is None or lim["cold read"]["s"] > 0
 
 

@@ -9,7 +9,8 @@ do it (ckptio's C++ parallel pread, Python threads of pwrite; no parsing at all)
   4 KiB page faults on first touch, as plain ``malloc``'d memory does.
 * ``read fresh huge``: the same into fresh memory advised ``MADV_HUGEPAGE`` (2 MiB pages where
   the kernel grants them): the best "read into fresh memory" an eager loader can do.
-* ``write``: memory -> page cache, into a new file (a save without any encoding).
+* ``write``: memory -> page cache, into a new file (a save without any encoding). The
+  synthetic workloads time it in their save rounds, among the writers (runner.py).
 * ``cold read``: disk -> pre-faulted memory, after evicting the file's pages with
   ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privilege needed, and only this file is
   evicted); ``mincore`` must confirm the eviction, else the limit is reported as n/a.

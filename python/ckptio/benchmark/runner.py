@@ -1,12 +1,12 @@
 """The measurement loop.
 
-Per workload: every format is written by its own writer (save rounds), every loader is checked
-once against the original (a wrong result stops the run), then the load rounds time every
-loader and every machine limit. Round 0 is a warm-up and is not counted; each later round runs
-all candidates, rotating who goes first, so that all of them meet the same machine state (on
-shared VMs the cost of fresh memory and of page-cache writes drifts within a minute). Results
-are medians; ratios are computed within the run. Peak RSS is measured last, one fresh process
-per candidate.
+Per workload: every format is written by its own writer, and the page-cache write limit timed
+among them (save rounds); every loader is checked once against the original (a wrong result
+stops the run); then the load rounds time every loader and the other machine limits. Round 0
+is a warm-up and is not counted; each later round runs all candidates, rotating who goes
+first, so that all of them meet the same machine state (on shared VMs the cost of fresh memory
+and of page-cache writes drifts within a minute). Results are medians; ratios are computed
+within the run. Peak RSS is measured last, one fresh process per candidate.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from ._measure import touch
 from .candidates import CANDIDATES, FORMATS, BenchmarkError, Candidate, verify, zeros_like_tree
 from .limits import Limits
 from .workloads import Workload, build
+
+_WRITE_LIMIT = "limit:write"  # the write limit's entry in the save rounds' rotation
 
 __all__ = ["Settings", "run", "run_files"]
 
@@ -110,12 +112,15 @@ def _load_rounds(
     targets: dict[str, Any],
     limits: Optional[Limits],
     rounds: int,
+    skip: Sequence[str] = (),
 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[float]]]:
     times: dict[str, dict[str, list[float]]] = {
         n: {"load": [], "touch": [], "load_touch": []} for n in loaders
     }
     ltimes: dict[str, list[float]] = {}
     timers = limits.timers() if limits is not None else {}
+    for k in skip:
+        timers.pop(k, None)
     entries = list(loaders) + [f"limit:{k}" for k in timers]
     for r in range(rounds + 1):
         for name in _rotating(entries, r):
@@ -202,13 +207,24 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
     log(f"  {wl.name}: saving ({', '.join(FORMATS[f].name for f in fmts)})")
     save_times: dict[str, list[float]] = {f: [] for f in fmts}
     failed: dict[str, str] = {}  # peers that cannot handle this workload, and why
+    # The page-cache write limit is timed among the writers, after the same throwaway write,
+    # so it meets the machine state the saves meet (on these VMs fresh page-cache memory is
+    # fast or several times slower from one write to the next). It needs ckptio's file for
+    # its size: it joins from the first timed round.
+    limits: Optional[Limits] = None
+    write_times: list[float] = []
     for r in range(settings.rounds + 1):
-        for f in _rotating(fmts, r):
+        entries = fmts + ([_WRITE_LIMIT] if limits is not None else [])
+        for f in _rotating(entries, r):
             if f in failed:
                 continue
             if not settings.quick:
                 prime_writes(d, nbytes)
             gc.collect()
+            if f == _WRITE_LIMIT:
+                assert limits is not None
+                write_times.append(limits.write())
+                continue
             t0 = time.perf_counter()
             try:
                 FORMATS[f].save(payload[f], paths[f])
@@ -221,6 +237,8 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
             dt = time.perf_counter() - t0
             if r:
                 save_times[f].append(dt)
+        if r == 0 and settings.limits and "ckptio" in paths and "ckptio" not in failed:
+            limits = Limits(paths["ckptio"], os.path.join(d, f"{wl.name}-limit.bin"))
     for c in cands:
         if c.fmt in failed:
             failed[c.name] = failed[c.fmt]
@@ -274,6 +292,8 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
         paths.get("ckptio"),
         payload,
         paths,
+        limits,
+        write_times,
     )
     result["failed"] = {k: v for k, v in failed.items() if k in CANDIDATES}
     return result
@@ -291,14 +311,20 @@ def _measure_loads(
     limit_source: Optional[str],
     payload: Optional[dict[str, Any]] = None,
     paths: Optional[dict[str, str]] = None,
+    limits: Optional[Limits] = None,
+    write_times: Optional[list[float]] = None,
 ) -> dict:
+    """Times the loads, and the machine limits not timed yet: `write_times`, when given, are
+    the `write` limit's runs from the save rounds (`limits` then comes from there too)."""
     log = settings.log
-    limits = None
-    if settings.limits and limit_source is not None:
+    if limits is None and settings.limits and limit_source is not None:
         limits = Limits(limit_source, os.path.join(d, f"{name}-limit.bin"))
     log(f"  {name}: {settings.rounds} load rounds after a warm-up")
     try:
-        times, ltimes = _load_rounds(loaders, targets, limits, settings.rounds)
+        skip = ["write"] if write_times is not None else []
+        times, ltimes = _load_rounds(loaders, targets, limits, settings.rounds, skip)
+        if write_times is not None:
+            ltimes["write"] = write_times
         limit_result = _limits_result(ltimes, limits)
     finally:
         if limits is not None:
