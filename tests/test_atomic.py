@@ -60,7 +60,10 @@ def test_pickling_error_after_many_storages_were_written(previous: Path) -> None
     payload: dict[str, Any] = {f"w{i}": torch.full((300_000,), float(i)) for i in range(40)}
     payload["last"] = ExplodingReduce()
     before = _listing(previous.parent)
-    with ckptio.options(threads=3, chunk_bytes=1 << 20), pytest.raises(ValueError, match="boom"):
+    with (
+        ckptio.options(threads=3, write_chunk_bytes=1 << 20),
+        pytest.raises(ValueError, match="boom"),
+    ):
         ckptio.save(payload, previous)
     assert _listing(previous.parent) == before
     assert torch.load(previous)["generation"] == 1
@@ -72,7 +75,7 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
 resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
 obj = {f"w{i}": torch.full((100_000,), float(i)) for i in range(50)}  # 20 MB
 try:
-    with ckptio.options(preallocate=sys.argv[2] == "1", chunk_bytes=1 << 20, threads=2):
+    with ckptio.options(preallocate=sys.argv[2] == "1", write_chunk_bytes=1 << 20, threads=2):
         ckptio.save(obj, sys.argv[1])
 except OSError as e:
     print(errno.errorcode[e.errno], e.filename == sys.argv[1] or e.filename)

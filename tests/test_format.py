@@ -84,12 +84,12 @@ def test_record_order(sample_file: Path) -> None:
 @pytest.mark.parametrize("crc32", [False, True], ids=["nocrc", "crc32"])
 @pytest.mark.parametrize("threads", [1, 3], ids=lambda t: f"threads{t}")
 def test_streamed_file_is_the_file_object_bytes(tmp_path: Path, crc32: bool, threads: int) -> None:
-    """To a path, storages are written while the pickler runs (records of up to chunk_bytes
+    """To a path, storages are written while the pickler runs (records of up to write_chunk_bytes
     grouped, larger ones split); to a file object, one after the other once it is done: the
     bytes are the same."""
     many = [torch.full((i,), i) for i in range(300)]
     obj = {**_sample(), "big": torch.randn(700_000), "many": many}
-    with ckptio.options(crc32=crc32, threads=threads, chunk_bytes=1 << 20):
+    with ckptio.options(crc32=crc32, threads=threads, write_chunk_bytes=1 << 20):
         ckptio.save(obj, tmp_path / "archive.pt")  # the name a file object's archive gets
         buf = io.BytesIO()
         ckptio.save(obj, buf)

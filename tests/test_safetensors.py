@@ -423,7 +423,7 @@ def test_save_replaces_atomically(tmp_path: Path) -> None:
 def test_large_tensor_parallel_write(tmp_path: Path) -> None:
     tensors = {f"t{i}": _values(torch.float32, (256, 1024), seed=i) for i in range(6)}
     path, ref = tmp_path / "m.safetensors", tmp_path / "r.safetensors"
-    with ckptio.options(threads=4, chunk_bytes=1 << 16):
+    with ckptio.options(threads=4, write_chunk_bytes=1 << 16):
         ckptio.save(tensors, path, format="safetensors")
     st.save_file(tensors, str(ref))
     assert path.read_bytes() == ref.read_bytes()

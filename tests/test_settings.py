@@ -53,12 +53,14 @@ def test_environment_variables() -> None:
             "CKPTIO_STAGING_BUFFER_BYTES": "0x200000",
             "CKPTIO_STAGING_BUFFERS": "2",
             "CKPTIO_ASYNC_MAX_PENDING": "3",
+            "CKPTIO_WRITE_CHUNK_BYTES": "0x100000",
         }
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
         "threads": 3,
         "chunk_bytes": 1 << 20,
+        "write_chunk_bytes": 1 << 20,
         "data_alignment": 512,
         "crc32": True,
         "durable": True,
@@ -80,6 +82,7 @@ def test_environment_defaults() -> None:
     assert opts["threads"] >= 1
     assert {k: v for k, v in opts.items() if k != "threads"} == {
         "chunk_bytes": 8 << 20,
+        "write_chunk_bytes": 64 << 20,
         "data_alignment": 4096,
         "crc32": False,
         "durable": False,
@@ -202,6 +205,7 @@ def test_set_options(restore_options: None) -> None:
     [
         {"threads": 0},
         {"chunk_bytes": 1},
+        {"write_chunk_bytes": 4095},
         {"data_alignment": 1000},
         {"preallocate": None},
         {"staging_buffer_bytes": 4096},
@@ -214,6 +218,7 @@ def test_set_options(restore_options: None) -> None:
     ids=[
         "threads=0",
         "chunk_bytes=1",
+        "write_chunk_bytes=4095",
         "data_alignment=1000",
         "preallocate=None",
         "staging_buffer_bytes=4096",
@@ -267,7 +272,7 @@ def test_thread_count_does_not_change_the_file(
     tmp_path: Path, reference_bytes: dict[bool, bytes], threads: int, chunk_bytes: int, crc32: bool
 ) -> None:
     path = tmp_path / "ckpt.pt"
-    with ckptio.options(threads=threads, chunk_bytes=chunk_bytes, crc32=crc32):
+    with ckptio.options(threads=threads, write_chunk_bytes=chunk_bytes, crc32=crc32):
         ckptio.save(_payload(), path)
     assert path.read_bytes() == reference_bytes[crc32]
 

@@ -170,7 +170,7 @@ def archive_writer(file: _core.File, archive_name: str, crc32: bool) -> _core.Ar
     _require_crc32(crc32)
     opts = get_options()
     return _core.ArchiveWriter(
-        file, archive_name, opts.threads, opts.chunk_bytes, crc32, opts.preallocate
+        file, archive_name, opts.threads, opts.write_chunk_bytes, crc32, opts.preallocate
     )
 
 

@@ -372,7 +372,7 @@ def write(target: _core.File | IO[bytes], p: Plan) -> None:
             nbytes = t.numel() * t.element_size()
             if nbytes:
                 requests.extend((offset, nbytes, t.data_ptr()))
-        target.write_from(requests, opts.threads, opts.chunk_bytes)
+        target.write_from(requests, opts.threads, opts.write_chunk_bytes)
         del head, header  # alive until the write returned
         return
     write_all(target, p.header)

@@ -810,7 +810,7 @@ def write_payloads_at(
             )
         )
     if len(host):
-        file.write_from(host, opts.threads, opts.chunk_bytes)
+        file.write_from(host, opts.threads, opts.write_chunk_bytes)
     return crcs
 
 
