@@ -98,6 +98,34 @@ def test_peak_rss_and_first_load_are_measured_in_a_child(tmp_path: Path) -> None
     assert w["limits"] == {}
 
 
+def test_load_rounds_run_in_a_fresh_process(tmp_path: Path) -> None:
+    # The writers leave state in the process that saved (safetensors' save keeps ctypes
+    # types alive): the load rounds run where nothing was built or written.
+    from ckptio.benchmark import runner
+
+    path = tmp_path / "m.pt"
+    ckptio.save({"w": torch.randn(64, 32), "b": torch.arange(7)}, path)
+    spec = {
+        "op": "rounds",
+        "loaders": {"ckptio": str(path), "ckptio load_into": str(path)},
+        "rounds": 2,
+        "limits": {"source": str(path), "scratch": str(tmp_path / "scratch.bin")},
+        "skip": ["write", "cold read"],
+    }
+    out = runner._child(spec, timeout=300)
+    for name in spec["loaders"]:
+        t = out["times"][name]
+        assert len(t["load"]) == len(t["touch"]) == len(t["load_touch"]) == 2
+        assert all(lt >= ld > 0 for lt, ld in zip(t["load_touch"], t["load"], strict=True))
+    assert set(out["ltimes"]) == {"memcpy", "read prefaulted", "read fresh 4K", "read fresh huge"}
+    assert all(len(v) == 2 for v in out["ltimes"].values())
+    assert not (tmp_path / "scratch.bin").exists()  # the child's limits cleaned up
+
+    spec["loaders"] = {"no such loader": str(path)}
+    with pytest.raises(BenchmarkError, match="the rounds process failed: KeyError"):
+        runner._child(spec, timeout=300)
+
+
 def test_wrong_result_fails_loudly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

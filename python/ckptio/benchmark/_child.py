@@ -1,7 +1,14 @@
-"""Peak RSS of one operation, measured in a fresh process (``python -m
-ckptio.benchmark._child SPEC_JSON``): load+touch a file with one candidate, or save an object
-with one format. Prints a JSON object on its last line, with the operation's time: for a
-load, what a process's first load costs (imports done, its memory fresh)."""
+"""Measurements that need a fresh process (``python -m ckptio.benchmark._child SPEC_JSON``).
+Prints a JSON object on its last line.
+
+* ``load`` / ``save``: the peak RSS of one operation, load+touch a file with one candidate or
+  save an object with one format, with the operation's time: for a load, what a process's
+  first load costs (imports done, its memory fresh).
+* ``rounds``: a workload's load rounds (runner.load_rounds), in a process that has neither
+  built the workload nor run any writer: the writers leave state behind that slows later
+  loads (safetensors' save_file leaves about 206,000 objects alive for good after saving the
+  small workload: ctypes types made per distinct tensor size, held by ctypes' pointer-type
+  cache), which a user's loading process does not carry."""
 
 from __future__ import annotations
 
@@ -16,15 +23,35 @@ import ckptio
 
 from ._measure import PeakRSS, touch
 from .candidates import CANDIDATES, FORMATS, zeros_like_tree
+from .limits import Limits
+
+
+def _reuse_target(path: str) -> object:
+    """Zero-filled tensors shaped like the file's, for a candidate that loads into them."""
+    return zeros_like_tree(torch.load(path, mmap=True))
+
+
+def rounds(spec: dict) -> dict:
+    from .runner import load_rounds
+
+    loaders = {n: (CANDIDATES[n], p) for n, p in spec["loaders"].items()}
+    targets = {n: _reuse_target(p) for n, (c, p) in loaders.items() if c.kind == "reuse"}
+    limits = Limits(**spec["limits"]) if spec["limits"] else None
+    try:
+        times, ltimes = load_rounds(loaders, targets, limits, spec["rounds"], spec["skip"])
+    finally:
+        if limits is not None:
+            limits.close()
+    return {"times": times, "ltimes": ltimes, "cold_note": limits.cold_note if limits else None}
 
 
 def main(spec: dict) -> dict:
+    if spec["op"] == "rounds":
+        return rounds(spec)
     rss = PeakRSS()
     if spec["op"] == "load":
         cand = CANDIDATES[spec["candidate"]]
-        target = None
-        if cand.kind == "reuse":
-            target = zeros_like_tree(torch.load(spec["path"], mmap=True))
+        target = _reuse_target(spec["path"]) if cand.kind == "reuse" else None
         rss.start()
         t0 = time.perf_counter()
         out = cand.load(spec["path"], target)

@@ -2,11 +2,12 @@
 
 Per workload: every format is written by its own writer, and the page-cache write limit timed
 among them (save rounds); every loader is checked once against the original (a wrong result
-stops the run); then the load rounds time every loader and the other machine limits. Round 0
-is a warm-up and is not counted; each later round runs all candidates, rotating who goes
-first, so that all of them meet the same machine state (on shared VMs the cost of fresh memory
-and of page-cache writes drifts within a minute). Results are medians; ratios are computed
-within the run. Peak RSS is measured last, one fresh process per candidate.
+stops the run); then the load rounds time every loader and the other machine limits, in a
+fresh process (_child.py says why). Round 0 is a warm-up and is not counted; each later round
+runs all candidates, rotating who goes first, so that all of them meet the same machine state
+(on shared VMs the cost of fresh memory and of page-cache writes drifts within a minute).
+Results are medians; ratios are computed within the run. Peak RSS is measured last, one fresh
+process per candidate.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def select(settings: Settings, log: Callable[[str], None]) -> tuple[list[Candida
     return chosen, skipped
 
 
-def _child_rss(spec: dict) -> dict:
+def _child(spec: dict, timeout: float) -> dict:
+    """Runs one _child.py measurement in a fresh process; its result, or BenchmarkError."""
     env = dict(os.environ)
     env["PYTHONWARNINGS"] = "ignore"
     out = subprocess.run(
@@ -100,14 +102,22 @@ def _child_rss(spec: dict) -> dict:
         capture_output=True,
         text=True,
         env=env,
-        timeout=600,
+        timeout=timeout,
     )
     if out.returncode != 0:
-        return {"error": out.stderr.strip().splitlines()[-1:] or ["failed"]}
+        last = out.stderr.strip().splitlines()[-1:] or ["failed"]
+        raise BenchmarkError(f"the {spec['op']} process failed: {last[0]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _load_rounds(
+def _child_rss(spec: dict) -> dict:
+    try:
+        return _child(spec, timeout=600)
+    except BenchmarkError as e:
+        return {"error": [str(e)]}
+
+
+def load_rounds(
     loaders: dict[str, tuple[Candidate, str]],
     targets: dict[str, Any],
     limits: Optional[Limits],
@@ -319,10 +329,21 @@ def _measure_loads(
     log = settings.log
     if limits is None and settings.limits and limit_source is not None:
         limits = Limits(limit_source, os.path.join(d, f"{name}-limit.bin"))
-    log(f"  {name}: {settings.rounds} load rounds after a warm-up")
+    log(f"  {name}: {settings.rounds} load rounds after a warm-up, in a fresh process")
     try:
-        skip = ["write"] if write_times is not None else []
-        times, ltimes = _load_rounds(loaders, targets, limits, settings.rounds, skip)
+        spec = {
+            "op": "rounds",
+            "loaders": {n: path for n, (_c, path) in loaders.items()},
+            "rounds": settings.rounds,
+            "limits": None
+            if limits is None
+            else {"source": limits.source, "scratch": limits.scratch},
+            "skip": ["write"] if write_times is not None else [],
+        }
+        out = _child(spec, timeout=3600)
+        times, ltimes = out["times"], out["ltimes"]
+        if limits is not None:
+            limits.cold_note = out["cold_note"]
         if write_times is not None:
             ltimes["write"] = write_times
         limit_result = _limits_result(ltimes, limits)
