@@ -11,9 +11,9 @@ do it (ckptio's C++ parallel pread, Python threads of pwrite; no parsing at all)
   the kernel grants them): the best "read into fresh memory" an eager loader can do.
 * ``write``: memory -> page cache, into a new file (a save without any encoding), from a
   populated read-only mapping of the source file. The synthetic workloads time it in their save
-  rounds, among the writers (runner.py); it holds no buffer of its own there, since holding
-  1.4 GB of anonymous memory through the save rounds made every writer's save slower and
-  noisier on the development VM (bench/README.md, "Method").
+  rounds, among the writers (runner.py); it holds no buffer of its own there: the benchmark
+  should not hold 1.4 GB the writers would not have, and with it held, ckptio's saves in a
+  script that mimics the rounds were slower and noisier (bench/README.md, stop 10).
 * ``cold read``: disk -> pre-faulted memory, after evicting the file's pages with
   ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privilege needed, and only this file is
   evicted); ``mincore`` must confirm the eviction, else the limit is reported as n/a.
