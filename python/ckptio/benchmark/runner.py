@@ -290,12 +290,12 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
         del loaded
         loaders[c.name] = (c, paths[c.fmt])
     log(f"  {wl.name}: {len(loaders)} loaders verified against the original")
+    del targets  # the load rounds' process builds its own
     result = _measure_loads(
         wl.name,
         wl.description,
         nbytes,
         loaders,
-        targets,
         saves,
         settings,
         d,
@@ -314,7 +314,6 @@ def _measure_loads(
     description: str,
     nbytes: int,
     loaders: dict[str, tuple[Candidate, str]],
-    targets: dict[str, Any],
     saves: dict[str, Any],
     settings: Settings,
     d: str,
@@ -353,7 +352,6 @@ def _measure_loads(
     cands = _summarise(times)
     for n, (c, path) in loaders.items():
         cands[n].update(kind=c.kind, format=c.fmt, file_bytes=os.path.getsize(path))
-    targets.clear()
     result = {
         "description": description,
         "tensor_bytes": nbytes,
@@ -480,9 +478,9 @@ def run_files(files: Sequence[str], settings: Settings) -> dict:
                     for t in _tensors(original)
                 }.values()
             )
-            del original
+            del original, targets  # the load rounds' process builds its own targets
             results["workloads"][os.path.basename(path)] = _measure_loads(
-                os.path.basename(path), path, nbytes, loaders, targets, {}, settings, d, path
+                os.path.basename(path), path, nbytes, loaders, {}, settings, d, path
             )
     return results
 
