@@ -136,9 +136,9 @@ void register_io(py::module_& m) {
       .def(py::init<std::size_t, bool, std::size_t>(), py::arg("nbytes"), py::arg("huge_pages"),
            py::arg("recycle_limit") = 0,
            "Uninitialized host memory for storages; huge-page backed when large and asked. "
-           "recycle_limit > 0: when freed, the mapping is kept (MADV_FREE) for the next "
-           "recycled block that maps as many bytes, the oldest kept ones unmapped beyond "
-           "recycle_limit bytes in all.")
+           "recycle_limit > 0: when freed, the mapping is kept for the next recycled block "
+           "that maps as many bytes (marked MADV_FREE once idle for 10 s), the oldest kept "
+           "ones unmapped beyond recycle_limit bytes in all.")
       .def_property_readonly("size", &HostBuffer::size)
       .def_property_readonly("huge", &HostBuffer::huge)
       .def_property_readonly(

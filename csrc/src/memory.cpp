@@ -1,7 +1,12 @@
 #include "ckptio/memory.hpp"
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <thread>
 
 #include <cstddef>
 #include <cstdint>
@@ -15,21 +20,89 @@ namespace ckptio {
 
 namespace {
 
+using Clock = std::chrono::steady_clock;
+
 // Freed recycled mappings kept for reuse (each 2 MiB-aligned), oldest first. Allocated once
 // and never destroyed: a block may be freed after static destructors run (at exit).
 struct Kept {
   void* base;
   std::size_t bytes;
-  bool huge;  // advised for huge pages
+  bool huge;          // advised for huge pages
+  Clock::time_point freed;
+  bool lazy = false;  // marked MADV_FREE
 };
 struct RecycledPool {
   std::mutex mutex;
+  std::condition_variable kept_one;  // wakes the idle marker: a block kept, or a new idle time
   std::vector<Kept> kept;
   std::size_t bytes = 0;
+  Clock::duration idle = std::chrono::seconds(10);
+  pid_t marker_pid = 0;  // the process whose idle marker runs (0: none yet)
 };
 RecycledPool& pool() {
   static auto* const instance = new RecycledPool();
   return *instance;
+}
+
+// Marks the kept blocks idle since `before` or earlier MADV_FREE (lock held): the kernel may
+// then take their pages back under memory pressure, without swap. Returns the bytes marked.
+std::size_t mark_idle(RecycledPool& p, Clock::time_point before) noexcept {
+  std::size_t marked = 0;
+  for (Kept& k : p.kept) {
+    if (k.lazy || k.freed > before) continue;
+#ifdef MADV_FREE
+    (void)madvise(k.base, k.bytes, MADV_FREE);  // best effort: kept resident otherwise
+#endif
+    k.lazy = true;
+    marked += k.bytes;
+  }
+  return marked;
+}
+
+// The idle marker: sleeps until the oldest unmarked block has been idle for `idle`, marks it
+// (and any other as old). Under the pool's lock, so no block is handed out while it is being
+// marked. Detached; never touches Python.
+void idle_marker() noexcept {
+  RecycledPool& p = pool();
+  std::unique_lock<std::mutex> lock(p.mutex);
+  for (;;) {
+    Clock::time_point oldest = Clock::time_point::max();
+    for (const Kept& k : p.kept) {
+      if (!k.lazy && k.freed < oldest) oldest = k.freed;
+    }
+    if (oldest == Clock::time_point::max()) {
+      p.kept_one.wait(lock);
+    } else if (Clock::now() - oldest >= p.idle) {
+      (void)mark_idle(p, Clock::now() - p.idle);
+    } else {
+      p.kept_one.wait_until(lock, oldest + p.idle);
+    }
+  }
+}
+
+// Starts the idle marker in this process if it is not running (lock held). In a forked child
+// the parent's marker does not exist: the child starts its own.
+void ensure_idle_marker(RecycledPool& p) noexcept {
+  const pid_t self = ::getpid();
+  if (p.marker_pid == self) return;
+  try {
+    std::thread(idle_marker).detach();
+    p.marker_pid = self;
+  } catch (...) {
+    // No thread: blocks are marked at once instead (slower reuse, same safety).
+    (void)mark_idle(p, Clock::time_point::max());
+  }
+}
+
+void lock_pool_for_fork() noexcept { pool().mutex.lock(); }
+void unlock_pool_in_parent() noexcept { pool().mutex.unlock(); }
+void reset_pool_in_child() noexcept {
+  // The child has one thread: the parent's marker does not exist, yet the copied condition
+  // variable still counts it as a waiter. Fresh synchronization objects take their place
+  // (the old ones are abandoned, not destroyed); the child starts its own marker when needed.
+  RecycledPool& p = pool();
+  new (&p.mutex) std::mutex();
+  new (&p.kept_one) std::condition_variable();
 }
 
 // Takes the most recently kept mapping that is `rounded` bytes long (a block of the same size:
@@ -50,15 +123,21 @@ void* take_recycled(std::size_t rounded, bool huge) noexcept {
 // Keeps (base, bytes) for reuse, then unmaps the oldest kept mappings until they total at most
 // `limit` bytes (`base` itself when it alone is larger). Returns the bytes unmapped.
 std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t limit) noexcept {
+  // The marker holds the pool's lock while it marks: a fork meanwhile must not copy it locked.
+  static const int registered =
+      ::pthread_atfork(lock_pool_for_fork, unlock_pool_in_parent, reset_pool_in_child);
+  (void)registered;
   std::vector<Kept> dropped;
   {
     RecycledPool& p = pool();
     const std::lock_guard<std::mutex> lock(p.mutex);
     try {
       if (base != nullptr && bytes <= limit) {
-        p.kept.push_back({base, bytes, huge});
+        p.kept.push_back({base, bytes, huge, Clock::now()});
         p.bytes += bytes;
         base = nullptr;
+        ensure_idle_marker(p);
+        p.kept_one.notify_one();
       }
       std::size_t n = 0;
       std::size_t left = p.bytes;
@@ -85,6 +164,21 @@ std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t 
 }  // namespace
 
 std::size_t drop_recycled() noexcept { return keep_recycled(nullptr, 0, false, 0); }
+
+RecycledStats recycled_stats() noexcept {
+  RecycledPool& p = pool();
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  RecycledStats stats;
+  for (const Kept& k : p.kept) (k.lazy ? stats.lazy_bytes : stats.dirty_bytes) += k.bytes;
+  return stats;
+}
+
+void set_recycle_idle_time(std::chrono::milliseconds idle) noexcept {
+  RecycledPool& p = pool();
+  const std::lock_guard<std::mutex> lock(p.mutex);
+  p.idle = idle;
+  p.kept_one.notify_one();
+}
 
 HostBuffer::HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit)
     : size_(size) {
@@ -134,9 +228,6 @@ HostBuffer::HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_li
 
 HostBuffer::~HostBuffer() {
   if (mapped_ != 0 && recycle_limit_ != 0) {
-#ifdef MADV_FREE
-    (void)madvise(base_, mapped_, MADV_FREE);  // best effort: kept resident otherwise
-#endif
     (void)keep_recycled(base_, mapped_, huge_, recycle_limit_);
   } else if (mapped_ != 0) {
     munmap(base_, mapped_);

@@ -1,10 +1,13 @@
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "ckptio/memory.hpp"
@@ -129,6 +132,68 @@ TEST(recycled_block_is_kept_for_the_next_of_its_size) {
     CHECK(!small.huge());
   }
   CHECK_EQ(ckptio::drop_recycled(), std::size_t{0});
+}
+
+TEST(recycled_blocks_are_marked_lazily_free_once_idle_and_still_reused) {
+  ckptio::drop_recycled();
+  constexpr std::size_t kPage = HostBuffer::kHugePageBytes;
+  constexpr std::size_t kLimit = 64 * kPage;
+  ckptio::set_recycle_idle_time(std::chrono::milliseconds(50));
+  void* first = nullptr;
+  {
+    HostBuffer b(2 * kPage, false, kLimit);
+    first = b.data();
+    std::memset(b.data(), 0x33, b.size());
+  }
+  // Kept as freed first: reuse writes pages the kernel has not been told it may take.
+  CHECK_EQ(ckptio::recycled_stats().dirty_bytes, 2 * kPage);
+  // Idle past the idle time: the background thread marks it MADV_FREE.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (ckptio::recycled_stats().lazy_bytes != 2 * kPage &&
+         std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK_EQ(ckptio::recycled_stats().lazy_bytes, 2 * kPage);
+  CHECK_EQ(ckptio::recycled_stats().dirty_bytes, std::size_t{0});
+  {
+    HostBuffer same(2 * kPage, false, kLimit);  // a marked block is reused all the same
+    CHECK_EQ(same.data(), first);
+    std::memset(same.data(), 0x44, same.size());
+    CHECK_EQ(static_cast<unsigned char*>(same.data())[same.size() - 1], 0x44);
+  }
+  ckptio::set_recycle_idle_time(std::chrono::seconds(10));
+  CHECK_EQ(ckptio::recycled_stats().dirty_bytes, 2 * kPage);  // freed again: unmarked
+  CHECK_EQ(ckptio::drop_recycled(), 2 * kPage);
+  CHECK_EQ(ckptio::recycled_stats().dirty_bytes + ckptio::recycled_stats().lazy_bytes,
+           std::size_t{0});
+}
+
+TEST(a_forked_child_keeps_and_reuses_blocks_with_its_own_marker) {
+  ckptio::drop_recycled();
+  constexpr std::size_t kPage = HostBuffer::kHugePageBytes;
+  { HostBuffer b(2 * kPage, false, 64 * kPage); }  // the parent's marker is running
+  const pid_t child = ::fork();
+  if (child == 0) {
+    // Would hang on a mutex or condition variable copied in use; exits 0 when all works.
+    ckptio::set_recycle_idle_time(std::chrono::milliseconds(20));
+    void* kept = nullptr;
+    {
+      HostBuffer b(2 * kPage, false, 64 * kPage);
+      kept = b.data();
+    }
+    for (int i = 0; i < 500 && ckptio::recycled_stats().lazy_bytes != 2 * kPage; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    const bool ok = ckptio::recycled_stats().lazy_bytes == 2 * kPage;
+    HostBuffer again(2 * kPage, false, 64 * kPage);
+    ::_exit(ok && again.data() == kept ? 0 : 1);
+  }
+  CHECK(child > 0);
+  int status = 0;
+  CHECK_EQ(::waitpid(child, &status, 0), child);
+  CHECK(WIFEXITED(status));
+  CHECK_EQ(WEXITSTATUS(status), 0);
+  CHECK_EQ(ckptio::drop_recycled(), 2 * kPage);
 }
 
 TEST(recycled_blocks_beyond_the_limit_are_unmapped_oldest_first) {

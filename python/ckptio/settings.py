@@ -96,8 +96,9 @@ class Options:
     #: data.pkl is unpickled, instead of after it. Env: ``CKPTIO_OVERLAP_READS``.
     overlap_reads: bool = True
     #: Eager loads put storages of 2 MiB or more, and the block of their small storages, in
-    #: mappings of ckptio's own that, once freed, are kept (marked MADV_FREE: the kernel takes
-    #: them back under memory pressure) for later loads that need blocks of those sizes.
+    #: mappings of ckptio's own that, once freed, are kept for later loads that need blocks of
+    #: those sizes; one idle for 10 s is marked MADV_FREE (the kernel takes it back under
+    #: memory pressure).
     #: Env: ``CKPTIO_RECYCLE_MEMORY``.
     recycle_memory: bool = True
     #: Most bytes of freed mappings kept for reuse (``recycle_memory``); the oldest go first.
