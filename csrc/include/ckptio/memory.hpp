@@ -31,10 +31,10 @@ class HostBuffer {
   /// for the recycle idle time (10 s; set_recycle_idle_time), a background thread marks it
   /// MADV_FREE, so the kernel may take its pages back under memory pressure. Not at once:
   /// writing pages marked MADV_FREE again cost 0.06 s per 700 MB more than writing them
-  /// unmarked on the development VM (4 KiB pages), nearly what the copy itself costs. A later recycled block that maps as many bytes, advised alike, takes the most
-  /// recent of them instead of faulting in fresh memory: an eager load in a loop reuses its
-  /// blocks, as glibc's heap reuses freed blocks of up to 32 MiB (and not larger ones) for
-  /// torch.load.
+  /// unmarked on the development VM (4 KiB pages), nearly what the copy itself costs.
+  /// A later recycled block that maps as many bytes, advised alike, takes the most recent of
+  /// them instead of faulting in fresh memory: an eager load in a loop reuses its blocks, as
+  /// glibc's heap reuses freed blocks of up to 32 MiB (and not larger ones) for torch.load.
   HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit = 0);
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
