@@ -6,14 +6,13 @@
 
 #include <chrono>
 #include <condition_variable>
-#include <thread>
-
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <iterator>
 #include <mutex>
 #include <new>
+#include <thread>
 #include <vector>
 
 namespace ckptio {
@@ -45,18 +44,15 @@ RecycledPool& pool() {
 }
 
 // Marks the kept blocks idle since `before` or earlier MADV_FREE (lock held): the kernel may
-// then take their pages back under memory pressure, without swap. Returns the bytes marked.
-std::size_t mark_idle(RecycledPool& p, Clock::time_point before) noexcept {
-  std::size_t marked = 0;
+// then take their pages back under memory pressure, without swap.
+void mark_idle(RecycledPool& p, Clock::time_point before) noexcept {
   for (Kept& k : p.kept) {
     if (k.lazy || k.freed > before) continue;
 #ifdef MADV_FREE
     (void)madvise(k.base, k.bytes, MADV_FREE);  // best effort: kept resident otherwise
 #endif
     k.lazy = true;
-    marked += k.bytes;
   }
-  return marked;
 }
 
 // The idle marker: sleeps until the oldest unmarked block has been idle for `idle`, marks it
@@ -73,7 +69,7 @@ void idle_marker() noexcept {
     if (oldest == Clock::time_point::max()) {
       p.kept_one.wait(lock);
     } else if (Clock::now() - oldest >= p.idle) {
-      (void)mark_idle(p, Clock::now() - p.idle);
+      mark_idle(p, Clock::now() - p.idle);
     } else {
       p.kept_one.wait_until(lock, oldest + p.idle);
     }
@@ -90,7 +86,7 @@ void ensure_idle_marker(RecycledPool& p) noexcept {
     p.marker_pid = self;
   } catch (...) {
     // No thread: blocks are marked at once instead (slower reuse, same safety).
-    (void)mark_idle(p, Clock::time_point::max());
+    mark_idle(p, Clock::time_point::max());
   }
 }
 
