@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <set>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -118,6 +120,15 @@ std::uint64_t read_le(const std::uint8_t* p, int n) {
   return v;
 }
 
+constexpr std::int32_t kNoText = -1;
+
+// A stack or memo item: the nesting depth of the object it stands for and, when it is a
+// string and globals are collected, its index in Scanner::texts_ (STACK_GLOBAL's operands).
+struct Item {
+  std::uint32_t depth;
+  std::int32_t text;
+};
+
 // The scan's model of the unpickler: for each stack item only the nesting depth of the object it
 // stands for, plus CPython's mark stack (positions in the item stack) and the memo's depths.
 class Scanner {
@@ -142,7 +153,6 @@ class Scanner {
       const std::uint64_t value = read_argument(info.arg);
       if (op_ == '.') {
         pop(1);
-        finish();
         result_.end = pos_;
         result_.complete = true;
         return result_;
@@ -184,6 +194,39 @@ class Scanner {
     return len;
   }
 
+  // GET and PUT read their index as CPython does: PyLong_FromString(line, base 10) on the line
+  // up to its first NUL, so blanks around it, a sign, leading zeros and '_' between digits are
+  // all valid; a value too large for a Py_ssize_t is refused by CPython (OverflowError), and so
+  // is a negative PUT. Values past 2**63 saturate: no pickle can store or fetch them.
+  std::uint64_t decimal_index() {
+    const std::size_t start = pos_;
+    const std::size_t len = line();
+    const std::uint8_t* s = p_ + start;
+    const std::size_t end = static_cast<std::size_t>(
+        std::find(s, s + len, std::uint8_t{0}) - s);
+    auto space = [](std::uint8_t c) { return c == ' ' || (c >= '\t' && c <= '\r'); };
+    auto digit = [](std::uint8_t c) { return c >= '0' && c <= '9'; };
+    std::size_t i = 0;
+    while (i < end && space(s[i])) ++i;
+    bool negative = false;
+    if (i < end && (s[i] == '+' || s[i] == '-')) negative = s[i++] == '-';
+    if (i == end || !digit(s[i])) fail("malformed memo index");
+    constexpr std::uint64_t kMax = 0x7fffffffffffffffull;  // PY_SSIZE_T_MAX
+    std::uint64_t v = 0;
+    for (; i < end && (digit(s[i]) || s[i] == '_'); ++i) {
+      if (s[i] == '_') {
+        if (i + 1 >= end || !digit(s[i + 1])) fail("malformed memo index");
+        continue;
+      }
+      v = v > (kMax - (s[i] - '0')) / 10 ? kMax + 1 : v * 10 + (s[i] - '0');
+    }
+    while (i < end && space(s[i])) ++i;
+    if (i != end) fail("malformed memo index");
+    if (v > kMax) fail("memo index does not fit a Py_ssize_t");
+    if (negative && v != 0) fail("negative memo index");
+    return v;
+  }
+
   std::uint64_t read_argument(Arg arg) {
     switch (arg) {
       case Arg::kNone:
@@ -199,24 +242,17 @@ class Scanner {
         return v;
       }
       case Arg::kLine:
-        line();
+        arg_at_ = pos_;
+        arg_len_ = line();
         return 0;
       case Arg::kTwoLines:
-        line();
-        line();
+        line1_at_ = pos_;
+        line1_len_ = line();
+        arg_at_ = pos_;
+        arg_len_ = line();
         return 0;
-      case Arg::kDecimal: {
-        const std::size_t start = pos_;
-        const std::size_t len = line();
-        std::uint64_t v = 0;
-        if (len == 0 || len > 19) fail("malformed memo index");
-        for (std::size_t i = 0; i < len; ++i) {
-          const std::uint8_t c = p_[start + i];
-          if (c < '0' || c > '9') fail("malformed memo index");
-          v = v * 10 + (c - '0');
-        }
-        return v;
-      }
+      case Arg::kDecimal:
+        return decimal_index();
       case Arg::kLen1:
       case Arg::kLen4:
       case Arg::kLen4Signed:
@@ -227,6 +263,8 @@ class Scanner {
         pos_ += width;
         if (arg == Arg::kLen4Signed && (len & 0x80000000u)) fail("negative length");
         need(len, "a value");
+        arg_at_ = pos_;
+        arg_len_ = static_cast<std::size_t>(len);
         pos_ += len;
         return len;
       }
@@ -251,9 +289,9 @@ class Scanner {
     result_.max_depth = std::max<std::size_t>(result_.max_depth, depth);
   }
 
-  void push(std::uint32_t depth) {
+  void push(std::uint32_t depth, std::int32_t text = kNoText) {
     check_depth(depth);
-    stack_.push_back(depth);
+    stack_.push_back(Item{depth, text});
   }
 
   // Pops n items above the current mark; returns the deepest.
@@ -261,7 +299,7 @@ class Scanner {
     if (stack_.size() < fence() + n) fail("stack underflow");
     std::uint32_t deepest = 0;
     for (std::size_t i = 0; i < n; ++i) {
-      deepest = std::max(deepest, stack_.back());
+      deepest = std::max(deepest, stack_.back().depth);
       stack_.pop_back();
     }
     return deepest;
@@ -273,7 +311,7 @@ class Scanner {
     const std::size_t mark = marks_.back();
     marks_.pop_back();
     std::uint32_t deepest = 0;
-    for (std::size_t i = mark; i < stack_.size(); ++i) deepest = std::max(deepest, stack_[i]);
+    for (std::size_t i = mark; i < stack_.size(); ++i) deepest = std::max(deepest, stack_[i].depth);
     stack_.resize(mark);
     return deepest;
   }
@@ -281,44 +319,51 @@ class Scanner {
   // The object on top of the stack grows to hold a child of the given depth (APPEND, SETITEM...).
   void grow_top(std::uint32_t child) {
     if (stack_.empty()) fail("stack underflow");
-    const std::uint32_t depth = std::max(stack_.back(), child + 1);
+    const std::uint32_t depth = std::max(stack_.back().depth, child + 1);
     check_depth(depth);
-    stack_.back() = depth;
+    stack_.back() = Item{depth, kNoText};
   }
 
   void memo_put(std::uint64_t index) {
     if (stack_.size() <= fence()) fail("stack underflow");
-    // The memo of CPython's unpickler is an array indexed by this number: an index beyond what
-    // the pickle could ever fill is a memory bomb, refused before the final count is known.
+    // CPython's C unpickler (before gh-115952 gave it a dict for sparse indices) keeps its
+    // memo in an array that it grows to twice the index stored: LONG_BINPUT 0x7fffffff asks for 32 GiB. Any index a pickle stores is
+    // valid (sparse, out of order, starting anywhere), but one not below the pickle's own size
+    // would make that array larger than 16 bytes per byte of pickle. No pickler writes such an
+    // index: each numbers its stores by counting them, and every store needs an object pushed
+    // by an opcode of its own before it, so every index it writes is below the pickle's size.
     if (index >= n_) {
-      fail("memo index " + std::to_string(index) + " exceeds what a pickle of " +
-           std::to_string(n_) + " bytes can store");
+      fail("memo index " + std::to_string(index) + " is not below the pickle's size (" +
+           std::to_string(n_) + " bytes), so the unpickler's memo array would outgrow the file");
     }
-    if (index >= memo_.size()) memo_.resize(std::max<std::size_t>(index + 1, 2 * memo_.size()), 0);
-    if (memo_[index] == 0) ++memo_len_;
-    memo_[index] = stack_.back() + 1;
+    if (index >= memo_.size()) {
+      memo_.resize(std::max<std::size_t>(index + 1, 2 * memo_.size()), Item{0, kNoText});
+    }
+    if (memo_[index].depth == 0) ++memo_len_;
+    memo_[index] = Item{stack_.back().depth + 1, stack_.back().text};
     ++result_.memo_puts;
-    if (index >= max_put_) {
-      max_put_ = index + 1;
-      max_put_at_ = op_at_;
-      max_put_op_ = op_;
-    }
+    result_.memo_size = std::max<std::size_t>(result_.memo_size, index + 1);
   }
 
   void memo_get(std::uint64_t index) {
-    if (index >= memo_.size() || memo_[index] == 0) {
+    if (index >= memo_.size() || memo_[index].depth == 0) {
       fail("memo index " + std::to_string(index) + " was never stored");
     }
-    push(memo_[index] - 1);
+    push(memo_[index].depth - 1, memo_[index].text);
   }
 
-  void finish() {
-    if (max_put_ > result_.memo_puts) {
-      op_ = max_put_op_;
-      op_at_ = max_put_at_;
-      fail("memo index " + std::to_string(max_put_ - 1) + " exceeds the " +
-           std::to_string(result_.memo_puts) + " memo stores of the pickle");
-    }
+  // The string the current opcode pushes, kept only when globals are collected. STRING and
+  // UNICODE keep their text form (quotes, escapes): a STACK_GLOBAL operand is plain.
+  std::int32_t text() {
+    if (!options_.collect_globals) return kNoText;
+    texts_.emplace_back(reinterpret_cast<const char*>(p_ + arg_at_), arg_len_);
+    return static_cast<std::int32_t>(texts_.size() - 1);
+  }
+
+  void note_global(std::string module, std::string name) {
+    if (!options_.collect_globals) return;
+    auto key = std::make_pair(std::move(module), std::move(name));
+    if (seen_globals_.insert(key).second) result_.globals.push_back(std::move(key));
   }
 
   void apply(std::uint64_t value) {
@@ -342,12 +387,20 @@ class Scanner {
         break;
       case '2':  // DUP
         if (stack_.size() <= fence()) fail("stack underflow");
-        push(stack_.back());
+        push(stack_.back().depth, stack_.back().text);
         break;
-      case 'F': case 'I': case 'J': case 'K': case 'L': case 'M': case 'N': case 'P': case 'S':
-      case 'T': case 'U': case 'V': case 'X': case 'c': case 'G': case 0x82: case 0x83:
-      case 0x84: case 0x88: case 0x89: case 0x8a: case 0x8b: case 'B': case 'C': case 0x8c:
-      case 0x8d: case 0x8e: case 0x96: case 0x97:
+      case 'S': case 'T': case 'U': case 'V': case 'X': case 0x8c: case 0x8d:  // strings
+        push(0, text());
+        break;
+      case 'c':  // GLOBAL: module '\n' name '\n'
+        note_global(std::string(reinterpret_cast<const char*>(p_ + line1_at_), line1_len_),
+                    std::string(reinterpret_cast<const char*>(p_ + arg_at_), arg_len_));
+        push(0);
+        break;
+      case 'F': case 'I': case 'J': case 'K': case 'L': case 'M': case 'N': case 'P':
+      case 'G': case 0x82: case 0x83:
+      case 0x84: case 0x88: case 0x89: case 0x8a: case 0x8b: case 'B': case 'C':
+      case 0x8e: case 0x96: case 0x97:
         push(0);  // atoms (EXT* and NEXT_BUFFER push an existing object: depth unknown, 0)
         break;
       case '}': case ']': case ')': case 0x8f:  // empty containers
@@ -364,7 +417,14 @@ class Scanner {
       case 0x92:  // NEWOBJ_EX: cls, args, kwargs
         push(pop(3) + 1);
         break;
-      case 0x93:  // STACK_GLOBAL
+      case 0x93:  // STACK_GLOBAL: module and name are the two items on top
+        if (options_.collect_globals && stack_.size() >= fence() + 2) {
+          const Item module = stack_[stack_.size() - 2];
+          const Item name = stack_.back();
+          if (module.text != kNoText && name.text != kNoText) {
+            note_global(texts_[module.text], texts_[name.text]);
+          }
+        }
         pop(2);
         push(0);
         break;
@@ -387,7 +447,12 @@ class Scanner {
         grow_top(child);
         break;
       }
-      case 't': case 'l': case 'd': case 0x91: case 'i': case 'o':  // TUPLE, LIST, DICT...
+      case 'i':  // INST: module '\n' name '\n', then a class instance from the MARK's items
+        note_global(std::string(reinterpret_cast<const char*>(p_ + line1_at_), line1_len_),
+                    std::string(reinterpret_cast<const char*>(p_ + arg_at_), arg_len_));
+        push(pop_mark() + 1);
+        break;
+      case 't': case 'l': case 'd': case 0x91: case 'o':  // TUPLE, LIST, DICT...
         push(pop_mark() + 1);
         break;
       case 0x85:
@@ -419,13 +484,16 @@ class Scanner {
   std::size_t pos_ = 0;
   std::size_t op_at_ = 0;
   std::uint8_t op_ = 0;
-  std::vector<std::uint32_t> stack_;     // nesting depth of each item
+  std::vector<Item> stack_;              // each item's nesting depth (and text)
   std::vector<std::size_t> marks_;       // stack positions of the open MARKs
-  std::vector<std::uint32_t> memo_;      // depth + 1 of each stored item; 0: never stored
-  std::size_t memo_len_ = 0;
-  std::uint64_t max_put_ = 0;            // highest index stored, plus one
-  std::size_t max_put_at_ = 0;
-  std::uint8_t max_put_op_ = 0;
+  std::vector<Item> memo_;               // depth + 1 of each stored item; 0: never stored
+  std::vector<std::string> texts_;       // strings pushed (collect_globals only)
+  std::set<std::pair<std::string, std::string>> seen_globals_;
+  std::size_t arg_at_ = 0;               // the last argument's payload: offset and length
+  std::size_t arg_len_ = 0;
+  std::size_t line1_at_ = 0;             // GLOBAL/INST: the module line
+  std::size_t line1_len_ = 0;
+  std::size_t memo_len_ = 0;             // distinct indices stored (where MEMOIZE stores)
   PickleScan result_;
 };
 
