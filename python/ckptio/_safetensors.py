@@ -38,39 +38,61 @@ __all__ = [
 #: Largest header accepted (the limit of the reference implementation).
 MAX_HEADER_BYTES = 100_000_000
 
-# safetensors dtype names -> torch dtypes, in the reference writer's order of precedence
-# (safetensors sorts tensors by this order, descending, then by name). Entries whose torch
-# dtype this torch lacks are dropped.
-_DTYPE_ORDER = [
-    ("BOOL", "bool"),
-    ("U8", "uint8"),
-    ("I8", "int8"),
-    ("F8_E5M2", "float8_e5m2"),
-    ("F8_E4M3", "float8_e4m3fn"),
-    ("F8_E4M3FNUZ", "float8_e4m3fnuz"),
-    ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
-    ("I16", "int16"),
-    ("U16", "uint16"),
-    ("F16", "float16"),
-    ("BF16", "bfloat16"),
-    ("I32", "int32"),
-    ("U32", "uint32"),
-    ("F32", "float32"),
-    ("C64", "complex64"),
-    ("F64", "float64"),
-    ("I64", "int64"),
-    ("U64", "uint64"),
+# The safetensors dtypes: name, the torch dtype (attribute of torch) that safetensors loads it
+# as, and the width of one element in bits, in the reference writer's order of precedence
+# (its Rust ``Dtype`` enum: the writer sorts tensors by this order, descending, then by name).
+# F4 is the one sub-byte dtype torch holds: ``float4_e2m1fn_x2`` packs two F4 values in a byte,
+# so a header's F4 shape has a last dimension twice torch's. F6 has no torch dtype.
+_DTYPE_ORDER: list[tuple[str, str | None, int]] = [
+    ("BOOL", "bool", 8),
+    ("F4", "float4_e2m1fn_x2", 4),
+    ("F6_E2M3", None, 6),
+    ("F6_E3M2", None, 6),
+    ("U8", "uint8", 8),
+    ("I8", "int8", 8),
+    ("F8_E5M2", "float8_e5m2", 8),
+    ("F8_E4M3", "float8_e4m3fn", 8),
+    ("F8_E8M0", "float8_e8m0fnu", 8),
+    ("F8_E4M3FNUZ", "float8_e4m3fnuz", 8),
+    ("F8_E5M2FNUZ", "float8_e5m2fnuz", 8),
+    ("I16", "int16", 16),
+    ("U16", "uint16", 16),
+    ("F16", "float16", 16),
+    ("BF16", "bfloat16", 16),
+    ("I32", "int32", 32),
+    ("U32", "uint32", 32),
+    ("F32", "float32", 32),
+    ("C64", "complex64", 64),
+    ("F64", "float64", 64),
+    ("I64", "int64", 64),
+    ("U64", "uint64", 64),
 ]
-DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in _DTYPE_ORDER if hasattr(torch, attr)
-}
+_TORCH_ATTR: dict[str, str | None] = {name: attr for name, attr, _ in _DTYPE_ORDER}
+_BITS: dict[str, int] = {name: bits for name, _, bits in _DTYPE_ORDER}
+_RANK: dict[str, int] = {name: i for i, (name, _, _) in enumerate(_DTYPE_ORDER)}
+#: The packed dtype: its header shape's last dimension is twice torch's.
+_PACKED = "F4"
+
+
+def _build_dtypes(namespace: Any = torch) -> dict[str, torch.dtype]:
+    """safetensors dtype name -> torch dtype, for each dtype `namespace` (torch) has."""
+    out: dict[str, torch.dtype] = {}
+    for name, attr, _ in _DTYPE_ORDER:
+        dtype = getattr(namespace, attr, None) if attr is not None else None
+        if isinstance(dtype, torch.dtype):
+            out[name] = dtype
+    return out
+
+
+#: safetensors dtype name -> torch dtype, for those this torch has.
+DTYPES: dict[str, torch.dtype] = _build_dtypes()
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-_RANK: dict[str, int] = {name: i for i, (name, _) in enumerate(_DTYPE_ORDER)}
 
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One tensor of the header; offsets are absolute file offsets."""
+    """One tensor of the header; offsets are absolute file offsets. `shape` is torch's (for
+    F4, the header's with the last dimension halved)."""
 
     name: str
     dtype: torch.dtype
@@ -109,10 +131,11 @@ def read_header(source: Any) -> Header:
 
     Checks: the header length fits the file and the 100 MB limit; the JSON is well-formed
     UTF-8, an object, without duplicate keys; ``__metadata__`` maps str to str; every entry has
-    a known dtype, a shape of non-negative ints, and offsets ``[begin, end]`` such that the
-    entries, sorted by offset, tile the data section exactly (no gap, no overlap, nothing left
-    over) and each spans ``prod(shape) * itemsize`` bytes. Raises CheckpointError naming the
-    file and the problem.
+    a dtype this torch has, a shape of non-negative ints, and offsets ``[begin, end]`` such
+    that the entries, sorted by offset, tile the data section exactly (no gap, no overlap,
+    nothing left over) and each spans ``prod(shape) * bits / 8`` bytes, a whole number; an F4
+    shape's last dimension is even (torch packs two F4 values in a byte). Raises
+    CheckpointError naming the file and the problem.
     """
     name, size = source.name, source.size
     if size < 8:
@@ -139,13 +162,13 @@ def read_header(source: Any) -> Header:
         raise CheckpointError(f"{name}: __metadata__ must map strings to strings")
     data_start = 8 + n
     data_size = size - data_start
-    spans: list[tuple[int, int, str, torch.dtype, tuple[int, ...]]] = []
+    spans: list[tuple[int, int, str, str, torch.dtype, tuple[int, ...]]] = []
     for key, info in parsed.items():
         spans.append((*_check_entry(name, key, info), key, *_entry_type(name, key, info)))
     spans.sort(key=lambda s: (s[0], s[1]))
     expected = 0
     tensors: list[TensorEntry] = []
-    for begin, end, key, dtype, shape in spans:
+    for begin, end, key, dtype_name, dtype, shape in spans:
         if begin != expected:
             what = "overlaps the previous one" if begin < expected else "leaves a gap before it"
             raise CheckpointError(
@@ -155,12 +178,19 @@ def read_header(source: Any) -> Header:
         numel = 1
         for d in shape:
             numel *= d
-        if numel * dtype.itemsize != end - begin:
+        bits = numel * _BITS[dtype_name]
+        if bits % 8:
             raise CheckpointError(
-                f"{name}: tensor {key!r} of shape {list(shape)} and dtype "
-                f"{_NAMES[dtype]} needs {numel * dtype.itemsize} bytes but its data offsets "
-                f"span {end - begin}"
+                f"{name}: tensor {key!r} of shape {list(shape)} and dtype {dtype_name} holds "
+                f"{bits} bits, not a whole number of bytes"
             )
+        if bits // 8 != end - begin:
+            raise CheckpointError(
+                f"{name}: tensor {key!r} of shape {list(shape)} and dtype {dtype_name} needs "
+                f"{bits // 8} bytes but its data offsets span {end - begin}"
+            )
+        if dtype_name == _PACKED:
+            shape = _torch_shape(name, key, shape)
         expected = end
         tensors.append(TensorEntry(key, dtype, shape, data_start + begin, end - begin))
     if expected != data_size:
@@ -187,17 +217,51 @@ def _check_entry(name: str, key: str, info: Any) -> tuple[int, int]:
     return offsets[0], offsets[1]
 
 
-def _entry_type(name: str, key: str, info: dict[str, Any]) -> tuple[torch.dtype, tuple[int, ...]]:
-    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+def _entry_type(
+    name: str, key: str, info: dict[str, Any]
+) -> tuple[str, torch.dtype, tuple[int, ...]]:
+    """The entry's dtype name, torch dtype and header shape."""
+    dtype_name = info["dtype"]
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CheckpointError(
-            f"{name}: tensor {key!r} has dtype {info['dtype']!r:.40}, which this torch cannot "
-            f"represent (known: {', '.join(DTYPES)})"
+            f"{name}: tensor {key!r} has dtype {dtype_name!r:.40}, {_why_no_dtype(dtype_name)}"
         )
     shape = info["shape"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{name}: tensor {key!r} has an invalid shape {shape!r:.80}")
-    return dtype, tuple(shape)
+    return dtype_name, dtype, tuple(shape)
+
+
+def _why_no_dtype(dtype_name: Any) -> str:
+    if not isinstance(dtype_name, str) or dtype_name not in _TORCH_ATTR:
+        return f"which is not a safetensors dtype (known: {', '.join(_TORCH_ATTR)})"
+    attr = _TORCH_ATTR[dtype_name]
+    if attr is None:
+        return "for which there is no torch dtype (safetensors cannot load it into torch either)"
+    return (
+        f"which this torch ({torch.__version__}) cannot represent: it has no torch.{attr} "
+        "(a newer torch has it)"
+    )
+
+
+def _torch_shape(name: str, key: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """torch's shape of an F4 tensor of header shape `shape`: float4_e2m1fn_x2 holds two
+    values per element, so the last dimension is halved (as safetensors loads it)."""
+    if not shape or shape[-1] % 2:
+        raise CheckpointError(
+            f"{name}: tensor {key!r} has dtype F4 and shape {list(shape)}; torch holds F4 as "
+            "float4_e2m1fn_x2, two values to a byte, so its last dimension must be even"
+        )
+    return (*shape[:-1], shape[-1] // 2)
+
+
+def _header_shape(dtype_name: str, shape: torch.Size) -> list[int]:
+    """The header's shape of a torch tensor: for F4, the last dimension doubled."""
+    out = list(shape)
+    if dtype_name == _PACKED:
+        out[-1] *= 2
+    return out
 
 
 # ------------------------------------------------------------------------------------- load
@@ -252,8 +316,9 @@ class Plan:
 
 def plan(obj: Any, metadata: Mapping[str, str] | None, clone_shared: bool = False) -> Plan:
     """Checks `obj` (a flat dict of str -> dense contiguous tensor) and lays out the file
-    exactly as safetensors' writer does: tensors sorted by dtype (widest first, the reference
-    order) then name, packed without padding; compact JSON with ``__metadata__`` first; the
+    exactly as safetensors' writer does: tensors sorted by dtype (the reference order, widest
+    first) then name, packed without padding; F4 (float4_e2m1fn_x2) shapes with the last
+    dimension doubled; compact JSON with ``__metadata__`` first; the
     header padded with spaces to a multiple of 8."""
     if not isinstance(obj, Mapping):
         raise TypeError(
@@ -280,6 +345,11 @@ def plan(obj: Any, metadata: Mapping[str, str] | None, clone_shared: bool = Fals
             problems.append(f"{k!r} is {v.layout} (make it dense with .to_dense())")
         elif v.dtype not in _NAMES:
             problems.append(f"{k!r} has dtype {v.dtype}, which safetensors cannot store")
+        elif v.dim() == 0 and _NAMES[v.dtype] == _PACKED:
+            problems.append(
+                f"{k!r} is a 0-d {v.dtype} tensor: its one byte holds two F4 values, which a "
+                "safetensors shape cannot describe (give it a shape, e.g. .reshape(1))"
+            )
         elif v.device.type == "meta":
             problems.append(f"{k!r} is on the meta device and has no data")
         elif not v.is_contiguous():
@@ -307,9 +377,10 @@ def plan(obj: Any, metadata: Mapping[str, str] | None, clone_shared: bool = Fals
         t = tensors[k]
         cpu = t if t.device.type == "cpu" else t.cpu()
         nbytes = t.numel() * t.element_size()
+        dtype_name = _NAMES[t.dtype]
         entries[k] = {
-            "dtype": _NAMES[t.dtype],
-            "shape": list(t.shape),
+            "dtype": dtype_name,
+            "shape": _header_shape(dtype_name, t.shape),
             "data_offsets": [position, position + nbytes],
         }
         data.append((k, cpu))
