@@ -39,7 +39,7 @@ import torch
 from . import _core, _staging
 from ._archive import ArchiveReader
 from ._util import gc_paused
-from .errors import CheckpointError, UnsafeGlobalError
+from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
 
 __all__ = [
@@ -674,14 +674,36 @@ def _ascii(value: Any) -> Any:
     return value.decode("ascii") if isinstance(value, bytes) else value
 
 
-def _unsafe_global_message(full_path: str) -> str:
-    return (
-        f"Weights only load failed: the checkpoint names the global '{full_path}', which is not "
-        "allowed by default. If you trust this class or function, allow it with "
-        f"torch.serialization.add_safe_globals([{full_path}]) or the "
-        f"torch.serialization.safe_globals([{full_path}]) context manager; if you trust the "
-        "whole file, load it with weights_only=False (this can run arbitrary code)."
-    )
+def unsafe_globals(
+    data: bytes, allowed: dict[str, Any] | None = None, *, weights_only: bool = True
+) -> tuple[list[str], list[str], list[str]]:
+    """(needed, lacking, blocked): every global the pickle `data` names (GLOBAL, INST,
+    STACK_GLOBAL; Python 2 paths mapped as the unpickler maps them), found by the pre-scan
+    without running anything; those the weights-only allowlist (`allowed`, default torch's
+    plus add_safe_globals) lacks, blocked ones included; and those whose module is blocked."""
+    allowed = _allowed_globals() if allowed is None else allowed
+    needed: list[str] = []
+    for module, name in _core.pickle_globals(data, weights_only, MAX_PICKLE_DEPTH):
+        full = ".".join(_fix_import(module, name))
+        if full not in needed:
+            needed.append(full)
+    blocked = [g for g in needed if g.rpartition(".")[0] in _BLOCKED_MODULES]
+    lacking = [g for g in needed if g in blocked or g not in allowed]
+    return needed, lacking, blocked
+
+
+def _refusal(data: bytes | None, full: str, allowed: dict[str, Any]) -> UnsafeGlobalError:
+    """The error for the refused global `full`, naming every other global of `data` the
+    allowlist lacks as well (when the pre-scan can list them)."""
+    lacking, blocked = [full], [full] if full.rpartition(".")[0] in _BLOCKED_MODULES else []
+    if data is not None:
+        try:
+            _, found, found_blocked = unsafe_globals(data, allowed, weights_only=False)
+        except CheckpointError:
+            found, found_blocked = [], []
+        if full in found:
+            lacking, blocked = found, found_blocked
+    return UnsafeGlobalError(unsafe_globals_message(lacking, blocked), lacking, blocked)
 
 
 class _WeightsOnlyUnpickler(pickle.Unpickler):
@@ -690,25 +712,28 @@ class _WeightsOnlyUnpickler(pickle.Unpickler):
     every storage of the load, alive until the next full garbage collection."""
 
     def __init__(
-        self, data: Any, loader: StorageLoader, allowed: dict[str, Any], encoding: str
+        self,
+        data: Any,
+        loader: StorageLoader,
+        allowed: dict[str, Any],
+        encoding: str,
+        pickle_bytes: bytes | None = None,
     ) -> None:
         super().__init__(data, encoding=encoding)
         self._loader = loader
         self._allowed = allowed
+        self._pickle_bytes = pickle_bytes  # to list every lacking global when one is refused
         self.persistent_load = loader.unpickler_hook()  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = _fix_import(module, name)
         full = f"{module}.{name}"
         if module in _BLOCKED_MODULES:
-            raise UnsafeGlobalError(
-                f"Weights only load failed: the checkpoint names the global '{full}', "
-                f"whose module {module} is blocked; no allowlist can enable it."
-            )
+            raise _refusal(self._pickle_bytes, full, self._allowed)
         try:
             obj = self._allowed[full]
         except KeyError:
-            raise UnsafeGlobalError(_unsafe_global_message(full)) from None
+            raise _refusal(self._pickle_bytes, full, self._allowed) from None
         self._loader.note_global(full, obj)
         return obj
 
@@ -929,7 +954,7 @@ def make_unpickler(
     if weights_only:
         allowed = {**_allowed_globals(), **checked}
         return _WeightsOnlyUnpickler(
-            data, loader, allowed, pickle_load_args.get("encoding", "utf-8")
+            data, loader, allowed, pickle_load_args.get("encoding", "utf-8"), pickle_bytes
         )
     unpickler = _full_unpickler_class(pickle_module)(data, **pickle_load_args)
     unpickler._loader = loader

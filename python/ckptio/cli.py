@@ -260,9 +260,53 @@ def _human(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _globals(path: str) -> dict[str, list[str]] | None:
+    """The globals a torch zip file's data.pkl names and those the weights-only allowlist
+    lacks (pre-scan only, nothing imported), or None for other files."""
+    from ._unpickler import unsafe_globals
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+            if len(names) != 1:
+                return None
+            data = z.read(names[0])
+    except (OSError, zipfile.BadZipFile):
+        return None
+    needed, lacking, blocked = unsafe_globals(data, weights_only=False)
+    return {"needed": needed, "lacking": lacking, "blocked": blocked}
+
+
+def _globals_lines(found: dict[str, list[str]]) -> list[str]:
+    lines = [f"globals:         {len(found['needed'])}: {', '.join(found['needed']) or '-'}"]
+    lacking = ", ".join(found["lacking"]) or "- (weights_only=True loads it)"
+    lines.append(f"not allowlisted: {lacking}")
+    allowable = [g for g in found["lacking"] if g not in found["blocked"]]
+    if allowable:
+        lines.append(
+            f"  allow with:    torch.serialization.add_safe_globals([{', '.join(allowable)}])"
+        )
+    return lines
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    with _open(args.file) as handle:
-        info = _summary(handle, args.file)
+    from .errors import UnsafeGlobalError
+
+    found = _globals(args.file) if not os.path.isdir(args.file) else None
+    try:
+        with _open(args.file) as handle:
+            info = _summary(handle, args.file)
+    except UnsafeGlobalError:
+        if found is None:
+            raise
+        # The listing needs the weights-only rules: show what the file needs, then fail.
+        if args.json:
+            print(json.dumps({"file": args.file, "globals": found}, indent=2))
+        else:
+            print("\n".join([f"file:            {args.file}", *_globals_lines(found)]))
+        raise
+    if found is not None:
+        info["globals"] = found
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -278,6 +322,8 @@ def _inspect(args: argparse.Namespace) -> int:
         f"storage bytes {info['storage_bytes']}",
         f"non-tensors:     {len(info['non_tensors'])}",
     ]
+    if found is not None:
+        lines += _globals_lines(found)
     for k, v in info["metadata"].items():
         lines.append(f"metadata:        {k} = {_short_repr(v)}")
     print("\n".join(lines))
