@@ -32,6 +32,7 @@ import torch
 
 from . import _core
 from ._archive import ArchiveReader
+from ._files import open_source
 from ._staging import stream_to_device
 from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
 from ._util import gc_paused
@@ -95,16 +96,13 @@ def _name(path: Path) -> str:
 
 
 def _open(f: FileLike) -> tuple[Any, Any]:
-    """(source, file to close or None) for a path or a binary file object."""
-    from .serialization import _adopt_regular_file, _display_name, _read_file_object
-
+    """(source, file to close or None) for a path or a binary file object (read as
+    :func:`ckptio.load` reads it, see _files.py)."""
     if isinstance(f, (str, bytes, os.PathLike)):
         file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
         return file, file
-    adopted = _adopt_regular_file(f)
-    if adopted is not None:
-        return adopted, adopted
-    return _core.BufferSource(_read_file_object(f), _display_name(f)), None
+    source, adopted, _ = open_source(f)
+    return source, adopted
 
 
 def _item_for(src: TensorSpec, dest: torch.Tensor, numel: int) -> ReadItem:

@@ -10,7 +10,6 @@ bytes it needs. Reads are thread-safe: the handle has no file position.
 from __future__ import annotations
 
 import array
-import io
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ import torch
 
 from . import _core, _safetensors
 from ._archive import ArchiveReader
+from ._files import descriptor_file
 from ._unpickler import unpickle_placeholders
 from ._util import contiguous_strides
 from .errors import CheckpointError
@@ -71,7 +71,9 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
     """Opens a checkpoint (torch zip or safetensors, told apart by their bytes) for lazy reads.
 
     Args:
-        f: a path, or an open binary file object of a regular file.
+        f: a path, or a regular file opened with ``open(path, "rb")`` (an ``io.FileIO`` or
+            a buffered reader over one) positioned at its start. Other file objects
+            (``BytesIO``, ``gzip.open``...) raise TypeError: read them with :func:`ckptio.load`.
         map_location: where tensors read through the handle go, with :func:`ckptio.load`'s
             meaning (None: where they were saved; ``"meta"``: nothing is read).
 
@@ -88,15 +90,16 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
     if isinstance(f, (str, bytes, os.PathLike)):
         file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
     else:
-        try:
-            fd = f.fileno()
-        except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        adopted = descriptor_file(f)
+        if adopted is None:
+            # Its bytes are not those of a descriptor (BytesIO, gzip.open...), or it is not
+            # at the file's start: there is nothing to pread.
             raise TypeError(
-                "ckptio.open needs a path or an open regular file (it reads with pread), got "
-                f"{type(f).__name__}"
-            ) from None
-        name = getattr(f, "name", None)
-        file = _core.File.adopt(fd, str(name) if isinstance(name, (str, bytes)) else "<file>")
+                "ckptio.open needs a path or a file opened with open(path, 'rb') and "
+                f"positioned at its start (it reads with pread), got {type(f).__name__}; "
+                "ckptio.load reads any seekable binary file object"
+            )
+        file = adopted
     try:
         return CheckpointHandle(file, map_location)
     except BaseException:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import pickle
 import secrets
@@ -26,6 +25,7 @@ import torch
 
 from . import _core, _safetensors
 from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
+from ._files import for_torch, open_source
 from ._legacy import check_legacy
 from ._pickler import dumps, save_archive
 from ._staging import save_payloads
@@ -360,12 +360,9 @@ def load(
     else:
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
-        file = _adopt_regular_file(f)
-        if file is not None:  # an open regular file: parallel preads, no copy in memory
-            source = file
-        else:
-            start = f.tell() if callable(getattr(f, "tell", None)) else None
-            source = _core.BufferSource(_read_file_object(f), _display_name(f))
+        # An open regular file: parallel preads, no copy in memory; any other object (BytesIO,
+        # gzip.open...) is read through its own read() (_files.py).
+        source, file, start = open_source(f)
     try:
         head = source.pread(0, min(9, source.size))
         if _safetensors.looks_like_safetensors(head, source.size):
@@ -374,9 +371,8 @@ def load(
             return _safetensors.load(source, map_location, mapping)
         head = head[:4]
         if not _core.looks_like_zip(head):
-            _rewind(f, start)
             return _load_legacy(
-                f,
+                for_torch(f, start),
                 map_location,
                 pickle_module,
                 weights_only,
@@ -396,9 +392,14 @@ def load(
             # allocates by the pickle's memo indices and lengths: check those first.
             if not weights_only and archive.has("data.pkl") and not archive.has("constants.pkl"):
                 scan_pickle(archive.name, archive.read("data.pkl"), weights_only=False)
-            _rewind(f, start)
             return _load_with_torch(
-                f, map_location, pickle_module, weights_only, mmap, pickle_load_args, archive.name
+                for_torch(f, start),
+                map_location,
+                pickle_module,
+                weights_only,
+                mmap,
+                pickle_load_args,
+                archive.name,
             )
         _check_version(archive)
         mapping = _core.Mapping(file, shared) if file is not None and mmap else None
@@ -488,42 +489,6 @@ def _mmap_shared() -> bool:
 
     getter = getattr(torch.serialization, "get_default_mmap_options", None)
     return getter is not None and getter() == getattr(_mmap, "MAP_SHARED", -1)
-
-
-def _adopt_regular_file(f: Any) -> _core.File | None:
-    """A File over f's descriptor when f is an open regular file positioned at its start
-    (archive offsets are then file offsets), else None."""
-    if isinstance(f, io.TextIOBase):
-        return None  # reading it reports the text mode
-    try:
-        fd = f.fileno()
-        if f.tell() != 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
-        return None
-    return _core.File.adopt(fd, _display_name(f))
-
-
-def _read_file_object(f: Any) -> bytes:
-    """The rest of the file object, from its current position (as torch.load reads it)."""
-    if not callable(getattr(f, "read", None)):
-        raise TypeError(f"f must be a path or a readable binary file object, got {type(f)!r}")
-    data = f.read()
-    if not isinstance(data, (bytes, bytearray)):
-        raise TypeError(
-            f"f.read() returned {type(data).__name__}, expected bytes: open the file in binary mode"
-        )
-    return bytes(data)
-
-
-def _display_name(f: Any) -> str:
-    name = getattr(f, "name", None)
-    return str(name) if isinstance(name, (str, bytes)) else f"<{type(f).__name__}>"
-
-
-def _rewind(f: Any, position: int | None) -> None:
-    if position is not None:
-        f.seek(position)
 
 
 def _load_with_torch(
