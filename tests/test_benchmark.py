@@ -3,6 +3,7 @@ the documented shape, a PNG and a markdown table, and stops on a wrong result.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,13 @@ CORE = "ckptio,ckptio mmap,ckptio load_into,torch,torch mmap,pickle5,pickle5 oob
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
+    """A quick run: one round of each kind; cold first loads only where a test asks for them
+    (`--cold`), since every first load is a process of its own."""
     out = tmp_path / "r.json"
-    rc = main(["--quick", "--rounds", "1", "--dir", str(tmp_path), "--json", str(out), *args])
+    cold = "--cold" in args
+    args = tuple(a for a in args if a != "--cold") + (() if cold else ("--no-cold",))
+    argv = ["--quick", "--rounds", "1", "--first-rounds", "1", "--dir", str(tmp_path)]
+    rc = main([*argv, "--json", str(out), *args])
     return rc, (json.loads(out.read_text()) if out.exists() else {})
 
 
@@ -40,6 +46,7 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
     meta = res["meta"]
     assert meta["rounds"] == 1 and meta["quick"] is True and meta["statistic"] == "median"
+    assert meta["first_rounds"] == 1 and meta["cold"] is False
     assert meta["torch"] == torch.__version__ and meta["ckptio"] == ckptio.__version__
     assert set(res["workloads"]) == {"llm", "small", "ckpt"}
     for w in res["workloads"].values():
@@ -49,6 +56,8 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             "saves",
             "candidates",
             "limits",
+            "first_limits",
+            "cold_limits",
             "failed",
         }
         assert w["failed"] == {}
@@ -59,7 +68,14 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             assert len(c["load_runs"]) == 1 and c["load_s"] == c["load_runs"][0] > 0
             assert c["load_touch_s"] >= c["load_s"]
             assert c["file_bytes"] > 0 and c["load_touch_vs_torch"] > 0
+            # The headline: one fresh process's first load+touch, with its peak RSS.
+            assert len(c["first"]["runs"]) == 1 and c["first"]["s"] == c["first"]["runs"][0] > 0
+            assert c["first_vs_torch"] > 0 and c["first_vs_fresh_limit"] > 0
+            assert c["rss"]["peak_rss"] >= c["rss"]["base_rss"] > 0
+            assert "cold" not in c
         assert w["candidates"]["torch"]["load_touch_vs_torch"] == 1.0
+        assert w["candidates"]["torch"]["first_vs_torch"] == 1.0
+        assert w["candidates"]["torch mmap"]["first_vs_torch_mmap"] == 1.0
         for fmt, s in w["saves"].items():
             assert fmt in cmod.FORMATS and s["save_s"] > 0 and s["file_bytes"] > 0
         assert w["saves"]["torch"]["save_vs_torch"] == 1.0
@@ -67,35 +83,66 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         assert lim["bytes"] == w["saves"]["ckptio"]["file_bytes"]
         for k in ("memcpy", "read prefaulted", "read fresh 4K", "read fresh huge", "write"):
             assert lim[k]["s"] > 0 and len(lim[k]["runs"]) == meta["rounds"], k
-        assert lim["cold read"]["s"] is None or lim["cold read"]["s"] > 0
+        assert set(lim) == {"memcpy", "read prefaulted", "read fresh 4K", "read fresh huge"} | {
+            "write",
+            "bytes",
+        }
+        assert set(w["first_limits"]) == {"read fresh 4K", "read fresh huge"}
+        assert all(v["s"] > 0 and len(v["runs"]) == 1 for v in w["first_limits"].values())
+        assert w["cold_limits"] == {}
 
 
-def test_peak_rss_and_first_load_are_measured_in_a_child(tmp_path: Path) -> None:
+def test_first_and_cold_loads_each_run_in_a_fresh_process(tmp_path: Path) -> None:
     md = tmp_path / "r.md"
     rc, res = _run(
         tmp_path,
         "--workloads",
         "small",
         "--candidates",
-        "ckptio",
-        "--no-limits",
+        "ckptio,torch",
+        "--first-rounds",
+        "2",
+        "--cold",
         "--markdown",
         str(md),
     )
     assert rc == 0
     w = res["workloads"]["small"]
-    rss = w["candidates"]["ckptio"]["rss"]
-    assert "error" not in rss, rss
+    c = w["candidates"]["ckptio"]
+    assert len(c["first"]["runs"]) == 2 and c["first"]["s"] > 0
+    rss = c["rss"]
     assert rss["peak_rss"] >= rss["base_rss"] > 0
-    # The child times its one load+touch: a process's first load, in the table beside RSS.
-    assert rss["seconds"] > 0
-    assert w["saves"]["ckptio"]["rss"]["seconds"] > 0
-    row = next(line for line in md.read_text().splitlines() if line.startswith("| ckptio |"))
-    assert f"| {rss['seconds']:.3f} |" in row
     # The load+touch holds the whole file's tensors: the peak grows by at least their size.
     assert rss["delta_rss"] >= 0.5 * w["tensor_bytes"]
-    assert "delta_rss" in w["saves"]["ckptio"]["rss"]
-    assert w["limits"] == {}
+    assert rss["seconds"] in c["first"]["runs"]  # the peak comes from one of the first loads
+    assert w["saves"]["ckptio"]["rss"]["seconds"] > 0
+    # Cold: the file was evicted before each sample, and mincore confirmed it (else a note).
+    cold = c["cold"]
+    assert len(cold["runs"]) == 2 and cold["s"] > 0
+    assert (cold["resident_max"] is not None and cold["resident_max"] < 0.05) or cold["note"]
+    assert set(w["cold_limits"]) == {"cold read", "cold read O_DIRECT"}
+    for v in w["cold_limits"].values():
+        assert v["s"] is None and v["note"] or v["s"] > 0 and len(v["runs"]) == 2
+    assert c["cold_vs_torch"] > 0 and w["candidates"]["torch"]["cold_vs_torch"] == 1.0
+    row = next(line for line in md.read_text().splitlines() if line.startswith("| ckptio |"))
+    assert row.split("|")[3].strip() == f"{c['first']['s']:.3f}"  # the headline column
+    assert "| cold read | fresh process, file evicted |" in md.read_text()
+
+
+def test_saves_go_to_a_new_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    torch_fmt = cmod.FORMATS["torch"]
+
+    def save(obj: Any, path: str) -> None:
+        seen.append(Path(path).exists())
+        torch_fmt.save(obj, path)
+
+    monkeypatch.setitem(cmod.FORMATS, "torch", dataclasses.replace(torch_fmt, save=save))
+    rc, _ = _run(
+        tmp_path, "--no-rss", "--no-limits", "--workloads", "small", "--candidates", "torch"
+    )
+    assert rc == 0
+    assert seen == [False, False]  # the warm-up round and the timed one
 
 
 def test_load_rounds_run_in_a_fresh_process(tmp_path: Path) -> None:
@@ -110,7 +157,7 @@ def test_load_rounds_run_in_a_fresh_process(tmp_path: Path) -> None:
         "loaders": {"ckptio": str(path), "ckptio load_into": str(path)},
         "rounds": 2,
         "limits": {"source": str(path), "scratch": str(tmp_path / "scratch.bin")},
-        "skip": ["write", "cold read"],
+        "skip": ["write"],
     }
     out = runner._child(spec, timeout=300)
     for name in spec["loaders"]:

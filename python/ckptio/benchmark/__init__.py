@@ -6,8 +6,10 @@ Run it as ``ckptio bench``, ``python -m ckptio.benchmark`` or ``python bench/com
     python -m ckptio.benchmark --quick                 # tiny sizes (seconds)
     python -m ckptio.benchmark model.pt other.safetensors --json out.json --plot out.png
 
-The method (warm-up, interleaved rounds, medians, touch, RSS, the machine's limits) is
-described in bench/README.md and in :mod:`ckptio.benchmark.runner`.
+The headline is each loader's first load+touch in a fresh process (what an inference server
+pays), with cold first loads and repeated loads in one process beside it. The method (warm-up,
+interleaved rounds, medians, touch, RSS, the machine's limits) is described in bench/README.md
+and in :mod:`ckptio.benchmark.runner`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,21 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(WORKLOADS),
         help=f"comma-separated synthetic workloads (default: {','.join(WORKLOADS)})",
     )
-    ap.add_argument("--rounds", type=int, default=5, help="timed rounds after a warm-up (5)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="timed rounds of the saves and of the repeated loads, after a warm-up (5)",
+    )
+    ap.add_argument(
+        "--first-rounds",
+        type=int,
+        default=5,
+        help="fresh processes per candidate for the first loads, after a warm-up one (5)",
+    )
+    ap.add_argument(
+        "--no-cold", action="store_true", help="skip the cold first loads (file evicted)"
+    )
     ap.add_argument("--json", metavar="PATH", help="write all results as JSON")
     ap.add_argument("--plot", metavar="PATH", help="draw a PNG chart (needs matplotlib)")
     ap.add_argument("--markdown", metavar="PATH", help="also write the table to a file")
@@ -50,7 +66,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated loaders (default: every installed one): {', '.join(CANDIDATES)}",
     )
     ap.add_argument("--dir", help="directory for the temporary files (default: the system's)")
-    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    ap.add_argument(
+        "--no-rss",
+        action="store_true",
+        help="skip the saves' peak-RSS subprocesses (a load's peak RSS comes with its first loads)",
+    )
     ap.add_argument("--no-limits", action="store_true", help="skip the machine's limits")
     return ap
 
@@ -67,10 +87,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     ap = _parser()
     args = ap.parse_args(argv)
-    if args.rounds < 1:
-        ap.error("--rounds must be at least 1")
+    if args.rounds < 1 or args.first_rounds < 1:
+        ap.error("--rounds and --first-rounds must be at least 1")
     settings = Settings(
         rounds=args.rounds,
+        first_rounds=args.first_rounds,
+        cold=not args.no_cold,
         quick=args.quick,
         directory=args.dir,
         candidates=[c.strip() for c in args.candidates.split(",")] if args.candidates else None,

@@ -1,9 +1,13 @@
 """Measurements that need a fresh process (``python -m ckptio.benchmark._child SPEC_JSON``).
 Prints a JSON object on its last line.
 
-* ``load`` / ``save``: the peak RSS of one operation, load+touch a file with one candidate or
-  save an object with one format, with the operation's time: for a load, what a process's
-  first load costs (imports done, its memory fresh).
+* ``load``: a process's FIRST load+touch of a file with one candidate (imports done, nothing
+  loaded before, its memory fresh), its time and peak RSS: what an inference server pays. With
+  ``"cold": true`` the file is evicted from the page cache first (``posix_fadvise`` DONTNEED)
+  and ``mincore`` tells how much of it stayed resident.
+* ``limit``: one machine limit (limits.py) timed as the first thing a fresh process does, cold
+  or warm like the loads beside it.
+* ``save``: the peak RSS and time of one save of an object with one format.
 * ``rounds``: a workload's load rounds (runner.load_rounds), in a process that has neither
   built the workload nor run any writer: the writers leave state behind that slows later
   loads (safetensors' save_file leaves about 206,000 objects alive for good after saving the
@@ -23,7 +27,7 @@ import ckptio
 
 from ._measure import PeakRSS, touch
 from .candidates import CANDIDATES, FORMATS, zeros_like_tree
-from .limits import Limits
+from .limits import Limits, evict
 
 
 def _reuse_target(path: str) -> object:
@@ -42,16 +46,30 @@ def rounds(spec: dict) -> dict:
     finally:
         if limits is not None:
             limits.close()
-    return {"times": times, "ltimes": ltimes, "cold_note": limits.cold_note if limits else None}
+    return {"times": times, "ltimes": ltimes}
+
+
+def limit(spec: dict) -> dict:
+    limits = Limits(spec["source"], spec["scratch"])
+    try:
+        seconds, resident = limits.first(spec["limit"], cold=spec.get("cold", False))
+    finally:
+        limits.close()
+    return {"seconds": seconds, "resident": resident, "note": limits.cold_note}
 
 
 def main(spec: dict) -> dict:
     if spec["op"] == "rounds":
         return rounds(spec)
+    if spec["op"] == "limit":
+        return limit(spec)
     rss = PeakRSS()
+    resident = None
     if spec["op"] == "load":
         cand = CANDIDATES[spec["candidate"]]
         target = _reuse_target(spec["path"]) if cand.kind == "reuse" else None
+        if spec.get("cold"):
+            resident = evict(spec["path"])
         rss.start()
         t0 = time.perf_counter()
         out = cand.load(spec["path"], target)
@@ -71,6 +89,7 @@ def main(spec: dict) -> dict:
         "base_rss": rss.base,
         "delta_rss": peak - rss.base,
         "method": rss.method,
+        "resident": resident,  # cold loads: the fraction of the file still cached (mincore)
     }
 
 

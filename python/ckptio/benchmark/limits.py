@@ -14,9 +14,17 @@ do it (ckptio's C++ parallel pread, Python threads of pwrite; no parsing at all)
   rounds, among the writers (runner.py); it holds no buffer of its own there: the benchmark
   should not hold 1.4 GB the writers would not have, and with it held, ckptio's saves in a
   script that mimics the rounds were slower and noisier (bench/README.md, stop 10).
-* ``cold read``: disk -> pre-faulted memory, after evicting the file's pages with
-  ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privilege needed, and only this file is
-  evicted); ``mincore`` must confirm the eviction, else the limit is reported as n/a.
+* ``cold read``: disk -> pre-faulted memory, N threads of ``pread`` (ckptio's thread count),
+  after evicting the file's pages with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (no privilege
+  needed, and only this file is evicted); ``mincore`` must confirm the eviction, else the
+  limit is reported as n/a.
+* ``cold read O_DIRECT``: the same with the file opened ``O_DIRECT`` (no page cache at all),
+  where the filesystem allows it.
+
+The load rounds of one process time the warm limits again and again (:meth:`Limits.timers`);
+the first loads time ``read fresh 4K`` and ``read fresh huge`` as the first thing a fresh
+process does, and the cold loads time the cold limits, the file evicted before each sample
+(:meth:`Limits.first`).
 """
 
 from __future__ import annotations
@@ -35,16 +43,14 @@ import torch
 from .. import _core
 from ..settings import get_options
 
-__all__ = ["LIMITS", "Limits", "resident_fraction"]
+__all__ = ["COLD_LIMITS", "FIRST_LIMITS", "LIMITS", "Limits", "evict", "resident_fraction"]
 
-LIMITS = (
-    "memcpy",
-    "read prefaulted",
-    "read fresh 4K",
-    "read fresh huge",
-    "write",
-    "cold read",
-)
+#: Timed in the repeated load rounds of one process.
+LIMITS = ("memcpy", "read prefaulted", "read fresh 4K", "read fresh huge", "write")
+#: Timed as a fresh process's first work, beside the first loads (page cache warm).
+FIRST_LIMITS = ("read fresh 4K", "read fresh huge")
+#: Timed as a fresh process's first work, beside the cold first loads (the file evicted).
+COLD_LIMITS = ("cold read", "cold read O_DIRECT")
 
 
 def _read_into(path: str, address: int, nbytes: int) -> None:
@@ -96,18 +102,24 @@ def _populated_mapping(path: str, nbytes: int) -> Iterator[memoryview]:
         m.close()
 
 
-def _evict(path: str) -> bool:
-    """Drops `path`'s pages from the page cache; True if mincore confirms it."""
+def evict(path: str) -> Optional[float]:
+    """Drops `path`'s pages from the page cache; returns the fraction of its pages still
+    resident afterwards (``mincore``: 0.0 when the eviction worked), or None when this system
+    cannot evict or tell."""
     if not hasattr(os, "posix_fadvise"):
-        return False
+        return None
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fsync(fd)  # dirty pages are not dropped
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    left = resident_fraction(path)
-    return left is not None and left < 0.05
+    return resident_fraction(path)
+
+
+def evicted(resident: Optional[float]) -> bool:
+    """Whether :func:`evict`'s result says the file really left the page cache."""
+    return resident is not None and resident < 0.05
 
 
 class Limits:
@@ -142,8 +154,20 @@ class Limits:
             "read fresh 4K": self.read_fresh_4k,
             "read fresh huge": self.read_fresh_huge,
             "write": self.write,
-            "cold read": self.cold_read,
         }
+
+    def first(self, name: str, cold: bool) -> tuple[Optional[float], Optional[float]]:
+        """Times limit `name` once, as a fresh process's first work; `cold` evicts the source
+        from the page cache first. Returns (seconds or None, the resident fraction after the
+        eviction or None)."""
+        if name == "cold read O_DIRECT":
+            return self._cold_read_direct()
+        if name == "cold read":
+            return self._cold_read()
+        if name not in FIRST_LIMITS:
+            raise ValueError(f"unknown first-process limit {name!r}")
+        resident = evict(self.source) if cold else None
+        return self.timers()[name](), resident
 
     def memcpy(self) -> float:
         a, b = self._buffers()
@@ -204,13 +228,63 @@ class Limits:
             os.close(fd)
             return time.perf_counter() - t0
 
-    def cold_read(self) -> Optional[float]:
-        if not os.path.exists(self.scratch):
-            self.write()
-        if not _evict(self.scratch):
+    def _cold_read(self) -> tuple[Optional[float], Optional[float]]:
+        b = self._buffers()[1]  # allocated and faulted in before the eviction
+        resident = evict(self.source)
+        if not evicted(resident):
             self.cold_note = "the page cache could not be dropped for the file (fadvise)"
-            return None
-        b = self._buffers()[1]
+            return None, resident
         t0 = time.perf_counter()
-        _read_into(self.scratch, b.data_ptr(), self.nbytes)
-        return time.perf_counter() - t0
+        _read_into(self.source, b.data_ptr(), self.nbytes)
+        return time.perf_counter() - t0, resident
+
+    def _cold_read_direct(self) -> tuple[Optional[float], Optional[float]]:
+        """N threads of pread on an O_DIRECT descriptor into pre-faulted, page-aligned memory
+        (O_DIRECT needs aligned offsets, lengths and addresses: 8 MiB pieces, the last one
+        rounded up to a page; reading past the end of the file stops at it)."""
+        o_direct = getattr(os, "O_DIRECT", 0)
+        if not o_direct:
+            self.cold_note = "this system has no O_DIRECT"
+            return None, None
+        size = -(-max(self.nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+        buf = mmap.mmap(-1, size)
+        buf.write(b"\1" * size)  # fault it in before timing
+        resident = evict(self.source)
+        try:
+            fd = os.open(self.source, os.O_RDONLY | o_direct)
+        except OSError as e:
+            buf.close()
+            self.cold_note = f"the filesystem refuses O_DIRECT ({e.strerror})"
+            return None, resident
+        piece = 8 << 20
+        starts = list(range(0, size, piece))
+        lock = threading.Lock()
+        errors: list[OSError] = []
+
+        def worker() -> None:
+            with memoryview(buf) as view:
+                while True:
+                    with lock:
+                        if not starts or errors:
+                            return
+                        start = starts.pop()
+                    try:
+                        os.preadv(fd, [view[start : min(start + piece, size)]], start)
+                    except OSError as e:
+                        errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(max(1, get_options().threads))]
+        try:
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            dt = time.perf_counter() - t0
+        finally:
+            os.close(fd)
+            buf.close()
+        if errors:
+            self.cold_note = f"O_DIRECT reads failed ({errors[0].strerror})"
+            return None, resident
+        return dt, resident

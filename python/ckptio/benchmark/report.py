@@ -25,16 +25,26 @@ def _on(flag: Any) -> str:
     return "unrecorded" if flag is None else "on" if flag else "off"
 
 
+def _first(c: dict[str, Any], key: str) -> Optional[float]:
+    return (c.get(key) or {}).get("s")
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """One table of saves, one of loads and one of the machine's limits per workload."""
+    """Per workload: the saves, the loads (first loads of a fresh process first, then cold
+    first loads and repeated loads in one process) and the machine's limits."""
     meta = results["meta"]
+    first_rounds = meta.get("first_rounds", meta["rounds"])
     lines = [
         f"ckptio {meta['ckptio']}, torch {meta['torch']}, Python {meta['python']}, "
         f"{meta['cpus']} CPUs, {meta['ckptio_threads']} ckptio threads, ckptio huge pages "
         f"{_on(meta.get('ckptio_huge_pages'))}, recycling up to "
         f"{meta.get('ckptio_recycle_max_bytes', 0) / 2**30:g} GiB, THP "
-        f"{meta['transparent_hugepage']}; medians of {meta['rounds']} rounds after a warm-up, "
-        "candidates interleaved, page cache warm, every loader verified against the original.",
+        f"{meta['transparent_hugepage']}. Headline: the first load+touch of a fresh process "
+        f"(imports excluded), median of {first_rounds} processes per candidate, page cache "
+        "warm; cold: the same with the file evicted before each; repeated: loads in one "
+        f"process, median of {meta['rounds']} rounds. Saves to a new path, median of "
+        f"{meta['rounds']} rounds. All after a warm-up round, candidates interleaved, every "
+        "loader verified against the original.",
         "",
     ]
     for name, skipped in results.get("skipped", {}).items():
@@ -44,44 +54,60 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", f"### {wname}: {w['description']} ({mb:.0f} MB of tensors)", ""]
         if w["saves"]:
             lines += [
-                "| writer | save (s) | vs torch.save | file (MB) | save adds RSS (MiB) |",
+                "| writer | save to a new path (s) | vs torch.save | file (MB) "
+                "| save adds RSS (MiB) |",
                 "|---|---:|---:|---:|---:|",
             ]
-            for s in w["saves"].values():
-                rss = s.get("rss", {}).get("delta_rss")
+            for sv in w["saves"].values():
+                rss = sv.get("rss", {}).get("delta_rss")
                 lines.append(
-                    f"| {s['name']} | {_s(s['save_s'])} | {_x(s.get('save_vs_torch'))} | "
-                    f"{s['file_bytes'] / 1e6:.0f} | {_mib(rss)} |"
+                    f"| {sv['name']} | {_s(sv['save_s'])} | {_x(sv.get('save_vs_torch'))} | "
+                    f"{sv['file_bytes'] / 1e6:.0f} | {_mib(rss)} |"
                 )
             lines.append("")
         lines += [
-            "| loader | kind | load (s) | load+touch (s) | vs torch.load | vs torch mmap "
-            "| first load+touch of a process (s) | peak RSS added (MiB) | RSS / file |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| loader | kind | **first load+touch (s)** | **vs torch.load** | vs torch mmap "
+            "| cold first (s) | cold vs torch.load | repeated load+touch (s) "
+            "| repeated vs torch.load | peak RSS added (MiB) | RSS / file |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for cname, c in w["candidates"].items():
-            child = c.get("rss", {})
-            rss = child.get("delta_rss")
+            rss = (c.get("rss") or {}).get("delta_rss")
             ratio = f"{rss / c['file_bytes']:.2f}" if rss is not None and c["file_bytes"] else ""
+            cold = _s(_first(c, "cold"))
+            if (c.get("cold") or {}).get("note"):
+                cold += f" ({c['cold']['note']})"
             lines.append(
-                f"| {cname} | {c['kind']} | {_s(c['load_s'])} | {_s(c['load_touch_s'])} | "
-                f"{_x(c.get('load_touch_vs_torch'))} | {_x(c.get('load_touch_vs_torch_mmap'))} | "
-                f"{_s(child.get('seconds'))} | {_mib(rss)} | {ratio} |"
+                f"| {cname} | {c['kind']} | {_s(_first(c, 'first'))} | "
+                f"{_x(c.get('first_vs_torch'))} | {_x(c.get('first_vs_torch_mmap'))} | "
+                f"{cold} | {_x(c.get('cold_vs_torch'))} | {_s(c['load_touch_s'])} | "
+                f"{_x(c.get('load_touch_vs_torch'))} | {_mib(rss)} | {ratio} |"
             )
         for cname, why in w.get("failed", {}).items():
             lines.append(f"\n- {cname}: n/a ({why})")
-        lim = w.get("limits") or {}
-        if lim:
-            lines += ["", f"Machine limits for {lim['bytes'] / 1e6:.0f} MB:", ""]
-            lines += ["| limit | seconds | GB/s |", "|---|---:|---:|"]
-            for k, v in lim.items():
-                if k == "bytes":
-                    continue
-                if v["s"] is None:
-                    lines.append(f"| {k} | n/a ({v.get('note', '')}) | |")
-                else:
-                    lines.append(f"| {k} | {v['s']:.3f} | {lim['bytes'] / v['s'] / 1e9:.2f} |")
+        lines += _limit_rows(w)
     return "\n".join(lines) + "\n"
+
+
+def _limit_rows(w: dict[str, Any]) -> list[str]:
+    lim = w.get("limits") or {}
+    groups = (
+        ("first work of a fresh process", w.get("first_limits") or {}),
+        ("fresh process, file evicted", w.get("cold_limits") or {}),
+        ("repeated in one process", {k: v for k, v in lim.items() if k != "bytes"}),
+    )
+    if not lim:
+        return []
+    nbytes = lim["bytes"]
+    out = ["", f"Machine limits for {nbytes / 1e6:.0f} MB (the same file, the same run):", ""]
+    out += ["| limit | measured as | seconds | GB/s |", "|---|---|---:|---:|"]
+    for where, entries in groups:
+        for k, v in entries.items():
+            if v.get("s") is None:
+                out.append(f"| {k} | {where} | n/a ({v.get('note', '')}) | |")
+            else:
+                out.append(f"| {k} | {where} | {v['s']:.3f} | {nbytes / v['s'] / 1e9:.2f} |")
+    return out
 
 
 def print_medians(times: dict[str, list[float]]) -> None:
@@ -117,20 +143,41 @@ def plot(results: dict[str, Any], path: str) -> None:
     for row, (wname, w) in enumerate(works):
         ax = axes[row][0]
         names = list(w["candidates"])
-        vals = [w["candidates"][n]["load_touch_s"] or 0.0 for n in names]
-        colors = [_color(n, w["candidates"][n]["kind"]) for n in names]
-        ax.barh(names, vals, color=colors)
+        cands = w["candidates"]
+        ys = range(len(names))
+        first = [_first(cands[n], "first") or 0.0 for n in names]
+        cold = [_first(cands[n], "cold") or 0.0 for n in names]
+        repeated = [cands[n]["load_touch_s"] or 0.0 for n in names]
+        colors = [_color(n, cands[n]["kind"]) for n in names]
+        ax.barh([y - 0.27 for y in ys], first, height=0.27, color=colors, label="first load")
+        ax.barh(ys, cold, height=0.27, color=colors, alpha=0.45, hatch="//", label="cold")
+        ax.barh(
+            [y + 0.27 for y in ys],
+            repeated,
+            height=0.27,
+            color=colors,
+            alpha=0.25,
+            label="repeated in one process",
+        )
+        ax.set_yticks(list(ys), names)
         ax.invert_yaxis()
-        ax.set_title(f"{wname}: load + touch (s, median, lower is better)", fontsize=10)
-        lim = w.get("limits") or {}
-        for key, style in (("read fresh huge", "--"), ("read prefaulted", ":")):
-            v = lim.get(key, {}).get("s")
+        ax.set_title(
+            f"{wname}: load + touch (s, median, lower is better): first load of a fresh "
+            "process, cold, repeated",
+            fontsize=9,
+        )
+        fresh = w.get("first_limits") or {}
+        for key, style in (("read fresh 4K", "--"), ("read fresh huge", ":")):
+            v = fresh.get(key, {}).get("s")
             if v:
                 ax.axvline(v, color="black", linestyle=style, linewidth=1, label=f"limit: {key}")
-        if lim:
-            ax.legend(fontsize=7, loc="lower right")
+        v = (w.get("cold_limits") or {}).get("cold read", {}).get("s")
+        if v:
+            ax.axvline(v, color="grey", linestyle="-.", linewidth=1, label="limit: cold read")
+        ax.legend(fontsize=7, loc="lower right")
         ax2 = axes[row][1]
         saves = w["saves"]
+        lim = w.get("limits") or {}
         if saves:
             snames = [s["name"] for s in saves.values()]
             ax2.barh(

@@ -1,13 +1,22 @@
 """The measurement loop.
 
-Per workload: every format is written by its own writer, and the page-cache write limit timed
-among them (save rounds); every loader is checked once against the original (a wrong result
-stops the run); then the load rounds time every loader and the other machine limits, in a
-fresh process (_child.py says why). Round 0 is a warm-up and is not counted; each later round
-runs all candidates, rotating who goes first, so that all of them meet the same machine state
-(on shared VMs the cost of fresh memory and of page-cache writes drifts within a minute).
-Results are medians; ratios are computed within the run. Peak RSS is measured last, one fresh
-process per candidate.
+Per workload: every format is written by its own writer to a path that does not exist yet
+(the previous round's file is unlinked, untimed), and the page-cache write limit timed among
+them (save rounds); every loader is checked once against the original (a wrong result stops
+the run); then the loads are timed three ways:
+
+* **first loads** (the headline): each sample is a fresh process whose first work is one
+  load+touch (imports done, untimed), what an inference server pays; page cache warm; the
+  machine's "read into fresh memory" limits are timed the same way beside them.
+* **cold first loads**: the same with the file evicted from the page cache before each sample
+  (``posix_fadvise`` DONTNEED, checked with ``mincore``), beside the cold parallel read limits.
+* **repeated loads**: the load rounds of one process (_child.py says why a separate one),
+  where later loads reuse memory earlier ones freed; a labelled row, never the headline.
+
+Round 0 of each is a warm-up and is not counted; each later round runs all candidates,
+rotating who goes first, so that all of them meet the same machine state (on shared VMs the
+cost of fresh memory and of page-cache writes drifts within a minute). Results are medians;
+ratios are computed within the run.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import ckptio
 from .._util import gc_paused
 from ._measure import touch
 from .candidates import CANDIDATES, FORMATS, BenchmarkError, Candidate, verify, zeros_like_tree
-from .limits import Limits
+from .limits import COLD_LIMITS, FIRST_LIMITS, Limits, evicted
 from .workloads import Workload, build
 
 _WRITE_LIMIT = "limit:write"  # the write limit's entry in the save rounds' rotation
@@ -41,11 +50,13 @@ __all__ = ["Settings", "run", "run_files"]
 
 @dataclass
 class Settings:
-    rounds: int = 5
+    rounds: int = 5  # timed rounds of the saves and of the repeated loads
+    first_rounds: int = 5  # fresh processes per candidate for the first loads (and cold ones)
+    cold: bool = True  # also time cold first loads (the file evicted before each)
     quick: bool = False
     directory: Optional[str] = None
     candidates: Optional[Sequence[str]] = None  # None: every available one
-    rss: bool = True
+    rss: bool = True  # peak RSS of each save (a load's comes with its first loads)
     limits: bool = True
     log: Callable[[str], None] = field(default=lambda s: print(s, file=sys.stderr, flush=True))
 
@@ -93,6 +104,13 @@ def select(settings: Settings, log: Callable[[str], None]) -> tuple[list[Candida
     return chosen, skipped
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _child(spec: dict, timeout: float) -> dict:
     """Runs one _child.py measurement in a fresh process; its result, or BenchmarkError."""
     env = dict(os.environ)
@@ -108,6 +126,12 @@ def _child(spec: dict, timeout: float) -> dict:
         last = out.stderr.strip().splitlines()[-1:] or ["failed"]
         raise BenchmarkError(f"the {spec['op']} process failed: {last[0]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _read_through(path: str) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 << 20):
+            pass
 
 
 def _child_rss(spec: dict) -> dict:
@@ -172,15 +196,26 @@ def _summarise(times: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, 
 
 
 def _ratios(result: dict[str, Any]) -> None:
-    """Speed-ups vs torch (same run): load+touch vs torch.load (eager), mmap loaders also vs
-    torch.load(mmap=True); saves vs torch.save."""
+    """Speed-ups within the run: each load row vs torch.load's same row (first, cold,
+    repeated), mmap loaders also vs torch.load(mmap=True)'s; the first load vs the machine's
+    fastest read into fresh memory (a ratio <= 1 reaches it); saves vs torch.save."""
     cands = result["candidates"]
-    base = cands.get("torch", {}).get("load_touch_s")
-    base_mmap = cands.get("torch mmap", {}).get("load_touch_s")
+
+    def speedup(base: Optional[float], v: Optional[float]) -> Optional[float]:
+        return base / v if base and v else None
+
+    def row(name: str, key: str) -> Optional[float]:
+        c = cands.get(name, {})
+        return c.get(key, {}).get("s") if key in ("first", "cold") else c.get(key)
+
+    fresh = [v["s"] for v in result.get("first_limits", {}).values() if v.get("s")]
     for c in cands.values():
-        lt = c.get("load_touch_s")
-        c["load_touch_vs_torch"] = base / lt if base and lt else None
-        c["load_touch_vs_torch_mmap"] = base_mmap / lt if base_mmap and lt else None
+        for key, label in (("load_touch_s", "load_touch"), ("first", "first"), ("cold", "cold")):
+            v = c.get(key, {}).get("s") if key in ("first", "cold") else c.get(key)
+            c[f"{label}_vs_torch"] = speedup(row("torch", key), v)
+            c[f"{label}_vs_torch_mmap"] = speedup(row("torch mmap", key), v)
+        first = c.get("first", {}).get("s")
+        c["first_vs_fresh_limit"] = first / min(fresh) if first and fresh else None
     saves = result["saves"]
     sbase = saves.get("torch", {}).get("save_s")
     for s in saves.values():
@@ -190,13 +225,60 @@ def _ratios(result: dict[str, Any]) -> None:
 def _limits_result(ltimes: dict[str, list[float]], limits: Optional[Limits]) -> dict[str, Any]:
     if limits is None:
         return {}
-    out: dict[str, Any] = {}
-    for k in limits.timers():
-        v = ltimes.get(k, [])
-        out[k] = {"s": _median(v), "runs": v}
-        if not v and k == "cold read":
-            out[k]["note"] = limits.cold_note or "n/a"
+    out: dict[str, Any] = {k: {"s": _median(v), "runs": v} for k, v in ltimes.items()}
     out["bytes"] = limits.nbytes
+    return out
+
+
+def first_loads(
+    loaders: dict[str, tuple[Candidate, str]],
+    limits: Optional[Limits],
+    rounds: int,
+    cold: bool,
+    warmup: bool = True,
+) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Times each loader's first load+touch in a fresh process, `rounds` samples each after a
+    warm-up round (none when not `warmup`: quick runs), candidates rotating who goes first;
+    with the machine limits that bound it (the fresh-memory reads, or with `cold` the cold
+    reads) timed the same way. `cold` evicts the file before each sample. Returns each
+    loader's and each limit's samples (the child's result dicts: seconds, peak RSS, the
+    file's resident fraction after an eviction)."""
+    names = (COLD_LIMITS if cold else FIRST_LIMITS) if limits is not None else ()
+    entries = list(loaders) + [f"limit:{k}" for k in names]
+    samples: dict[str, list[dict]] = {n: [] for n in loaders}
+    lsamples: dict[str, list[dict]] = {k: [] for k in names}
+    for r in range(0 if warmup else 1, rounds + 1):
+        for name in _rotating(entries, r):
+            if name.startswith("limit:"):
+                assert limits is not None
+                spec = {"op": "limit", "limit": name[6:], "cold": cold}
+                spec.update(source=limits.source, scratch=limits.scratch)
+                out = _child(spec, timeout=600)
+                if r:
+                    lsamples[name[6:]].append(out)
+                continue
+            spec = {"op": "load", "candidate": name, "path": loaders[name][1], "cold": cold}
+            out = _child(spec, timeout=600)
+            if r:
+                samples[name].append(out)
+    return samples, lsamples
+
+
+def _first_summary(runs: list[dict], cold: bool) -> dict[str, Any]:
+    secs = [x["seconds"] for x in runs if x.get("seconds") is not None]
+    out: dict[str, Any] = {"s": _median(secs), "runs": secs}
+    notes = {x["note"] for x in runs if x.get("note")}
+    if notes:
+        out["note"] = "; ".join(sorted(notes))
+    elif cold:
+        resident = [x.get("resident") for x in runs]
+        out["resident_max"] = max((x for x in resident if x is not None), default=None)
+        if runs and not all(evicted(x) for x in resident):
+            out["note"] = (
+                "the kernel kept part of the file in the page cache"
+                if any(x is not None for x in resident)
+                else "the page cache could not be dropped for the file (fadvise)"
+            )
     return out
 
 
@@ -235,6 +317,7 @@ def run_workload(wl: Workload, settings: Settings, cands: list[Candidate], d: st
                 assert limits is not None
                 write_times.append(limits.write())
                 continue
+            _unlink(paths[f])  # every writer saves to a new path, untimed
             t0 = time.perf_counter()
             try:
                 FORMATS[f].save(payload[f], paths[f])
@@ -341,8 +424,6 @@ def _measure_loads(
         }
         out = _child(spec, timeout=3600)
         times, ltimes = out["times"], out["ltimes"]
-        if limits is not None:
-            limits.cold_note = out["cold_note"]
         if write_times is not None:
             ltimes["write"] = write_times
         limit_result = _limits_result(ltimes, limits)
@@ -358,11 +439,29 @@ def _measure_loads(
         "saves": saves,
         "candidates": cands,
         "limits": limit_result,
+        "first_limits": {},
+        "cold_limits": {},
     }
+    log(f"  {name}: first loads, {settings.first_rounds} fresh processes per candidate")
+    first, flimits = first_loads(
+        loaders, limits, settings.first_rounds, cold=False, warmup=not settings.quick
+    )
+    for n, runs in first.items():
+        cands[n]["first"] = _first_summary(runs, cold=False)
+        # A load's peak RSS: the largest of its first loads (each a fresh process).
+        cands[n]["rss"] = max(runs, key=lambda x: x["delta_rss"]) if runs else {}
+    result["first_limits"] = {k: _first_summary(v, cold=False) for k, v in flimits.items()}
+    if settings.cold:
+        log(f"  {name}: cold first loads (the file evicted before each)")
+        cold, climits = first_loads(
+            loaders, limits, settings.first_rounds, cold=True, warmup=not settings.quick
+        )
+        for n, runs in cold.items():
+            cands[n]["cold"] = _first_summary(runs, cold=True)
+        result["cold_limits"] = {k: _first_summary(v, cold=True) for k, v in climits.items()}
+        for _c, path in loaders.values():
+            _read_through(path)  # back to a warm page cache for what follows
     if settings.rss:
-        log(f"  {name}: peak RSS, one fresh process per candidate")
-        for n, (_c, path) in loaders.items():
-            cands[n]["rss"] = _child_rss({"op": "load", "candidate": n, "path": path})
         if payload is not None and paths is not None and "ckptio" in paths:
             flat_src = None
             for f, s in saves.items():
@@ -398,6 +497,8 @@ def _meta(settings: Settings) -> dict:
         "ckptio_recycle_max_bytes": opts.recycle_max_bytes if opts.recycle_memory else 0,
         "transparent_hugepage": thp,
         "rounds": settings.rounds,
+        "first_rounds": settings.first_rounds,
+        "cold": settings.cold,
         "warmup_rounds": 1,
         "quick": settings.quick,
         "statistic": "median",
