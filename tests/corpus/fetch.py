@@ -98,7 +98,9 @@ def _download(pkg: dict[str, Any], archives: Path, log: Callable[[str], None]) -
     spec = f"{pkg['name']}=={pkg['version']}"
     with tempfile.TemporaryDirectory(dir=archives) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        cmd += ["--disable-pip-version-check", "-q", "-d", tmp, *pkg["pip_args"], spec]
+        # Few, short retries: an unreachable registry should be reported in seconds.
+        cmd += ["--disable-pip-version-check", "-q", "--retries", "1", "--timeout", "30"]
+        cmd += ["-d", tmp, *pkg["pip_args"], spec]
         log(f"  pip download {spec} {' '.join(pkg['pip_args'])}".rstrip())
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / pkg["archive"]
