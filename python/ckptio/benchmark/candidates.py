@@ -221,6 +221,17 @@ _ALL = [
         keeps_sharing=True,
     ),
     Candidate("ckptio load_into", "reuse", "ckptio", _load_into, keeps_sharing=True),
+    # ckptio reading the file stock torch.save wrote (64-byte records, no index of its own).
+    Candidate(
+        "ckptio, torch's file", "copy", "torch", lambda p, _t: ckptio.load(p), keeps_sharing=True
+    ),
+    Candidate(
+        "ckptio mmap, torch's file",
+        "mmap",
+        "torch",
+        lambda p, _t: ckptio.load(p, mmap=True),
+        keeps_sharing=True,
+    ),
     Candidate("torch", "copy", "torch", lambda p, _t: torch.load(p), keeps_sharing=True),
     Candidate(
         "torch mmap", "mmap", "torch", lambda p, _t: torch.load(p, mmap=True), keeps_sharing=True

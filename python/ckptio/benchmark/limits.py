@@ -9,6 +9,8 @@ do it (ckptio's C++ parallel pread, Python threads of pwrite; no parsing at all)
   4 KiB page faults on first touch, as plain ``malloc``'d memory does.
 * ``read fresh huge``: the same into fresh memory advised ``MADV_HUGEPAGE`` (2 MiB pages where
   the kernel grants them): the best "read into fresh memory" an eager loader can do.
+* ``map + touch``: map the file (private, read-only use) and read one byte of every page: what
+  any mmap loader pays before its tensors' bytes are all reachable.
 * ``write``: memory -> page cache, into a new file (a save without any encoding), from a
   populated read-only mapping of the source file. The synthetic workloads time it in their save
   rounds, among the writers (runner.py); it holds no buffer of its own there: the benchmark
@@ -46,9 +48,9 @@ from ..settings import get_options
 __all__ = ["COLD_LIMITS", "FIRST_LIMITS", "LIMITS", "Limits", "evict", "resident_fraction"]
 
 #: Timed in the repeated load rounds of one process.
-LIMITS = ("memcpy", "read prefaulted", "read fresh 4K", "read fresh huge", "write")
+LIMITS = ("memcpy", "read prefaulted", "read fresh 4K", "read fresh huge", "map + touch", "write")
 #: Timed as a fresh process's first work, beside the first loads (page cache warm).
-FIRST_LIMITS = ("read fresh 4K", "read fresh huge")
+FIRST_LIMITS = ("read fresh 4K", "read fresh huge", "map + touch")
 #: Timed as a fresh process's first work, beside the cold first loads (the file evicted).
 COLD_LIMITS = ("cold read", "cold read O_DIRECT")
 
@@ -153,6 +155,7 @@ class Limits:
             "read prefaulted": self.read_prefaulted,
             "read fresh 4K": self.read_fresh_4k,
             "read fresh huge": self.read_fresh_huge,
+            "map + touch": self.map_touch,
             "write": self.write,
         }
 
@@ -199,6 +202,16 @@ class Limits:
         _read_into(self.source, buf.address, self.nbytes)
         dt = time.perf_counter() - t0
         del buf
+        return dt
+
+    def map_touch(self) -> float:
+        t0 = time.perf_counter()
+        with open(self.source, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), max(self.nbytes, 1), flags=mmap.MAP_PRIVATE)
+        with memoryview(m) as view:
+            sum(view[:: mmap.PAGESIZE])
+        dt = time.perf_counter() - t0
+        m.close()
         return dt
 
     def write(self) -> float:

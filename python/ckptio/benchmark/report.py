@@ -67,9 +67,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append("")
         lines += [
             "| loader | kind | **first load+touch (s)** | **vs torch.load** | vs torch mmap "
-            "| cold first (s) | cold vs torch.load | repeated load+touch (s) "
+            "| first / its limit | cold first (s) | cold vs torch.load | repeated load+touch (s) "
             "| repeated vs torch.load | peak RSS added (MiB) | RSS / file |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for cname, c in w["candidates"].items():
             rss = (c.get("rss") or {}).get("delta_rss")
@@ -80,8 +80,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {cname} | {c['kind']} | {_s(_first(c, 'first'))} | "
                 f"{_x(c.get('first_vs_torch'))} | {_x(c.get('first_vs_torch_mmap'))} | "
-                f"{cold} | {_x(c.get('cold_vs_torch'))} | {_s(c['load_touch_s'])} | "
-                f"{_x(c.get('load_touch_vs_torch'))} | {_mib(rss)} | {ratio} |"
+                f"{_x(c.get('first_vs_limit'))} | {cold} | {_x(c.get('cold_vs_torch'))} | "
+                f"{_s(c['load_touch_s'])} | {_x(c.get('load_touch_vs_torch'))} | {_mib(rss)} | "
+                f"{ratio} |"
             )
         for cname, why in w.get("failed", {}).items():
             lines.append(f"\n- {cname}: n/a ({why})")
