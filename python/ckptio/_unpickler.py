@@ -38,7 +38,7 @@ import torch
 
 from . import _core, _staging
 from ._archive import ArchiveReader
-from ._util import gc_paused
+from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
 
@@ -178,7 +178,10 @@ class StorageLoader:
         self._mapped_file: torch.UntypedStorage | None = None  # the whole mapping
         self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
         self._identity: dict[str, bool | None] = {}
-        self.location_error: BaseException | None = None  # raised by restore_location
+        # The exception on its way out, if one is, that is not the file's fault: raised by
+        # ckptio's allocation, reads or placement of storages, or by a map_location callable.
+        # The unpicklings let it out as it is (a CUDA out-of-memory error stays one).
+        self.foreign_error: BaseException | None = None
         # The C persistent_load made by unpickler_hook(), held weakly: it holds this loader
         # (its fallback), and a cycle would keep every storage of the load alive until the
         # next full garbage collection.
@@ -241,7 +244,13 @@ class StorageLoader:
         cached = self.loaded.get(key)
         if cached is not None:
             return cached
-        storage = self._storage(numel * element_size, key, location)
+        try:
+            storage = self._storage(numel * element_size, key, location)
+        except CheckpointError:
+            raise  # the file's records or locations
+        except BaseException as e:
+            self.foreign_error = e
+            raise
         typed = self._wrap(storage, dtype)
         if numel:  # as torch: empty storages are not shared
             self.loaded[key] = typed
@@ -275,7 +284,13 @@ class StorageLoader:
         data_offset, record_size = self._record(key, nbytes)
         staged = self._targets.get(location, _UNKNOWN)
         if staged is _UNKNOWN:
-            staged = self._staged_target(location)
+            try:
+                staged = self._staged_target(location)
+            except Exception as e:
+                blamed = self._location_error(e, location)
+                if blamed is None:
+                    raise
+                raise blamed from e
         if staged is not None:
             # Straight to the device through the pinned staging ring (_staging.py), mmap or
             # not: torch's result is the same device storage either way.
@@ -301,15 +316,26 @@ class StorageLoader:
         try:
             return self.restore_location(storage, location)
         except Exception as e:
-            # A map_location callable is user code: its exceptions go out as they are. torch's
-            # own restore failing (a location naming no device, or a device this machine
-            # lacks, such as CUDA) becomes a CheckpointError (a RuntimeError, as torch's)
-            # carrying torch's message.
-            if callable(self.map_location) and not isinstance(
-                self.map_location, (str, bytes, dict, torch.device)
-            ):
-                self.location_error = e
-            raise
+            blamed = self._location_error(e, location)
+            if blamed is None:
+                raise
+            raise blamed from e
+
+    def _location_error(self, e: Exception, location: str) -> CheckpointError | None:
+        """The CheckpointError to raise when restoring a storage saved at `location` failed
+        with `e`, or None to let `e` out as it is. torch's own restore failing (a location
+        naming no device, or a device this machine lacks, such as CUDA) becomes a
+        CheckpointError (a RuntimeError, as torch's) carrying torch's message; a map_location
+        callable's exceptions (user code) and the machine's failures go out as they are."""
+        user_code = callable(self.map_location) and not isinstance(
+            self.map_location, (str, bytes, dict, torch.device)
+        )
+        if user_code or is_environment_error(e) or isinstance(e, CheckpointError):
+            return None
+        return CheckpointError(
+            f"{self.archive.name}: a storage saved at {location!r:.40} cannot be restored: "
+            f"{type(e).__name__}: {e}"
+        )
 
     def _record(self, key: str, nbytes: int) -> tuple[int, int]:
         """(data offset, size) of the stored record data/<key> of a storage of `nbytes`."""
@@ -424,7 +450,18 @@ class StorageLoader:
             self.deferred = False
 
     def flush(self) -> None:
-        """Reads every pending storage (one parallel batch, GIL released)."""
+        """Reads every pending storage (one parallel batch, GIL released). Every record was
+        checked against the file before it was queued: a failure here is ckptio's or the
+        machine's, kept as foreign_error."""
+        try:
+            self._flush()
+        except CheckpointError:
+            raise
+        except BaseException as e:
+            self.foreign_error = e
+            raise
+
+    def _flush(self) -> None:
         self.wait_prefetch()
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
@@ -558,6 +595,8 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
                 untyped, storage_offset, size, stride
             )
         except Exception as e:
+            if is_environment_error(e):
+                raise
             _check_geometry(name, storage, storage_offset, size, stride, dtype)
             raise CheckpointError(f"{name}: a tensor could not be rebuilt: {e}") from None
 
@@ -802,7 +841,7 @@ def unpickle_placeholders(archive: ArchiveReader) -> tuple[Any, PlaceholderLoade
     unpickler = make_unpickler(
         archive.read("data.pkl"), loader, weights_only=True, pickle_module=None, encoding="utf-8"
     )
-    return _load(unpickler, archive.name), loader
+    return _load(unpickler, loader), loader
 
 
 class NeedsTensors(Exception):
@@ -907,29 +946,34 @@ def unpickle_specs(archive: ArchiveReader) -> Any:
     """The object in `archive`'s data.pkl with a :class:`TensorSpec` for each tensor, under
     the weights-only rules (a global they refuse raises UnsafeGlobalError as in load()).
     Raises NeedsTensors when the pickle needs real tensors: unpickle_placeholders then."""
+    loader = SpecLoader(archive)
     unpickler = make_unpickler(
         archive.read("data.pkl"),
-        SpecLoader(archive),
+        loader,
         weights_only=True,
         pickle_module=None,
         rebuilds=_spec_rebuilds(archive.name),
         encoding="utf-8",
     )
-    return _load(unpickler, archive.name)
+    return _load(unpickler, loader)
 
 
-def _load(unpickler: Any, name: str) -> Any:
+def _load(unpickler: Any, loader: StorageLoader) -> Any:
     """unpickler.load() with the collector paused, for the weights-only parses of
-    unpickle_placeholders and unpickle_specs: an unexpected exception becomes a
-    CheckpointError naming the file."""
+    unpickle_placeholders and unpickle_specs, leaving torch's global state as it was (their
+    tensors hold no data: nothing is queued for torch's sparse check). An unexpected
+    exception that is not ckptio's or the machine's becomes a CheckpointError naming the
+    file."""
     try:
-        with gc_paused():
+        with torch_load_state(loader.map_location, validate=False), gc_paused():
             return unpickler.load()
-    except (CheckpointError, NeedsTensors, OSError, MemoryError, KeyboardInterrupt):
+    except (CheckpointError, NeedsTensors, KeyboardInterrupt):
         raise
     except Exception as e:
+        if e is loader.foreign_error or is_environment_error(e):
+            raise
         raise CheckpointError(
-            f"{name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
+            f"{loader.archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
 
 

@@ -4,9 +4,66 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-__all__ = ["contiguous_strides", "gc_paused"]
+import torch
+
+__all__ = ["contiguous_strides", "gc_paused", "is_environment_error", "torch_load_state"]
+
+# Errors of the machine, never of a file (every size a file declares is checked against the
+# file before anything is allocated): the OS, memory, and the accelerator.
+_ENVIRONMENT_ERRORS: tuple[type[BaseException], ...] = tuple(
+    t
+    for t in (
+        OSError,
+        MemoryError,
+        getattr(torch, "OutOfMemoryError", None),
+        getattr(torch.cuda, "OutOfMemoryError", None),
+        getattr(torch, "AcceleratorError", None),
+        getattr(torch.cuda, "CudaError", None),
+    )
+    if isinstance(t, type)
+)
+
+
+def is_environment_error(e: BaseException) -> bool:
+    """Whether `e` is the machine's failure, not the file's: it must reach the caller as it
+    is (``except torch.cuda.OutOfMemoryError:`` fallbacks), never as a CheckpointError.
+    torch's CPU allocator raises a plain RuntimeError, recognised by its message."""
+    if isinstance(e, _ENVIRONMENT_ERRORS):
+        return True
+    return type(e) is RuntimeError and "can't allocate memory" in str(e)
+
+
+@contextlib.contextmanager
+def torch_load_state(map_location: Any, *, validate: bool) -> Iterator[None]:
+    """The torch-global state of an unpickling, left as torch.load leaves it.
+
+    During the block, the thread's ``torch.serialization._serialization_tls.map_location``
+    is `map_location` (torch's rebuild functions consult it); afterwards it is what it was.
+    torch's sparse-tensor rebuilds queue each tensor in ``torch._utils._sparse_tensors_to_validate``
+    for a check once the load's data is in: with `validate`, a block that succeeds runs that
+    check (which empties the queue), as torch.load does; otherwise (a parse over placeholder
+    storages, whose tensors hold no data) and whenever the block fails, the entries it added
+    are dropped, so no later load trips over them.
+    """
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    queue: list[Any] = getattr(torch._utils, "_sparse_tensors_to_validate", [])
+    queued = len(queue)
+    previous = getattr(tls, "map_location", None)
+    if tls is not None:
+        tls.map_location = map_location
+    succeeded = False
+    try:
+        yield
+        succeeded = True
+    finally:
+        if tls is not None:
+            tls.map_location = previous
+        if not (succeeded and validate):
+            del queue[queued:]
+    if validate:
+        torch._utils._validate_loaded_sparse_tensors()
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ from ._legacy import check_legacy
 from ._pickler import dumps, save_archive
 from ._staging import save_payloads
 from ._unpickler import StorageLoader, make_unpickler, scan_pickle
-from ._util import gc_paused
+from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -427,29 +427,27 @@ def _unpickle(
         pickle_module=pickle_module,
         **{"encoding": "utf-8", **pickle_load_args},
     )
-    tls = getattr(torch.serialization, "_serialization_tls", None)
-    if tls is not None:
-        tls.map_location = map_location  # torch's rebuild helpers consult it
     try:
-        with gc_paused():
-            result = unpickler.load()
-            # The memo holds every object of the pickle; free what the result does not keep
-            # (storage wrappers, argument tuples) while the collector is paused.
-            unpickler.memo.clear()
-        loader.flush()
-    except (CheckpointError, OSError, MemoryError, KeyboardInterrupt):
+        # Meta tensors hold no data to check (torch.load's check fails on them).
+        with torch_load_state(map_location, validate=not loader.is_meta):
+            with gc_paused():
+                result = unpickler.load()
+                # The memo holds every object of the pickle; free what the result does not
+                # keep (storage wrappers, argument tuples) while the collector is paused.
+                unpickler.memo.clear()
+            loader.flush()
+    except (CheckpointError, KeyboardInterrupt):
         raise
     except Exception as e:
-        if not weights_only or e is loader.location_error:
-            raise  # user code or map_location raised: keep its exceptions as torch does
+        if not weights_only or e is loader.foreign_error or is_environment_error(e):
+            # User code or map_location raised, or ckptio's own allocation, reads or
+            # placement of storages failed: not the file's fault, so it goes out as it is.
+            raise
         raise CheckpointError(
             f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
     finally:
         loader.join_prefetch()  # a failed load leaves no read running
-        if tls is not None:
-            tls.map_location = None
-    torch._utils._validate_loaded_sparse_tensors()
     return result
 
 
@@ -500,22 +498,48 @@ def _load_with_torch(
     pickle_load_args: dict[str, Any],
     name: str = "",
 ) -> Any:
+    raised: list[BaseException] = []  # by a map_location callable
     try:
-        return torch_load(
-            f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args
-        )
-    except (CheckpointError, OSError, MemoryError, Warning, pickle.UnpicklingError):
+        # torch leaves a failed load's sparse tensors queued and its map_location set.
+        with torch_load_state(map_location, validate=False):
+            return torch_load(
+                f,
+                _watched(map_location, raised),
+                pickle_module,
+                weights_only=weights_only,
+                mmap=mmap,
+                **pickle_load_args,
+            )
+    except (CheckpointError, Warning, pickle.UnpicklingError):
         # Refused globals stay pickle.UnpicklingError, as torch raises them; warnings turned
         # into errors by a filter stay what they are.
         raise
     except Exception as e:
-        if not weights_only:
-            raise  # user code ran; keep its exceptions as they are
+        if not weights_only or is_environment_error(e) or any(e is r for r in raised):
+            # User code ran (the full unpickler, map_location), or the machine failed:
+            # keep its exceptions as they are.
+            raise
         # A corrupt legacy or delegated file: torch raises whatever its parser met
         # (RuntimeError, EOFError, struct.error...); ckptio's contract is CheckpointError.
         raise CheckpointError(
             f"{name}: torch's loader could not read the file: {type(e).__name__}: {e}"
         ) from e
+
+
+def _watched(map_location: Any, raised: list[BaseException]) -> Any:
+    """map_location, or, for a callable (user code), one that notes in `raised` what it
+    raises, so that its exceptions are not taken for the file's."""
+    if not callable(map_location) or isinstance(map_location, (str, bytes, dict, torch.device)):
+        return map_location
+
+    def restore(storage: Any, location: str) -> Any:
+        try:
+            return map_location(storage, location)
+        except BaseException as e:
+            raised.append(e)
+            raise
+
+    return restore
 
 
 def _load_legacy(
