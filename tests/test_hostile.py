@@ -1,5 +1,6 @@
 """The hostile-file corpus (tests/hostile/make_corpus.py): every crafted file must raise the
-exact exception its case names, with a telling message, and nothing else.
+exact exception its case names, with a telling message, and nothing else; or, for the files
+that only look hostile (valid pickles CPython loads: far memo indices, deep nesting), load.
 
 All cases load in one child process under an address-space limit (2 GiB above what the
 interpreter already maps), so a crash fails the test instead of the run, and an allocation
@@ -101,6 +102,8 @@ def corpus_results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[st
 
 def _check(case: Case, outcome: dict[str, Any]) -> None:
     assert outcome["exc"] == case.expected, f"{case.name}: {outcome}"
+    if case.expected == "ok":
+        return
     assert case.fragment.lower() in outcome["msg"].lower(), f"{case.name}: {outcome['msg']}"
     if case.errno is not None:
         assert outcome["errno"] == case.errno, outcome

@@ -7,6 +7,7 @@ import io
 import pickle
 import pickletools
 import struct
+import textwrap
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ def _renumber(pkl: bytes, f: Callable[[int], int]) -> bytes:
 def _pickle_ends(data: bytes) -> list[int]:
     ends, pos = [], 0
     for _ in range(5):
-        pos += _core.scan_pickle(memoryview(data)[pos:], False)[3]
+        pos += _core.scan_pickle(memoryview(data)[pos:], False).end
         ends.append(pos)
     return ends
 
@@ -138,27 +139,155 @@ def test_zip_sparse_memo_loads_as_torch(
     _assert_same(got, want)
 
 
-BOMBS = {
-    "long-binput-2g": b"\x80\x02}r\xff\xff\xff\x7f.",
-    "long-binput-4g": b"\x80\x02]r\xff\xff\xff\xff.",
-    "put-text-huge": b"(lp99999999999999\n.",
-}
+# Memo indices far past the pickle's size: valid (CPython and torch's weights-only unpickler
+# load them), but CPython's C unpickler sizes an array by them (16 bytes a slot: 0x7fffffff asks
+# for 32 GiB). ckptio unpickles them with a dict memo, so memory stays bounded by the file.
+FAR = {"4096": 4096, "2g": 0x7FFFFFFF}
+TINY = {name: b"\x80\x02}r" + struct.pack("<I", i) + b"." for name, i in FAR.items()}
 
 
-@pytest.mark.parametrize("name", list(BOMBS), ids=list(BOMBS))
-def test_memo_bombs_refused_without_allocation(tmp_path: Path, name: str) -> None:
-    import resource
+def test_scan_reports_far_memo_indices() -> None:
+    for name, i in FAR.items():
+        scan = _core.scan_pickle(TINY[name], True)
+        assert scan.complete and scan.memo_size == i + 1 and scan.end == 9
+    assert _core.scan_pickle(b"(lp99999999999999\n.", False).memo_size == 10**14
+    assert _core.scan_pickle(b"\x80\x02]r\xff\xff\xff\xff.", True).memo_size == 2**32
+    # A GET of an index never stored is still refused, far or not.
+    with pytest.raises(ckptio.CheckpointError, match="memo index 2147483646 was never stored"):
+        _core.scan_pickle(b"\x80\x02}r\xff\xff\xff\x7fj\xfe\xff\xff\x7f.", True)
 
-    pkl = BOMBS[name]
-    with pytest.raises(ckptio.CheckpointError, match="is not below the pickle's size"):
-        _core.scan_pickle(pkl, False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    path = tmp_path / "bomb.pt"
-    path.write_bytes(b"\x80\x02" + pkl[2:] if pkl.startswith(b"\x80") else pkl)
-    if pkl.startswith(b"\x80"):
-        with pytest.raises(ckptio.CheckpointError, match="memo index"):
-            ckptio.load(path, weights_only=False)
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 * 1024  # KiB
+
+def _zip_holding(tmp_path: Path, pkl: bytes, byteorder: str = "little") -> Path:
+    """A real checkpoint (with its storages) whose data.pkl is `pkl`."""
+    src = tmp_path / "src.pt"
+    torch.save(_state(), src)
+    dst = tmp_path / f"far-{byteorder}.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("/data.pkl"):
+                data = pkl
+            elif item.filename.endswith("/byteorder"):
+                data = byteorder.encode()
+            zout.writestr(item, data)
+    return dst
+
+
+def _legacy_holding(pkl: bytes) -> bytes:
+    """A real legacy checkpoint whose object pickle is `pkl` (no storages)."""
+    buf = io.BytesIO()
+    torch.save(_state(), buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    ends = _pickle_ends(raw)
+    return raw[: ends[2]] + pkl + b"\x80\x02]q\x00."
+
+
+def _far_files(tmp_path: Path) -> dict[str, Path]:
+    """Legacy and zip files (and a byte-swapped zip, which torch loads) holding the tiny
+    pickles and the real state pickle renumbered far past its size."""
+    files = {}
+    for name, i in FAR.items():
+        state = _renumber(_zip_pickle(tmp_path), lambda k, i=i: i - k)
+        for kind, pkl in (("tiny", TINY[name]), ("state", state)):
+            d = tmp_path / f"{kind}-{name}"
+            d.mkdir()
+            files[f"zip-{kind}-{name}"] = _zip_holding(d, pkl)
+            files[f"zip-big-endian-{kind}-{name}"] = _zip_holding(d, pkl, "big")
+        legacy = tmp_path / f"legacy-{name}.pt"
+        legacy.write_bytes(_legacy_holding(TINY[name]))
+        files[f"legacy-tiny-{name}"] = legacy
+        legacy_state = tmp_path / f"legacy-state-{name}.pt"
+        legacy_state.write_bytes(_legacy(lambda k, i=i: i - k))
+        files[f"legacy-state-{name}"] = legacy_state
+    return files
+
+
+def _zip_pickle(tmp_path: Path) -> bytes:
+    src = tmp_path / "state.pt"
+    torch.save(_state(), src)
+    with zipfile.ZipFile(src) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+@pytest.mark.parametrize("weights_only", [True, False], ids=["weights_only", "full"])
+def test_far_memo_indices_load_as_torch(tmp_path: Path, weights_only: bool) -> None:
+    for name, path in _far_files(tmp_path).items():
+        if "big-endian" in name:
+            continue  # torch reads a big-endian file's storages byte-swapped
+        # torch's full loader is CPython's C unpickler: 0x7fffffff would cost it 32 GiB, so
+        # its weights-only load (a dict memo) is the oracle there.
+        want = torch.load(path, weights_only=weights_only or not name.endswith("4096"))
+        got = ckptio.load(path, weights_only=weights_only)
+        _assert_same(got, want)
+        if not name.startswith("legacy"):
+            mmapped = ckptio.load(path, weights_only=weights_only, mmap=True)
+            _assert_same(mmapped, want)
+
+
+def test_far_memo_indices_load_in_bounded_memory(tmp_path: Path) -> None:
+    # Every load path of every file, in a child whose address space is capped at 512 MiB above
+    # what it maps after importing torch: no unpickler may size its memo by the index.
+    from hostile.child import LIMIT_MEMORY, run_child
+
+    files = _far_files(tmp_path)
+    script = LIMIT_MEMORY + textwrap.dedent("""
+        import io, pickle, sys
+        import ckptio
+
+        class PurePickle:  # a pickle_module whose Unpickler keeps its memo in a dict
+            Unpickler = pickle._Unpickler
+            load = staticmethod(pickle._load)
+            __name__ = "pure_pickle"
+
+        limit_memory(512 << 20)
+        for path in sys.argv[1:]:
+            data = open(path, "rb").read()
+            runs = {
+                "weights_only": lambda: ckptio.load(path),
+                "full": lambda: ckptio.load(path, weights_only=False),
+                "full-pure-module": lambda: ckptio.load(
+                    path, weights_only=False, pickle_module=PurePickle
+                ),
+                "buffer": lambda: ckptio.load(io.BytesIO(data), weights_only=False),
+            }
+            if "legacy" not in path and "big" not in path:
+                runs["mmap"] = lambda: ckptio.load(path, weights_only=False, mmap=True)
+                runs["load_into"] = lambda: ckptio.load_into({}, path, strict=False)
+                runs["open"] = lambda: ckptio.open(path).keys()
+            for how, run in runs.items():
+                run()
+                print(path, how, "ok", flush=True)
+    """)
+    proc = run_child(script, *map(str, files.values()), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = proc.stdout.count(" ok\n")
+    assert ran == 4 * len(files) + 3 * sum("legacy" not in n and "big" not in n for n in files)
+
+
+class _CUnpicklerModule:
+    """A user's pickle_module whose Unpickler is CPython's C one underneath."""
+
+    class Unpickler(pickle.Unpickler):
+        pass
+
+    load = staticmethod(pickle.load)
+    __name__ = "c_pickle"
+
+
+def test_unknown_pickle_module_refused_only_for_a_real_memo_bomb(tmp_path: Path) -> None:
+    small = _zip_holding(tmp_path, TINY["4096"])  # a 64 KiB array: loads
+    assert ckptio.load(small, weights_only=False, pickle_module=_CUnpicklerModule) == {}
+    legacy = tmp_path / "legacy.pt"
+    legacy.write_bytes(_legacy_holding(TINY["4096"]))
+    assert ckptio.load(legacy, weights_only=False, pickle_module=_CUnpicklerModule) == {}
+    d = tmp_path / "bomb"
+    d.mkdir()
+    for path in (_zip_holding(d, TINY["2g"]), _zip_holding(d, TINY["2g"], "big")):
+        with pytest.raises(ckptio.CheckpointError, match="memo index 2147483647, far past"):
+            ckptio.load(path, weights_only=False, pickle_module=_CUnpicklerModule)
+    legacy.write_bytes(_legacy_holding(TINY["2g"]))
+    with pytest.raises(ckptio.CheckpointError, match="memo index 2147483647, far past"):
+        ckptio.load(legacy, weights_only=False, pickle_module=_CUnpicklerModule)
 
 
 def test_cpython_accepts_what_the_scan_accepts() -> None:

@@ -337,12 +337,11 @@ void register_pickle(py::module_& m) {
 
   m.def(
       "pickle_globals",
-      [](const py::buffer& data, bool weights_only, std::size_t max_depth) {
+      [](const py::buffer& data, bool weights_only) {
         py::buffer_info info = data.request();
         const auto n = static_cast<std::size_t>(info.size * info.itemsize);
         PickleScanOptions options;
         options.weights_only = weights_only;
-        options.max_depth = max_depth;
         options.collect_globals = true;
         PickleScan scan;
         {
@@ -360,7 +359,7 @@ void register_pickle(py::module_& m) {
         for (const auto& [module, name] : scan.globals) out.append(py::make_tuple(text(module), text(name)));
         return out;
       },
-      py::arg("data"), py::arg("weights_only"), py::arg("max_depth") = 1000,
+      py::arg("data"), py::arg("weights_only"),
       "The (module, name) of every global a pickle names (GLOBAL, INST, and STACK_GLOBAL whose "
       "operands are strings pushed or fetched from the memo), in order of first appearance, "
       "each once; found by the pre-scan (scan_pickle's checks, same errors), nothing run.");

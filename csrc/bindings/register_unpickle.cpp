@@ -396,26 +396,35 @@ void register_unpickle(py::module_& m) {
       "(make_empty(dtype) gives the empty tensor of each dtype that Tensor.new copies), and "
       "calls fallback otherwise or when anything fails.");
 
+  py::class_<PickleScan>(m, "PickleScan",
+                         "What scan_pickle saw (see csrc/include/ckptio/pickle_scan.hpp).")
+      .def_readonly("opcodes", &PickleScan::opcodes)
+      .def_readonly("memo_puts", &PickleScan::memo_puts)
+      .def_readonly("memo_size", &PickleScan::memo_size,
+                    "Highest memo index stored, plus one (0: none stored).")
+      .def_readonly("max_depth", &PickleScan::max_depth)
+      .def_readonly("end", &PickleScan::end, "Offset just past STOP (0: stopped early).")
+      .def_readonly("complete", &PickleScan::complete,
+                    "False when a lenient scan stopped at an unknown opcode.");
+
   m.def(
       "scan_pickle",
-      [](const py::buffer& data, bool weights_only, std::size_t max_depth) {
+      [](const py::buffer& data, bool weights_only) {
         py::buffer_info info = data.request();
         const auto n = static_cast<std::size_t>(info.size * info.itemsize);
         PickleScanOptions options;
         options.weights_only = weights_only;
-        options.max_depth = max_depth;
         PickleScan scan;
         {
           py::gil_scoped_release nogil;
           scan = scan_pickle(info.ptr, n, options);
         }
-        return py::make_tuple(scan.opcodes, scan.memo_puts, scan.max_depth, scan.end,
-                              scan.complete);
+        return scan;
       },
-      py::arg("data"), py::arg("weights_only"), py::arg("max_depth") = 1000,
-      "Checks a pickle's opcodes without running them (memo indices, lengths, nesting, and in "
-      "weights-only mode the opcodes torch's weights-only unpickler supports). Returns "
-      "(opcodes, memo_puts, max_depth, end, complete); raises CheckpointError.");
+      py::arg("data"), py::arg("weights_only"),
+      "Checks a pickle's opcodes without running them (lengths, memo GETs, stack, and in "
+      "weights-only mode the opcodes torch's weights-only unpickler supports). Returns a "
+      "PickleScan (memo_size: the largest memo index stored, plus one); raises CheckpointError.");
 }
 
 }  // namespace ckptio::bindings

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <set>
-#include <utility>
 #include <string>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "ckptio/errors.hpp"
@@ -282,15 +284,14 @@ class Scanner {
   // -- the stack model -------------------------------------------------------------------
   std::size_t fence() const { return marks_.empty() ? 0 : marks_.back(); }
 
-  void check_depth(std::uint32_t depth) {
-    if (depth > options_.max_depth) {
-      fail("objects nest deeper than " + std::to_string(options_.max_depth) + " levels");
-    }
-    result_.max_depth = std::max<std::size_t>(result_.max_depth, depth);
+  // Depths only feed PickleScan::max_depth (no limit: CPython's unpickler is iterative and
+  // loads any nesting the file can describe); they saturate rather than wrap.
+  static std::uint32_t deeper(std::uint32_t depth) {
+    return depth == std::numeric_limits<std::uint32_t>::max() ? depth : depth + 1;
   }
 
   void push(std::uint32_t depth, std::int32_t text = kNoText) {
-    check_depth(depth);
+    result_.max_depth = std::max<std::size_t>(result_.max_depth, depth);
     stack_.push_back(Item{depth, text});
   }
 
@@ -319,37 +320,43 @@ class Scanner {
   // The object on top of the stack grows to hold a child of the given depth (APPEND, SETITEM...).
   void grow_top(std::uint32_t child) {
     if (stack_.empty()) fail("stack underflow");
-    const std::uint32_t depth = std::max(stack_.back().depth, child + 1);
-    check_depth(depth);
+    const std::uint32_t depth = std::max(stack_.back().depth, deeper(child));
+    result_.max_depth = std::max<std::size_t>(result_.max_depth, depth);
     stack_.back() = Item{depth, kNoText};
   }
 
+  // Any index a pickle stores is valid (sparse, out of order, starting anywhere, up to
+  // 2**63 - 1 for a text PUT), as CPython accepts: none is refused. The scan's own memo is an
+  // array for indices below the pickle's size and a map beyond, so it stays bounded by the file
+  // whatever the indices; memo_size reports the largest, from which the caller picks an
+  // unpickler whose memo is bounded too (CPython's C unpickler sizes an array by it).
   void memo_put(std::uint64_t index) {
     if (stack_.size() <= fence()) fail("stack underflow");
-    // CPython's C unpickler (before gh-115952 gave it a dict for sparse indices) keeps its
-    // memo in an array that it grows to twice the index stored: LONG_BINPUT 0x7fffffff asks for 32 GiB. Any index a pickle stores is
-    // valid (sparse, out of order, starting anywhere), but one not below the pickle's own size
-    // would make that array larger than 16 bytes per byte of pickle. No pickler writes such an
-    // index: each numbers its stores by counting them, and every store needs an object pushed
-    // by an opcode of its own before it, so every index it writes is below the pickle's size.
-    if (index >= n_) {
-      fail("memo index " + std::to_string(index) + " is not below the pickle's size (" +
-           std::to_string(n_) + " bytes), so the unpickler's memo array would outgrow the file");
+    const Item item{deeper(stack_.back().depth), stack_.back().text};
+    if (index < n_) {
+      if (index >= memo_.size()) {
+        memo_.resize(std::min<std::size_t>(n_, std::max<std::size_t>(index + 1, 2 * memo_.size())),
+                     Item{0, kNoText});
+      }
+      if (memo_[index].depth == 0) ++memo_len_;
+      memo_[index] = item;
+    } else if (sparse_memo_.insert_or_assign(index, item).second) {
+      ++memo_len_;
     }
-    if (index >= memo_.size()) {
-      memo_.resize(std::max<std::size_t>(index + 1, 2 * memo_.size()), Item{0, kNoText});
-    }
-    if (memo_[index].depth == 0) ++memo_len_;
-    memo_[index] = Item{stack_.back().depth + 1, stack_.back().text};
     ++result_.memo_puts;
     result_.memo_size = std::max<std::size_t>(result_.memo_size, index + 1);
   }
 
+  const Item* memo_find(std::uint64_t index) const {
+    if (index < memo_.size()) return memo_[index].depth == 0 ? nullptr : &memo_[index];
+    const auto it = sparse_memo_.find(index);
+    return it == sparse_memo_.end() ? nullptr : &it->second;
+  }
+
   void memo_get(std::uint64_t index) {
-    if (index >= memo_.size() || memo_[index].depth == 0) {
-      fail("memo index " + std::to_string(index) + " was never stored");
-    }
-    push(memo_[index].depth - 1, memo_[index].text);
+    const Item* stored = memo_find(index);
+    if (stored == nullptr) fail("memo index " + std::to_string(index) + " was never stored");
+    push(stored->depth - 1, stored->text);
   }
 
   // The string the current opcode pushes, kept only when globals are collected. STRING and
@@ -369,9 +376,6 @@ class Scanner {
   void apply(std::uint64_t value) {
     switch (op_) {
       case '(':  // MARK
-        if (marks_.size() >= options_.max_depth) {
-          fail("more than " + std::to_string(options_.max_depth) + " MARKs are open");
-        }
         marks_.push_back(stack_.size());
         result_.max_depth = std::max(result_.max_depth, marks_.size());
         break;
@@ -412,10 +416,10 @@ class Scanner {
         break;
       case 'R':  // REDUCE: callable(*args)
       case 0x81:  // NEWOBJ: cls.__new__(cls, *args)
-        push(pop(2) + 1);
+        push(deeper(pop(2)));
         break;
       case 0x92:  // NEWOBJ_EX: cls, args, kwargs
-        push(pop(3) + 1);
+        push(deeper(pop(3)));
         break;
       case 0x93:  // STACK_GLOBAL: module and name are the two items on top
         if (options_.collect_globals && stack_.size() >= fence() + 2) {
@@ -450,19 +454,19 @@ class Scanner {
       case 'i':  // INST: module '\n' name '\n', then a class instance from the MARK's items
         note_global(std::string(reinterpret_cast<const char*>(p_ + line1_at_), line1_len_),
                     std::string(reinterpret_cast<const char*>(p_ + arg_at_), arg_len_));
-        push(pop_mark() + 1);
+        push(deeper(pop_mark()));
         break;
       case 't': case 'l': case 'd': case 0x91: case 'o':  // TUPLE, LIST, DICT...
-        push(pop_mark() + 1);
+        push(deeper(pop_mark()));
         break;
       case 0x85:
-        push(pop(1) + 1);
+        push(deeper(pop(1)));
         break;
       case 0x86:
-        push(pop(2) + 1);
+        push(deeper(pop(2)));
         break;
       case 0x87:
-        push(pop(3) + 1);
+        push(deeper(pop(3)));
         break;
       case 'g': case 'h': case 'j':  // GET, BINGET, LONG_BINGET
         memo_get(value);
@@ -487,6 +491,7 @@ class Scanner {
   std::vector<Item> stack_;              // each item's nesting depth (and text)
   std::vector<std::size_t> marks_;       // stack positions of the open MARKs
   std::vector<Item> memo_;               // depth + 1 of each stored item; 0: never stored
+  std::unordered_map<std::uint64_t, Item> sparse_memo_;  // indices not below the pickle's size
   std::vector<std::string> texts_;       // strings pushed (collect_globals only)
   std::set<std::pair<std::string, std::string>> seen_globals_;
   std::size_t arg_at_ = 0;               // the last argument's payload: offset and length

@@ -4,7 +4,7 @@ from __future__ import annotations
 import array
 import enum
 import os
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Final, Sequence, Union
 
 # flat uint64 (offset, length, address) triples
 Requests = Union[memoryview, bytes, array.array]
@@ -214,9 +214,15 @@ class ArchiveWriter:
 
 def crc32_available() -> bool: ...
 def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int: ...
-def scan_pickle(
-    data: bytes | bytearray | memoryview, weights_only: bool, max_depth: int = 1000
-) -> tuple[int, int, int, int, bool]: ...
+class PickleScan:
+    opcodes: Final[int]
+    memo_puts: Final[int]
+    memo_size: Final[int]  # the largest memo index stored, plus one (0: none)
+    max_depth: Final[int]
+    end: Final[int]  # just past STOP (0 when a lenient scan stopped early)
+    complete: Final[bool]  # False when a lenient scan stopped at an unknown opcode
+
+def scan_pickle(data: bytes | bytearray | memoryview, weights_only: bool) -> PickleScan: ...
 def pickle_globals(
-    data: bytes | bytearray | memoryview, weights_only: bool, max_depth: int = 1000
+    data: bytes | bytearray | memoryview, weights_only: bool
 ) -> list[tuple[str, str]]: ...

@@ -7,19 +7,21 @@ by the element count its persistent id declares before reading a byte, so a lyin
 ask for terabytes. This check walks the same structure without running anything: each pickle
 passes the opcode pre-scan, the object pickle is replayed by an unpickler whose globals are
 inert stubs (it only collects the persistent ids), and the declared storages must fit in the
-file. torch then loads the file as before, under the caller's weights_only rules.
+file. torch then loads the file as before, under the caller's weights_only rules, with a dict
+memo for pickles that need one (see _unpickler.needs_dict_memo).
 """
 
 from __future__ import annotations
 
 import io
 import pickle
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _core
+from ._unpickler import needs_dict_memo
 from .errors import CheckpointError
 
-__all__ = ["check_legacy"]
+__all__ = ["LegacyPickle", "check_legacy"]
 
 
 class _Inert:
@@ -54,26 +56,44 @@ class _Inert:
         pass
 
 
-class _Probe(pickle.Unpickler):
-    def __init__(self, file: Any) -> None:
-        super().__init__(file, encoding="latin1")
-        self.storages: dict[str, int] = {}  # key -> bytes declared
-        self.stubs: dict[str, type] = {}
+def _probe_class(base: Any) -> type:
+    """`base` (pickle's C Unpickler, or its pure-Python one with a dict memo) with inert
+    globals, collecting the storages' declared sizes."""
 
-    def find_class(self, module: str, name: str) -> Any:
-        full = f"{module}.{name}"
-        if full not in self.stubs:
-            self.stubs[full] = type(name, (_Inert,), {"full_name": full})
-        return self.stubs[full]
+    class _Probe(base):  # type: ignore[misc,valid-type]
+        def __init__(self, file: Any) -> None:
+            super().__init__(file, encoding="latin1")
+            self.storages: dict[str, int] = {}  # key -> bytes declared
+            self.stubs: dict[str, type] = {}
 
-    def persistent_load(self, pid: Any) -> Any:
-        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
-            _, storage_type, key, _location, numel = pid[:5]
-            size = _element_size(getattr(storage_type, "full_name", ""))
-            if type(numel) is not int or numel < 0:
-                raise CheckpointError(f"storage {key!r:.40} declares {numel!r:.40} elements")
-            self.storages[str(key)] = numel * size
-        return _Inert()
+        def find_class(self, module: str, name: str) -> Any:
+            full = f"{module}.{name}"
+            if full not in self.stubs:
+                self.stubs[full] = type(name, (_Inert,), {"full_name": full})
+            return self.stubs[full]
+
+        def persistent_load(self, pid: Any) -> Any:
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+                _, storage_type, key, _location, numel = pid[:5]
+                size = _element_size(getattr(storage_type, "full_name", ""))
+                if type(numel) is not int or numel < 0:
+                    raise CheckpointError(f"storage {key!r:.40} declares {numel!r:.40} elements")
+                self.storages[str(key)] = numel * size
+            return _Inert()
+
+    return _Probe
+
+
+_Probe = _probe_class(pickle.Unpickler)
+_DictMemoProbe = _probe_class(pickle._Unpickler)
+
+
+class LegacyPickle(NamedTuple):
+    """One of a legacy file's five pickles: where it lies and what the pre-scan saw."""
+
+    start: int
+    end: int
+    scan: _core.PickleScan
 
 
 # Element sizes of torch's legacy typed storages (reading StorageType.dtype would warn).
@@ -90,23 +110,27 @@ def _element_size(full_name: str) -> int:
     return _ELEMENT_SIZES.get(full_name.rpartition(".")[2], 1)  # unknown: a lower bound
 
 
-def check_legacy(data: bytes, name: str) -> None:
-    """Raises CheckpointError if `data` is not a well-formed legacy file whose storages fit."""
+def check_legacy(data: bytes, name: str) -> list[LegacyPickle]:
+    """Raises CheckpointError if `data` is not a well-formed legacy file whose storages fit;
+    returns its five pickles (the object is the fourth)."""
     view = memoryview(data)
     pos = 0
     probe_storages: dict[str, int] = {}
+    pickles: list[LegacyPickle] = []
     try:
         for index in range(5):
             scan = _core.scan_pickle(view[pos:], False)
-            if not scan[4]:
+            if not scan.complete:
                 raise CheckpointError(
                     f"pickle {index + 1} of the legacy file has an unknown opcode"
                 )
+            pickles.append(LegacyPickle(pos, pos + scan.end, scan))
             if index == 3:
-                probe = _Probe(io.BytesIO(view[pos : pos + scan[3]]))
+                probe_class = _DictMemoProbe if needs_dict_memo(scan, scan.end) else _Probe
+                probe = probe_class(io.BytesIO(view[pos : pos + scan.end]))
                 probe.load()
                 probe_storages = probe.storages
-            pos += scan[3]
+            pos += scan.end
     except CheckpointError as e:
         raise CheckpointError(f"{name}: malformed legacy checkpoint: {e}") from None
     except Exception as e:
@@ -119,3 +143,4 @@ def check_legacy(data: bytes, name: str) -> None:
             f"{name}: the legacy checkpoint declares {declared} bytes of storages but holds "
             f"{len(data) - pos} bytes after its pickles"
         )
+    return pickles

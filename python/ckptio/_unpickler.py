@@ -8,6 +8,10 @@ Two unpicklers share one storage loader:
   imported, so no code from the file runs.
 * full (``weights_only=False``): ``pickle_module.Unpickler`` as torch uses it.
 
+A pickle whose largest memo index is past its own size (a sparse memo numbering, or a memo
+bomb: CPython's C unpickler allocates an array by that index) is unpickled by the same rules
+on a pure-Python unpickler, whose memo is a dict (:func:`needs_dict_memo`).
+
 Storages resolve by key, so sharing and views come back exactly as torch rebuilds them. Eager
 CPU loads allocate every storage while unpickling and fill them in parallel reads (the GIL
 released): the small ones on a background thread while unpickling goes on (overlap_reads),
@@ -31,6 +35,7 @@ import array
 import io
 import pickle
 import threading
+import types
 import weakref
 from typing import Any, Callable
 
@@ -49,6 +54,9 @@ __all__ = [
     "StorageRef",
     "TensorSpec",
     "make_unpickler",
+    "needs_dict_memo",
+    "pickle_module_for",
+    "refused_globals_error",
     "scan_pickle",
     "unpickle_placeholders",
     "unpickle_specs",
@@ -691,22 +699,96 @@ def _direct_construction_matches() -> bool:
 _typed_storage = (
     _typed_storage_direct if _direct_construction_matches() else _typed_storage_by_constructor
 )
-# The deepest nesting of objects (and of open MARKs) a data.pkl may build; see docs/design.md.
-MAX_PICKLE_DEPTH = 1000
 
 
-def scan_pickle(name: str, data: bytes, *, weights_only: bool) -> None:
+def scan_pickle(name: str, data: bytes | memoryview, *, weights_only: bool) -> _core.PickleScan:
     """Checks data.pkl's opcodes before any unpickler runs (csrc/src/pickle_scan.cpp).
 
-    Refuses memo indices, lengths and frames that the pickle cannot back (CPython's unpickler
-    allocates by them before reading: a memory bomb), nesting deeper than MAX_PICKLE_DEPTH,
-    truncation, and in weights-only mode every opcode torch's weights-only unpickler refuses.
-    Linear in the pickle's size; it executes nothing.
+    Refuses lengths and frames that run past the pickle (CPython's unpickler allocates by
+    them before reading: a memory bomb), GETs of indices never stored, truncation, and in
+    weights-only mode every opcode torch's weights-only unpickler refuses; never a pickle
+    CPython's unpickler accepts. Linear in the pickle's size; it executes nothing. The scan's
+    ``memo_size`` says whether the pickle needs a dict memo (:func:`needs_dict_memo`).
     """
     try:
-        _core.scan_pickle(data, weights_only, MAX_PICKLE_DEPTH)
+        return _core.scan_pickle(data, weights_only)
     except CheckpointError as e:
         raise CheckpointError(f"{name}: data.pkl: {e}") from None
+
+
+# CPython's C unpickler keeps its memo in an array that it grows to twice the largest index
+# stored (8 bytes a slot), and fills: a LONG_BINPUT 0x7fffffff in a 9-byte pickle asks for
+# 32 GiB. An unpickler that may be that one (a user's pickle_module whose Unpickler is neither
+# pickle's nor a pure-Python one) is refused a pickle whose array would pass this size while
+# the pickle does not justify it (docs/format.md, "Pre-scan limits").
+MEMO_ARRAY_LIMIT = 1 << 30
+_MEMO_SLOT_BYTES = 16  # 8-byte pointers, grown to twice the index
+
+
+def needs_dict_memo(scan: _core.PickleScan, size: int) -> bool:
+    """Whether the pickle of `size` bytes that `scan` saw stores a memo index past its size:
+    CPython's C unpickler would allocate an array the file does not justify (every pickler
+    numbers its stores below the pickle's size), so it is unpickled with a dict memo instead
+    (pickle._Unpickler, torch's weights-only unpickler), bounded by the file."""
+    return scan.memo_size > size
+
+
+def _check_memo_array(memo_size: int, unpickler: Any, name: str) -> None:
+    """Refuses (CheckpointError) a pickle storing memo index `memo_size - 1` for `unpickler`,
+    whose memo may be CPython's C array, when that array would pass MEMO_ARRAY_LIMIT."""
+    if memo_size * _MEMO_SLOT_BYTES > MEMO_ARRAY_LIMIT:
+        raise CheckpointError(
+            f"{name}: the pickle stores memo index {memo_size - 1}, far past its size, and "
+            f"pickle_module's unpickler ({getattr(unpickler, '__qualname__', unpickler)!r:.80}) "
+            "may keep its memo in an array sized by it, as CPython's C unpickler does "
+            f"({memo_size * _MEMO_SLOT_BYTES >> 20} MiB); with the default pickle_module "
+            "ckptio unpickles it with a dict memo"
+        )
+
+
+def _dict_memo_base(unpickler: Any, memo_size: int, name: str) -> Any:
+    """The unpickler class to use instead of `unpickler` for a pickle that needs a dict memo:
+    pickle's pure-Python one for pickle's C one; a pure-Python one as it is; any other as it
+    is unless its memo array could pass MEMO_ARRAY_LIMIT (CheckpointError)."""
+    if unpickler is pickle.Unpickler:
+        return pickle._Unpickler
+    if not (isinstance(unpickler, type) and issubclass(unpickler, pickle._Unpickler)):
+        _check_memo_array(memo_size, unpickler, name)
+    return unpickler
+
+
+def _dict_memo_pickle() -> Any:
+    """The `pickle` module with its pure-Python (dict-memo) Unpickler, load and loads."""
+    module = types.ModuleType("pickle", pickle.__doc__)
+    module.__dict__.update({k: v for k, v in vars(pickle).items() if not k.startswith("__")})
+    module.Unpickler = pickle._Unpickler  # type: ignore[attr-defined]
+    module.load = pickle._load  # type: ignore[attr-defined]
+    module.loads = pickle._loads  # type: ignore[attr-defined]
+    return module
+
+
+_DICT_MEMO_PICKLE = _dict_memo_pickle()
+
+
+def pickle_module_for(
+    pickle_module: Any, scans: list[tuple[_core.PickleScan, int]], name: str
+) -> Any:
+    """The pickle_module to hand torch.load for the pickles it will read, scanned as `scans`
+    ((scan, size) each): `pickle_module` itself unless one of them needs a dict memo; then
+    for `pickle`, the `pickle` module with its pure-Python Unpickler and load; a module whose
+    Unpickler is pure-Python (and whose load is not pickle's C one) as it is; any other as it
+    is unless its memo array could pass MEMO_ARRAY_LIMIT (CheckpointError). None (torch's
+    weights-only unpickler, whose memo is a dict) stays None."""
+    sparse = [scan.memo_size for scan, size in scans if needs_dict_memo(scan, size)]
+    if pickle_module is None or not sparse:
+        return pickle_module
+    if pickle_module is pickle:
+        return _DICT_MEMO_PICKLE
+    unpickler = getattr(pickle_module, "Unpickler", None)
+    pure = isinstance(unpickler, type) and issubclass(unpickler, pickle._Unpickler)
+    if not pure or getattr(pickle_module, "load", None) is pickle.load:
+        _check_memo_array(max(sparse), unpickler, name)
+    return pickle_module
 
 
 def _ascii(value: Any) -> Any:
@@ -714,7 +796,7 @@ def _ascii(value: Any) -> Any:
 
 
 def unsafe_globals(
-    data: bytes, allowed: dict[str, Any] | None = None, *, weights_only: bool = True
+    data: bytes | memoryview, allowed: dict[str, Any] | None = None, *, weights_only: bool = True
 ) -> tuple[list[str], list[str], list[str]]:
     """(needed, lacking, blocked): every global the pickle `data` names (GLOBAL, INST,
     STACK_GLOBAL; Python 2 paths mapped as the unpickler maps them), found by the pre-scan
@@ -722,7 +804,7 @@ def unsafe_globals(
     plus add_safe_globals) lacks, blocked ones included; and those whose module is blocked."""
     allowed = _allowed_globals() if allowed is None else allowed
     needed: list[str] = []
-    for module, name in _core.pickle_globals(data, weights_only, MAX_PICKLE_DEPTH):
+    for module, name in _core.pickle_globals(data, weights_only):
         full = ".".join(_fix_import(module, name))
         if full not in needed:
             needed.append(full)
@@ -745,45 +827,74 @@ def _refusal(data: bytes | None, full: str, allowed: dict[str, Any]) -> UnsafeGl
     return UnsafeGlobalError(unsafe_globals_message(lacking, blocked), lacking, blocked)
 
 
-class _WeightsOnlyUnpickler(pickle.Unpickler):
-    """CPython's C unpickler resolving only allowlisted globals. Defined once, not per load:
-    a class made per load is a reference cycle that would keep the loader, and through it
-    every storage of the load, alive until the next full garbage collection."""
-
-    def __init__(
-        self,
-        data: Any,
-        loader: StorageLoader,
-        allowed: dict[str, Any],
-        encoding: str,
-        pickle_bytes: bytes | None = None,
-    ) -> None:
-        super().__init__(data, encoding=encoding)
-        self._loader = loader
-        self._allowed = allowed
-        self._pickle_bytes = pickle_bytes  # to list every lacking global when one is refused
-        self.persistent_load = loader.unpickler_hook()  # type: ignore[method-assign]
-
-    def find_class(self, module: str, name: str) -> Any:
-        module, name = _fix_import(module, name)
-        full = f"{module}.{name}"
-        if module in _BLOCKED_MODULES:
-            raise _refusal(self._pickle_bytes, full, self._allowed)
+def refused_globals_error(pickles: list[bytes | memoryview]) -> UnsafeGlobalError | None:
+    """The UnsafeGlobalError naming every global of `pickles` the weights-only allowlist
+    lacks, for a refusal by torch's own weights-only loader (legacy and delegated files), or
+    None when the pre-scan finds none (torch refused something else)."""
+    allowed = _allowed_globals()
+    lacking: list[str] = []
+    blocked: list[str] = []
+    for data in pickles:
         try:
-            obj = self._allowed[full]
-        except KeyError:
-            raise _refusal(self._pickle_bytes, full, self._allowed) from None
-        self._loader.note_global(full, obj)
-        return obj
+            _, found, found_blocked = unsafe_globals(data, allowed, weights_only=False)
+        except CheckpointError:
+            return None
+        lacking += [g for g in found if g not in lacking]
+        blocked += [g for g in found_blocked if g not in blocked]
+    if not lacking:
+        return None
+    return UnsafeGlobalError(unsafe_globals_message(lacking, blocked), lacking, blocked)
 
 
-def _full_unpickler_class(pickle_module: Any) -> type:
-    cls = _FULL_UNPICKLERS.get(pickle_module.Unpickler)
+def _weights_only_unpickler(base: Any) -> type:
+    """`base` (pickle's C Unpickler, or its pure-Python one with a dict memo) resolving only
+    allowlisted globals."""
+
+    class _WeightsOnlyUnpickler(base):  # type: ignore[misc,valid-type]
+        def __init__(
+            self,
+            data: Any,
+            loader: StorageLoader,
+            allowed: dict[str, Any],
+            encoding: str,
+            pickle_bytes: bytes | None = None,
+        ) -> None:
+            super().__init__(data, encoding=encoding)
+            self._loader = loader
+            self._allowed = allowed
+            self._pickle_bytes = pickle_bytes  # to list every lacking global when one is refused
+            self.persistent_load = loader.unpickler_hook()
+
+        def find_class(self, module: str, name: str) -> Any:
+            module, name = _fix_import(module, name)
+            full = f"{module}.{name}"
+            if module in _BLOCKED_MODULES:
+                raise _refusal(self._pickle_bytes, full, self._allowed)
+            try:
+                obj = self._allowed[full]
+            except KeyError:
+                raise _refusal(self._pickle_bytes, full, self._allowed) from None
+            self._loader.note_global(full, obj)
+            return obj
+
+    return _WeightsOnlyUnpickler
+
+
+# Made once, not per load: a class made per load is a reference cycle that would keep the
+# loader, and through it every storage of the load, alive until the next full collection.
+_WeightsOnlyUnpickler = _weights_only_unpickler(pickle.Unpickler)
+_DictMemoWeightsOnlyUnpickler = _weights_only_unpickler(pickle._Unpickler)
+
+
+def _full_unpickler_class(base: Any) -> type:
+    """`base` (a pickle_module's Unpickler) resolving torch's renamed and checked globals and
+    reading storages through the loader."""
+    cls = _FULL_UNPICKLERS.get(base)
     if cls is not None:
         return cls
     from torch.serialization import StorageType
 
-    class _Unpickler(pickle_module.Unpickler):  # type: ignore[name-defined,misc]
+    class _Unpickler(base):  # type: ignore[misc,valid-type]
         _loader: StorageLoader
         _checked: dict[str, Callable[..., Any]]
 
@@ -803,7 +914,7 @@ def _full_unpickler_class(pickle_module: Any) -> type:
         def persistent_load(self, pid: Any) -> Any:
             return self._loader.persistent_load(pid)
 
-    _FULL_UNPICKLERS[pickle_module.Unpickler] = _Unpickler
+    _FULL_UNPICKLERS[base] = _Unpickler
     return _Unpickler
 
 
@@ -989,18 +1100,22 @@ def make_unpickler(
     """An unpickler over `pickle_bytes` (a data.pkl) wired to `loader`, resolving torch's
     tensor rebuild functions to `rebuilds` (default: the checked ones that build tensors).
     The pickle is pre-scanned first (:func:`scan_pickle`), so every unpickler ckptio makes is
-    guarded."""
-    scan_pickle(loader.archive.name, pickle_bytes, weights_only=weights_only)
+    guarded; one that needs a dict memo (:func:`needs_dict_memo`) gets the pure-Python
+    unpickler."""
+    scan = scan_pickle(loader.archive.name, pickle_bytes, weights_only=weights_only)
+    dict_memo = needs_dict_memo(scan, len(pickle_bytes))
     # Buffered: CPython's unpickler prefetches 128 KiB at a time through peek(), which BytesIO
     # lacks; without it every opcode is a read() call (20 ms of 50 for a 2 MB data.pkl).
     data = io.BufferedReader(io.BytesIO(pickle_bytes), max(1, min(len(pickle_bytes), 1 << 20)))
     checked = _checked_rebuilds(loader.archive.name) if rebuilds is None else rebuilds
     if weights_only:
         allowed = {**_allowed_globals(), **checked}
-        return _WeightsOnlyUnpickler(
-            data, loader, allowed, pickle_load_args.get("encoding", "utf-8"), pickle_bytes
-        )
-    unpickler = _full_unpickler_class(pickle_module)(data, **pickle_load_args)
+        cls = _DictMemoWeightsOnlyUnpickler if dict_memo else _WeightsOnlyUnpickler
+        return cls(data, loader, allowed, pickle_load_args.get("encoding", "utf-8"), pickle_bytes)
+    base = pickle_module.Unpickler
+    if dict_memo:
+        base = _dict_memo_base(base, scan.memo_size, loader.archive.name)
+    unpickler = _full_unpickler_class(base)(data, **pickle_load_args)
     unpickler._loader = loader
     unpickler._checked = checked
     return unpickler

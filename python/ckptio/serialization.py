@@ -19,7 +19,7 @@ import stat
 import sys
 import threading
 import warnings
-from typing import IO, Any, Callable, Mapping, Union
+from typing import IO, Any, Callable, Mapping, Sequence, Union
 
 import torch
 
@@ -29,7 +29,13 @@ from ._files import for_torch, open_source
 from ._legacy import check_legacy
 from ._pickler import dumps, save_archive
 from ._staging import save_payloads
-from ._unpickler import StorageLoader, make_unpickler, scan_pickle
+from ._unpickler import (
+    StorageLoader,
+    make_unpickler,
+    pickle_module_for,
+    refused_globals_error,
+    scan_pickle,
+)
 from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError
 from .settings import get_options
@@ -388,10 +394,10 @@ def load(
             or torch._guards.detect_fake_mode(None) is not None
         ):
             # TorchScript archives, byte-swapped files and loads under a FakeTensorMode:
-            # torch's own loader handles them. Its full loader is CPython's unpickler, which
-            # allocates by the pickle's memo indices and lengths: check those first.
-            if not weights_only and archive.has("data.pkl") and not archive.has("constants.pkl"):
-                scan_pickle(archive.name, archive.read("data.pkl"), weights_only=False)
+            # torch's own loader handles them (_load_with_torch checks data.pkl first).
+            pickles = []
+            if archive.has("data.pkl") and not archive.has("constants.pkl"):
+                pickles.append(archive.read("data.pkl"))
             return _load_with_torch(
                 for_torch(f, start),
                 map_location,
@@ -400,6 +406,7 @@ def load(
                 mmap,
                 pickle_load_args,
                 archive.name,
+                pickles,
             )
         _check_version(archive)
         mapping = _core.Mapping(file, shared) if file is not None and mmap else None
@@ -497,7 +504,18 @@ def _load_with_torch(
     mmap: bool,
     pickle_load_args: dict[str, Any],
     name: str = "",
+    pickles: Sequence[bytes | memoryview] = (),
 ) -> Any:
+    """torch.load for the files ckptio hands to torch, `pickles` being those torch will
+    unpickle. torch's full loader unpickles with pickle_module's Unpickler (CPython's C one
+    for `pickle`), which allocates by the pickles' lengths and memo indices: they are
+    pre-scanned first, and a pickle whose memo needs a dict gets one (pickle_module_for).
+    torch's weights-only unpickler keeps its memo in a dict; when it refuses a global, the
+    UnsafeGlobalError names every global of `pickles` the allowlist lacks, as for ckptio's
+    own loads."""
+    if not weights_only:
+        scans = [(scan_pickle(name, p, weights_only=False), len(p)) for p in pickles]
+        pickle_module = pickle_module_for(pickle_module, scans, name)
     raised: list[BaseException] = []  # by a map_location callable
     try:
         # torch leaves a failed load's sparse tensors queued and its map_location set.
@@ -510,10 +528,15 @@ def _load_with_torch(
                 mmap=mmap,
                 **pickle_load_args,
             )
-    except (CheckpointError, Warning, pickle.UnpicklingError):
-        # Refused globals stay pickle.UnpicklingError, as torch raises them; warnings turned
-        # into errors by a filter stay what they are.
-        raise
+    except (CheckpointError, Warning):
+        raise  # warnings turned into errors by a filter stay what they are
+    except pickle.UnpicklingError as e:
+        # torch's weights-only refusal: the same UnsafeGlobalError as ckptio's own loads (a
+        # pickle.UnpicklingError too), naming every global the allowlist lacks.
+        refusal = refused_globals_error(list(pickles)) if weights_only else None
+        if refusal is None:
+            raise
+        raise refusal from e
     except Exception as e:
         if not weights_only or is_environment_error(e) or any(e is r for r in raised):
             # User code ran (the full unpickler, map_location), or the machine failed:
@@ -561,13 +584,21 @@ def _load_legacy(
             f"{name}: not a torch checkpoint (neither a zip archive nor a "
             f"legacy torch file; it starts with {head!r})"
         )
-    check_legacy(data, name)
+    legacy_pickles = check_legacy(data, name)
     if mmap:
         raise CheckpointError(  # a RuntimeError, as torch's; the file is not a zip archive
             f"{name}: mmap can only be used with files saved with "
             "`torch.save(_use_new_zipfile_serialization=True)`, please torch.save "
             "your checkpoint with this option in order to use mmap."
         )
+    view = memoryview(data)
     return _load_with_torch(
-        f, map_location, pickle_module, weights_only, False, pickle_load_args, name
+        f,
+        map_location,
+        pickle_module,
+        weights_only,
+        False,
+        pickle_load_args,
+        name,
+        [view[p.start : p.end] for p in legacy_pickles],
     )

@@ -28,8 +28,10 @@ ARCHIVE = "archive"
 @dataclasses.dataclass
 class Case:
     name: str
-    expected: str  # "CheckpointError", "UnsafeGlobalError", or an OSError subclass name
-    fragment: str  # a piece of the message (matched case-insensitively)
+    # "CheckpointError", "UnsafeGlobalError", an OSError subclass name, or "ok": the file is
+    # valid however it looks (it loads, with bounded memory: the corpus loads under a limit)
+    expected: str
+    fragment: str  # a piece of the message (matched case-insensitively); "" for "ok"
     data: bytes | None = None  # the file's bytes; None for the special kinds below
     kind: str = "file"  # file | directory | missing | unreadable
     load_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -314,15 +316,16 @@ def truncation_cases() -> list[Case]:
     out.append(Case("empty-file", "CheckpointError", "not a torch checkpoint", b""))
     # Legacy-format files (pickles back to back, then raw storages): ckptio checks their
     # structure (_legacy.check_legacy), then torch's parser reads them; its errors come out as
-    # CheckpointError. The memo bomb as a whole file was found by make fuzz-py.
+    # CheckpointError. The memo bomb as a whole file was found by make fuzz-py: a valid pickle
+    # (a dict memo holds it) but no legacy file, its second pickle is missing.
     legacy = io.BytesIO()
     torch.save({"w": torch.ones(3)}, legacy, _use_new_zipfile_serialization=False)
     raw = legacy.getvalue()
     magic = raw.index(b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19")  # the pickled magic number
     numel = raw.index(b"K\x03Nt")  # BININT1 3: the element count; None; TUPLE
     out += [
-        Case("legacy-memo-bomb", "CheckpointError", "LONG_BINPUT at offset 3",
-             b"\x80\x02}r\xff\xff\xff\x7f."),
+        Case("legacy-memo-bomb", "CheckpointError", "malformed legacy checkpoint: pickle is "
+             "truncated", b"\x80\x02}r\xff\xff\xff\x7f."),
         Case("legacy-truncated", "CheckpointError", "malformed legacy checkpoint",
              raw[: len(raw) // 2]),
         Case("legacy-truncated-payload", "CheckpointError", "could not read the file",
@@ -423,17 +426,21 @@ def pickle_cases(marker_dir: Path) -> list[Case]:
         Case(
             "record-too-small", "CheckpointError", "needs 64", tensor_file(0, (16,), (1,), record=8)
         ),
-        Case(
-            "memo-bomb",
-            "CheckpointError",
-            "LONG_BINPUT at offset",
-            _raw_pickle_file(b"\x80\x02}r\xff\xff\xff\x7f."),
-        ),
+        # A memo index far past the pickle's size is valid (CPython accepts any): CPython's C
+        # unpickler would size a 32 GiB array by it, ckptio unpickles it with a dict memo.
+        Case("memo-bomb", "ok", "", _raw_pickle_file(b"\x80\x02}r\xff\xff\xff\x7f.")),
         Case(
             "memo-bomb-full-load",
-            "CheckpointError",
-            "LONG_BINPUT at offset",
+            "ok",
+            "",
             _raw_pickle_file(b"\x80\x02}r\xff\xff\xff\x7f."),
+            load_kwargs={"weights_only": False},
+        ),
+        Case(
+            "memo-bomb-text-put-full-load",
+            "ok",
+            "",
+            _raw_pickle_file(b"(lp9223372036854775807\n."),
             load_kwargs={"weights_only": False},
         ),
         Case(
@@ -462,31 +469,22 @@ def pickle_cases(marker_dir: Path) -> list[Case]:
             _raw_pickle_file(b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"N."),
             load_kwargs={"weights_only": False},
         ),
-        Case(
-            "deep-tuples",
-            "CheckpointError",
-            "nest deeper than 1000",
-            _raw_pickle_file(b"\x80\x02)" + b"\x85" * 100_000 + b"."),
-        ),
+        # Any nesting is valid: CPython's unpickler is iterative, and so is ckptio's load path.
+        Case("deep-tuples", "ok", "", _raw_pickle_file(b"\x80\x02)" + b"\x85" * 100_000 + b".")),
         Case(
             "deep-tuples-full-load",
-            "CheckpointError",
-            "nest deeper than 1000",
+            "ok",
+            "",
             _raw_pickle_file(b"\x80\x02)" + b"\x85" * 100_000 + b"."),
             load_kwargs={"weights_only": False},
         ),
         Case(
             "deep-lists",
-            "CheckpointError",
-            "nest deeper than 1000",
+            "ok",
+            "",
             _raw_pickle_file(b"\x80\x02" + b"]" * 50_000 + b"a" * 49_999 + b"."),
         ),
-        Case(
-            "deep-marks",
-            "CheckpointError",
-            "MARKs are open",
-            _raw_pickle_file(b"\x80\x02" + b"(" * 100_000 + b"N."),
-        ),
+        Case("deep-marks", "ok", "", _raw_pickle_file(b"\x80\x02" + b"(" * 100_000 + b"N.")),
         Case(
             "pickle-without-stop",
             "CheckpointError",
