@@ -348,6 +348,9 @@ def test_convert_to_safetensors_round_trips(
     assert sorted(got) == sorted(expected)
     for name in expected:
         assert_tensor_same(expected[name], got[name], name)
+    if _is_safetensors(path):  # safetensors -> safetensors keeps the metadata
+        with ckptio.open(path) as source, ckptio.open(st) as converted:
+            assert converted.metadata == source.metadata
     assert cli.main(["convert", str(st), str(back), "--no-progress"]) == 0, capsys.readouterr()
     again = ckptio.load(back, map_location="cpu")
     assert sorted(again) == sorted(expected)
