@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import io
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -123,6 +124,37 @@ def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) ->
     # Kept: the blocks `held` and `second` had (the pool keeps both, well under its limit).
     assert _core.drop_recycled() > 0
     assert _core.drop_recycled() == 0
+
+
+@pytest.mark.parametrize("idle", [0.0, 0.3, 3600.0], ids=["at-once", "0.3s", "1h"])
+def test_recycled_blocks_are_marked_free_after_the_idle_setting(
+    tmp_path: Path, idle: float
+) -> None:
+    """recycle_idle_seconds: a freed block stays as it was (dirty) for that long, then the
+    background marker marks it MADV_FREE (lazy); either way the next load reuses it."""
+    sd = {"big": torch.randn(1 << 20)}  # 4 MiB: a block of ckptio's own
+    ckptio.save(sd, tmp_path / "m.pt")
+    _core.drop_recycled()
+    with ckptio.options(recycle_memory=True, recycle_idle_seconds=idle):
+        loaded = ckptio.load(tmp_path / "m.pt")
+        address = loaded["big"].data_ptr()
+        del loaded
+        if idle < 1:  # marked by the background thread once the idle time has passed
+            deadline = time.monotonic() + 10
+            while _core.recycled_stats()[1] == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        else:
+            time.sleep(0.5)
+        dirty, lazy = _core.recycled_stats()
+        if idle < 1:
+            assert (dirty, lazy) == (0, 4 << 20)
+        else:
+            assert (dirty, lazy) == (4 << 20, 0)
+        again = ckptio.load(tmp_path / "m.pt")
+        assert again["big"].data_ptr() == address
+        assert torch.equal(again["big"], sd["big"])
+    del again
+    assert _core.drop_recycled() == 4 << 20
 
 
 def _large_starts(sd: dict[str, torch.Tensor]) -> set[int]:

@@ -54,6 +54,7 @@ def test_environment_variables() -> None:
             "CKPTIO_STAGING_BUFFERS": "2",
             "CKPTIO_ASYNC_MAX_PENDING": "3",
             "CKPTIO_WRITE_CHUNK_BYTES": "0x100000",
+            "CKPTIO_RECYCLE_IDLE_SECONDS": "2.5",
         }
     )
     assert proc.returncode == 0, proc.stderr
@@ -69,6 +70,7 @@ def test_environment_variables() -> None:
         "overlap_reads": False,
         "recycle_memory": False,
         "recycle_max_bytes": 1 << 30,
+        "recycle_idle_seconds": 2.5,
         "staging_buffer_bytes": 2 << 20,
         "staging_buffers": 2,
         "async_max_pending": 3,
@@ -91,6 +93,7 @@ def test_environment_defaults() -> None:
         "overlap_reads": True,
         "recycle_memory": True,
         "recycle_max_bytes": 2 << 30,
+        "recycle_idle_seconds": 10.0,
         "staging_buffer_bytes": 32 << 20,
         "staging_buffers": 4,
         "async_max_pending": 2,
@@ -213,6 +216,9 @@ def test_set_options(restore_options: None) -> None:
         {"recycle_memory": "yes"},
         {"recycle_max_bytes": -1},
         {"recycle_max_bytes": True},
+        {"recycle_idle_seconds": -1},
+        {"recycle_idle_seconds": float("nan")},
+        {"recycle_idle_seconds": "10"},
         {"bogus": True},
     ],
     ids=[
@@ -226,6 +232,9 @@ def test_set_options(restore_options: None) -> None:
         "recycle_memory=str",
         "recycle_max_bytes=-1",
         "recycle_max_bytes=True",
+        "recycle_idle_seconds=-1",
+        "recycle_idle_seconds=nan",
+        "recycle_idle_seconds=str",
         "unknown",
     ],
 )

@@ -5,6 +5,7 @@
 // Python object owns; every tensor made from its buffer keeps that Python object alive.
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -133,12 +134,21 @@ void register_io(py::module_& m) {
       });
 
   py::class_<HostBuffer>(m, "HostBuffer", py::buffer_protocol())
-      .def(py::init<std::size_t, bool, std::size_t>(), py::arg("nbytes"), py::arg("huge_pages"),
-           py::arg("recycle_limit") = 0,
+      .def(py::init([](std::size_t nbytes, bool huge_pages, std::size_t recycle_limit,
+                       double recycle_idle_seconds) {
+             if (!(recycle_idle_seconds >= 0.0 && recycle_idle_seconds <= 1e9)) {
+               throw py::value_error("recycle_idle_seconds must be in [0, 1e9]");
+             }
+             const auto idle = std::chrono::milliseconds(
+                 static_cast<std::int64_t>(recycle_idle_seconds * 1000.0 + 0.5));
+             return new HostBuffer(nbytes, huge_pages, recycle_limit, idle);
+           }),
+           py::arg("nbytes"), py::arg("huge_pages"), py::arg("recycle_limit") = 0,
+           py::arg("recycle_idle_seconds") = 10.0,
            "Uninitialized host memory for storages; huge-page backed when large and asked. "
            "recycle_limit > 0: when freed, the mapping is kept for the next recycled block "
-           "that maps as many bytes (marked MADV_FREE once idle for 10 s), the oldest kept "
-           "ones unmapped beyond recycle_limit bytes in all.")
+           "that maps as many bytes (marked MADV_FREE once idle for recycle_idle_seconds), "
+           "the oldest kept ones unmapped beyond recycle_limit bytes in all.")
       .def_property_readonly("size", &HostBuffer::size)
       .def_property_readonly("huge", &HostBuffer::huge)
       .def_property_readonly(
@@ -147,6 +157,14 @@ void register_io(py::module_& m) {
         return py::buffer_info(b.data(), 1, py::format_descriptor<std::uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(b.size())}, {1}, /*readonly=*/false);
       });
+
+  m.def(
+      "recycled_stats",
+      []() {
+        const RecycledStats stats = recycled_stats();
+        return py::make_tuple(stats.dirty_bytes, stats.lazy_bytes);
+      },
+      "(bytes kept for reuse as freed, bytes kept and marked MADV_FREE once idle).");
 
   m.def("drop_recycled", &drop_recycled,
         "Unmaps the freed HostBuffer mappings kept for reuse; returns their total size in "

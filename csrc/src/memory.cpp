@@ -26,16 +26,15 @@ using Clock = std::chrono::steady_clock;
 struct Kept {
   void* base;
   std::size_t bytes;
-  bool huge;          // advised for huge pages
-  Clock::time_point freed;
-  bool lazy = false;  // marked MADV_FREE
+  bool huge;               // advised for huge pages
+  Clock::time_point idle;  // when it has been idle long enough to be marked MADV_FREE
+  bool lazy = false;       // marked MADV_FREE
 };
 struct RecycledPool {
   std::mutex mutex;
-  std::condition_variable kept_one;  // wakes the idle marker: a block kept, or a new idle time
+  std::condition_variable kept_one;  // wakes the idle marker: a block kept
   std::vector<Kept> kept;
   std::size_t bytes = 0;
-  Clock::duration idle = std::chrono::seconds(10);
   pid_t marker_pid = 0;  // the process whose idle marker runs (0: none yet)
 };
 RecycledPool& pool() {
@@ -43,11 +42,11 @@ RecycledPool& pool() {
   return *instance;
 }
 
-// Marks the kept blocks idle since `before` or earlier MADV_FREE (lock held): the kernel may
-// then take their pages back under memory pressure, without swap.
-void mark_idle(RecycledPool& p, Clock::time_point before) noexcept {
+// Marks the kept blocks whose idle time has passed at `now` MADV_FREE (lock held): the kernel
+// may then take their pages back under memory pressure, without swap.
+void mark_idle(RecycledPool& p, Clock::time_point now) noexcept {
   for (Kept& k : p.kept) {
-    if (k.lazy || k.freed > before) continue;
+    if (k.lazy || k.idle > now) continue;
 #ifdef MADV_FREE
     (void)madvise(k.base, k.bytes, MADV_FREE);  // best effort: kept resident otherwise
 #endif
@@ -55,23 +54,23 @@ void mark_idle(RecycledPool& p, Clock::time_point before) noexcept {
   }
 }
 
-// The idle marker: sleeps until the oldest unmarked block has been idle for `idle`, marks it
-// (and any other as old). Under the pool's lock, so no block is handed out while it is being
+// The idle marker: sleeps until the first unmarked block's idle time has passed, marks it
+// (and any other due). Under the pool's lock, so no block is handed out while it is being
 // marked. Detached; never touches Python.
 void idle_marker() noexcept {
   RecycledPool& p = pool();
   std::unique_lock<std::mutex> lock(p.mutex);
   for (;;) {
-    Clock::time_point oldest = Clock::time_point::max();
+    Clock::time_point next = Clock::time_point::max();
     for (const Kept& k : p.kept) {
-      if (!k.lazy && k.freed < oldest) oldest = k.freed;
+      if (!k.lazy && k.idle < next) next = k.idle;
     }
-    if (oldest == Clock::time_point::max()) {
+    if (next == Clock::time_point::max()) {
       p.kept_one.wait(lock);
-    } else if (Clock::now() - oldest >= p.idle) {
-      mark_idle(p, Clock::now() - p.idle);
+    } else if (Clock::now() >= next) {
+      mark_idle(p, Clock::now());
     } else {
-      p.kept_one.wait_until(lock, oldest + p.idle);
+      p.kept_one.wait_until(lock, next);
     }
   }
 }
@@ -118,7 +117,8 @@ void* take_recycled(std::size_t rounded, bool huge) noexcept {
 
 // Keeps (base, bytes) for reuse, then unmaps the oldest kept mappings until they total at most
 // `limit` bytes (`base` itself when it alone is larger). Returns the bytes unmapped.
-std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t limit) noexcept {
+std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t limit,
+                          Clock::duration idle) noexcept {
   // The marker holds the pool's lock while it marks: a fork meanwhile must not copy it locked.
   static const int registered =
       ::pthread_atfork(lock_pool_for_fork, unlock_pool_in_parent, reset_pool_in_child);
@@ -129,7 +129,7 @@ std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t 
     const std::lock_guard<std::mutex> lock(p.mutex);
     try {
       if (base != nullptr && bytes <= limit) {
-        p.kept.push_back({base, bytes, huge, Clock::now()});
+        p.kept.push_back({base, bytes, huge, Clock::now() + idle});
         p.bytes += bytes;
         base = nullptr;
         ensure_idle_marker(p);
@@ -159,7 +159,9 @@ std::size_t keep_recycled(void* base, std::size_t bytes, bool huge, std::size_t 
 
 }  // namespace
 
-std::size_t drop_recycled() noexcept { return keep_recycled(nullptr, 0, false, 0); }
+std::size_t drop_recycled() noexcept {
+  return keep_recycled(nullptr, 0, false, 0, Clock::duration::zero());
+}
 
 RecycledStats recycled_stats() noexcept {
   RecycledPool& p = pool();
@@ -169,21 +171,17 @@ RecycledStats recycled_stats() noexcept {
   return stats;
 }
 
-void set_recycle_idle_time(std::chrono::milliseconds idle) noexcept {
-  RecycledPool& p = pool();
-  const std::lock_guard<std::mutex> lock(p.mutex);
-  p.idle = idle;
-  p.kept_one.notify_one();
-}
-
-HostBuffer::HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit)
+HostBuffer::HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit,
+                       std::chrono::milliseconds recycle_idle)
     : size_(size) {
+  if (recycle_idle.count() < 0) recycle_idle = std::chrono::milliseconds::zero();
   // No object may exceed PTRDIFF_MAX; refusing here also keeps the rounding below from
   // wrapping around to a small block.
   if (size > static_cast<std::size_t>(PTRDIFF_MAX) - 2 * kHugePageBytes) throw std::bad_alloc();
   if ((huge_pages || recycle_limit != 0) && size >= kHugePageBytes) {
     const std::size_t rounded = (size + kHugePageBytes - 1) & ~(kHugePageBytes - 1);
     recycle_limit_ = recycle_limit;
+    recycle_idle_ = recycle_idle;
     huge_ = huge_pages;
     if (recycle_limit != 0) {
       if (void* kept = take_recycled(rounded, huge_pages)) {
@@ -224,7 +222,7 @@ HostBuffer::HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_li
 
 HostBuffer::~HostBuffer() {
   if (mapped_ != 0 && recycle_limit_ != 0) {
-    (void)keep_recycled(base_, mapped_, huge_, recycle_limit_);
+    (void)keep_recycled(base_, mapped_, huge_, recycle_limit_, recycle_idle_);
   } else if (mapped_ != 0) {
     munmap(base_, mapped_);
   } else {

@@ -138,10 +138,9 @@ TEST(recycled_blocks_are_marked_lazily_free_once_idle_and_still_reused) {
   ckptio::drop_recycled();
   constexpr std::size_t kPage = HostBuffer::kHugePageBytes;
   constexpr std::size_t kLimit = 64 * kPage;
-  ckptio::set_recycle_idle_time(std::chrono::milliseconds(50));
   void* first = nullptr;
   {
-    HostBuffer b(2 * kPage, false, kLimit);
+    HostBuffer b(2 * kPage, false, kLimit, std::chrono::milliseconds(50));
     first = b.data();
     std::memset(b.data(), 0x33, b.size());
   }
@@ -156,12 +155,12 @@ TEST(recycled_blocks_are_marked_lazily_free_once_idle_and_still_reused) {
   CHECK_EQ(ckptio::recycled_stats().lazy_bytes, 2 * kPage);
   CHECK_EQ(ckptio::recycled_stats().dirty_bytes, std::size_t{0});
   {
-    HostBuffer same(2 * kPage, false, kLimit);  // a marked block is reused all the same
+    // A marked block is reused all the same; freed again, it stays unmarked for 10 s.
+    HostBuffer same(2 * kPage, false, kLimit);
     CHECK_EQ(same.data(), first);
     std::memset(same.data(), 0x44, same.size());
     CHECK_EQ(static_cast<unsigned char*>(same.data())[same.size() - 1], 0x44);
   }
-  ckptio::set_recycle_idle_time(std::chrono::seconds(10));
   CHECK_EQ(ckptio::recycled_stats().dirty_bytes, 2 * kPage);  // freed again: unmarked
   CHECK_EQ(ckptio::drop_recycled(), 2 * kPage);
   CHECK_EQ(ckptio::recycled_stats().dirty_bytes + ckptio::recycled_stats().lazy_bytes,
@@ -175,10 +174,9 @@ TEST(a_forked_child_keeps_and_reuses_blocks_with_its_own_marker) {
   const pid_t child = ::fork();
   if (child == 0) {
     // Would hang on a mutex or condition variable copied in use; exits 0 when all works.
-    ckptio::set_recycle_idle_time(std::chrono::milliseconds(20));
     void* kept = nullptr;
     {
-      HostBuffer b(2 * kPage, false, 64 * kPage);
+      HostBuffer b(2 * kPage, false, 64 * kPage, std::chrono::milliseconds(20));
       kept = b.data();
     }
     for (int i = 0; i < 500 && ckptio::recycled_stats().lazy_bytes != 2 * kPage; ++i) {

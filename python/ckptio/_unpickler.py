@@ -515,7 +515,9 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
     opts = get_options()
     if opts.recycle_memory and opts.recycle_max_bytes and nbytes >= _HUGE_PAGE_BYTES:
         try:
-            buffer = _core.HostBuffer(nbytes, opts.huge_pages, opts.recycle_max_bytes)
+            buffer = _core.HostBuffer(
+                nbytes, opts.huge_pages, opts.recycle_max_bytes, opts.recycle_idle_seconds
+            )
         except MemoryError:
             pass
         else:

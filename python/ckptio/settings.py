@@ -97,13 +97,17 @@ class Options:
     overlap_reads: bool = True
     #: Eager loads put storages of 2 MiB or more, and the block of their small storages, in
     #: mappings of ckptio's own that, once freed, are kept for later loads that need blocks of
-    #: those sizes; one idle for 10 s is marked MADV_FREE (the kernel takes it back under
-    #: memory pressure).
-    #: Env: ``CKPTIO_RECYCLE_MEMORY``.
+    #: those sizes; one idle for ``recycle_idle_seconds`` is marked MADV_FREE (the kernel
+    #: takes it back under memory pressure). Env: ``CKPTIO_RECYCLE_MEMORY``.
     recycle_memory: bool = True
     #: Most bytes of freed mappings kept for reuse (``recycle_memory``); the oldest go first.
     #: Env: ``CKPTIO_RECYCLE_MAX_BYTES``.
     recycle_max_bytes: int = 2 << 30
+    #: Seconds a freed mapping kept for reuse stays as it is before it is marked MADV_FREE:
+    #: reusing it sooner writes pages the kernel was not told it may take (faster); after,
+    #: the kernel may take them back under memory pressure (set by the load that frees it).
+    #: Env: ``CKPTIO_RECYCLE_IDLE_SECONDS``.
+    recycle_idle_seconds: float = 10.0
     #: Bytes of one pinned host staging buffer for GPU loads and saves (storages bigger than
     #: this stream through in pieces; small ones share a buffer). Env:
     #: ``CKPTIO_STAGING_BUFFER_BYTES``.
@@ -134,6 +138,9 @@ class Options:
         n = self.recycle_max_bytes
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"recycle_max_bytes must be an int >= 0, got {n!r}")
+        t = self.recycle_idle_seconds
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1e9:
+            raise ValueError(f"recycle_idle_seconds must be a number in [0, 1e9], got {t!r}")
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
@@ -161,6 +168,7 @@ _ENV = {
     "overlap_reads": "CKPTIO_OVERLAP_READS",
     "recycle_memory": "CKPTIO_RECYCLE_MEMORY",
     "recycle_max_bytes": "CKPTIO_RECYCLE_MAX_BYTES",
+    "recycle_idle_seconds": "CKPTIO_RECYCLE_IDLE_SECONDS",
     "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",
@@ -179,6 +187,11 @@ def _parse_env(var: str, raw: str, kind: type) -> Any:
         if low in _FALSE:
             return False
         raise ValueError(f"{var}={raw!r}: expected one of 1/0, true/false, yes/no")
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{var}={raw!r}: expected a number") from None
     try:
         return int(raw, 0)
     except ValueError:

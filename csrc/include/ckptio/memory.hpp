@@ -28,14 +28,14 @@ class HostBuffer {
   /// `recycle_limit > 0` (mapped blocks only): when the block is freed, its mapping is
   /// kept, and the oldest kept mappings are unmapped until those kept total at most
   /// `recycle_limit` bytes. A kept mapping stays as it is while it is reused soon; once idle
-  /// for the recycle idle time (10 s; set_recycle_idle_time), a background thread marks it
-  /// MADV_FREE, so the kernel may take its pages back under memory pressure. Not at once:
+  /// for `recycle_idle` (10 s by default), a background thread marks it MADV_FREE, so the kernel may take its pages back under memory pressure. Not at once:
   /// writing pages marked MADV_FREE again cost 0.06 s per 700 MB more than writing them
   /// unmarked on the development VM (4 KiB pages), nearly what the copy itself costs.
   /// A later recycled block that maps as many bytes, advised alike, takes the most recent of
   /// them instead of faulting in fresh memory: an eager load in a loop reuses its blocks, as
   /// glibc's heap reuses freed blocks of up to 32 MiB (and not larger ones) for torch.load.
-  HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit = 0);
+  HostBuffer(std::size_t size, bool huge_pages, std::size_t recycle_limit = 0,
+             std::chrono::milliseconds recycle_idle = std::chrono::seconds(10));
   ~HostBuffer();
   HostBuffer(const HostBuffer&) = delete;
   HostBuffer& operator=(const HostBuffer&) = delete;
@@ -51,6 +51,7 @@ class HostBuffer {
   void* base_ = nullptr;     // what to free / unmap
   std::size_t mapped_ = 0;   // bytes mapped (0: heap block)
   std::size_t recycle_limit_ = 0;  // keep the mapping for reuse when freed (0: never)
+  std::chrono::milliseconds recycle_idle_{0};  // kept unmarked this long once freed
   bool huge_ = false;              // the mapping is advised for huge pages
   void* data_ = nullptr;
   std::size_t size_ = 0;
@@ -65,9 +66,6 @@ struct RecycledStats {
   std::size_t lazy_bytes = 0;
 };
 RecycledStats recycled_stats() noexcept;
-
-/// How long a kept block stays unmarked before it is marked MADV_FREE (default 10 s).
-void set_recycle_idle_time(std::chrono::milliseconds idle) noexcept;
 
 /// Advises the whole pages of [address, address + size) for transparent huge pages
 /// (MADV_HUGEPAGE), before their first touch. For memory allocated elsewhere (torch's CPU
