@@ -100,3 +100,42 @@ def test_inspect_lists_globals(needy: Path, tmp_path: Path) -> None:
     torch.save({"w": torch.ones(2)}, plain)
     r = _inspect(str(plain))
     assert r.returncode == 0 and "not allowlisted: -" in r.stdout
+
+
+def _legacy_needy(tmp_path: Path) -> Path:
+    path = tmp_path / "legacy.pt"
+    obj = {"w": torch.ones(2), "args": argparse.Namespace(lr=0.1), "c": Custom(1)}
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+    return path
+
+
+def _big_endian_needy(tmp_path: Path) -> Path:
+    """A zip checkpoint that says its data is big-endian: torch's own loader reads it."""
+    import zipfile
+
+    src = tmp_path / "src.pt"
+    torch.save({"w": torch.ones(2), "args": argparse.Namespace(lr=0.1), "c": Custom(1)}, src)
+    dst = tmp_path / "big.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            zout.writestr(item, b"big" if item.filename.endswith("/byteorder") else data)
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["legacy", "big-endian"])
+def test_torch_loaded_files_name_every_lacking_global(tmp_path: Path, kind: str) -> None:
+    # Legacy and byte-swapped files are unpickled by torch's weights-only loader, which names
+    # the first global it refuses; ckptio's error names all of them, as for its own loads.
+    path = _legacy_needy(tmp_path) if kind == "legacy" else _big_endian_needy(tmp_path)
+    lacking = ["argparse.Namespace", f"{__name__}.Custom"]
+    with pytest.raises(ckptio.UnsafeGlobalError) as info:
+        ckptio.load(path)
+    e = info.value
+    assert isinstance(e, pickle.UnpicklingError) and isinstance(e, ckptio.CheckpointError)
+    assert e.globals == lacking and e.blocked == []
+    assert f"torch.serialization.add_safe_globals([{', '.join(lacking)}])" in str(e)
+    assert isinstance(e.__cause__, pickle.UnpicklingError)  # torch's own error, kept
+    with torch.serialization.safe_globals([argparse.Namespace, Custom]):
+        got = ckptio.load(path)
+    assert got["args"] == argparse.Namespace(lr=0.1) and got["c"].v == 1
