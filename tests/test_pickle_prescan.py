@@ -295,3 +295,41 @@ def test_cpython_accepts_what_the_scan_accepts() -> None:
     for pkl in (b"\x80\x02]q\x05]q\x02h\x05h\x02\x86.", b"((lp 0_0_1 \ng+1\n0g0001\nt."):
         _core.scan_pickle(pkl, False)
         pickle.loads(pkl)
+
+
+# CPython's unpickler is iterative: it loads any nesting a pickle describes, and so must every
+# load path (ckptio's own walks over the result included).
+DEPTH = 100_000
+
+
+def _unwrap(obj: Any, depth: int) -> Any:
+    for _ in range(depth):  # iterative: == on deep tuples would recurse
+        assert type(obj) is tuple and len(obj) == 1
+        obj = obj[0]
+    return obj
+
+
+def _deep(pkl: bytes) -> bytes:
+    """`pkl` with its object wrapped in DEPTH 1-tuples."""
+    assert pkl.endswith(b".")
+    return pkl[:-1] + b"\x85" * DEPTH + b"."
+
+
+@pytest.mark.parametrize("weights_only", [True, False], ids=["weights_only", "full"])
+def test_deep_nesting_loads_as_torch(tmp_path: Path, weights_only: bool) -> None:
+    path = _zip_holding(tmp_path, _deep(_zip_pickle(tmp_path)))
+    buf = io.BytesIO()
+    torch.save(_state(), buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    ends = _pickle_ends(raw)
+    legacy = tmp_path / "deep-legacy.pt"
+    legacy.write_bytes(raw[: ends[2]] + _deep(raw[ends[2] : ends[3]]) + raw[ends[3] :])
+    for p in (path, legacy):
+        want = _unwrap(torch.load(p, weights_only=weights_only), DEPTH)
+        _assert_same(_unwrap(ckptio.load(p, weights_only=weights_only), DEPTH), want)
+    _assert_same(_unwrap(ckptio.load(path, mmap=True), DEPTH), want)
+    assert ckptio.load_into({}, path, strict=False) is not None
+    with ckptio.open(path) as handle:
+        name = ".".join(["0"] * DEPTH + ["w"])
+        assert name in handle.keys()
+        assert torch.equal(handle[name], want["w"])

@@ -79,15 +79,21 @@ def _flatten(obj: Any, leaf: type) -> dict[Path, Any]:
         if not nested:
             return out
         out.clear()
-    stack: list[tuple[Path, Any]] = [((), obj)]
+    # Each object comes with its link, (its container's link, its key), the root's None; a
+    # path is built only for a leaf, so a pickle nested 100,000 deep walks in linear time.
+    stack: list[tuple[Any, Any]] = [(None, obj)]
     while stack:
-        path, o = stack.pop()
+        link, o = stack.pop()
         if isinstance(o, leaf):
-            out[path] = o
+            keys = []
+            while link is not None:
+                link, key = link
+                keys.append(key)
+            out[tuple(reversed(keys))] = o
         elif isinstance(o, dict):
-            stack.extend(((*path, k), v) for k, v in reversed(list(o.items())))
+            stack.extend(((link, k), v) for k, v in reversed(list(o.items())))
         elif isinstance(o, (list, tuple)):
-            stack.extend(((*path, i), v) for i, v in reversed(list(enumerate(o))))
+            stack.extend(((link, i), v) for i, v in reversed(list(enumerate(o))))
     return out
 
 

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Sequence, Union
+from typing import IO, Any, Iterable, Iterator, Sequence, Union
 
 import torch
 
@@ -482,15 +482,29 @@ def _is_meta(map_location: Any) -> bool:
     return isinstance(map_location, torch.device) and map_location.type == "meta"
 
 
+def _children(link: Any, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    return (((link, key), value) for key, value in items)
+
+
 def _walk(obj: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
-    """(path, leaf) pairs of a saved object: dicts by key, lists and tuples by index."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-    elif isinstance(obj, dict) and obj:
-        for k, v in obj.items():
-            yield from _walk(v, (*path, k))
-    elif isinstance(obj, (list, tuple)) and obj and not isinstance(obj, torch.Size):
-        for i, v in enumerate(obj):
-            yield from _walk(v, (*path, i))
-    else:
-        yield path, obj
+    """(path, leaf) pairs of a saved object, in order: dicts by key, lists and tuples by
+    index. Iterative, each path built only for its leaf: a pickle may nest objects as deep
+    as CPython's (iterative) unpickler builds them."""
+    # Each object comes with its link, (its container's link, its key); the root's is None.
+    stack: list[Iterator[tuple[Any, Any]]] = [iter([(None, obj)])]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        link, o = entry
+        if isinstance(o, dict) and o:
+            stack.append(_children(link, o.items()))
+        elif isinstance(o, (list, tuple)) and o and not isinstance(o, torch.Size):
+            stack.append(_children(link, enumerate(o)))
+        else:  # a tensor, or any other leaf
+            keys = []
+            while link is not None:
+                link, key = link
+                keys.append(key)
+            yield (*path, *reversed(keys)), o
