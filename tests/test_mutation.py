@@ -4,7 +4,9 @@ into the zip's length and offset fields and into the pickle's opcode arguments),
 to the original, load to what torch loads from the same bytes, or raise CheckpointError,
 OSError or UnsafeGlobalError (for legacy-format files, which torch's parser reads, any
 pickle.UnpicklingError). Nothing else: no other exception, no crash, no hang. A zip mutant
-that loads must also load_into zeroed copies of what it loaded, to the same values.
+that loads must also load_into zeroed copies of what it loaded, to the same values. A memo
+index written far past the pickle's size is valid: the mutant loads (with a dict memo, in
+bounded memory) or fails as a GET of an index never stored (CheckpointError).
 
 Hypothesis draws batches of mutants; each batch loads in one child process (path, mmap and
 BytesIO), under a memory limit and a timeout. CKPTIO_MUTATION_EXAMPLES (batches, default 3)
@@ -17,6 +19,7 @@ import collections
 import io
 import json
 import os
+import pickle
 import pickletools
 import textwrap
 from pathlib import Path
@@ -300,6 +303,31 @@ REGRESSIONS = {
 def test_regressions(base: str, tmp_path: Path) -> None:
     report = _run_batch(tmp_path, base, REGRESSIONS[base])
     assert report["bad"] == [], report["bad"]
+
+
+def _far_memo_mutants(base: str) -> list[dict[str, Any]]:
+    """For each memo store of the legacy object pickle, the same store made first at an
+    index far past the pickle's size (LONG_BINPUT inserted before it): still the same file."""
+    data = BASES[base]
+    stream = io.BytesIO(data)
+    for _ in range(3):
+        pickle.load(stream)  # magic number, protocol version, sys info
+    out = []
+    for op, _arg, pos in pickletools.genops(stream):  # pos: the offset in the file
+        if op.name in ("BINPUT", "LONG_BINPUT") and len(out) < 40:
+            for index in (0x7FFFFFFF, 0xFFFFFFFF):
+                far = b"r" + index.to_bytes(4, "little")
+                out.append({"kind": "insert", "at": pos, "bytes": far.hex()})
+    return out
+
+
+def test_far_memo_index_mutants_load(tmp_path: Path) -> None:
+    # Refused before (an index past the pickle's size); CPython loads them, so must ckptio,
+    # under the child's 2 GiB limit (CPython's C memo array alone would be 32 to 64 GiB).
+    batch = _far_memo_mutants("torch-legacy")
+    report = _run_batch(tmp_path, "torch-legacy", batch)
+    assert report["bad"] == [] and report["refused"] == 0, report
+    assert report["equal"] == 2 * len(batch)
 
 
 def test_apply_mutations() -> None:
