@@ -51,6 +51,9 @@ _spec.loader.exec_module(fetch)
 FILES = fetch.corpus_files()
 
 MAP_LOCATIONS: dict[str, Callable[[], Any]] = {
+    # None restores each storage where it was saved: on a host without the GPU a CUDA-saved
+    # file is refused by both, on a host with it both load onto the GPU.
+    "none": lambda: None,
     "str": lambda: "cpu",
     "device": lambda: torch.device("cpu"),
     "dict": lambda: {"cuda:0": "cpu"},
