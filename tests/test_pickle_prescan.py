@@ -333,3 +333,18 @@ def test_deep_nesting_loads_as_torch(tmp_path: Path, weights_only: bool) -> None
         name = ".".join(["0"] * DEPTH + ["w"])
         assert name in handle.keys()
         assert torch.equal(handle[name], want["w"])
+
+
+def test_dcp_metadata_with_far_memo_indices_loads(tmp_path: Path) -> None:
+    # The .metadata file of a DCP checkpoint is a pickle too: the same rule holds there.
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from ckptio import dcp
+
+    pkl = pickle.dumps(Metadata(state_dict_metadata={}, planner_data={"a": [1]}), protocol=2)
+    (tmp_path / ".metadata").write_bytes(_renumber(pkl, lambda i: 0x7FFFFFFF - i))
+    got = dcp.Reader(tmp_path).read_metadata()
+    assert got.state_dict_metadata == {} and got.planner_data == {"a": [1]}
+    (tmp_path / ".metadata").write_bytes(pkl[:-3])
+    with pytest.raises(ckptio.CheckpointError, match=".metadata"):
+        dcp.Reader(tmp_path).read_metadata()

@@ -58,6 +58,7 @@ from torch.futures import Future
 
 from . import _core, serialization
 from ._archive import write_archive
+from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
 from .errors import CheckpointError
 from .settings import get_options
@@ -284,7 +285,7 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         name = METADATA_NAME if rank is None else f"__{rank}{METADATA_NAME}"
         path = os.path.join(self.path, name)
         with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f, path).load()
+            metadata = _unpickle_metadata(f.read(), path)
         if not isinstance(metadata, Metadata):
             raise CheckpointError(f"{path}: holds a {type(metadata).__name__}, not DCP Metadata")
         if metadata.storage_meta is None:
@@ -474,46 +475,69 @@ def _dtype(path: str, name: str | None) -> torch.dtype:
     return dtype
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP Metadata, refusing every global but its own classes and plain torch
-    values (dtypes, sizes, layouts, memory formats)."""
+def _metadata_unpickler_class(base: Any) -> type:
+    """`base` (pickle's C Unpickler, or its pure-Python one with a dict memo) refusing every
+    global but DCP Metadata's own classes and plain torch values."""
 
-    _MODULES = ("torch.distributed.checkpoint.metadata", __name__)
-    _BUILTINS = frozenset({"set", "frozenset", "slice", "complex"})
-    # Plain data classes a stock FileSystemWriter's metadata holds (read, then refused by
-    # set_up_storage_reader with a clear message), and the paths it stores as checkpoint ids.
-    _CLASSES = frozenset(
-        {
-            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-            ("pathlib", "PosixPath"),
-            ("pathlib", "PurePosixPath"),
-        }
-    )
+    class _MetadataUnpickler(base):  # type: ignore[misc,valid-type]
+        """Unpickles DCP Metadata, refusing every global but its own classes and plain torch
+        values (dtypes, sizes, layouts, memory formats)."""
 
-    def __init__(self, f: Any, name: str) -> None:
-        super().__init__(f)
-        self.name = name
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module in self._MODULES:
-            value = super().find_class(module, name)
-            if isinstance(value, type):
-                return value
-        elif module == "torch":
-            value = getattr(torch, name, None)
-            if value is torch.Size or isinstance(
-                value, (torch.dtype, torch.layout, torch.memory_format)
-            ):
-                return value
-        elif (module, name) in self._CLASSES:
-            return super().find_class(module, name)
-        elif module == "torch.serialization" and name == "_get_layout":
-            return torch.serialization._get_layout  # layout by name, as torch pickles it
-        elif module == "collections" and name == "OrderedDict":
-            return super().find_class(module, name)
-        elif module == "builtins" and name in self._BUILTINS:
-            return super().find_class(module, name)
-        raise CheckpointError(
-            f"{self.name}: the metadata refers to {module}.{name}, which a DCP metadata file "
-            "never needs; refusing to load it"
+        _MODULES = ("torch.distributed.checkpoint.metadata", __name__)
+        _BUILTINS = frozenset({"set", "frozenset", "slice", "complex"})
+        # Plain data classes a stock FileSystemWriter's metadata holds (read, then refused by
+        # set_up_storage_reader with a clear message), and the paths it stores as checkpoint ids.
+        _CLASSES = frozenset(
+            {
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"),
+            }
         )
+
+        def __init__(self, f: Any, name: str) -> None:
+            super().__init__(f)
+            self.name = name
+
+        def find_class(self, module: str, name: str) -> Any:
+            if module in self._MODULES:
+                value = super().find_class(module, name)
+                if isinstance(value, type):
+                    return value
+            elif module == "torch":
+                value = getattr(torch, name, None)
+                if value is torch.Size or isinstance(
+                    value, (torch.dtype, torch.layout, torch.memory_format)
+                ):
+                    return value
+            elif (module, name) in self._CLASSES:
+                return super().find_class(module, name)
+            elif module == "torch.serialization" and name == "_get_layout":
+                return torch.serialization._get_layout  # layout by name, as torch pickles it
+            elif module == "collections" and name == "OrderedDict":
+                return super().find_class(module, name)
+            elif module == "builtins" and name in self._BUILTINS:
+                return super().find_class(module, name)
+            raise CheckpointError(
+                f"{self.name}: the metadata refers to {module}.{name}, which a DCP metadata file "
+                "never needs; refusing to load it"
+            )
+
+    return _MetadataUnpickler
+
+
+_MetadataUnpickler = _metadata_unpickler_class(pickle.Unpickler)
+_DictMemoMetadataUnpickler = _metadata_unpickler_class(pickle._Unpickler)
+
+
+def _unpickle_metadata(data: bytes, path: str) -> Any:
+    """The object pickled in a .metadata file's bytes, pre-scanned first (_core.scan_pickle:
+    lengths, truncation), with a dict memo where a memo index is past the pickle's size
+    (CPython's C unpickler would allocate an array by it; see docs/format.md)."""
+    try:
+        scan = _core.scan_pickle(data, False)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    dict_memo = needs_dict_memo(scan, len(data))
+    cls = _DictMemoMetadataUnpickler if dict_memo else _MetadataUnpickler
+    return cls(io.BytesIO(data), path).load()
