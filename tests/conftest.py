@@ -71,6 +71,16 @@ def torch_can_save(dtype: torch.dtype) -> bool:
     return True
 
 
+# A dtype that torch.save pickles through torch._utils._rebuild_tensor_v3 (one of
+# torch.storage._new_dtypes()) and that the installed torch can save: uint16 where it can
+# (torch 2.5 cannot), float8_e4m3fn otherwise.
+V3_DTYPE = (
+    torch.uint16
+    if torch.uint16 in torch.storage._new_dtypes() and torch_can_save(torch.uint16)
+    else torch.float8_e4m3fn
+)
+
+
 def skip_unless_torch_saves(*dtypes: torch.dtype) -> pytest.MarkDecorator:
     """Skips a test (or a parameter: ``pytest.param(dtype, marks=...)``) that needs the installed
     torch.save to write every one of `dtypes`."""
@@ -179,6 +189,16 @@ def _tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     # A fresh tensor has canonical strides (contiguous() may keep odd strides of size-1 dims).
     flat = torch.empty(t.shape, dtype=t.dtype).copy_(t).reshape(-1)
     return flat.view(torch.uint8)
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes: torch.equal, for every dtype (torch 2.5 has no equal
+    kernel for float8)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(_tensor_bytes(a), _tensor_bytes(b))
+    )
 
 
 def _same_float(a: float, b: float) -> bool:

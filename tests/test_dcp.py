@@ -28,9 +28,13 @@ import ckptio.dcp
 
 from conftest import assert_same
 
+# torch's own warnings, in each supported torch's words: a single-process save or load
+# (torch 2.5: "torch.distributed is unavailable...", later "is disabled, unavailable..."), and
+# the stock FileSystemWriter's tensor.storage() (torch 2.5 to 2.9).
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:torch.distributed is disabled:UserWarning",
+    "ignore:torch.distributed is (disabled, )?unavailable or uninitialized:UserWarning",
     "ignore:.*overwriting since:UserWarning",
+    "ignore:TypedStorage is deprecated:UserWarning:torch.distributed.checkpoint.filesystem",
 )
 
 
@@ -58,13 +62,20 @@ def _load_one_process(reader: Any) -> dict[str, Any]:
     return target
 
 
+def _contiguous(value: Any) -> Any:
+    return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+
 @pytest.mark.parametrize("name", ["ckptio", "async"])
 def test_two_ranks_save_load_resharded_on_two_ranks(saved_by_two_ranks: Path, name: str) -> None:
     expected = _dcp_worker.full_state()
     ours = torch.load(saved_by_two_ranks / f"loaded2-{name}.pt")
     stock = torch.load(saved_by_two_ranks / "loaded2-stock.pt")
-    assert_same(expected, ours)
+    # The layout of a gathered tensor is DTensor.full_tensor()'s (torch 2.5 to 2.9 gather an
+    # uneven shard through a padded buffer: strides (4, 1) for a 5x3 tensor). The stock reader's
+    # result is the oracle for it, the original state for the values.
     assert_same(stock, ours)
+    assert_same(expected, {k: _contiguous(v) for k, v in ours.items()})
 
 
 @pytest.mark.parametrize("name", ["ckptio", "async"])

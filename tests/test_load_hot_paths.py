@@ -20,7 +20,7 @@ import torch
 import ckptio
 from ckptio import _core, _unpickler
 
-from conftest import assert_same, assert_same_sharing
+from conftest import V3_DTYPE, assert_same, assert_same_sharing
 
 _TypedStorage = torch.storage.TypedStorage
 
@@ -36,7 +36,7 @@ def _state() -> dict[str, Any]:
     out["scalar"] = torch.tensor(2.5)
     out["empty"] = torch.empty(0, 3)
     out["big"] = torch.arange(300_000, dtype=torch.float32)  # above the small-storage limit
-    out["uint16"] = torch.arange(6).to(torch.uint16)  # rebuilt by _rebuild_tensor_v3
+    out["v3"] = torch.arange(6).to(V3_DTYPE)  # rebuilt by _rebuild_tensor_v3
     return out
 
 

@@ -21,7 +21,7 @@ from ckptio import _core, _load_into, _unpickler
 from ckptio._archive import ArchiveReader
 from ckptio.errors import CheckpointError
 
-from conftest import trained_optimizer
+from conftest import V3_DTYPE, trained_optimizer
 
 StorageRef = _unpickler.StorageRef
 TensorSpec = _unpickler.TensorSpec
@@ -46,7 +46,7 @@ def _checkpoint() -> dict[str, Any]:
         "empty": torch.empty(0, 3),
         "half": torch.randn(7, generator=g).half(),
         "flag": torch.tensor([True, False]),
-        "uint16": torch.arange(4).to(torch.uint16),  # _rebuild_tensor_v3
+        "v3": torch.arange(4).to(V3_DTYPE),  # _rebuild_tensor_v3
     }
     return {"model": {**sd, **extra}, "optimizer": opt.state_dict(), "epoch": 3}
 

@@ -16,6 +16,8 @@ import ckptio
 from ckptio import _core, _pickler
 from ckptio._unpickler import _typed_storage
 
+from conftest import V3_DTYPE, same_values
+
 
 def test_dispatch_calls_the_function_of_the_exact_type_only() -> None:
     class Sub(int):
@@ -134,7 +136,7 @@ def _with_state() -> torch.Tensor:
         lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
         _with_hook,
         _with_state,
-        lambda: torch.arange(3).to(torch.uint16),  # _rebuild_tensor_v3
+        lambda: torch.arange(3).to(V3_DTYPE),  # _rebuild_tensor_v3
     ],
     ids=["sparse", "meta", "quantized", "nested", "hooks", "state", "v3_dtype"],
 )
@@ -237,7 +239,7 @@ def test_python_storage_id_feeds_the_archive_writer_too(
         "a": torch.arange(10.0),
         "view": torch.arange(10.0)[2:],
         "i": torch.ones(3, dtype=torch.int64),
-        "v3": torch.arange(4).to(torch.uint16),
+        "v3": torch.arange(4).to(V3_DTYPE),
         "big": torch.randn(300_000),
         "empty": torch.empty(0),
     }
@@ -254,5 +256,5 @@ def test_python_storage_id_feeds_the_archive_writer_too(
     ckptio.save(obj, tmp_path / "py" / "m.pt")
     assert (tmp_path / "py" / "m.pt").read_bytes() == (tmp_path / "c" / "m.pt").read_bytes()
     loaded = torch.load(tmp_path / "py" / "m.pt")
-    assert all(torch.equal(loaded[k], obj[k]) for k in obj)
+    assert all(same_values(loaded[k], obj[k]) for k in obj)
     assert loaded["tied"].untyped_storage().data_ptr() == loaded["a"].untyped_storage().data_ptr()

@@ -11,6 +11,7 @@ import collections
 import io
 import mmap as mmap_module
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +28,8 @@ from conftest import (
     assert_same_sharing,
     iter_tensors,
     make_model,
+    skip_unless_torch_saves,
+    torch_can_save,
     trained_optimizer,
     write_plain_zip,
 )
@@ -218,6 +221,12 @@ CASES: dict[str, Callable[[], Any]] = {
     "bare-list": lambda: [torch.ones(2), 3, "x"],
     **{f"dtype-{str(dt).removeprefix('torch.')}": case_dtype(dt) for dt in DTYPES},
 }
+# ckptio pickles a storage as the installed torch does: where torch cannot save a dtype
+# (torch 2.5: uint16, uint32, uint64), neither can ckptio, and no file of it can be made.
+CASE_MARKS = {
+    f"dtype-{str(dt).removeprefix('torch.')}": skip_unless_torch_saves(dt) for dt in DTYPES
+}
+SAVABLE_DTYPES = [dt for dt in DTYPES if torch_can_save(dt)]
 
 
 # --------------------------------------------------------------------------- writers, readers
@@ -260,7 +269,7 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=CASE_MARKS.get(c, ())) for c in CASES])
 @pytest.mark.parametrize(
     ("writer", "reader", "mode"), COMBOS, ids=[f"{w}-to-{r}-{m}" for w, r, m in COMBOS]
 )
@@ -570,6 +579,13 @@ def _comparable(t: torch.Tensor) -> Any:
 def test_special_tensors(tmp_path: Path, kind: str, writer: str, mode: str) -> None:
     obj = {"t": SPECIAL[kind](), "n": 1}
     path = write(writer, obj, tmp_path / "special.pt")
+    if mode != "full":  # ckptio loads weights-only by default, on every torch
+        try:
+            torch.load(path, weights_only=True)
+        except pickle.UnpicklingError:  # this torch's allowlist lacks the kind (torch 2.5: nested)
+            with pytest.raises(pickle.UnpicklingError):
+                read("ckptio", mode, path)
+            return
     ours = read("ckptio", mode, path)
     theirs = read("torch", mode, path)
     assert_same(_comparable(obj["t"]), _comparable(ours["t"]))
@@ -667,7 +683,10 @@ def test_load_from_buffer_at_its_position(tmp_path: Path) -> None:
     buf.write(b"prefix")
     torch.save(obj, buf)
     buf.seek(6)
-    assert_same(obj, torch.load(buf))
+    try:
+        assert_same(obj, torch.load(buf))
+    except RuntimeError as e:  # torch 2.5 looks for the zip's end record from the stream's start
+        assert "failed finding central directory" in str(e)
     buf.seek(6)
     assert_same(obj, ckptio.load(buf))
 
@@ -721,7 +740,7 @@ def test_cuda_tensors(tmp_path: Path, mmap: bool) -> None:
 @given(data=st.data())
 def test_random_views_roundtrip(tmp_path: Path, data: st.DataObject) -> None:
     """Random bytes in a random dtype, viewed through random slices and transposes."""
-    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = data.draw(st.sampled_from(SAVABLE_DTYPES), label="dtype")
     rows, cols = data.draw(st.integers(0, 6), label="rows"), data.draw(st.integers(0, 6))
     raw = bytearray(
         data.draw(
