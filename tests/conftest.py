@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import fractions
 import io
 import math
 import pickle
@@ -47,7 +48,7 @@ def _torch_load_defaults_to_weights_only() -> bool:
     """torch >= 2.6 loads weights-only when weights_only is not given; torch 2.5 unpickles
     anything (and warns). Asked of torch itself with a global outside its allowlist."""
     buf = io.BytesIO()
-    torch.save(collections.Counter(a=1), buf)
+    torch.save(fractions.Fraction(1, 3), buf)
     buf.seek(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
