@@ -6,6 +6,11 @@
 ``patched_torch()`` does both around a ``with`` block. The wrappers accept exactly torch's
 arguments: ckptio handles what it can and hands the rest to the original functions (ckptio
 always calls the originals it captured at import, so a patched torch never recurses).
+
+A patched ``torch.load`` keeps ckptio's defaults, ``weights_only=True`` included, on every
+torch: on torch 2.5, whose own ``torch.load`` defaults to ``weights_only=False``, the patch
+makes a call that does not pass ``weights_only`` load weights-only (pass
+``weights_only=False`` for a file you trust that needs the full unpickler).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ def _install(save: Callable[..., Any], load: Callable[..., Any]) -> None:
 def patch_torch() -> None:
     """Makes ``torch.save`` and ``torch.load`` (and ``torch.serialization.save/load``) run
     ckptio. Idempotent; each call needs one :func:`unpatch_torch` to undo it.
+
+    ``torch.load`` then loads weights-only unless told otherwise, on every torch: this changes
+    torch 2.5's default (``weights_only=False``), as torch 2.6 did.
 
     Example::
 
