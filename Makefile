@@ -6,6 +6,8 @@
 #   make asan   - C++ unit tests, then the hostile-file and mutation tests, under ASan + UBSan
 #   make fuzz   - libFuzzer on the zip reader and the pickle scan for FUZZ_SECONDS (needs clang++)
 #   make fuzz-py - atheris on the whole weights-only load for FUZZ_SECONDS
+#   make test-compat - the test suite against the oldest supported torch (2.5.1) and a middle
+#                one (2.9.1), each in its own virtual environment (.venv-torch2.5, .venv-torch2.9)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -56,6 +58,48 @@ lint: $(STAMP)
 	$(BIN)/mypy python/ckptio
 
 test: lint cpp-test py-test
+
+# The suite against other torch releases. PyPI has only CUDA builds of torch for Linux x86_64:
+# torch is installed with --no-deps, with its pure-Python dependencies (requirements-compat.txt,
+# its sympy pin below) and the NVIDIA libraries `import torch` loads (requirements-compat-cuda.txt,
+# installed once in build/compat/nvidia and linked into each virtual environment); no GPU is used.
+# The wheels are kept in COMPAT_CACHE, so only the first run downloads them (about 5 GB). ckptio
+# is built once, as a wheel, by the main environment (its C++ core does not link torch), and
+# the tests import it from each environment's site-packages.
+COMPAT_TORCH_2.5 := torch==2.5.1 sympy==1.13.1
+COMPAT_TORCH_2.9 := torch==2.9.1 sympy==1.14.0
+COMPAT_CACHE ?= $(HOME)/.cache/ckptio-compat
+COMPAT_DIR := build/compat
+COMPAT_PIP = -m pip install -q --no-deps --no-compile --no-index --find-links $(COMPAT_CACHE)
+PURELIB = $$($(1)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+
+.PHONY: test-compat test-compat-2.5 test-compat-2.9 compat-wheel
+.PRECIOUS: .venv-torch%/.deps-installed
+test-compat: test-compat-2.5 test-compat-2.9
+
+$(COMPAT_DIR)/nvidia/.installed: requirements-compat-cuda.txt | $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps -d $(COMPAT_CACHE) -r requirements-compat-cuda.txt
+	rm -rf $(COMPAT_DIR)/nvidia
+	$(BIN)/python $(COMPAT_PIP) --target $(COMPAT_DIR)/nvidia -r requirements-compat-cuda.txt
+	touch $@
+
+.venv-torch%/.deps-installed: requirements-compat.txt $(COMPAT_DIR)/nvidia/.installed
+	rm -rf .venv-torch$*
+	$(PYTHON) -m venv .venv-torch$*
+	$(BIN)/python -m pip download -q --no-deps -d $(COMPAT_CACHE) $(COMPAT_TORCH_$*) \
+	    -r requirements-compat.txt
+	.venv-torch$*/bin/python $(COMPAT_PIP) $(COMPAT_TORCH_$*) -r requirements-compat.txt
+	ln -sfn $(abspath $(COMPAT_DIR)/nvidia/nvidia) $(call PURELIB,.venv-torch$*)/nvidia
+	touch $@
+
+compat-wheel: $(STAMP)
+	rm -rf $(COMPAT_DIR)/wheel
+	$(BIN)/python -m pip wheel -q --no-build-isolation --no-deps -w $(COMPAT_DIR)/wheel .
+
+test-compat-2.5 test-compat-2.9: test-compat-%: compat-wheel .venv-torch%/.deps-installed
+	.venv-torch$*/bin/python -m pip install -q --no-deps --force-reinstall $(COMPAT_DIR)/wheel/*.whl
+	PYTHONPATH=$(call PURELIB,.venv-torch$*) .venv-torch$*/bin/python -m pytest -q \
+	    -p no:cacheprovider $(COMPAT_PYTEST_ARGS_$*)
 
 # C++ unit tests under AddressSanitizer + UBSan.
 asan: $(STAMP)
@@ -111,4 +155,4 @@ fuzz-py: install
 	    build/fuzz-py/corpus build/fuzz-py/seeds fuzz/regressions
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) .venv-torch2.5 .venv-torch2.9
