@@ -109,6 +109,23 @@ void File::read_exact(void* dst, std::size_t n, std::uint64_t offset) const {
   }
 }
 
+bool File::cached(std::uint64_t offset) const {
+#ifdef RWF_NOWAIT
+  if (offset > kMaxOffset) return true;
+  std::uint8_t byte = 0;
+  struct iovec iov = {&byte, 1};
+  for (;;) {
+    const ssize_t got = ::preadv2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    if (got >= 0) return true;
+    if (errno == EINTR) continue;
+    return errno != EAGAIN;  // EOPNOTSUPP and the rest: cannot tell
+  }
+#else
+  (void)offset;
+  return true;
+#endif
+}
+
 void File::write_all(const void* src, std::size_t n, std::uint64_t offset) const {
   check_write_range(offset, n, path_);
   const auto* in = static_cast<const std::uint8_t*>(src);

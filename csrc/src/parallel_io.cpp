@@ -2,6 +2,8 @@
 
 #include <sys/uio.h>
 
+#include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -42,17 +44,41 @@ void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& reque
     }
   }
 
+  // A file out of the page cache (the middle request's first page is not cached) is read by
+  // at least kColdReaders threads of their own: each waits on the device, then on faulting in
+  // fresh destination pages, so more reads in flight overlap the two. On the development VM,
+  // 710 MB cold into fresh memory took 1.3-1.7 s with 2 threads and 0.9 s with 8.
+  constexpr std::size_t kColdReaders = 8;
+  const bool cold = !requests.empty() && requests[requests.size() / 2].length > 0 &&
+                    !source.cached(requests[requests.size() / 2].offset);
+  const std::size_t workers = cold ? std::max(pool.size(), kColdReaders) : pool.size();
   const detail::TaskPlan plan = detail::plan_tasks(
-      requests.size(), [&](std::size_t i) { return requests[i].length; }, chunk_bytes,
-      pool.size());
-  pool.parallel_for(plan.task_count(), [&](std::size_t t) {
+      requests.size(), [&](std::size_t i) { return requests[i].length; }, chunk_bytes, workers);
+  auto task = [&](std::size_t t) {
     for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
       const detail::Piece& piece = plan.pieces[p];
       const ReadRequest& r = requests[piece.request];
       source.read_exact(static_cast<std::uint8_t*>(r.dst) + piece.offset,
                         static_cast<std::size_t>(piece.length), r.offset + piece.offset);
     }
-  });
+  };
+  if (workers > pool.size()) {
+    // `workers` threads take the tasks in file order; after an error none takes another.
+    std::atomic<std::size_t> next{0};
+    std::atomic<bool> failed{false};
+    run_on_own_threads(std::min(workers, plan.task_count()), [&](std::size_t) {
+      for (std::size_t t = next++; t < plan.task_count() && !failed; t = next++) {
+        try {
+          task(t);
+        } catch (...) {
+          failed = true;
+          throw;
+        }
+      }
+    });
+  } else {
+    pool.parallel_for(plan.task_count(), task);
+  }
 }
 
 void write_ranges(const File& file, const std::vector<WriteRequest>& requests, ThreadPool& pool,

@@ -9,6 +9,7 @@
 #include <exception>
 #include <mutex>
 #include <new>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -177,6 +178,33 @@ void reset_after_fork() noexcept {
 }
 
 }  // namespace
+
+void run_on_own_threads(std::size_t n, const std::function<void(std::size_t)>& fn) {
+  std::vector<std::exception_ptr> errors(n);
+  auto guarded = [&](std::size_t i) {
+    try {
+      fn(i);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  std::vector<std::size_t> on_caller;
+  if (n > 1) threads.reserve(n - 1);
+  for (std::size_t i = 1; i < n; ++i) {
+    try {
+      threads.emplace_back(guarded, i);
+    } catch (const std::system_error&) {
+      on_caller.push_back(i);
+    }
+  }
+  if (n > 0) guarded(0);
+  for (std::size_t i : on_caller) guarded(i);
+  for (std::thread& t : threads) t.join();
+  for (const std::exception_ptr& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
 
 std::shared_ptr<ThreadPool> shared_pool(std::size_t threads) {
   static const int registered = ::pthread_atfork(nullptr, nullptr, reset_after_fork);

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ckptio/errors.hpp"
+#include "ckptio/thread_pool.hpp"
 
 namespace ckptio {
 namespace {
@@ -91,6 +92,8 @@ class Reader {
   }
 
   std::uint64_t size() const { return size_; }
+
+  bool cached(std::uint64_t offset) const { return source_.cached(offset); }
 
   std::vector<std::uint8_t> read(std::uint64_t offset, std::uint64_t n) const {
     // Callers have bounds-checked; this is a last guard so no path can over-allocate.
@@ -412,11 +415,19 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
       }
     }
   };
+  // From the page cache a group costs about a microsecond, so a task takes at least 256 of
+  // them. From the disk (a cold file: the middle group's page is not cached) each costs a
+  // device round trip: up to kColdReaders threads of their own keep that many reads in
+  // flight, instead of hundreds of round trips one after the other before the first payload
+  // is read (0.3-0.9 s for the 293 records of a 710 MB file on the development VM).
   constexpr std::size_t kMinGroupsPerTask = 256;
+  constexpr std::size_t kColdReaders = 32;
+  const bool cold = groups.size() > 1 && !r.cached(groups[groups.size() / 2].window_start);
   const std::size_t tasks =
-      pool == nullptr ? 1
-                      : std::max<std::size_t>(
-                            1, std::min(pool->size(), groups.size() / kMinGroupsPerTask));
+      cold ? std::min(groups.size(), kColdReaders)
+      : pool == nullptr
+          ? 1
+          : std::max<std::size_t>(1, std::min(pool->size(), groups.size() / kMinGroupsPerTask));
   std::vector<std::exception_ptr> errors(tasks);
   auto run_task = [&](std::size_t t) {
     std::vector<std::uint8_t> window;
@@ -431,6 +442,8 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
   };
   if (tasks == 1) {
     run_task(0);
+  } else if (cold || pool == nullptr) {
+    run_on_own_threads(tasks, run_task);
   } else {
     pool->parallel_for(tasks, run_task);
   }

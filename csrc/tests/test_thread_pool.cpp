@@ -5,6 +5,7 @@
 #include <chrono>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -180,4 +181,30 @@ TEST(shared_pool_works_in_forked_child) {
   stop = true;
   busy.join();
   CHECK(runs_every_index_once(*parent_pool, 1000));
+}
+
+TEST(run_on_own_threads_runs_every_index_and_rethrows_the_lowest_failure) {
+  std::vector<std::atomic<int>> seen(40);
+  std::atomic<int> distinct_threads{0};
+  ckptio::run_on_own_threads(seen.size(), [&](std::size_t i) {
+    seen[i]++;
+    thread_local bool counted = false;
+    if (!counted) {
+      counted = true;
+      distinct_threads++;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // all in flight at once
+  });
+  for (const auto& s : seen) CHECK_EQ(s.load(), 1);
+  CHECK(distinct_threads.load() > 1);
+  std::string message;
+  try {
+    ckptio::run_on_own_threads(8, [](std::size_t i) {
+      if (i == 6 || i == 3) throw std::runtime_error("task " + std::to_string(i));
+    });
+  } catch (const std::runtime_error& e) {
+    message = e.what();
+  }
+  CHECK_EQ(message, std::string("task 3"));
+  ckptio::run_on_own_threads(0, [](std::size_t) { throw std::runtime_error("never"); });
 }

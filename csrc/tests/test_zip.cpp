@@ -1,3 +1,5 @@
+#include <fcntl.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -760,5 +762,69 @@ TEST(zip_local_headers_read_in_parallel_give_the_same_directory_and_the_same_err
       message = e.what();
     }
     CHECK(message.find("data/699") != std::string::npos);
+  }
+}
+
+namespace {
+
+// Drops the file's pages from the page cache; false when the kernel keeps them (tmpfs).
+bool evict(const std::string& path) {
+  const ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
+  f.sync();
+  (void)::posix_fadvise(f.fd(), 0, 0, POSIX_FADV_DONTNEED);
+  return !f.cached(f.size() / 2);
+}
+
+}  // namespace
+
+TEST(zip_a_cold_file_reads_its_local_headers_concurrently_with_the_same_result) {
+  // 600 records 8 KiB apart. With the file out of the page cache the headers are read by
+  // threads of their own; the directory and the first error in file order are the same.
+  std::vector<Record> records;
+  records.push_back({"data.pkl", harness::pattern(100, 1), 64});
+  for (int i = 0; i < 600; ++i) {
+    records.push_back(
+        {"data/" + std::to_string(i), harness::pattern(8192, static_cast<std::uint64_t>(i)), 4096});
+  }
+  Bytes bytes = build("archive", records);
+  harness::TempDir dir;
+  const std::string path = dir.file("cold.pt");
+  {
+    const ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kCreate);
+    f.write_all(bytes.data(), bytes.size(), 0);
+  }
+  ckptio::MemorySource warm(bytes.data(), bytes.size(), "warm.pt");
+  CHECK(warm.cached(0));  // memory: always
+  const ZipDirectory expected = ckptio::read_zip_directory(warm);
+  if (!evict(path)) return;  // a file system that keeps every page: nothing to test here
+  {
+    const ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
+    CHECK(!f.cached(bytes.size() / 2));
+    const ZipDirectory cold = ckptio::read_zip_directory(f);
+    bool same = cold.entries.size() == expected.entries.size();
+    for (std::size_t i = 0; same && i < expected.entries.size(); ++i) {
+      same = cold.entries[i].name == expected.entries[i].name &&
+             cold.entries[i].data_offset == expected.entries[i].data_offset &&
+             cold.entries[i].size == expected.entries[i].size;
+    }
+    CHECK(same);
+    CHECK(f.cached(bytes.size() / 2));  // read now
+  }
+  const ArchiveLayout layout = ckptio::plan_archive("archive", specs_of(records));
+  bytes[static_cast<std::size_t>(layout.records[500].header_offset)] = 'X';
+  bytes[static_cast<std::size_t>(layout.records[90].header_offset)] = 'X';
+  {
+    const ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kReadWrite);
+    f.write_all(bytes.data(), bytes.size(), 0);
+  }
+  for (int round = 0; round < 5; ++round) {
+    if (!evict(path)) return;
+    std::string message;
+    try {
+      ckptio::read_zip_directory(ckptio::File::open(path, ckptio::File::Mode::kRead));
+    } catch (const ckptio::FormatError& e) {
+      message = e.what();
+    }
+    CHECK(message.find("data/89") != std::string::npos);
   }
 }

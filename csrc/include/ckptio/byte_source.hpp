@@ -22,6 +22,10 @@ class ByteSource {
 
   /// A name for messages: the path, or a description such as "<in-memory buffer>".
   virtual const std::string& name() const = 0;
+
+  /// False when reading the byte at `offset` would wait for the disk (its page is not in the
+  /// page cache); true when it would not, or when the source cannot tell. Never blocks.
+  virtual bool cached(std::uint64_t /*offset*/) const { return true; }
 };
 
 /// A ByteSource over memory the caller owns and keeps alive and unchanged while it is used.

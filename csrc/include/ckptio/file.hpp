@@ -45,6 +45,10 @@ class File final : public ByteSource {
   /// pread loop. Hitting end of file before `n` bytes throws FormatError ("truncated").
   void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override;
 
+  /// A one-byte preadv2(RWF_NOWAIT): false when the byte's page is not in the page cache.
+  /// True where the kernel or file system cannot say (no RWF_NOWAIT, an error).
+  bool cached(std::uint64_t offset) const override;
+
   /// pwrite loop: writes all `n` bytes at `offset` or throws IoError.
   void write_all(const void* src, std::size_t n, std::uint64_t offset) const;
 

@@ -28,6 +28,13 @@ class ThreadPool {
   std::unique_ptr<Impl> impl_;
 };
 
+/// Runs fn(i) for every i in [0, n), each on a thread of its own started for the call (the
+/// caller runs fn(0)), and returns when all have finished; an index whose thread cannot be
+/// started runs on the caller. For work that waits on a device rather than on the CPU (reads
+/// of a file that is not in the page cache), where more requests in flight than the pool has
+/// threads pay off. Rethrows the exception of the lowest index that threw.
+void run_on_own_threads(std::size_t n, const std::function<void(std::size_t)>& fn);
+
 /// The process-wide pool with `threads` parallelism; re-created when the count changes
 /// (callers that still hold the old one keep it alive). Safe to use in a forked child.
 std::shared_ptr<ThreadPool> shared_pool(std::size_t threads);
