@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import pickle
+import re
 import secrets
 import socket
 import stat
@@ -538,15 +539,36 @@ def _load_with_torch(
             raise
         raise refusal from e
     except Exception as e:
-        if not weights_only or is_environment_error(e) or any(e is r for r in raised):
-            # User code ran (the full unpickler, map_location), or the machine failed:
-            # keep its exceptions as they are.
+        if (
+            not weights_only
+            or is_environment_error(e)
+            or any(e is r for r in raised)
+            or _is_torch_refusal(e)
+        ):
+            # User code ran (the full unpickler, map_location), the machine failed, or torch
+            # refused a valid file for the caller's arguments or this host: keep its
+            # exceptions as they are (as torch.load raises them).
             raise
         # A corrupt legacy or delegated file: torch raises whatever its parser met
         # (RuntimeError, EOFError, struct.error...); ckptio's contract is CheckpointError.
         raise CheckpointError(
             f"{name}: torch's loader could not read the file: {type(e).__name__}: {e}"
         ) from e
+
+
+# How torch.load's messages begin when it refuses a valid file because of the caller's
+# arguments or this host, not the file: TorchScript or legacy .tar files under weights_only,
+# mmap of a legacy file, storages saved on a device this host lacks.
+_TORCH_REFUSAL = re.compile(
+    r"Cannot use ``weights_only=True`` with "
+    r"|mmap can only be used with files saved with "
+    r"|Attempting to deserialize object on "
+    r"|The \w+ device module is not registered"
+)
+
+
+def _is_torch_refusal(e: BaseException) -> bool:
+    return type(e) is RuntimeError and _TORCH_REFUSAL.match(str(e)) is not None
 
 
 def _watched(map_location: Any, raised: list[BaseException]) -> Any:
@@ -586,10 +608,12 @@ def _load_legacy(
         )
     legacy_pickles = check_legacy(data, name)
     if mmap:
-        raise CheckpointError(  # a RuntimeError, as torch's; the file is not a zip archive
-            f"{name}: mmap can only be used with files saved with "
-            "`torch.save(_use_new_zipfile_serialization=True)`, please torch.save "
-            "your checkpoint with this option in order to use mmap."
+        # torch's refusal, word for word: the file is valid, mmap needs another format.
+        f_name = f"{f}, " if isinstance(f, str) else ""
+        raise RuntimeError(
+            "mmap can only be used with files saved with "
+            f"`torch.save({f_name}_use_new_zipfile_serialization=True), "
+            "please torch.save your checkpoint with this option in order to use mmap."
         )
     view = memoryview(data)
     return _load_with_torch(
