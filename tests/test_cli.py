@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,9 @@ def files(tmp_path_factory: Any) -> dict[str, Path]:
         "ours_crc": d / "ours_crc.pt",
         "nested": d / "nested.pt",
         "st": d / "model.safetensors",
+        "legacy": d / "legacy.pt",
+        "script": d / "script.pt",
+        "numpy": d / "numpy.pt",
     }
     torch.save(sd, out["stock"])
     ckptio.save(sd, out["ours"])
@@ -88,6 +92,10 @@ def files(tmp_path_factory: Any) -> dict[str, Path]:
         {"model": {"w": w, "tied": w, "v": w[1:3]}, "epoch": 3, "name": "run-1"}, out["nested"]
     )
     st.save_file({k: v.clone() for k, v in sd.items()}, str(out["st"]), metadata={"format": "pt"})
+    torch.save(sd, out["legacy"], _use_new_zipfile_serialization=False)
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), str(out["script"]))
+    # a numpy array: weights_only=True refuses the file (its globals are not allowlisted)
+    torch.save({"w": torch.ones(3), "a": np.arange(4)}, out["numpy"])
     return out
 
 
@@ -113,8 +121,19 @@ def test_version_and_help() -> None:
         (("convert", "a.pt"), "OUT"),
         (("convert", "a.pt", "b.pt", "--to", "numpy"), "invalid choice"),
         (("inspect", "--bogus", "x.pt"), "unrecognized"),
+        (("convert", "a.pt", "b.pt", "--map-location", "nowhere"), "--map-location"),
+        (("convert", "a.pt", "b.pt", "--map-location", "meta"), "no tensor data"),
     ],
-    ids=["nothing", "unknown-command", "missing-file-arg", "missing-out", "bad-to", "bad-flag"],
+    ids=[
+        "nothing",
+        "unknown-command",
+        "missing-file-arg",
+        "missing-out",
+        "bad-to",
+        "bad-flag",
+        "bad-map-location",
+        "meta-map-location",
+    ],
 )
 def test_bad_arguments(args: tuple[str, ...], fragment: str) -> None:
     assert_usage_error(run(*args), fragment)
@@ -228,7 +247,65 @@ def test_convert_to_with_flag(tmp_path: Path, files: dict[str, Path]) -> None:
     assert set(st.load_file(str(out))) == set(make_model().state_dict())
 
 
+def test_convert_legacy_file(tmp_path: Path, files: dict[str, Path]) -> None:
+    """A legacy (pre-1.6) file converts as ckptio.load reads it, to either format."""
+    want = torch.load(files["legacy"])
+    for name in ("out.pt", "out.safetensors"):
+        r = run("convert", files["legacy"], tmp_path / name, "--no-progress")
+        assert r.returncode == 0, r.stderr
+    assert_same(want, torch.load(tmp_path / "out.pt"))
+    got = st.load_file(str(tmp_path / "out.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_convert_unsafe_means_weights_only_false(tmp_path: Path, files: dict[str, Path]) -> None:
+    for name, extra in (("u.pt", ()), ("u.safetensors", ("--drop-non-tensors",))):
+        out = tmp_path / name
+        assert_usage_error(run("convert", files["numpy"], out, *extra), "weights")
+        assert not out.exists()
+        r = run("convert", files["numpy"], out, "--unsafe", *extra)
+        assert r.returncode == 0, r.stderr
+    got = torch.load(tmp_path / "u.pt", weights_only=False)
+    assert torch.equal(got["w"], torch.ones(3)) and (got["a"] == np.arange(4)).all()
+    assert list(st.load_file(str(tmp_path / "u.safetensors"))) == ["w"]
+
+
+def test_convert_map_location(tmp_path: Path, files: dict[str, Path]) -> None:
+    """The default reads onto the CPU; 'none' restores each storage where it was saved."""
+    for value in ("cpu", "none"):
+        out = tmp_path / f"{value}.pt"
+        r = run("convert", files["nested"], out, "--map-location", value)
+        assert r.returncode == 0, r.stderr
+        assert_same(torch.load(files["nested"]), torch.load(out))
+
+
+def test_convert_refuses_torchscript(tmp_path: Path, files: dict[str, Path]) -> None:
+    out = tmp_path / "s.pt"
+    assert_usage_error(run("convert", files["script"], out, "--unsafe"), "TorchScript")
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------- verify
+def test_verify_legacy_and_torchscript(files: dict[str, Path]) -> None:
+    r = run("verify", files["legacy"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    for fragment in ("storage records", "weights-only load onto the CPU", "legacy format"):
+        assert fragment in r.stdout, r.stdout
+    report = json.loads(run("verify", "--json", files["script"]).stdout)
+    assert report["ok"] is True and report["format"] == "torchscript"
+    assert "not checked" in report["checks"][0]["detail"]
+
+
+def test_inspect_legacy_and_torchscript(files: dict[str, Path]) -> None:
+    sd = make_model().state_dict()
+    info = json.loads(run("inspect", "--json", files["legacy"]).stdout)
+    assert info["format"] == "legacy"
+    assert [t["name"] for t in info["tensors"]] == list(sd)
+    assert [t["shape"] for t in info["tensors"]] == [list(v.shape) for v in sd.values()]
+    r = run("inspect", files["script"])
+    assert r.returncode == 0 and "TorchScript" in r.stdout
+
+
 def test_verify_good_files(files: dict[str, Path]) -> None:
     r = run("verify", files["stock"], proc=True)
     assert r.returncode == 0, r.stdout + r.stderr

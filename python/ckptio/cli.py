@@ -3,7 +3,7 @@
 Commands::
 
     ckptio inspect FILE [--json]          what a checkpoint holds, without reading tensor data
-    ckptio convert IN OUT [--to FORMAT]   torch zip <-> safetensors; torch -> ckptio's layout
+    ckptio convert IN OUT [--to FORMAT]   torch (zip or legacy) -> safetensors or ckptio's layout
     ckptio verify FILE [--json]           container, pickle (never executed) and CRC-32 checks
     ckptio bench [ARGS ...]               the benchmark (ckptio.benchmark), its own --help
 
@@ -59,7 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="list what a checkpoint holds (no tensor data is read)",
         description="Format, data alignment, counts, total bytes, a table of tensors (name, "
         "dtype, shape, bytes) and the non-tensor entries of a checkpoint. Reads only the "
-        "container's directory and header (torch: data.pkl, never executed).",
+        "container's directory and header (torch: data.pkl, never executed). A legacy "
+        "(pre-1.6) file has no directory: it is loaded weights-only onto the meta device "
+        "(no tensor data in memory). A TorchScript archive: its records only.",
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -69,9 +71,10 @@ def _build_parser() -> argparse.ArgumentParser:
         help="convert torch zip <-> safetensors, or a torch file to ckptio's layout",
         description="Converts IN to OUT. The output format comes from --to, else from OUT's "
         "extension (.safetensors -> safetensors; .pt, .pth, .bin, .ckpt -> torch). torch -> "
-        "torch rewrites any torch zip file in ckptio's page-aligned layout, keeping the saved "
-        "object exactly (structure, sharing, views). To safetensors: the tensors of IN under "
-        "their dotted names; tensors that shared memory are stored as separate copies.",
+        "torch rewrites any torch file (zip or legacy) in ckptio's page-aligned layout, keeping "
+        "the saved object exactly (structure, sharing, views) as ckptio.load reads it. To "
+        "safetensors: the tensors of IN under their dotted names; tensors that shared memory "
+        "are stored as separate copies. Tensors are read onto the CPU (--map-location).",
     )
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
@@ -91,8 +94,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--unsafe",
         action="store_true",
-        help="torch -> torch: unpickle with weights_only=False (runs code from the file; "
-        "only for files you trust)",
+        help="read IN with weights_only=False (runs code from the file; only for files you trust)",
+    )
+    p.add_argument(
+        "--map-location",
+        default="cpu",
+        metavar="DEVICE",
+        help="where IN's tensors are read to, as load's map_location: a device (cpu, cuda, "
+        "cuda:1) or 'none' (where each was saved, which needs that device); default cpu, "
+        "so a file saved on a GPU converts on any host",
     )
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
@@ -105,7 +115,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "storage and every storage its record) and the zip CRC-32 of every record where the "
         "file has them (ckptio writes CRCs only with crc32=True; a file whose CRCs are all "
         "zero has none). For safetensors: the header (strictly) and that the tensors tile "
-        "the data section. Exit code 0 when all is well, 1 when a check fails.",
+        "the data section. For a legacy (pre-1.6) torch file: its pickles (pre-scanned, "
+        "never executed), that every storage record the pickle references is there with the "
+        "size it implies, and a weights-only load onto the CPU. For a TorchScript archive: "
+        "the container, data.pkl's opcodes and CRCs (its code and constants are not "
+        "checked). No tensor is restored on a GPU. Exit code 0 when all is well, 1 when a "
+        "check fails.",
     )
     p.add_argument("file", metavar="FILE")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -173,12 +188,42 @@ def _bench(argv: list[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------- inspect
-def _open(path: str) -> Any:
+def _open(path: str, map_location: Any = None) -> Any:
     from ._open import open as open_checkpoint
 
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a checkpoint file")
-    return open_checkpoint(path)
+    return open_checkpoint(path, map_location)
+
+
+def _source_format(path: str) -> tuple[str, bytes]:
+    """(kind, first bytes) of the file at `path`, told apart by its bytes: "safetensors",
+    "torch" (a zip file), "torchscript" (a zip file with constants.pkl), "legacy" (a pickle:
+    torch's pre-1.6 format) or "unknown"."""
+    from . import _core, _safetensors
+    from ._archive import ArchiveReader
+    from .errors import CheckpointError
+
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory, not a checkpoint file")
+    with _core.File.open(path, _core.FileMode.READ) as f:
+        head = f.pread(0, min(9, f.size))
+        if _safetensors.looks_like_safetensors(head, f.size):
+            return "safetensors", head
+        if _core.looks_like_zip(head[:4]):
+            try:
+                archive = ArchiveReader(f)
+            except CheckpointError:
+                return "torch", head  # a broken zip: the reader proper reports it
+            return ("torchscript" if archive.has("constants.pkl") else "torch"), head
+    return ("legacy" if head[:1] == b"\x80" else "unknown"), head
+
+
+def _not_a_checkpoint(path: str, head: bytes) -> str:
+    return (
+        f"{path}: neither a torch checkpoint (zip or legacy) nor a safetensors file "
+        f"(it starts with {head!r})"
+    )
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -260,11 +305,22 @@ def _human(n: int) -> str:
     return f"{n} B"  # pragma: no cover
 
 
-def _globals(path: str) -> dict[str, list[str]] | None:
-    """The globals a torch zip file's data.pkl names and those the weights-only allowlist
-    lacks (pre-scan only, nothing imported), or None for other files."""
+def _globals(path: str, kind: str) -> dict[str, list[str]] | None:
+    """The globals the object pickle of a torch file (a zip file's data.pkl, a legacy file's
+    fourth pickle) names and those the weights-only allowlist lacks (pre-scan only, nothing
+    imported), or None for other files."""
     from ._unpickler import unsafe_globals
 
+    if kind == "legacy":
+        from ._legacy import check_legacy
+
+        with open(path, "rb") as fh:
+            data = fh.read()
+        obj = check_legacy(data, path)[3]
+        needed, lacking, blocked = unsafe_globals(data[obj.start : obj.end], weights_only=False)
+        return {"needed": needed, "lacking": lacking, "blocked": blocked}
+    if kind != "torch":
+        return None
     try:
         with zipfile.ZipFile(path) as z:
             names = [n for n in z.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
@@ -289,14 +345,98 @@ def _globals_lines(found: dict[str, list[str]]) -> list[str]:
     return lines
 
 
+def _legacy_summary(path: str) -> dict[str, Any]:
+    """inspect's summary of a legacy file. The format has no directory to read: the file is
+    loaded weights-only onto the meta device (shapes and dtypes, no tensor data in memory)."""
+    import torch
+
+    from ._open import _walk
+    from .serialization import load
+
+    loaded = load(path, map_location="meta", weights_only=True)
+    storages: dict[int, tuple[str, int]] = {}
+    tensors: list[dict[str, Any]] = []
+    non_tensors = {}
+    for key_path, value in _walk(loaded, ()):
+        name = ".".join(str(p) for p in key_path)
+        if not (isinstance(value, torch.Tensor) and value.layout == torch.strided):
+            non_tensors[name] = _short_repr(value)
+            continue
+        storage = value.untyped_storage()
+        key, _ = storages.setdefault(storage._cdata, (str(len(storages)), storage.nbytes()))
+        tensors.append(
+            {
+                "name": name,
+                "path": [p if isinstance(p, (str, int)) else repr(p) for p in key_path],
+                "dtype": _dtype_name(value.dtype),
+                "shape": list(value.shape),
+                "nbytes": value.numel() * value.element_size(),
+                "storage": key,
+                "contiguous": value.is_contiguous(),
+            }
+        )
+    info = {
+        "file": path,
+        "format": "legacy",
+        "format_detail": "legacy torch file (pre-1.6 format)",
+        "file_bytes": os.path.getsize(path),
+        "data_alignment": None,
+        "tensor_count": len(tensors),
+        "storage_count": len(storages),
+        "tensor_bytes": sum(t["nbytes"] for t in tensors),
+        "storage_bytes": sum(n for _, n in storages.values()),
+        "metadata": {},
+        "tensors": tensors,
+        "non_tensors": non_tensors,
+    }
+    return info
+
+
+def _torchscript_summary(path: str) -> dict[str, Any]:
+    """inspect's summary of a TorchScript archive: its data records (its tensors are known
+    only to torch.jit.load, which runs the archive's code)."""
+    from . import _core
+    from ._archive import ArchiveReader
+
+    with _core.File.open(path, _core.FileMode.READ) as f:
+        archive = ArchiveReader(f)
+        data = [archive.record(n) for n in archive.records if n.startswith("data/")]
+        prefix = archive.prefix.rstrip("/")
+    return {
+        "file": path,
+        "format": "torchscript",
+        "format_detail": f"TorchScript archive '{prefix}' (torch.jit.save; tensors are not "
+        "listed: open it with torch.jit.load)",
+        "file_bytes": os.path.getsize(path),
+        "data_alignment": _alignment([r.data_offset for r in data if r.size]),
+        "tensor_count": None,
+        "storage_count": len(data),
+        "tensor_bytes": None,
+        "storage_bytes": sum(r.size for r in data),
+        "metadata": {},
+        "tensors": [],
+        "non_tensors": {},
+    }
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .errors import UnsafeGlobalError
 
-    found = _globals(args.file) if not os.path.isdir(args.file) else None
+    kind, head = _source_format(args.file)
+    found = _globals(args.file, kind)
     try:
-        with _open(args.file) as handle:
-            info = _summary(handle, args.file)
+        if kind == "legacy":
+            info = _legacy_summary(args.file)
+        elif kind == "torchscript":
+            info = _torchscript_summary(args.file)
+        elif kind == "unknown":
+            raise UsageError(_not_a_checkpoint(args.file, head))
+        else:
+            with _open(args.file) as handle:
+                info = _summary(handle, args.file)
     except UnsafeGlobalError:
+        if found is None:
+            raise
         if found is None:
             raise
         # The listing needs the weights-only rules: show what the file needs, then fail.
@@ -317,9 +457,13 @@ def _inspect(args: argparse.Namespace) -> int:
         f"size:            {info['file_bytes']} bytes ({_human(info['file_bytes'])})",
         f"data alignment:  {align if align is not None else '-'}"
         + (" (page-aligned)" if align is not None and align >= 4096 else ""),
-        f"tensors:         {info['tensor_count']} in {info['storage_count']} storages",
+        f"tensors:         {info['tensor_count']} in {info['storage_count']} storages"
+        if info["tensor_count"] is not None
+        else f"tensors:         not listed; {info['storage_count']} storages",
         f"tensor bytes:    {info['tensor_bytes']} ({_human(info['tensor_bytes'])}); "
-        f"storage bytes {info['storage_bytes']}",
+        f"storage bytes {info['storage_bytes']}"
+        if info["tensor_bytes"] is not None
+        else f"storage bytes:   {info['storage_bytes']} ({_human(info['storage_bytes'])})",
         f"non-tensors:     {len(info['non_tensors'])}",
     ]
     if found is not None:
@@ -408,56 +552,150 @@ def _parse_metadata(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _convert(args: argparse.Namespace) -> int:
-    from .serialization import load, save
+def _map_location(value: str) -> Any:
+    """--map-location's value as load's map_location."""
+    import torch
 
+    if value.lower() == "none":
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise UsageError(
+            f"--map-location takes a device (cpu, cuda, cuda:1) or none, got {value!r}"
+        ) from None
+    if device.type == "meta":
+        raise UsageError("--map-location meta would leave no tensor data to write")
+    return value
+
+
+def _convert(args: argparse.Namespace) -> int:
     target = _output_format(args)
     extra_metadata = _parse_metadata(args.metadata)
     if extra_metadata and target != "safetensors":
         raise UsageError("--metadata applies only to safetensors output")
+    map_location = _map_location(args.map_location)
     if os.path.isdir(args.output):
         raise UsageError(f"{args.output} is a directory; name the output file")
-    with _open(args.input) as handle:
-        source = handle.format
+    source, _ = _source_format(args.input)
+    if source == "torchscript":
+        raise UsageError(
+            f"{args.input} is a TorchScript archive (torch.jit.save), not a checkpoint saved "
+            "with torch.save: open it with torch.jit.load"
+        )
+    if source == "safetensors" or (
+        source == "torch" and target == "safetensors" and not args.unsafe
+    ):
+        # Tensor by tensor through ckptio.open, in batches (weights-only by construction).
+        _convert_tensors(args, target, extra_metadata, map_location)
+    else:
+        # The whole object, as ckptio.load reads it (legacy files, --unsafe, torch -> torch).
+        _convert_object(args, source, target, extra_metadata, map_location)
+    return 0
+
+
+def _convert_object(
+    args: argparse.Namespace,
+    source: str,
+    target: str,
+    extra_metadata: dict[str, str],
+    map_location: Any,
+) -> None:
+    from .serialization import load, save
+
+    total = os.path.getsize(args.input)
+    progress = _Progress(total, "converting", not args.no_progress)
+    try:
+        # A zip file is mapped (no copy in memory); a legacy one cannot be.
+        obj = load(
+            args.input,
+            map_location=map_location,
+            weights_only=not args.unsafe,
+            mmap=source == "torch",
+        )
+        if target == "torch":
+            save(obj, args.output)
+        else:
+            tensors = _tensors_of(obj, args)
+            save(
+                tensors,
+                args.output,
+                format="safetensors",
+                metadata=extra_metadata or None,
+                clone_shared=True,
+            )
+        progress.update(total)
+    finally:
+        progress.close()
+
+
+def _tensors_of(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """The tensors of a loaded object under their dotted names (as ckptio.open names them),
+    each contiguous, for safetensors."""
+    import torch
+
+    from ._open import _walk
+
+    tensors: dict[str, Any] = {}
+    non_tensors: list[str] = []
+    ambiguous = False
+    for path, value in _walk(obj, ()):
+        name = ".".join(str(p) for p in path)
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            ambiguous = ambiguous or name in tensors
+            tensors[name] = value.detach().contiguous()
+        else:
+            non_tensors.append(name)
+    if non_tensors and not args.drop_non_tensors:
+        _refuse_non_tensors(args.input, non_tensors)
+    if ambiguous:
+        _refuse_ambiguous(args.input)
+    return tensors
+
+
+def _refuse_non_tensors(path: str, names: Sequence[str]) -> NoReturn:
+    shown = ", ".join(repr(n) for n in list(names)[:5])
+    raise UsageError(
+        f"{path} holds non-tensor entries ({shown}{', ...' if len(names) > 5 else ''}), which "
+        "safetensors cannot store; pass --drop-non-tensors to leave them out"
+    )
+
+
+def _refuse_ambiguous(path: str) -> NoReturn:
+    raise UsageError(
+        f"{path}: some dotted tensor names are ambiguous; cannot name them uniquely in the output"
+    )
+
+
+def _convert_tensors(
+    args: argparse.Namespace, target: str, extra_metadata: dict[str, str], map_location: Any
+) -> None:
+    from .serialization import save
+
+    with _open(args.input, map_location) as handle:
         total = sum(i.nbytes for i in handle.infos())
         progress = _Progress(total, "reading", not args.no_progress)
         try:
-            if source == "torch" and target == "torch":
-                # The whole object, exactly: mapped (no copy in memory), then written.
-                progress.describe("converting")
-                obj = load(args.input, mmap=True, weights_only=not args.unsafe)
-                save(obj, args.output)
-                progress.update(total)
+            if target == "safetensors" and handle.non_tensors and not args.drop_non_tensors:
+                _refuse_non_tensors(args.input, list(handle.non_tensors))
+            names = handle.keys()
+            if len(names) != len(handle):
+                _refuse_ambiguous(args.input)
+            tensors: dict[str, Any] = {}
+            for batch in _batches(handle, names):
+                got = handle.get_tensors(batch)
+                for name in batch:
+                    t = got[name].detach()
+                    tensors[name] = t.contiguous() if target == "safetensors" else got[name]
+                progress.update(sum(handle.info(n).nbytes for n in batch))
+            progress.describe("writing")
+            if target == "safetensors":
+                metadata = {**handle.metadata, **extra_metadata}
+                save(tensors, args.output, format="safetensors", metadata=metadata or None)
             else:
-                if target == "safetensors" and handle.non_tensors and not args.drop_non_tensors:
-                    names = ", ".join(repr(n) for n in list(handle.non_tensors)[:5])
-                    raise UsageError(
-                        f"{args.input} holds non-tensor entries ({names}"
-                        f"{', ...' if len(handle.non_tensors) > 5 else ''}), which safetensors "
-                        "cannot store; pass --drop-non-tensors to leave them out"
-                    )
-                names = handle.keys()
-                if len(names) != len(handle):
-                    raise UsageError(
-                        f"{args.input}: some dotted tensor names are ambiguous; cannot name "
-                        "them uniquely in the output"
-                    )
-                tensors: dict[str, Any] = {}
-                for batch in _batches(handle, names):
-                    got = handle.get_tensors(batch)
-                    for name in batch:
-                        t = got[name].detach()
-                        tensors[name] = t.contiguous() if target == "safetensors" else got[name]
-                    progress.update(sum(handle.info(n).nbytes for n in batch))
-                progress.describe("writing")
-                if target == "safetensors":
-                    metadata = {**handle.metadata, **extra_metadata}
-                    save(tensors, args.output, format="safetensors", metadata=metadata or None)
-                else:
-                    save(tensors, args.output)
+                save(tensors, args.output)
         finally:
             progress.close()
-    return 0
 
 
 def _batches(handle: Any, names: list[str]) -> list[list[str]]:
@@ -495,31 +733,41 @@ def _verify(args: argparse.Namespace) -> int:
 
     fmt = "unknown"
     try:
-        with _open(path) as handle:
-            fmt = handle.format
-            if fmt == "safetensors":
-                record(
-                    "header",
-                    True,
-                    f"{len(handle)} tensors tile the data section exactly",
-                )
-                record("checksums", True, "none in the safetensors format")
-            else:
-                records = handle.archive.records
-                compressed = [n for n, (_, _, method) in records.items() if method != 0]
-                if compressed:
-                    record("container", False, f"compressed records: {', '.join(compressed)}")
+        kind, head = _source_format(path)
+        if kind == "legacy":
+            fmt = kind
+            _verify_legacy(path, record)
+        elif kind == "torchscript":
+            fmt = kind
+            _verify_torchscript(path, record, not args.no_progress)
+        elif kind == "unknown":
+            record("structure", False, _not_a_checkpoint(path, head))
+        else:
+            with _open(path) as handle:
+                fmt = handle.format
+                if fmt == "safetensors":
+                    record(
+                        "header",
+                        True,
+                        f"{len(handle)} tensors tile the data section exactly",
+                    )
+                    record("checksums", True, "none in the safetensors format")
                 else:
-                    record("container", True, f"zip with {len(records)} stored records")
-                _check_opcodes(handle.archive, record)
-                record(
-                    "pickle",
-                    True,
-                    f"{len(handle)} tensors in {len({i.storage for i in handle.infos()})} "
-                    f"storages, {len(handle.non_tensors)} non-tensor entries; every tensor "
-                    "fits its storage",
-                )
-                _check_crcs(path, handle.archive, record, not args.no_progress)
+                    records = handle.archive.records
+                    compressed = [n for n, (_, _, method) in records.items() if method != 0]
+                    if compressed:
+                        record("container", False, f"compressed records: {', '.join(compressed)}")
+                    else:
+                        record("container", True, f"zip with {len(records)} stored records")
+                    _check_opcodes(handle.archive, record)
+                    record(
+                        "pickle",
+                        True,
+                        f"{len(handle)} tensors in {len({i.storage for i in handle.infos()})} "
+                        f"storages, {len(handle.non_tensors)} non-tensor entries; every tensor "
+                        "fits its storage",
+                    )
+                    _check_crcs(path, handle.archive, record, not args.no_progress)
     except UnsafeGlobalError as e:
         fmt = "torch"
         from ._archive import ArchiveReader
@@ -543,6 +791,173 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"{c['check']:<10} {'ok' if c['ok'] else 'FAILED':<7} {c['detail']}")
         print(f"{path}: {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
+
+
+#: The first two pickles of a legacy file: torch's magic number and protocol version.
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL = 1001
+
+
+def _verify_legacy(path: str, record: Any) -> None:
+    """verify for a legacy (pre-1.6) file: its pickles, its storage records and a
+    weights-only load. The format has no checksums."""
+    from ._legacy import check_legacy
+    from .errors import CheckpointError, UnsafeGlobalError
+    from .serialization import load
+
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        pickles = check_legacy(data, path)
+        detail = _check_legacy_records(data, pickles, path)
+    except CheckpointError as e:
+        record("structure", False, _describe(e))
+        return
+    record(
+        "pickles",
+        True,
+        "5 well-formed pickles (pre-scanned; the object replayed with inert globals, "
+        "nothing run): magic number, protocol 1001, sys info, object, storage keys",
+    )
+    record("storages", True, detail)
+    try:
+        # On the CPU whatever device the file names: verify never needs the saved device.
+        obj = load(path, map_location="cpu", weights_only=True)
+    except UnsafeGlobalError as e:
+        record("load", True, f"not loaded: it needs weights_only=False ({_describe(e)})")
+    except CheckpointError as e:
+        record("load", False, _describe(e))
+    else:
+        count, nbytes = _count_tensors(obj)
+        record("load", True, f"weights-only load onto the CPU: {count} tensors, {nbytes} bytes")
+    record("checksums", True, "none in the legacy format")
+
+
+def _count_tensors(obj: Any) -> tuple[int, int]:
+    import torch
+
+    from ._open import _walk
+
+    tensors = [v for _, v in _walk(obj, ()) if isinstance(v, torch.Tensor)]
+    return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_legacy_records(data: bytes, pickles: Sequence[Any], path: str) -> str:
+    """Checks what torch's legacy parser will read after the pickles: the magic number and
+    protocol version, and, for each key of the storage-keys pickle in order, an 8-byte
+    element count equal to the one the object pickle declares for that storage, then that
+    many elements. Raises CheckpointError; returns a description of what was checked."""
+    from .errors import CheckpointError
+
+    magic, protocol, _sys_info, _, keys = (_inert_load(data, p) for p in pickles)
+    if magic != _LEGACY_MAGIC:
+        raise CheckpointError(f"{path}: the legacy file's magic number is {magic!r:.40}")
+    if protocol != _LEGACY_PROTOCOL:
+        raise CheckpointError(f"{path}: unsupported legacy protocol version {protocol!r:.40}")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise CheckpointError(f"{path}: the storage keys pickle is not a list of strings")
+    declared = _legacy_storages(data, pickles[3])
+    pos = pickles[4].end
+    for key in keys:
+        if key not in declared:
+            raise CheckpointError(f"{path}: storage record {key!r} is not referenced by the pickle")
+        numel, itemsize = declared[key]
+        if pos + 8 > len(data):
+            raise CheckpointError(f"{path}: the file ends before storage record {key!r}")
+        # torch writes the count little-endian whatever the host (serialization.cpp).
+        count = int.from_bytes(data[pos : pos + 8], "little", signed=True)
+        if count != numel:
+            raise CheckpointError(
+                f"{path}: storage record {key!r} holds {count} elements; the pickle declares "
+                f"{numel}"
+            )
+        pos += 8 + count * itemsize
+        if pos > len(data):
+            raise CheckpointError(
+                f"{path}: storage record {key!r} is truncated ({pos - len(data)} bytes missing)"
+            )
+    missing = [k for k in declared if k not in set(keys)]
+    if missing:
+        raise CheckpointError(
+            f"{path}: {len(missing)} storages the pickle references have no record "
+            f"({', '.join(repr(k) for k in missing[:5])})"
+        )
+    if pos != len(data):
+        raise CheckpointError(f"{path}: {len(data) - pos} bytes after the last storage record")
+    return (
+        f"{len(keys)} storage records, each present with the element count the pickle "
+        f"declares ({pos - pickles[4].end} bytes, up to the end of the file)"
+    )
+
+
+def _inert_load(data: bytes, p: Any) -> Any:
+    """One pre-scanned pickle of a legacy file, unpickled with inert globals (nothing runs)."""
+    import io
+
+    from ._legacy import _DictMemoProbe, _Probe
+    from ._unpickler import needs_dict_memo
+
+    probe = _DictMemoProbe if needs_dict_memo(p.scan, p.scan.end) else _Probe
+    return probe(io.BytesIO(memoryview(data)[p.start : p.end])).load()
+
+
+def _legacy_storages(data: bytes, p: Any) -> dict[str, tuple[int, int]]:
+    """key -> (elements, element size) of each storage the object pickle `p` references."""
+    import io
+
+    from ._legacy import _DictMemoProbe, _element_size, _Probe
+    from ._unpickler import needs_dict_memo
+
+    found: dict[str, tuple[int, int]] = {}
+    base = _DictMemoProbe if needs_dict_memo(p.scan, p.scan.end) else _Probe
+
+    class Probe(base):  # type: ignore[misc,valid-type]
+        def persistent_load(self, pid: Any) -> Any:
+            result = super().persistent_load(pid)  # checks the element count
+            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
+                _, storage_type, key, _location, numel = pid[:5]
+                name = getattr(storage_type, "full_name", "")
+                found[str(key)] = (numel, _element_size(name))
+            return result
+
+    Probe(io.BytesIO(memoryview(data)[p.start : p.end])).load()
+    return found
+
+
+def _verify_torchscript(path: str, record: Any, show_progress: bool) -> None:
+    """verify for a TorchScript archive: the container, data.pkl's opcodes and the CRCs.
+    torch.jit.save compresses the code records (zip's deflate); torch reads them so."""
+    from . import _core
+    from ._archive import ArchiveReader
+
+    with _core.File.open(path, _core.FileMode.READ) as f:
+        archive = ArchiveReader(f)
+        record(
+            "format",
+            True,
+            "a TorchScript archive (torch.jit.save): its code and constants are not checked; "
+            "open it with torch.jit.load",
+        )
+        records = archive.records
+        compressed = sum(1 for _, _, method in records.values() if method != 0)
+        record("container", True, f"zip with {len(records)} records ({compressed} compressed)")
+        _check_opcodes(archive, record)
+    progress = _Progress(os.path.getsize(path), "checking CRCs", show_progress)
+    try:
+        # zipfile decompresses each record and compares its CRC-32 (all of them: torch
+        # writes real ones).
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        progress.update(os.path.getsize(path))
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as e:
+        record("checksums", False, f"cannot read the records: {e}")
+        return
+    finally:
+        progress.close()
+    if bad is not None:
+        record("checksums", False, f"CRC-32 mismatch in {bad}")
+    else:
+        record("checksums", True, f"CRC-32 of all {len(records)} records match")
 
 
 def _check_opcodes(archive: Any, record: Any) -> bool:
