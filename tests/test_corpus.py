@@ -14,8 +14,12 @@ For every file, stock torch is the oracle:
   file, a module that is not installed), ckptio refuses with the same class of error, and
   both warn alike;
 * ``ckptio.open`` lists the keys of flat tensor dicts and reads the same tensors;
-* ``ckptio verify`` passes; ``ckptio convert`` to ckptio's layout and to safetensors
-  round-trips.
+* ``ckptio inspect`` lists every file (or refuses, exit 2, one that needs weights_only=False);
+  ``ckptio verify`` passes; ``ckptio convert`` to ckptio's layout and to safetensors
+  round-trips, on a host without the GPU a file was saved on;
+* where torch refuses a valid file for the caller's arguments (TorchScript under weights_only,
+  mmap of a legacy file), ckptio raises torch's exception, class and message; a damaged
+  legacy file is a CheckpointError.
 
 Cases that fail because of a known ckptio bug are marked ``xfail(strict=True)`` with the exact
 failure (KNOWN_FAILURES), so they turn into failures once the bug is fixed.
@@ -24,6 +28,7 @@ failure (KNOWN_FAILURES), so they turn into failures once the bug is fixed.
 from __future__ import annotations
 
 import importlib.util
+import json
 import pickle
 import sys
 import warnings
@@ -81,45 +86,11 @@ CUDA_SAVED_ZIP = {
     "chgnet:0.3.0/chgnet_0.3.0_e29f68s314m37.pth.tar": 8,  # cuda:7
 }
 NEEDS_NUMPY_GLOBALS = [f.id for f in FILES if f.package == "sevenn"]
-
-_LEGACY_REFUSED = (
-    "{path}: neither a torch zip checkpoint nor a safetensors file (it starts with "
-    "b'\\x80\\x02\\x8a\\nl\\xfc\\x9cF\\xf9'); legacy torch files can only be read with load()"
-)
+TORCHSCRIPT = ["silero-vad:data/silero_vad.jit"]
 
 # (file id, test) -> the exact failure of a ckptio bug or gap, reported to its owner. Each case
 # is xfail(strict=True): it fails as soon as the bug is fixed, and the entry is then removed.
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
-for _id in LEGACY:
-    KNOWN_FAILURES[(_id, "verify")] = (
-        "ckptio verify exits 1 on a valid legacy file: 'structure  FAILED  " + _LEGACY_REFUSED + "'"
-    )
-    for _test in ("convert-torch", "convert-safetensors"):
-        KNOWN_FAILURES[(_id, _test)] = (
-            "ckptio convert exits 2 on a valid legacy file (it opens IN with ckptio.open, "
-            "which refuses legacy files, before loading it): 'ckptio: error: "
-            + _LEGACY_REFUSED
-            + "'"
-        )
-KNOWN_FAILURES[("silero-vad:data/silero_vad.jit", "verify")] = (
-    "ckptio verify exits 1 on a valid TorchScript archive: 'structure  FAILED  {path}: a "
-    "TorchScript archive; open it with torch.jit.load'"
-)
-for _id in NEEDS_NUMPY_GLOBALS:
-    KNOWN_FAILURES[(_id, "convert-torch")] = (
-        "ckptio convert --unsafe exits 2 (it opens IN with the weights-only ckptio.open before "
-        "the weights_only=False load): 'ckptio: error: Weights only load failed: the checkpoint "
-        "needs 3 globals that the weights-only allowlist lacks: "
-        "numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype. ...'"
-    )
-for _id, _gpus in CUDA_SAVED_ZIP.items():
-    if torch.cuda.device_count() < _gpus:
-        KNOWN_FAILURES[(_id, "convert-torch")] = (
-            "ckptio convert exits 2 on a CUDA-saved file on a host without that GPU (no "
-            "map_location, no way to give one): 'ckptio: error: {path}: a storage saved at "
-            "'cuda:N' cannot be restored: RuntimeError: Attempting to deserialize object on a "
-            "CUDA device but torch.cuda.is_available() is False. ...'"
-        )
 
 
 def _params(test: str, cases: list[tuple[str, ...]] | None = None) -> list[Any]:
@@ -287,6 +258,97 @@ def test_open_lists_the_same_keys(corpus: Any, f: Any) -> None:
             expected = want[name]
             assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape), name
             assert torch.equal(tensor, expected), name
+
+
+# -------------------------------------------------------------------- torch's own refusals
+def _refusal_case(f: Any) -> dict[str, Any] | None:
+    """load arguments with which torch refuses the valid file `f` (not the file's fault)."""
+    if f.id in TORCHSCRIPT:
+        return {"weights_only": True}
+    if f.id in LEGACY:
+        return {"mmap": True}
+    return None
+
+
+@pytest.mark.parametrize("f", [p for p in _params("refusal") if _refusal_case(p.values[0])])
+@pytest.mark.parametrize("as_str", [False, True], ids=["path", "str"])
+def test_torch_refusals_of_valid_files_are_torchs(corpus: Any, f: Any, as_str: bool) -> None:
+    """ckptio raises what torch.load raises, class and message, not a CheckpointError."""
+    path = _path(corpus, f)
+    arg = str(path) if as_str else path
+    kwargs = _refusal_case(f) or {}
+    _, want, _ = _outcome(lambda: torch.load(arg, map_location="cpu", **kwargs))
+    _, got, _ = _outcome(lambda: ckptio.load(arg, map_location="cpu", **kwargs))
+    assert want is not None and got is not None, kwargs
+    assert type(got) is type(want), (_first_line(want), _first_line(got))
+    assert str(got) == str(want)
+
+
+def _damaged_legacy(data: bytes) -> dict[str, bytes]:
+    """A legacy file truncated, and with its first storage record's element count off by one
+    (which only torch's parser reads)."""
+    start = _legacy_records_start(data)
+    count = int.from_bytes(data[start : start + 8], "little")
+    recount = data[:start] + (count + 1).to_bytes(8, "little") + data[start + 8 :]
+    return {"truncated": data[: len(data) - 100], "recount": recount}
+
+
+def _legacy_records_start(data: bytes) -> int:
+    """Where a legacy file's storage records begin: after its five pickles."""
+    import pickletools
+
+    pos = 0
+    for _ in range(5):
+        for opcode, _arg, at in pickletools.genops(data[pos:]):
+            if opcode.name == "STOP":
+                pos += at + 1
+                break
+    return pos
+
+
+@pytest.mark.parametrize("f", [p for p in _params("damaged") if p.values[0].id in LEGACY])
+@pytest.mark.parametrize("damage", ["truncated", "recount"])
+def test_damaged_legacy_file_is_a_checkpoint_error(
+    corpus: Any, f: Any, damage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.load refuses it (the oracle); ckptio.load raises CheckpointError; verify fails."""
+    bad = tmp_path / f"{damage}.pt"
+    bad.write_bytes(_damaged_legacy(_path(corpus, f).read_bytes())[damage])
+    _, want, _ = _outcome(lambda: torch.load(bad, map_location="cpu", weights_only=True))
+    assert want is not None, "torch loaded it"
+    _, got, _ = _outcome(lambda: ckptio.load(bad, map_location="cpu", weights_only=True))
+    assert isinstance(got, ckptio.CheckpointError), (_first_line(want), got)
+    assert cli.main(["verify", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith(": FAILED"), out
+
+
+# --------------------------------------------------------------------------------- inspect
+@pytest.mark.parametrize("f", _params("inspect"))
+def test_inspect_lists_every_file(corpus: Any, f: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _path(corpus, f)
+    want, error = _reference(path, weights_only=True)
+    rc = cli.main(["inspect", "--json", str(path)])
+    out = capsys.readouterr()
+    info = json.loads(out.out)
+    if isinstance(error, pickle.UnpicklingError):
+        # docs/cli.md: the globals the file needs and lacks, then the refusal, exit 2.
+        assert rc == 2, out.err
+        assert info["globals"]["lacking"], info
+        assert out.err.startswith("ckptio: error: ") and out.err.count("\n") == 1, out.err
+        return
+    assert rc == 0, out.err
+    if f.id in TORCHSCRIPT:
+        assert info["format"] == "torchscript" and info["storage_count"] > 0
+        return
+    assert info["format"] == ("legacy" if f.id in LEGACY else info["format"])
+    if _flat_tensor_dict(want):
+        tensors = {t["name"]: t for t in info["tensors"]}
+        assert list(tensors) == list(want)
+        for name, t in want.items():
+            assert tensors[name]["dtype"] == str(t.dtype).replace("torch.", ""), name
+            assert tensors[name]["shape"] == list(t.shape), name
+    assert cli.main(["inspect", str(path)]) == 0, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- verify
