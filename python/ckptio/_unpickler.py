@@ -43,7 +43,7 @@ import torch
 
 from . import _core, _staging
 from ._archive import ArchiveReader
-from ._util import gc_paused, is_environment_error, torch_load_state
+from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
 
@@ -332,13 +332,19 @@ class StorageLoader:
     def _location_error(self, e: Exception, location: str) -> CheckpointError | None:
         """The CheckpointError to raise when restoring a storage saved at `location` failed
         with `e`, or None to let `e` out as it is. torch's own restore failing (a location
-        naming no device, or a device this machine lacks, such as CUDA) becomes a
-        CheckpointError (a RuntimeError, as torch's) carrying torch's message; a map_location
-        callable's exceptions (user code) and the machine's failures go out as they are."""
+        naming no device) becomes a CheckpointError (a RuntimeError, as torch's) carrying
+        torch's message; a map_location callable's exceptions (user code), the machine's
+        failures and torch refusing a valid file for this host (a storage saved on a device it
+        lacks, such as CUDA) go out as they are, as torch.load raises them."""
         user_code = callable(self.map_location) and not isinstance(
             self.map_location, (str, bytes, dict, torch.device)
         )
-        if user_code or is_environment_error(e) or isinstance(e, CheckpointError):
+        if (
+            user_code
+            or is_environment_error(e)
+            or is_torch_refusal(e)
+            or isinstance(e, CheckpointError)
+        ):
             return None
         return CheckpointError(
             f"{self.archive.name}: a storage saved at {location!r:.40} cannot be restored: "

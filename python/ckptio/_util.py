@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import re
 from typing import Any, Iterator, Sequence
 
 import torch
 
-__all__ = ["contiguous_strides", "gc_paused", "is_environment_error", "torch_load_state"]
+__all__ = [
+    "contiguous_strides",
+    "gc_paused",
+    "is_environment_error",
+    "is_torch_refusal",
+    "torch_load_state",
+]
 
 # Errors of the machine, never of a file (every size a file declares is checked against the
 # file before anything is allocated): the OS, memory, and the accelerator.
@@ -33,6 +40,24 @@ def is_environment_error(e: BaseException) -> bool:
     if isinstance(e, _ENVIRONMENT_ERRORS):
         return True
     return type(e) is RuntimeError and "can't allocate memory" in str(e)
+
+
+# How torch's messages begin when it refuses a valid file because of the caller's arguments
+# or this host, not the file: TorchScript or legacy .tar files under weights_only, mmap of a
+# legacy file, storages saved on a device this host lacks.
+_TORCH_REFUSAL = re.compile(
+    r"Cannot use ``weights_only=True`` with "
+    r"|mmap can only be used with files saved with "
+    r"|Attempting to deserialize object on "
+    r"|The \w+ device module is not registered"
+)
+
+
+def is_torch_refusal(e: BaseException) -> bool:
+    """Whether `e` is torch refusing a valid file for the caller's arguments or this host (a
+    plain RuntimeError with one of torch's messages): it reaches the caller as torch raised
+    it, never as a CheckpointError."""
+    return type(e) is RuntimeError and _TORCH_REFUSAL.match(str(e)) is not None
 
 
 @contextlib.contextmanager

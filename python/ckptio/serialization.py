@@ -13,7 +13,6 @@ import errno
 import hashlib
 import os
 import pickle
-import re
 import secrets
 import socket
 import stat
@@ -37,7 +36,7 @@ from ._unpickler import (
     refused_globals_error,
     scan_pickle,
 )
-from ._util import gc_paused, is_environment_error, torch_load_state
+from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -543,7 +542,7 @@ def _load_with_torch(
             not weights_only
             or is_environment_error(e)
             or any(e is r for r in raised)
-            or _is_torch_refusal(e)
+            or is_torch_refusal(e)
         ):
             # User code ran (the full unpickler, map_location), the machine failed, or torch
             # refused a valid file for the caller's arguments or this host: keep its
@@ -554,21 +553,6 @@ def _load_with_torch(
         raise CheckpointError(
             f"{name}: torch's loader could not read the file: {type(e).__name__}: {e}"
         ) from e
-
-
-# How torch.load's messages begin when it refuses a valid file because of the caller's
-# arguments or this host, not the file: TorchScript or legacy .tar files under weights_only,
-# mmap of a legacy file, storages saved on a device this host lacks.
-_TORCH_REFUSAL = re.compile(
-    r"Cannot use ``weights_only=True`` with "
-    r"|mmap can only be used with files saved with "
-    r"|Attempting to deserialize object on "
-    r"|The \w+ device module is not registered"
-)
-
-
-def _is_torch_refusal(e: BaseException) -> bool:
-    return type(e) is RuntimeError and _TORCH_REFUSAL.match(str(e)) is not None
 
 
 def _watched(map_location: Any, raised: list[BaseException]) -> Any:
