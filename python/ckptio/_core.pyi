@@ -221,6 +221,7 @@ class ArchiveWriter:
 
 def crc32_available() -> bool: ...
 def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int: ...
+
 class PickleScan:
     opcodes: Final[int]
     memo_puts: Final[int]
