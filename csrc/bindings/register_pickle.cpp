@@ -13,7 +13,6 @@
 
 #include "ckptio/archive_writer.hpp"
 #include "ckptio/errors.hpp"
-#include "ckptio/pickle_scan.hpp"
 #include "pyobjects.hpp"
 #include "register.hpp"
 
@@ -334,35 +333,6 @@ void register_pickle(py::module_& m) {
       "`dtypes`. With a sink (ArchiveWriter, alignment, direct locations), a new storage also "
       "becomes the writer's record data/<key> (see stream_storage). Anything else (a dtype "
       "clash included) goes to fallback.");
-
-  m.def(
-      "pickle_globals",
-      [](const py::buffer& data, bool weights_only) {
-        py::buffer_info info = data.request();
-        const auto n = static_cast<std::size_t>(info.size * info.itemsize);
-        PickleScanOptions options;
-        options.weights_only = weights_only;
-        options.collect_globals = true;
-        PickleScan scan;
-        {
-          py::gil_scoped_release nogil;
-          scan = scan_pickle(info.ptr, n, options);
-        }
-        // The names as the unpickler decodes GLOBAL's lines (UTF-8), undecodable bytes escaped.
-        auto text = [](const std::string& s) {
-          PyObject* u = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()),
-                                             "backslashreplace");
-          if (u == nullptr) throw py::error_already_set();
-          return py::reinterpret_steal<py::str>(u);
-        };
-        py::list out;
-        for (const auto& [module, name] : scan.globals) out.append(py::make_tuple(text(module), text(name)));
-        return out;
-      },
-      py::arg("data"), py::arg("weights_only"),
-      "The (module, name) of every global a pickle names (GLOBAL, INST, and STACK_GLOBAL whose "
-      "operands are strings pushed or fetched from the memo), in order of first appearance, "
-      "each once; found by the pre-scan (scan_pickle's checks, same errors), nothing run.");
 
   m.def(
       "dispatch_by_type",

@@ -407,24 +407,46 @@ void register_unpickle(py::module_& m) {
       .def_readonly("complete", &PickleScan::complete,
                     "False when a lenient scan stopped at an unknown opcode.");
 
+  // The pre-scan of a Python buffer, with the GIL released.
+  auto scan_buffer = [](const py::buffer& data, bool weights_only, bool collect_globals) {
+    py::buffer_info info = data.request();
+    const auto n = static_cast<std::size_t>(info.size * info.itemsize);
+    PickleScanOptions options;
+    options.weights_only = weights_only;
+    options.collect_globals = collect_globals;
+    py::gil_scoped_release nogil;
+    return scan_pickle(info.ptr, n, options);
+  };
+
   m.def(
       "scan_pickle",
-      [](const py::buffer& data, bool weights_only) {
-        py::buffer_info info = data.request();
-        const auto n = static_cast<std::size_t>(info.size * info.itemsize);
-        PickleScanOptions options;
-        options.weights_only = weights_only;
-        PickleScan scan;
-        {
-          py::gil_scoped_release nogil;
-          scan = scan_pickle(info.ptr, n, options);
-        }
-        return scan;
+      [scan_buffer](const py::buffer& data, bool weights_only) {
+        return scan_buffer(data, weights_only, false);
       },
       py::arg("data"), py::arg("weights_only"),
       "Checks a pickle's opcodes without running them (lengths, memo GETs, stack, and in "
       "weights-only mode the opcodes torch's weights-only unpickler supports). Returns a "
       "PickleScan (memo_size: the largest memo index stored, plus one); raises CheckpointError.");
+
+  m.def(
+      "pickle_globals",
+      [scan_buffer](const py::buffer& data, bool weights_only) {
+        const PickleScan scan = scan_buffer(data, weights_only, true);
+        // The names as the unpickler decodes GLOBAL's lines (UTF-8), undecodable bytes escaped.
+        auto text = [](const std::string& s) {
+          PyObject* u = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()),
+                                             "backslashreplace");
+          if (u == nullptr) throw py::error_already_set();
+          return py::reinterpret_steal<py::str>(u);
+        };
+        py::list out;
+        for (const auto& [module, name] : scan.globals) out.append(py::make_tuple(text(module), text(name)));
+        return out;
+      },
+      py::arg("data"), py::arg("weights_only"),
+      "The (module, name) of every global a pickle names (GLOBAL, INST, and STACK_GLOBAL whose "
+      "operands are strings pushed or fetched from the memo), in order of first appearance, "
+      "each once; found by the pre-scan (scan_pickle's checks, same errors), nothing run.");
 }
 
 }  // namespace ckptio::bindings
