@@ -104,7 +104,7 @@ def main() -> None:
             args.runs,
             prime,
         )
-        _check(torch.load(p_ck), sd)
+        _check(torch.load(p_ck, weights_only=True), sd)
         _check(ckptio.load(p_th), sd)
         _check(ckptio.load(p_ck), sd)
         _check(ckptio.load(p_ck, mmap=True), sd)
@@ -116,7 +116,7 @@ def main() -> None:
         first = {n: statistics.median(x["seconds"] for x in v) for n, v in samples.items()}
         loads = _interleaved(
             {
-                "torch.load": lambda: _touch(torch.load(p_th)),
+                "torch.load": lambda: _touch(torch.load(p_th, weights_only=True)),
                 "ckptio.load": lambda: _touch(ckptio.load(p_ck)),
             },
             args.runs,

@@ -44,20 +44,25 @@ def is_environment_error(e: BaseException) -> bool:
 
 # How torch's messages begin when it refuses a valid file because of the caller's arguments
 # or this host, not the file: TorchScript or legacy .tar files under weights_only, mmap of a
-# legacy file, storages saved on a device this host lacks.
-_TORCH_REFUSAL = re.compile(
-    r"Cannot use ``weights_only=True`` with "
-    r"|mmap can only be used with files saved with "
-    r"|Attempting to deserialize object on "
-    r"|The \w+ device module is not registered"
-)
+# legacy file, storages saved on a device this host lacks (RuntimeError); a map_location
+# that torch.jit.load does not take (ValueError, torch 2.5).
+_TORCH_REFUSAL: dict[type[BaseException], re.Pattern[str]] = {
+    RuntimeError: re.compile(
+        r"Cannot use ``weights_only=True`` with "
+        r"|mmap can only be used with files saved with "
+        r"|Attempting to deserialize object on "
+        r"|The \w+ device module is not registered"
+    ),
+    ValueError: re.compile(r"map_location should be either None, string or torch\.device"),
+}
 
 
 def is_torch_refusal(e: BaseException) -> bool:
     """Whether `e` is torch refusing a valid file for the caller's arguments or this host (a
-    plain RuntimeError with one of torch's messages): it reaches the caller as torch raised
-    it, never as a CheckpointError."""
-    return type(e) is RuntimeError and _TORCH_REFUSAL.match(str(e)) is not None
+    plain RuntimeError or ValueError with one of torch's messages): it reaches the caller as
+    torch raised it, never as a CheckpointError."""
+    pattern = _TORCH_REFUSAL.get(type(e))
+    return pattern is not None and pattern.match(str(e)) is not None
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from .limits import Limits, evict
 
 def _reuse_target(path: str) -> object:
     """Zero-filled tensors shaped like the file's, for a candidate that loads into them."""
-    return zeros_like_tree(torch.load(path, mmap=True))
+    return zeros_like_tree(torch.load(path, mmap=True, weights_only=True))
 
 
 def rounds(spec: dict) -> dict:

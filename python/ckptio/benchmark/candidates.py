@@ -232,9 +232,15 @@ _ALL = [
         lambda p, _t: ckptio.load(p, mmap=True),
         keeps_sharing=True,
     ),
-    Candidate("torch", "copy", "torch", lambda p, _t: torch.load(p), keeps_sharing=True),
     Candidate(
-        "torch mmap", "mmap", "torch", lambda p, _t: torch.load(p, mmap=True), keeps_sharing=True
+        "torch", "copy", "torch", lambda p, _t: torch.load(p, weights_only=True), keeps_sharing=True
+    ),
+    Candidate(
+        "torch mmap",
+        "mmap",
+        "torch",
+        lambda p, _t: torch.load(p, mmap=True, weights_only=True),
+        keeps_sharing=True,
     ),
     Candidate("pickle5", "copy", "pickle5", _load_pickle5, keeps_sharing=True),
     Candidate("pickle5 oob", "copy", "pickle5-oob", _load_pickle5_oob, keeps_sharing=True),

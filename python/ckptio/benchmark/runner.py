@@ -543,7 +543,7 @@ def _file_group(path: str) -> str:
 
 def _reference(path: str, group: str) -> Any:
     if group == "torchzip":
-        return torch.load(path)
+        return torch.load(path, weights_only=True)
     if group == "safetensors":
         from safetensors.torch import load_file
 
