@@ -184,7 +184,12 @@ def test_objects_positioned_past_a_prefix_load_from_their_position(tmp_path: Pat
         for f in (open(path, "rb"), gzip.GzipFile(fileobj=packed)):
             with f:
                 f.seek(6)
-                theirs = torch.load(f)
+                try:
+                    theirs = torch.load(f)
+                except RuntimeError as e:
+                    # torch 2.5 looks for the zip's end record from the stream's start
+                    assert fmt == "zip" and "failed finding central directory" in str(e)
+                    theirs = _obj()
                 f.seek(6)
                 assert_same(theirs, ckptio.load(f))
         with open(path, "rb") as f:
