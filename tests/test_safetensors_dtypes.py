@@ -57,6 +57,7 @@ HAVE = [
 ]
 IDS = [name for name, _ in HAVE]
 F4 = getattr(torch, "float4_e2m1fn_x2", None)
+E8M0 = getattr(torch, "float8_e8m0fnu", None)
 
 
 def _values(dtype: torch.dtype, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -137,8 +138,10 @@ def test_open_reads_what_safetensors_writes(tmp_path: Path, name: str, dtype: to
             assert s.dtype == dtype and s.shape == tuple(want.shape), k
             _assert_same(want, s[...], k)
             if want.dim() == 2:
-                _assert_same(want[1:3].contiguous(), s[1:3], k)
-                _assert_same(want[:, 1:3].contiguous(), s[:, 1:3], k)
+                # torch has no copy kernel for float4_e2m1fn_x2: slice and copy its bytes
+                raw = want.view(torch.uint8) if dtype == F4 else want
+                _assert_same(raw[1:3].contiguous().view(dtype), s[1:3], k)
+                _assert_same(raw[:, 1:3].contiguous().view(dtype), s[:, 1:3], k)
     if dtype != F4:  # safetensors 0.8 slices F4 by its header shape and fails
         with safe_open(str(path), "pt") as f, ckptio.open(path) as h:
             for k in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -288,7 +291,10 @@ def test_offsets_that_disagree_with_the_shape_are_refused(
     path.write_bytes(_file({"w": entry}, b"\0" * data))
     with pytest.raises(Exception):  # noqa: B017
         st.load_file(str(path))
-    with pytest.raises(ckptio.CheckpointError, match="'w' of shape"):
+    # A torch without float8_e8m0fnu cannot represent the tensor at all, and is told so first.
+    lacks = entry["dtype"] == "F8_E8M0" and E8M0 is None
+    message = "'w' has dtype 'F8_E8M0'.*no torch.float8_e8m0fnu" if lacks else "'w' of shape"
+    with pytest.raises(ckptio.CheckpointError, match=message):
         ckptio.load(path)
 
 
@@ -330,9 +336,10 @@ def test_a_dtype_this_torch_lacks_is_named(tmp_path: Path, entry: dict, attr: st
         assert torch.__version__ in text
 
 
+@pytest.mark.skipif(E8M0 is None, reason="this torch has no float8_e8m0fnu")
 @pytest.mark.usefixtures("old_torch")
 def test_saving_a_dtype_the_table_lacks_is_refused(tmp_path: Path) -> None:
-    t = torch.ones(2, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+    t = torch.ones(2, dtype=torch.uint8).view(E8M0)
     with pytest.raises(ValueError, match="'w' has dtype torch.float8_e8m0fnu"):
         ckptio.save({"w": t}, tmp_path / "x.safetensors", format="safetensors")
 
