@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import ckptio
+from hostile.child import child_env
 
 
 class Custom:
@@ -82,10 +83,11 @@ def test_blocked_module_listed_apart(tmp_path: Path) -> None:
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**__import__("os").environ, "PYTHONPATH": "python"}
+    """`ckptio inspect` in a child, with the ckptio this test imports (the installed one, or
+    CKPTIO_TEST_PYTHONPATH's)."""
     return subprocess.run(
         [sys.executable, "-m", "ckptio", "inspect", *args],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent,
+        capture_output=True, text=True, env=child_env(), cwd=Path(__file__).parent.parent,
     )  # fmt: skip
 
 
