@@ -277,9 +277,16 @@ def test_torch_refusals_of_valid_files_are_torchs(corpus: Any, f: Any, as_str: b
     path = _path(corpus, f)
     arg = str(path) if as_str else path
     kwargs = _refusal_case(f) or {}
-    _, want, _ = _outcome(lambda: torch.load(arg, map_location="cpu", **kwargs))
-    _, got, _ = _outcome(lambda: ckptio.load(arg, map_location="cpu", **kwargs))
-    assert want is not None and got is not None, kwargs
+    theirs, want, their_warnings = _outcome(lambda: torch.load(arg, map_location="cpu", **kwargs))
+    ours, got, our_warnings = _outcome(lambda: ckptio.load(arg, map_location="cpu", **kwargs))
+    if want is None:
+        # torch 2.5 does not refuse: under weights_only it hands a TorchScript archive to
+        # torch.jit.load, with a warning. ckptio must do the same.
+        assert f.id in TORCHSCRIPT and got is None, _first_line(got) if got else kwargs
+        assert type(ours) is type(theirs) and our_warnings == their_warnings
+        assert_same(theirs.state_dict(), ours.state_dict())
+        return
+    assert got is not None, kwargs
     assert type(got) is type(want), (_first_line(want), _first_line(got))
     assert str(got) == str(want)
 
