@@ -395,14 +395,16 @@ def test_bench_runs_the_benchmark_on_a_users_file(tmp_path: Path) -> None:
     torch.save(make_model().state_dict(), path)
     out = tmp_path / "r.json"
     r = run(
-        "bench", path, "--rounds", "1", "--no-rss", "--no-limits", "--candidates",
-        "ckptio,torch", "--dir", tmp_path / "work", "--json", out, proc=True,
+        "bench", path, "--rounds", "1", "--first-rounds", "1", "--no-cold", "--no-rss",
+        "--no-limits", "--candidates", "ckptio,torch", "--dir", tmp_path / "work", "--json", out,
+        proc=True,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
     assert "| ckptio |" in r.stdout and "| torch |" in r.stdout
     results = json.loads(out.read_text())
     (workload,) = results["workloads"].values()
     assert set(workload["candidates"]) == {"ckptio", "torch"}
+    assert all(len(c["first"]["runs"]) == 1 for c in workload["candidates"].values())
 
 
 # --------------------------------------------------------------------------------- progress
