@@ -1,4 +1,4 @@
-"""The bytes ckptio writes: torch's zip layout (TORCH_FORMAT.md §1.1, §1.3) with page-aligned
+"""The bytes ckptio writes: torch's zip layout (docs/format.md) with page-aligned
 ``data/*`` records, checked with Python's zipfile, with torch's strictest loader, and byte for
 byte against a file torch.save wrote."""
 
@@ -89,7 +89,7 @@ def test_record_order(sample_file: Path) -> None:
     n = _n_storages(sample_file)
     assert n > 5
     # torch's records; data.pkl after the storages, which are written while it is pickled
-    # (TORCH_FORMAT.md §1.1: record order does not matter to torch.load).
+    # (docs/format.md: record order does not matter to torch.load).
     expected = (
         [".format_version", ".storage_alignment", "byteorder"]
         + [f"data/{k}" for k in range(n)]

@@ -547,7 +547,7 @@ PlannedRecord plan_record(const std::string& archive_name, const RecordSpec& spe
                           " is longer than 65535 bytes");
   }
 
-  // miniz quirk (TORCH_FORMAT.md §1.3): the local zip64 extra carries [usize, 0] for a big
+  // miniz quirk (docs/format.md, "Bytes of each record"): the local zip64 extra carries [usize, 0] for a big
   // record and the header offset for a far one, although the local sizes are 0 (bit 3).
   std::vector<std::uint8_t> z64;
   const bool big = needs_zip64_size(spec.size);

@@ -1,7 +1,7 @@
 """torch's zip container: reading the record table of any torch archive, writing ckptio's.
 
 The byte layout lives in C++ (``_core.plan_archive``, ``_core.ArchiveWriter``); this module
-chooses the records, their order and alignment (shared/TORCH_FORMAT.md §1.1, docs/format.md)
+chooses the records, their order and alignment (docs/format.md)
 and moves the bytes: into a file descriptor by the ArchiveWriter's threads (during pickling, for
 a save), or sequentially into a writable file object.
 """

@@ -6,7 +6,7 @@ Loads (file already in the page cache; each method's result checked against the 
   torch.load(mmap=True) then .cuda()
   safetensors.torch.load_file(device="cuda")  (when safetensors is installed)
 Saves of GPU tensors: ckptio.save vs torch.save (a throwaway file of ~1.2x the payload is
-written and deleted before each timed save, see shared DESIGN.md section 7).
+written and deleted before each timed save, see bench/README.md, "Method").
 Raw limits, same run: pinned host->device bandwidth (copy of a large pinned tensor) and
 parallel page-cache read bandwidth (ckptio's C++ pread pool into a reused buffer).
 Host RSS growth during a ckptio GPU load is sampled every millisecond.
@@ -175,7 +175,7 @@ def peak_rss() -> Iterator[dict[str, int]]:
 
 
 def drop_page_cache_pressure(directory: Path, nbytes: int) -> None:
-    """Writes and deletes a throwaway file of ~1.2x `nbytes` (see DESIGN.md section 7)."""
+    """Writes and deletes a throwaway file of ~1.2x `nbytes` (bench/README.md, "Method")."""
     path = directory / "throwaway.bin"
     block = os.urandom(1 << 20) * 64
     with open(path, "wb") as f:

@@ -1,6 +1,6 @@
 // The zip container as torch uses it: reading the directory of any stored (uncompressed) zip,
 // and planning the exact bytes torch's writer (miniz with zip64) emits, at any alignment.
-// See docs/format.md and shared TORCH_FORMAT.md §1.3.
+// See docs/format.md, "Bytes of each record".
 #pragma once
 
 #include <cstdint>
@@ -79,7 +79,7 @@ struct ArchiveLayout {
 };
 
 /// Computes every header, pad and offset of an archive holding `records` in this order,
-/// byte-for-byte as torch's writer lays them out (TORCH_FORMAT.md §1.3).
+/// byte-for-byte as torch's writer lays them out (docs/format.md, "Bytes of each record").
 ArchiveLayout plan_archive(const std::string& archive_name, const std::vector<RecordSpec>& records);
 
 /// Throws InvalidArgument unless `archive_name` is non-empty with no '/' or NUL.
