@@ -360,7 +360,8 @@ def zip_records(path_or_bytes: Path | str | bytes) -> list[ZipRecord]:
 
 def write_plain_zip(target: Any, records: dict[str, bytes], archive: str = "archive") -> None:
     """A torch archive written by Python's zipfile (stored, no padding). torch.load accepts
-    these (docs/format.md, "Bytes of each record"); they are the way to craft unusual files without ckptio."""
+    these (docs/format.md, "Bytes of each record"); they are the way to craft unusual files
+    without ckptio."""
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, payload in records.items():
             zf.writestr(f"{archive}/{name}", payload)
