@@ -794,14 +794,12 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 #: The first two pickles of a legacy file: torch's magic number and protocol version.
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL = 1001
 
 
 def _verify_legacy(path: str, record: Any) -> None:
     """verify for a legacy (pre-1.6) file: its pickles, its storage records and a
     weights-only load. The format has no checksums."""
-    from ._legacy import check_legacy
+    from ._legacy import check_legacy, check_legacy_records
     from .errors import CheckpointError, UnsafeGlobalError
     from .serialization import load
 
@@ -809,7 +807,7 @@ def _verify_legacy(path: str, record: Any) -> None:
         data = fh.read()
     try:
         pickles = check_legacy(data, path)
-        detail = _check_legacy_records(data, pickles, path)
+        detail = check_legacy_records(data, pickles, path)
     except CheckpointError as e:
         record("structure", False, _describe(e))
         return
@@ -840,88 +838,6 @@ def _count_tensors(obj: Any) -> tuple[int, int]:
 
     tensors = [v for _, v in _walk(obj, ()) if isinstance(v, torch.Tensor)]
     return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _check_legacy_records(data: bytes, pickles: Sequence[Any], path: str) -> str:
-    """Checks what torch's legacy parser will read after the pickles: the magic number and
-    protocol version, and, for each key of the storage-keys pickle in order, an 8-byte
-    element count equal to the one the object pickle declares for that storage, then that
-    many elements. Raises CheckpointError; returns a description of what was checked."""
-    from .errors import CheckpointError
-
-    magic, protocol, _sys_info, _, keys = (_inert_load(data, p) for p in pickles)
-    if magic != _LEGACY_MAGIC:
-        raise CheckpointError(f"{path}: the legacy file's magic number is {magic!r:.40}")
-    if protocol != _LEGACY_PROTOCOL:
-        raise CheckpointError(f"{path}: unsupported legacy protocol version {protocol!r:.40}")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise CheckpointError(f"{path}: the storage keys pickle is not a list of strings")
-    declared = _legacy_storages(data, pickles[3])
-    pos = pickles[4].end
-    for key in keys:
-        if key not in declared:
-            raise CheckpointError(f"{path}: storage record {key!r} is not referenced by the pickle")
-        numel, itemsize = declared[key]
-        if pos + 8 > len(data):
-            raise CheckpointError(f"{path}: the file ends before storage record {key!r}")
-        # torch writes the count little-endian whatever the host (serialization.cpp).
-        count = int.from_bytes(data[pos : pos + 8], "little", signed=True)
-        if count != numel:
-            raise CheckpointError(
-                f"{path}: storage record {key!r} holds {count} elements; the pickle declares "
-                f"{numel}"
-            )
-        pos += 8 + count * itemsize
-        if pos > len(data):
-            raise CheckpointError(
-                f"{path}: storage record {key!r} is truncated ({pos - len(data)} bytes missing)"
-            )
-    missing = [k for k in declared if k not in set(keys)]
-    if missing:
-        raise CheckpointError(
-            f"{path}: {len(missing)} storages the pickle references have no record "
-            f"({', '.join(repr(k) for k in missing[:5])})"
-        )
-    if pos != len(data):
-        raise CheckpointError(f"{path}: {len(data) - pos} bytes after the last storage record")
-    return (
-        f"{len(keys)} storage records, each present with the element count the pickle "
-        f"declares ({pos - pickles[4].end} bytes, up to the end of the file)"
-    )
-
-
-def _inert_load(data: bytes, p: Any) -> Any:
-    """One pre-scanned pickle of a legacy file, unpickled with inert globals (nothing runs)."""
-    import io
-
-    from ._legacy import _DictMemoProbe, _Probe
-    from ._unpickler import needs_dict_memo
-
-    probe = _DictMemoProbe if needs_dict_memo(p.scan, p.scan.end) else _Probe
-    return probe(io.BytesIO(memoryview(data)[p.start : p.end])).load()
-
-
-def _legacy_storages(data: bytes, p: Any) -> dict[str, tuple[int, int]]:
-    """key -> (elements, element size) of each storage the object pickle `p` references."""
-    import io
-
-    from ._legacy import _DictMemoProbe, _element_size, _Probe
-    from ._unpickler import needs_dict_memo
-
-    found: dict[str, tuple[int, int]] = {}
-    base = _DictMemoProbe if needs_dict_memo(p.scan, p.scan.end) else _Probe
-
-    class Probe(base):  # type: ignore[misc,valid-type]
-        def persistent_load(self, pid: Any) -> Any:
-            result = super().persistent_load(pid)  # checks the element count
-            if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] in ("storage", b"storage"):
-                _, storage_type, key, _location, numel = pid[:5]
-                name = getattr(storage_type, "full_name", "")
-                found[str(key)] = (numel, _element_size(name))
-            return result
-
-    Probe(io.BytesIO(memoryview(data)[p.start : p.end])).load()
-    return found
 
 
 def _verify_torchscript(path: str, record: Any, show_progress: bool) -> None:
