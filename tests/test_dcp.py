@@ -188,11 +188,11 @@ def _core_file_read_into(monkeypatch: pytest.MonkeyPatch, reads: list[tuple[int,
         def __exit__(self, *args: Any) -> None:
             self.file.__exit__(*args)
 
-        def read_into(self, requests: Any, threads: int, chunk: int) -> None:
+        def read_into(self, requests: Any, threads: int, chunk: int, base: int = 0) -> None:
             calls.append(1)
             flat = list(requests)
             reads.extend((flat[i], flat[i + 1]) for i in range(0, len(flat), 3))
-            self.file.read_into(requests, threads, chunk)
+            self.file.read_into(requests, threads, chunk, base)
 
     monkeypatch.setattr(
         ckptio.dcp._core,

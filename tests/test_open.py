@@ -227,9 +227,9 @@ class _CountingFile:
         self._file = file
         self.bytes = 0
 
-    def read_into(self, requests: Any, threads: int, chunk_bytes: int) -> None:
+    def read_into(self, requests: Any, threads: int, chunk_bytes: int, base: int = 0) -> None:
         self.bytes += sum(requests[i + 1] for i in range(0, len(requests), 3))
-        self._file.read_into(requests, threads, chunk_bytes)
+        self._file.read_into(requests, threads, chunk_bytes, base)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._file, name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import IO, Sequence, Union
 
 from . import _core
+from ._files import read_into
 from ._staging import DevicePayload, payload_size, write_payloads_at
 from ._util import gc_paused
 from .settings import get_options
@@ -85,9 +86,7 @@ class ArchiveReader:
 
     def read_many(self, requests: array.array) -> None:
         """Parallel reads of (offset, length, address) triples, GIL released."""
-        if len(requests):
-            opts = get_options()
-            self.source.read_into(requests, opts.threads, opts.chunk_bytes)
+        read_into(self.source, requests)
 
 
 def archive_name_for(target: object) -> str:

@@ -20,10 +20,29 @@ import tempfile
 from typing import Any
 
 from . import _core
+from .settings import Options, get_options
 
-__all__ = ["Source", "descriptor_file", "display_name", "for_torch", "open_source", "position"]
+__all__ = [
+    "Source",
+    "descriptor_file",
+    "display_name",
+    "for_torch",
+    "open_source",
+    "position",
+    "read_into",
+]
 
 Source = Any  # a _core.File or a _core.BufferSource: name, size, pread, read_into
+
+
+def read_into(source: Source, requests: Any, base: int = 0, opts: Options | None = None) -> None:
+    """Parallel reads of (offset, length, address) uint64 triples, each address relative to
+    `base`, with the GIL released, under `opts` (``threads``, ``chunk_bytes``; by default the
+    calling thread's settings)."""
+    if len(requests):
+        opts = opts or get_options()
+        source.read_into(requests, opts.threads, opts.chunk_bytes, base)
+
 
 _SEEKABLE_ADVICE = (
     ". You can only load from a file that is seekable. Please pre-load the data into a buffer "

@@ -32,12 +32,11 @@ import torch
 
 from . import _core
 from ._archive import ArchiveReader
-from ._files import open_source
+from ._files import open_source, read_into
 from ._staging import stream_to_device
 from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
 from ._util import gc_paused
 from .errors import CheckpointError
-from .settings import get_options
 
 __all__ = ["IncompatibleKeys", "ReadItem", "load_into", "read_items"]
 
@@ -174,9 +173,7 @@ def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
             staged.append((item.file_offset, item.nbytes, target))
         else:
             requests.extend(key)
-    if requests:
-        opts = get_options()
-        source.read_into(requests, opts.threads, opts.chunk_bytes)
+    read_into(source, requests)
     if staged:
         stream_to_device(source, staged)  # the current stream is ordered after the copies
     with torch.no_grad():

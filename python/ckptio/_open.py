@@ -21,11 +21,10 @@ import torch
 
 from . import _core, _safetensors
 from ._archive import ArchiveReader
-from ._files import descriptor_file
+from ._files import descriptor_file, read_into
 from ._unpickler import unpickle_placeholders
 from ._util import contiguous_strides
 from .errors import CheckpointError
-from .settings import get_options
 
 __all__ = ["CheckpointHandle", "TensorInfo", "TensorSlice", "open"]
 
@@ -335,8 +334,7 @@ class CheckpointHandle:
                 raise ValueError(f"{self.name}: read from a closed checkpoint handle")
             self._active += 1
         try:
-            opts = get_options()
-            self._file.read_into(requests, opts.threads, opts.chunk_bytes)
+            read_into(self._file, requests)
         finally:
             with self._lock:
                 self._active -= 1

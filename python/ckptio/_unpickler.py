@@ -43,6 +43,7 @@ import torch
 
 from . import _core, _staging
 from ._archive import ArchiveReader
+from ._files import read_into
 from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
@@ -424,11 +425,11 @@ class StorageLoader:
         if not len(requests):
             return
         opts = get_options()  # the caller's (thread-local) options, not the reader thread's
-        read_into = self.archive.source.read_into
+        source = self.archive.source
 
         def run() -> None:
             try:
-                read_into(requests, opts.threads, opts.chunk_bytes, arena.data_ptr())
+                read_into(source, requests, arena.data_ptr(), opts)
             except BaseException as e:  # re-raised by flush() in the loading thread
                 self._prefetch_error = e
 

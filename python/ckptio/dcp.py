@@ -58,10 +58,10 @@ from torch.futures import Future
 
 from . import _core, serialization
 from ._archive import write_archive
+from ._files import read_into
 from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
 from .errors import CheckpointError
-from .settings import get_options
 
 __all__ = ["Reader", "StorageInfo", "Writer"]
 
@@ -343,7 +343,6 @@ class Reader(_DirectoryCheckpoint, StorageReader):
             ) from None
 
     def _read_file(self, path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
-        opts = get_options()
         with _core.File.open(path, _core.FileMode.READ) as file:
             size = file.size
             requests = array.array("Q")
@@ -363,7 +362,7 @@ class Reader(_DirectoryCheckpoint, StorageReader):
                 staged = self._plan_tensor_read(path, item, info, target, requests)
                 pending.append((item, target, staged))
             if requests:
-                file.read_into(requests, opts.threads, opts.chunk_bytes)  # GIL released
+                read_into(file, requests)  # GIL released
             for item, target, staged in pending:
                 if staged is not None:
                     target.copy_(staged)
