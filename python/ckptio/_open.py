@@ -19,9 +19,10 @@ from typing import IO, Any, Iterable, Iterator, Sequence, Union
 
 import torch
 
-from . import _core, _safetensors
+from . import _core, _safetensors, _staging
 from ._archive import ArchiveReader
 from ._files import descriptor_file, read_into
+from ._placement import Placement
 from ._unpickler import unpickle_placeholders
 from ._util import contiguous_strides
 from .errors import CheckpointError
@@ -119,6 +120,7 @@ class CheckpointHandle:
         self._file = file
         self.name = file.name
         self.map_location = map_location
+        self._placement = Placement(map_location, self.name)
         self._lock = threading.Condition()
         self._active = 0
         self._closed = False
@@ -296,38 +298,54 @@ class CheckpointHandle:
         return TensorSlice(self, self.info(key))
 
     def _read(self, plans: list[tuple[Any, TensorInfo, _ReadPlan]]) -> list[torch.Tensor]:
-        from torch.serialization import _get_restore_location
-
-        restore = _get_restore_location(self.map_location)
-        meta = _is_meta(self.map_location)
+        """Reads each plan's ranges in one batch: into fresh host memory, or for a CUDA
+        map_location straight into device memory through the pinned staging ring; then
+        places the storages as ckptio.load would (:class:`Placement`)."""
+        placement = self._placement
+        meta = placement.is_meta
         requests = array.array("Q")
-        buffers: list[torch.Tensor | None] = []
+        staged: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
+        buffers: list[tuple[torch.Tensor, bool] | None] = []  # (memory, on its device)
         for _key, info, plan in plans:
             if meta or plan.nbytes == 0:
                 buffers.append(None)
+                continue
+            target = placement.staged_target(info.location)
+            if target is not None:
+                memory = target.allocate(plan.nbytes)
+                reads = staged.setdefault(id(target), (target, []))[1]
+                at = 0
+                for start, length in plan.ranges:
+                    reads.append((info.file_offset + start, length, memory[at : at + length]))
+                    at += length
+                buffers.append((memory, True))
                 continue
             buf = torch.empty(plan.nbytes, dtype=torch.uint8)
             address = buf.data_ptr()
             for start, length in plan.ranges:
                 requests.extend((info.file_offset + start, length, address))
                 address += length
-            buffers.append(buf)
-        self._read_into(requests)
+            buffers.append((buf, False))
+        self._read_into(requests, list(staged.values()))
         out = []
         for (_key, info, plan), held in zip(plans, buffers, strict=True):
             if held is None:
                 device = "meta" if meta else "cpu"
                 storage = torch.UntypedStorage(plan.nbytes, device=device)
             else:
-                storage = held.untyped_storage()
-            if not meta:
-                storage = restore(storage, info.location)
+                storage = held[0].untyped_storage()
+            if not meta and (held is None or not held[1]):
+                storage = placement.restore(storage, info.location)
             t = torch.empty((0,), dtype=info.dtype, device=storage.device)
             out.append(t.set_(storage, plan.offset, plan.shape, plan.stride))
         return out
 
-    def _read_into(self, requests: array.array) -> None:
-        if not len(requests):
+    def _read_into(
+        self,
+        requests: array.array,
+        staged: Sequence[tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = (),
+    ) -> None:
+        if not len(requests) and not staged:
             return
         with self._lock:
             if self._closed:
@@ -335,6 +353,8 @@ class CheckpointHandle:
             self._active += 1
         try:
             read_into(self._file, requests)
+            for target, reads in staged:
+                _staging.load_into_storages(self._file, reads, target.make_copier())
         finally:
             with self._lock:
                 self._active -= 1
@@ -471,13 +491,6 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((start, length))
     return out
-
-
-def _is_meta(map_location: Any) -> bool:
-    if isinstance(map_location, (str, bytes)):
-        loc = map_location.decode() if isinstance(map_location, bytes) else map_location
-        return loc == "meta"
-    return isinstance(map_location, torch.device) and map_location.type == "meta"
 
 
 def _children(link: Any, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:

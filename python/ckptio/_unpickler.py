@@ -44,7 +44,8 @@ import torch
 from . import _core, _staging
 from ._archive import ArchiveReader
 from ._files import read_into
-from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
+from ._placement import Placement
+from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
 
@@ -63,7 +64,6 @@ __all__ = [
     "unpickle_specs",
 ]
 
-_UNKNOWN: Any = object()  # a memo's "not computed yet"
 
 # storage[a:b] without UntypedStorage.__getitem__'s Python wrapper (a meta check; these
 # storages are never meta): a storage over the same memory that keeps its parent alive and,
@@ -122,39 +122,6 @@ def _fix_import(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-def _restore_target(map_location: Any, location: str) -> str | None:
-    """The location torch's restore_location hands to default_restore_location for a storage
-    saved at `location`, or None if only calling map_location can tell."""
-    if map_location is None:
-        target: Any = location
-    elif isinstance(map_location, dict):
-        target = map_location.get(location, location)
-    elif isinstance(map_location, (str, bytes)):
-        target = map_location
-    elif isinstance(map_location, torch.device):
-        target = str(map_location)
-    else:
-        return None
-    if isinstance(target, bytes):
-        target = target.decode() if isinstance(map_location, (str, bytes)) else None
-    return target if isinstance(target, str) else None
-
-
-def _restore_identity(map_location: Any, location: str) -> bool | None:
-    """True if restoring a CPU storage saved at `location` returns it unchanged, False if it
-    moves it, None if only calling map_location can tell."""
-    if map_location is not None and not isinstance(map_location, (dict, str, bytes, torch.device)):
-        return None
-    return _restore_target(map_location, location) == "cpu"
-
-
-def _is_meta(map_location: Any) -> bool:
-    if isinstance(map_location, (str, bytes)):
-        loc = map_location.decode() if isinstance(map_location, bytes) else map_location
-        return loc == "meta"
-    return isinstance(map_location, torch.device) and map_location.type == "meta"
-
-
 class StorageLoader:
     """Creates storages for persistent ids, reading them eagerly, lazily or from a mapping."""
 
@@ -164,13 +131,11 @@ class StorageLoader:
         map_location: Any,
         mapping: _core.Mapping | None = None,
     ) -> None:
-        from torch.serialization import _get_restore_location
-
         self.archive = archive
         self.map_location = map_location
-        self.restore_location: Callable[[Any, str], Any] = _get_restore_location(map_location)
+        self.placement = Placement(map_location, archive.name)
         self.mapping = mapping
-        self.is_meta = _is_meta(map_location)
+        self.is_meta = self.placement.is_meta
         self.loaded: dict[str, torch.storage.TypedStorage] = {}
         self.pending = array.array("Q")
         self.deferred = True  # until a data-reading global appears
@@ -183,10 +148,8 @@ class StorageLoader:
         # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
         # flat uint8 tensor).
         self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
-        self._targets: dict[str, _staging.DeviceTarget | None] = {}  # by saved location
         self._mapped_file: torch.UntypedStorage | None = None  # the whole mapping
         self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
-        self._identity: dict[str, bool | None] = {}
         # The exception on its way out, if one is, that is not the file's fault: raised by
         # ckptio's allocation, reads or placement of storages, or by a map_location callable.
         # The unpicklings let it out as it is (a CUDA out-of-memory error stays one).
@@ -209,7 +172,7 @@ class StorageLoader:
             self.persistent_load,
             self.archive.records,
             self._storage_types,
-            {loc for loc in ("cpu",) if _restore_identity(self.map_location, loc) is True},
+            {loc for loc in ("cpu",) if self.placement.keeps_on_cpu(loc) is True},
             self.loaded,
             _slice,
             _TypedStorage,
@@ -291,15 +254,7 @@ class StorageLoader:
         if self.is_meta:
             return torch.UntypedStorage(nbytes, device="meta")
         data_offset, record_size = self._record(key, nbytes)
-        staged = self._targets.get(location, _UNKNOWN)
-        if staged is _UNKNOWN:
-            try:
-                staged = self._staged_target(location)
-            except Exception as e:
-                blamed = self._location_error(e, location)
-                if blamed is None:
-                    raise
-                raise blamed from e
+        staged = self.placement.staged_target(location)
         if staged is not None:
             # Straight to the device through the pinned staging ring (_staging.py), mmap or
             # not: torch's result is the same device storage either way.
@@ -309,9 +264,7 @@ class StorageLoader:
                 if not self.deferred:
                     self.flush()
             return memory.untyped_storage()
-        identity = self._identity.get(location, _UNKNOWN)
-        if identity is _UNKNOWN:
-            identity = self._identity[location] = _restore_identity(self.map_location, location)
+        identity = self.placement.keeps_on_cpu(location)
         if self.mapping is not None:
             storage = self._mapped(data_offset, nbytes)
         else:
@@ -322,35 +275,7 @@ class StorageLoader:
                 self.flush()  # the data must be there before map_location or user code sees it
         if identity is True:
             return storage
-        try:
-            return self.restore_location(storage, location)
-        except Exception as e:
-            blamed = self._location_error(e, location)
-            if blamed is None:
-                raise
-            raise blamed from e
-
-    def _location_error(self, e: Exception, location: str) -> CheckpointError | None:
-        """The CheckpointError to raise when restoring a storage saved at `location` failed
-        with `e`, or None to let `e` out as it is. torch's own restore failing (a location
-        naming no device) becomes a CheckpointError (a RuntimeError, as torch's) carrying
-        torch's message; a map_location callable's exceptions (user code), the machine's
-        failures and torch refusing a valid file for this host (a storage saved on a device it
-        lacks, such as CUDA) go out as they are, as torch.load raises them."""
-        user_code = callable(self.map_location) and not isinstance(
-            self.map_location, (str, bytes, dict, torch.device)
-        )
-        if (
-            user_code
-            or is_environment_error(e)
-            or is_torch_refusal(e)
-            or isinstance(e, CheckpointError)
-        ):
-            return None
-        return CheckpointError(
-            f"{self.archive.name}: a storage saved at {location!r:.40} cannot be restored: "
-            f"{type(e).__name__}: {e}"
-        )
+        return self.placement.restore(storage, location)
 
     def _record(self, key: str, nbytes: int) -> tuple[int, int]:
         """(data offset, size) of the stored record data/<key> of a storage of `nbytes`."""
@@ -365,16 +290,6 @@ class StorageLoader:
                 f"storage needs {nbytes} (numel x element size; they must be equal)"
             )
         return data_offset, record_size
-
-    def _staged_target(self, location: str) -> _staging.DeviceTarget | None:
-        """Where a storage saved at `location` streams to, when map_location sends it to a
-        staged device (a CUDA device given as str, torch.device or dict value; callables keep
-        torch's path, as only calling them tells where a storage goes). Memoised in
-        self._targets (a few distinct locations per file)."""
-        target = _restore_target(self.map_location, location)
-        staged = None if target is None else _staging.staging_target(target)
-        self._targets[location] = staged
-        return staged
 
     def _mapped(self, offset: int, nbytes: int) -> torch.UntypedStorage:
         if nbytes == 0:
