@@ -104,6 +104,11 @@ void register_io(py::module_& m) {
       .def("__enter__", [](File& f) -> File& { return f; }, py::return_value_policy::reference)
       .def("__exit__", [](File& f, const py::args&) { f.close(); });
 
+  m.def("sync_directory", &sync_directory, py::arg("path"),
+        py::call_guard<py::gil_scoped_release>(),
+        "fsyncs the directory at path, so that the names created, renamed or removed in it "
+        "survive a power loss; raises OSError with errno and the path on failure.");
+
   py::class_<BufferSource>(m, "BufferSource")
       .def(py::init<py::buffer, std::string>(), py::arg("buffer"), py::arg("name"))
       .def_property_readonly("name", [](const BufferSource& b) { return b.source().name(); })
