@@ -24,7 +24,7 @@ from ._archive import (
     head_records,
     tail_records,
 )
-from ._unpickler import _typed_storage, _typed_storage_direct
+from ._storage_types import typed_storage, typed_storage_direct
 from ._util import gc_paused
 from .settings import get_options
 
@@ -224,7 +224,7 @@ def _reduce_plain_tensor(t: torch.Tensor) -> Any:
         storage: Any = t.untyped_storage()
     else:
         func = torch._utils._rebuild_tensor_v2
-        storage = _typed_storage(t.untyped_storage(), dtype)
+        storage = typed_storage(t.untyped_storage(), dtype)
     args: tuple = (
         storage,
         t.storage_offset(),
@@ -247,9 +247,9 @@ def _reduce_empty_hooks(_hooks: _EmptyHooks) -> Any:
 
 _TypedStorage = torch.storage.TypedStorage
 # The C forms of storage_id and _reduce_plain_tensor (csrc/bindings/register_pickle.cpp) build
-# TypedStorage wrappers as _typed_storage_direct does: only where that builds what the
+# TypedStorage wrappers as typed_storage_direct does: only where that builds what the
 # constructor builds, and where torch reduces a tensor's state as its __dict__.
-_C_HOOKS = _typed_storage is _typed_storage_direct and _STATE_IS_DICT
+_C_HOOKS = typed_storage is typed_storage_direct and _STATE_IS_DICT
 
 # reducer_override by exact type: plain tensors and the hooks stand-in; everything else
 # (subclasses such as Parameter included) reduces as pickle and torch reduce it.

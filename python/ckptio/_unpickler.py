@@ -45,6 +45,14 @@ from . import _core, _staging
 from ._archive import ArchiveReader
 from ._files import read_into
 from ._placement import Placement
+from ._storage_types import (
+    direct_construction_matches as _direct_construction_matches,  # noqa: F401 - tests' name
+)
+from ._storage_types import typed_storage as _typed_storage
+from ._storage_types import (
+    typed_storage_by_constructor as _typed_storage_by_constructor,  # noqa: F401 - tests' name
+)
+from ._storage_types import typed_storage_direct as _typed_storage_direct
 from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
@@ -589,40 +597,6 @@ _TypedStorage = torch.storage.TypedStorage
 
 def _empty_of(dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((0,), dtype=dtype)
-
-
-def _typed_storage_by_constructor(storage: Any, dtype: torch.dtype) -> Any:
-    return _TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
-
-
-def _typed_storage_direct(storage: Any, dtype: torch.dtype) -> Any:
-    # What TypedStorage(wrap_storage=..., dtype=..., _internal=True) leaves behind, without
-    # its argument parsing (most of its cost): the two attributes it sets.
-    if type(storage) is not torch.UntypedStorage:
-        return _typed_storage_by_constructor(storage, dtype)
-    typed = _new_object(_TypedStorage)
-    typed.dtype = dtype
-    typed._untyped_storage = storage
-    return typed
-
-
-_new_object = object.__new__
-
-
-def _direct_construction_matches() -> bool:
-    """Whether the shortcut builds exactly what the constructor builds in this torch."""
-    try:
-        storage = torch.UntypedStorage(4)
-        ref = _typed_storage_by_constructor(storage, torch.float32)
-        fast = _typed_storage_direct(storage, torch.float32)
-    except Exception:
-        return False
-    return type(ref) is type(fast) and ref.__dict__ == fast.__dict__
-
-
-_typed_storage = (
-    _typed_storage_direct if _direct_construction_matches() else _typed_storage_by_constructor
-)
 
 
 def scan_pickle(name: str, data: bytes | memoryview, *, weights_only: bool) -> _core.PickleScan:
