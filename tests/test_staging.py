@@ -18,6 +18,7 @@ import io
 import os
 import random
 import threading
+import weakref
 import zipfile
 import zlib
 from pathlib import Path
@@ -27,11 +28,11 @@ import pytest
 import torch
 
 import ckptio
+from _simulated_copier import SimulatedCopier
 from ckptio import _core, _staging
 from ckptio._staging import (
     DevicePayload,
     DeviceTarget,
-    SimulatedCopier,
     TorchCopier,
     plan_fills,
     stream_in,
@@ -244,6 +245,33 @@ def test_stream_in_with_torch_copier_on_cpu(data_file: tuple[Path, bytes]) -> No
     assert copier.allocated == 3
 
 
+@pytest.mark.parametrize("n_fills", [1, 8], ids=["caller-thread", "reader-threads"])
+@pytest.mark.parametrize("at", [0, 2])
+def test_stream_in_failure_after_queued_copies_waits_for_them(
+    data_file: tuple[Path, bytes], n_fills: int, at: int
+) -> None:
+    """An issue that raises after queueing its copies (as a CUDA batch that fails part way):
+    when the error reaches the caller, every queued copy has run, so the destinations (which
+    the caller then frees) and the slots are no longer written or read by any of them."""
+    at = min(at, n_fills - 1)
+    copier = SimulatedCopier(delay=0.05, fail_after_queue=at)
+    try:
+        fills, targets = _plan(copier, n_fills)
+        with _core.File.open(str(data_file[0]), _core.FileMode.READ) as f:
+            with pytest.raises(RuntimeError, match=f"failure at batch {at} after queueing"):
+                stream_in(f, fills, copier, buffers=2, threads=2, chunk_bytes=BUF)
+        assert copier.queued == at + 1
+        assert copier.completed == copier.queued  # nothing left to write into `targets`
+        assert copier.in_flight == 0 and copier.fences >= 1
+        assert copier.violations == []  # no slot was refilled under a pending copy
+        assert _stage_threads() == []
+        # The failed batch's copies did land (late): they were waited for, not abandoned.
+        payload = data_file[1]
+        assert _raw(targets[at]) == payload[at * BUF : (at + 1) * BUF]
+    finally:
+        copier.close()
+
+
 # ---------------------------------------------------------------------------- stream_out
 @pytest.mark.parametrize("make", ["sim", "torch"])
 def test_stream_out_writes_exact_bytes_and_crcs(tmp_path: Path, make: str) -> None:
@@ -305,6 +333,62 @@ def test_stream_out_copy_error_surfaces(tmp_path: Path, at: int) -> None:
         assert _stage_threads() == []
     finally:
         copier.close()
+
+
+def test_stream_out_failure_after_queued_copies_waits_for_them(tmp_path: Path) -> None:
+    copier = SimulatedCopier(delay=0.05, fail_after_queue=3)
+    try:
+        fills, _ = _plan(copier, 6)
+        with _core.File.open(str(tmp_path / "x.bin"), _core.FileMode.CREATE) as f:
+            with pytest.raises(RuntimeError, match="failure at batch 3 after queueing"):
+                stream_out(f, fills, copier, buffers=2, threads=2, chunk_bytes=BUF)
+        assert copier.queued == 4 and copier.completed == 4 and copier.in_flight == 0
+        assert _stage_threads() == []
+    finally:
+        copier.close()
+
+
+# --------------------------------------------------------------------------------- the ring
+def test_ring_reuses_and_grows_its_slots() -> None:
+    copier = SimulatedCopier()
+    try:
+        ring = _staging.Ring(copier, slot_bytes=4 << 20)
+        first = ring.take(1, 100)
+        assert first[0].nbytes == 1 << 20  # small needs share a slot of _MIN_SLOT_BYTES
+        assert ring.take(1, 5000) == first and ring.allocations == 1
+        two = ring.take(2, 1 << 20)
+        assert two[0] is first[0] and ring.allocations == 2
+        grown = ring.take(1, (1 << 20) + 1)  # doubles, within the bound
+        assert grown[0].nbytes == 2 << 20 and ring.allocations == 3
+        assert ring.take(1, 5 << 20)[0].nbytes == 5 << 20  # a need above the bound is met
+        assert copier.allocated == ring.allocations == 4
+        with ring, pytest.raises(RuntimeError, match="one pipeline at a time"):
+            with ring:
+                pass
+        with pytest.raises(ValueError, match="another copier"):
+            stream_in(
+                None,
+                [_staging.Fill(used=1)],
+                TorchCopier("cpu"),
+                buffers=1,
+                threads=1,
+                chunk_bytes=BUF,
+                ring=ring,
+            )
+    finally:
+        copier.close()
+
+
+def test_stream_in_reuses_a_given_ring(sim: SimulatedCopier, data_file: tuple[Path, bytes]) -> None:
+    path, payload = data_file
+    ring = _staging.Ring(sim, slot_bytes=BUF)
+    with _core.File.open(str(path), _core.FileMode.READ) as f:
+        for i in range(6):  # one fill each (the caller's thread), then many (reader threads)
+            fills, targets = _plan(sim, 1 if i % 2 else 5)
+            stream_in(f, fills, sim, buffers=3, threads=2, chunk_bytes=BUF, ring=ring)
+            for k, t in enumerate(targets):
+                assert _raw(t) == payload[k * BUF : (k + 1) * BUF]
+    assert sim.allocated == ring.allocations == 3 and sim.violations == []
 
 
 # ------------------------------------------------------------- load and save end to end
@@ -418,6 +502,37 @@ def test_load_with_user_globals_reads_each_storage_at_once(
     assert_same(got, torch.load(path, weights_only=False))
 
 
+def test_a_load_that_flushes_each_storage_uses_one_ring(
+    tmp_path: Path, staged_cpu: list[SimulatedCopier], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user global before the tensors ends the deferral of reads: each storage is flushed
+    on its own. They all go through one ring (one copier, at most `staging_buffers` slots),
+    which is gone once the load has returned."""
+    g = torch.Generator().manual_seed(4)
+    obj: dict[str, Any] = {"c": fractions.Fraction(1, 3)}  # pickled first
+    obj.update({f"w{i}": torch.randn(i * 37 + 1, generator=g) for i in range(60)})
+    obj["big"] = torch.randn(200_000, generator=g)  # 800 kB: 13 fills of 64 KiB
+    path = tmp_path / "u.pt"
+    torch.save(obj, path)
+    calls: list[tuple[int, Any]] = []
+    real = _staging.stream_in
+
+    def spy(source: Any, fills: Any, copier: Any, **kw: Any) -> None:
+        ring = kw.get("ring")
+        calls.append((len(fills), ring and weakref.ref(ring)))
+        real(source, fills, copier, **kw)
+
+    monkeypatch.setattr(_staging, "stream_in", spy)
+    got = ckptio.load(path, weights_only=False)
+    assert_same(got, torch.load(path, weights_only=False))
+    assert len(calls) == 61  # one flush per storage
+    assert len(staged_cpu) == 1 and staged_cpu[0].allocated <= 3  # one copier, one ring
+    assert all(ref is not None for _, ref in calls)
+    assert len({id(ref()) for _, ref in calls}) == 1  # ... the same ring every time
+    assert sorted({n for n, _ in calls}) == [1, 13]
+    assert calls[0][1]() is None  # released with the load
+
+
 @pytest.mark.parametrize("crc32", [False, True], ids=["nocrc", "crc32"])
 def test_save_through_the_pipeline_is_byte_identical(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crc32: bool
@@ -510,6 +625,23 @@ def test_stream_to_device_rejects_bad_requests(data_file: tuple[Path, bytes]) ->
             stream_to_device(f, [(0, 4, torch.zeros(4, 4).t())])
         with pytest.raises(ValueError, match="no staging copier"):
             stream_to_device(f, [(0, 4, torch.zeros(4))])  # CPU memory is not staged
+
+
+def test_bind_checks_the_device_index() -> None:
+    """A copier binds destinations of its own device only: the index counts, not only the
+    type (a cuda:1 tensor given to the copier of cuda:0 is refused, not copied across)."""
+    check = _staging._check_device
+    check(torch.device("cuda", 0), torch.device("cuda", 0))
+    check(torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"on cuda:1 was given to the copier of cuda:0"):
+        check(torch.device("cuda", 1), torch.device("cuda", 0))
+    with pytest.raises(ValueError, match=r"on cpu was given to the copier of cuda:0"):
+        check(torch.device("cpu"), torch.device("cuda", 0))
+    with pytest.raises(ValueError, match=r"on meta was given to the copier of cpu"):
+        TorchCopier("cpu").bind(torch.empty(4, device="meta"))
+    with pytest.raises(ValueError, match=r"on meta was given to the copier of cpu"):
+        load = [(0, 4, torch.empty(4, dtype=torch.uint8, device="meta"))]
+        stream_to_device(None, load, copier=TorchCopier("cpu"))
 
 
 def test_device_payload_reports_its_size() -> None:

@@ -7,8 +7,15 @@ Load (file -> device)::
 
     reader threads: wait slot's event -> pread a fill into the slot (C++, GIL released,
     (two)           parallel on the I/O pool) -> hand the slot to the caller's thread
-    caller thread:  issue the host->device copies of the fill on a side stream, record an
-                    event on the slot, give the slot back to the reader
+    caller thread:  issue the host->device copies of the fill on a side stream, record the
+                    slot's event, give the slot back to the reader
+
+A flush of a single fill (one storage, as a load whose reads are not deferred flushes) runs
+on the caller's thread alone: no reader thread is started for it.
+
+The ring of a load (:class:`Ring`: the host slots, pinned for CUDA, each with its one
+blocking event) is made once per load and device (:meth:`DeviceTarget.load`) and reused by
+every flush of that load; it goes with the load's DeviceTarget.
 
 Save (device -> file) runs the same ring the other way: the caller's thread issues
 device->host copies into free slots; a writer thread waits for each slot's event, checksums
@@ -16,13 +23,19 @@ the bytes if asked (crc32) and pwrites them at their planned file offsets (C++, 
 then frees the slot.
 
 Where threads and the GIL go: file I/O and event waits run with the GIL released (the C++
-pool for pread/pwrite, torch's ``Event.synchronize`` for waits), so the reader/writer thread
-overlaps with the copy issue, which needs torch and so Python, on the caller's thread. The
-scheduling core (:func:`plan_fills`, :func:`stream_in`, :func:`stream_out`) knows nothing of
-devices: it moves bytes between a file and a :class:`Copier`'s host slots. :class:`TorchCopier`
-drives CUDA (pinned tensors, a side stream, events) or, on a CPU device, plain synchronous
-copies; tests drive the scheduling with :class:`SimulatedCopier`, whose copies run late on a
-thread of their own.
+pool for pread/pwrite, torch's ``Event.synchronize`` for waits; the events are blocking, so a
+waiting thread sleeps instead of spinning on a core), so the reader/writer thread overlaps
+with the copy issue, which needs torch and so Python, on the caller's thread. The scheduling
+core (:func:`plan_fills`, :func:`stream_in`, :func:`stream_out`) knows nothing of devices: it
+moves bytes between a file and a :class:`Copier`'s host slots. :class:`TorchCopier` drives
+CUDA (pinned tensors, a side stream, events) or, on a CPU device, plain synchronous copies;
+tests drive the scheduling with a simulated copier (tests/_simulated_copier.py) whose copies
+run late on a thread of their own.
+
+Errors: when anything fails after copies were issued (a read, a copy issue that raised part
+way through its batch, a copy that failed when it ran), the pipeline waits for every copy
+issued so far (:meth:`Copier.fence`, then each slot's event) before it raises, so neither a
+destination nor a slot can go back to its allocator while a copy still reads or writes it.
 
 Per storage, the result is torch's: each storage gets its own device allocation, and the
 caller's current stream waits for the side stream before tensors are handed out.
@@ -31,12 +44,9 @@ caller's current stream waits for the side stream before tensors are handed out.
 from __future__ import annotations
 
 import array
-import ctypes
 import dataclasses
 import queue
 import threading
-import time
-import zlib
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
@@ -49,7 +59,7 @@ __all__ = [
     "DevicePayload",
     "Fill",
     "HostSlot",
-    "SimulatedCopier",
+    "Ring",
     "TorchCopier",
     "copier_for",
     "payload_size",
@@ -78,12 +88,17 @@ class Event(Protocol):
 
 @dataclasses.dataclass
 class HostSlot:
-    """One staging buffer: `nbytes` of host memory at `address`, owned by `owner`."""
+    """One staging buffer: `nbytes` of host memory at `address`, owned by `owner`.
+
+    `event`: the completion of the copies last issued on the slot, while the pipeline has not
+    waited for it yet. `marker`: the copier's own reusable event for the slot (TorchCopier
+    records the same CUDA event at each issue instead of creating one per batch)."""
 
     address: int
     nbytes: int
     owner: Any
     event: Event | None = None
+    marker: Any = None
 
 
 class Copier(Protocol):
@@ -107,6 +122,12 @@ class Copier(Protocol):
 
     def finish(self) -> None:
         """Makes the caller's stream wait for every copy issued so far."""
+        ...
+
+    def fence(self) -> None:
+        """Blocks until every copy issued so far has run or failed, including the part of a
+        batch whose issue raised after queueing some copies (the error path: destinations
+        and slots may be freed after it). Raises only what the wait itself raises."""
         ...
 
 
@@ -169,10 +190,58 @@ class _Stop:
 
 _STOP = _Stop()
 
+#: A ring with a slot size bound (a load's) never allocates slots smaller than this (nor
+#: than the bound): storages of a few KiB flushed one at a time then share slots that
+#: never need to grow.
+_MIN_SLOT_BYTES = 1 << 20
 
-def _ring(copier: Copier, fills: Sequence[Fill], buffers: int) -> list[HostSlot]:
-    size = max(f.used for f in fills)
-    return [copier.allocate(size) for _ in range(min(buffers, len(fills)))]
+
+class Ring:
+    """The host slots of the pipeline, allocated through `copier` and reused.
+
+    Slots are made on first use; a slot too small for a call's fills is replaced by a bigger
+    one (the need, or twice the old size, or ``_MIN_SLOT_BYTES``, whichever is largest, capped
+    at `slot_bytes` unless the need is larger). Every :func:`stream_in` or :func:`stream_out`
+    given the ring reuses its slots, so a load that flushes its storages one at a time
+    allocates its pinned memory once, not once per storage. A ring serves one pipeline at a
+    time; each call leaves no copy in flight on it, so its memory may go with the ring.
+
+    ``allocations`` counts the slots ever allocated (replacements included).
+    """
+
+    def __init__(self, copier: Copier, slot_bytes: int | None = None) -> None:
+        self.copier = copier
+        self.slot_bytes = slot_bytes
+        self.slots: list[HostSlot] = []
+        self.allocations = 0
+        self._lock = threading.Lock()
+
+    def take(self, count: int, nbytes: int) -> list[HostSlot]:
+        """`count` slots of at least `nbytes` bytes each (allocated or grown as needed)."""
+        for i in range(count):
+            old = self.slots[i] if i < len(self.slots) else None
+            if old is not None and old.nbytes >= nbytes:
+                continue
+            size = nbytes
+            if self.slot_bytes is not None:
+                grown = max(2 * old.nbytes if old is not None else 0, _MIN_SLOT_BYTES)
+                size = max(nbytes, min(self.slot_bytes, grown))
+            slot = self.copier.allocate(size)
+            self.allocations += 1
+            if old is None:
+                self.slots.append(slot)
+            else:
+                _settle([old])  # nothing is in flight between calls; made sure of here
+                self.slots[i] = slot
+        return self.slots[:count]
+
+    def __enter__(self) -> Ring:
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("a staging ring serves one pipeline at a time")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
 
 
 def _settle(slots: Sequence[HostSlot]) -> None:
@@ -186,6 +255,23 @@ def _settle(slots: Sequence[HostSlot]) -> None:
                 pass
 
 
+def _fence(copier: Copier) -> None:
+    """The error path: waits for every copy issued so far, those no slot's event covers
+    included (a batch whose issue raised part way through)."""
+    try:
+        copier.fence()
+    except Exception:  # noqa: BLE001 - the first error is already on its way
+        pass
+
+
+def _ring_for(copier: Copier, ring: Ring | None) -> Ring:
+    if ring is None:
+        return Ring(copier)
+    if ring.copier is not copier:
+        raise ValueError("the ring given was made by another copier")
+    return ring
+
+
 def stream_in(
     source: Any,
     fills: Sequence[Fill],
@@ -195,18 +281,60 @@ def stream_in(
     threads: int,
     chunk_bytes: int,
     readers: int = 2,
+    ring: Ring | None = None,
 ) -> None:
     """Runs the load pipeline: reader threads read fills from `source` (a _core.File or
     BufferSource) into free slots; this thread copies each filled slot out.
 
     Two readers by default: while one waits for the slowest piece of its fill, the other's
     reads keep the I/O pool busy (fills complete in any order; each lands where its segments
-    say). Raises the first read or copy error; in every case the reader threads have ended
-    and no copy is in flight on the ring when this returns.
+    say). A single fill is read and copied on this thread, with no reader thread. The slots
+    come from `ring` (made by `copier`; a ring of their own when None). Raises the first read
+    or copy error; in every case the reader threads have ended and no copy is in flight when
+    this returns.
     """
     if not fills:
         return
-    slots = _ring(copier, fills, buffers)
+    with _ring_for(copier, ring) as own:
+        slots = own.take(min(buffers, len(fills)), max(f.used for f in fills))
+        if len(fills) == 1:
+            _stream_in_here(source, fills[0], copier, slots[0], threads, chunk_bytes)
+        else:
+            _stream_in_threads(source, fills, copier, slots, threads, chunk_bytes, readers)
+
+
+def _read_fill(source: Any, fill: Fill, slot: HostSlot, threads: int, chunk_bytes: int) -> None:
+    requests = array.array("Q")
+    for file_offset, nbytes, host_offset in fill.reads:
+        requests.extend((file_offset, nbytes, slot.address + host_offset))
+    source.read_into(requests, threads, chunk_bytes)
+
+
+def _stream_in_here(
+    source: Any, fill: Fill, copier: Copier, slot: HostSlot, threads: int, chunk_bytes: int
+) -> None:
+    try:
+        _read_fill(source, fill, slot, threads, chunk_bytes)
+        slot.event = copier.to_device(slot, fill.segments)
+        copier.finish()
+        event, slot.event = slot.event, None
+        event.synchronize()
+    except BaseException:
+        _fence(copier)
+        raise
+    finally:
+        _settle([slot])
+
+
+def _stream_in_threads(
+    source: Any,
+    fills: Sequence[Fill],
+    copier: Copier,
+    slots: list[HostSlot],
+    threads: int,
+    chunk_bytes: int,
+    readers: int,
+) -> None:
     free: queue.SimpleQueue[Any] = queue.SimpleQueue()
     filled: queue.SimpleQueue[Any] = queue.SimpleQueue()
     for slot in slots:
@@ -228,10 +356,7 @@ def stream_in(
                 event, slot.event = slot.event, None
                 if event is not None:
                     event.synchronize()  # the slot's last copies are done: reuse is safe
-                requests = array.array("Q")
-                for file_offset, nbytes, host_offset in fill.reads:
-                    requests.extend((file_offset, nbytes, slot.address + host_offset))
-                source.read_into(requests, threads, chunk_bytes)
+                _read_fill(source, fill, slot, threads, chunk_bytes)
                 filled.put((fill, slot))
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             filled.put(e)
@@ -259,6 +384,11 @@ def stream_in(
             event, slot.event = slot.event, None
             if event is not None:
                 event.synchronize()
+    except BaseException:
+        # Copies were queued that no slot's event may cover (a batch whose issue raised part
+        # way through): wait for all of them before the destinations can be freed.
+        _fence(copier)
+        raise
     finally:
         stop.set()
         for _ in workers:
@@ -277,17 +407,34 @@ def stream_out(
     threads: int,
     chunk_bytes: int,
     crc32: bool = False,
+    ring: Ring | None = None,
 ) -> dict[Any, int]:
     """Runs the save pipeline: copies every fill's segments out of the device into a free
     slot on this thread, writes the slot at the fill's file offsets on a writer thread.
 
     With `crc32`, returns the CRC-32 of each key's bytes (``Fill.keys``, one key per
-    segment): pieces of one key reach the writer in file order, so their CRCs chain.
+    segment): pieces of one key reach the writer in file order, so their CRCs chain. The
+    slots come from `ring` (made by `copier`; a ring of their own when None).
     """
     crcs: dict[Any, int] = {}
     if not fills:
         return crcs
-    slots = _ring(copier, fills, buffers)
+    with _ring_for(copier, ring) as own:
+        slots = own.take(min(buffers, len(fills)), max(f.used for f in fills))
+        _stream_out(file, fills, copier, slots, threads, chunk_bytes, crc32, crcs)
+    return crcs
+
+
+def _stream_out(
+    file: _core.File,
+    fills: Sequence[Fill],
+    copier: Copier,
+    slots: list[HostSlot],
+    threads: int,
+    chunk_bytes: int,
+    crc32: bool,
+    crcs: dict[Any, int],
+) -> None:
     free: queue.SimpleQueue[Any] = queue.SimpleQueue()
     filled: queue.SimpleQueue[Any] = queue.SimpleQueue()
     for slot in slots:
@@ -335,11 +482,13 @@ def stream_out(
                 break
             if isinstance(item, BaseException):
                 raise item
+    except BaseException:
+        _fence(copier)  # as in stream_in: no copy may still read a source or write a slot
+        raise
     finally:
         filled.put(_STOP)
         thread.join()
         _settle(slots)
-    return crcs
 
 
 # -------------------------------------------------------------------------------- copiers
@@ -349,6 +498,26 @@ class _DoneEvent:
 
     def synchronize(self) -> None:
         return None
+
+
+def completion_event() -> Any:
+    """A CUDA event whose ``synchronize()`` blocks the waiting thread in the driver
+    (``cudaEventBlockingSync``) instead of spinning on a core: the reader and writer threads of
+    the ring, and async_save's caller, wait on these."""
+    return torch.cuda.Event(blocking=True)
+
+
+def _check_device(found: torch.device, expected: torch.device) -> None:
+    """Raises ValueError unless memory on `found` is where a copier for `expected` copies:
+    the same device type and, when `expected` names one, the same index (a CUDA copier's
+    always does)."""
+    if found.type != expected.type or (
+        expected.index is not None and found.index != expected.index
+    ):
+        raise ValueError(
+            f"a staging destination on {found} was given to the copier of {expected}: each "
+            f"copier copies into its own device's memory only"
+        )
 
 
 _side_streams: dict[int, Any] = {}
@@ -396,8 +565,11 @@ class TorchCopier:
     """
 
     def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # bind checks the index
+        self.device = device
+        self.cuda = device.type == "cuda"
         self.allocated = 0
         self._scratch: torch.Tensor | None = None
         self._stream: Any = None
@@ -414,8 +586,7 @@ class TorchCopier:
 
     def bind(self, target: Any) -> torch.Tensor:
         flat = _flat_bytes(target)
-        if flat.device.type != self.device.type:
-            raise ValueError(f"a staging target on {flat.device} given to a {self.device} copier")
+        _check_device(flat.device, self.device)
         return flat
 
     def _scratch_of(self, nbytes: int) -> torch.Tensor:
@@ -423,14 +594,18 @@ class TorchCopier:
             self._scratch = torch.empty((nbytes,), dtype=torch.uint8, device=self.device)
         return self._scratch
 
-    def _issue(self, fn: Callable[[], None]) -> Event:
+    def _issue(self, slot: HostSlot, fn: Callable[[], None]) -> Event:
         if not self.cuda:
             fn()
             return _DoneEvent()
         with torch.cuda.stream(self._stream):
-            fn()
-            event = torch.cuda.Event()
-            event.record(self._stream)
+            fn()  # raising part way through: the pipeline fences (see fence)
+        # One event per slot, recorded again at each issue: the pipeline waits for a slot's
+        # event before it issues on the slot again, so no wait can see a later record.
+        event = slot.marker
+        if event is None:
+            event = slot.marker = completion_event()
+        event.record(self._stream)
         return event  # type: ignore[no-any-return]
 
     def to_device(self, slot: HostSlot, segments: Sequence[Segment]) -> Event:
@@ -449,7 +624,7 @@ class TorchCopier:
                 for h, n, t, o in segments:
                     t[o : o + n].copy_(host[h : h + n], non_blocking=True)
 
-        return self._issue(run)
+        return self._issue(slot, run)
 
     def to_host(self, slot: HostSlot, segments: Sequence[Segment]) -> Event:
         host: torch.Tensor = slot.owner
@@ -467,141 +642,17 @@ class TorchCopier:
                 for h, n, t, o in segments:
                     host[h : h + n].copy_(t[o : o + n], non_blocking=True)
 
-        return self._issue(run)
+        return self._issue(slot, run)
 
     def finish(self) -> None:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
-
-class _SimEvent:
-    def __init__(self) -> None:
-        self._done = threading.Event()
-        self.error: BaseException | None = None
-
-    def query(self) -> bool:
-        return self._done.is_set()
-
-    def synchronize(self) -> None:
-        if not self._done.wait(timeout=60):
-            raise TimeoutError("simulated copy never completed")
-        if self.error is not None:
-            raise self.error
-
-
-class SimulatedCopier:
-    """A stand-in "device" for CPU tests: targets are CPU storages or tensors, and every batch
-    of copies runs late (after `delay` seconds) on a copy thread of its own, in issue order,
-    like a CUDA stream. It records what the scheduling must guarantee:
-
-    * ``allocated``: host slots ever allocated (the ring bound);
-    * ``violations``: a slot's bytes changed between issue and execution of an upload (the
-      pipeline reused a slot before its event), or a download's slot was read before its event
-      (checked by the test through the file contents);
-    * ``finished_after``: copies issued when ``finish`` was last called (all, if the pipeline
-      waits before handing out results).
-
-    ``fail_issue=k`` raises on the k-th issue (0-based); ``fail_copy=k`` makes the k-th batch
-    fail when it runs (surfacing at ``synchronize``).
-    """
-
-    def __init__(
-        self,
-        delay: float = 0.0,
-        *,
-        fail_issue: int | None = None,
-        fail_copy: int | None = None,
-    ) -> None:
-        self.delay = delay
-        self.fail_issue = fail_issue
-        self.fail_copy = fail_copy
-        self.allocated = 0
-        self.issued = 0
-        self.violations: list[str] = []
-        self.finished_after: int | None = None
-        self.max_in_flight = 0
-        self._in_flight = 0
-        self._lock = threading.Lock()
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._worker = threading.Thread(target=self._run, name="sim-copier", daemon=True)
-        self._worker.start()
-
-    def close(self) -> None:
-        """Stops the copy thread (after the jobs already queued)."""
-        self._jobs.put(None)
-        self._worker.join(timeout=60)
-
-    @property
-    def alive(self) -> bool:
-        return self._worker.is_alive()
-
-    def allocate(self, nbytes: int) -> HostSlot:
-        buf = _core.HostBuffer(nbytes, False)
-        self.allocated += 1
-        return HostSlot(buf.address, nbytes, buf)
-
-    def bind(self, target: Any) -> tuple[int, int]:
-        flat = _flat_bytes(target)
-        if flat.device.type != "cpu":
-            raise ValueError("SimulatedCopier targets live in CPU memory")
-        return (flat.data_ptr(), flat.numel())
-
-    def _submit(self, slot: HostSlot, segments: Sequence[Segment], upload: bool) -> Event:
-        with self._lock:
-            index = self.issued
-            self.issued += 1
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        if index == self.fail_issue:
-            with self._lock:
-                self._in_flight -= 1
-            raise RuntimeError(f"simulated copy issue failure at batch {index}")
-        event = _SimEvent()
-        digest = _slot_digest(slot, segments) if upload else None
-        self._jobs.put((index, slot, list(segments), upload, digest, event))
-        return event
-
-    def to_device(self, slot: HostSlot, segments: Sequence[Segment]) -> Event:
-        return self._submit(slot, segments, True)
-
-    def to_host(self, slot: HostSlot, segments: Sequence[Segment]) -> Event:
-        return self._submit(slot, segments, False)
-
-    def finish(self) -> None:
-        self.finished_after = self.issued
-
-    def _run(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            index, slot, segments, upload, digest, event = job
-            try:
-                if self.delay:
-                    time.sleep(self.delay)
-                if index == self.fail_copy:
-                    raise RuntimeError(f"simulated copy failure at batch {index}")
-                if upload and _slot_digest(slot, segments) != digest:
-                    self.violations.append(f"slot reused before batch {index} ran")
-                for h, n, (address, size), o in segments:
-                    if o + n > size:
-                        raise ValueError("simulated copy past the end of its target")
-                    if upload:
-                        ctypes.memmove(address + o, slot.address + h, n)
-                    else:
-                        ctypes.memmove(slot.address + h, address + o, n)
-            except BaseException as e:  # noqa: BLE001 - reported through the event
-                event.error = e
-            with self._lock:
-                self._in_flight -= 1
-            event._done.set()
-
-
-def _slot_digest(slot: HostSlot, segments: Sequence[Segment]) -> int:
-    crc = 0
-    for h, n, _, _ in segments:
-        crc = zlib.crc32(_core.raw_memoryview(slot.address + h, n), crc)
-    return crc
+    def fence(self) -> None:
+        if self.cuda:  # everything queued on the side stream so far, partial batches too
+            done = completion_event()
+            done.record(self._stream)
+            done.synchronize()
 
 
 # ----------------------------------------------------------------------- device selection
@@ -627,11 +678,29 @@ def _resolved_cuda_device(target: str) -> torch.device | None:
 
 
 class DeviceTarget:
-    """Where staged storages of one load go: allocation on the device plus its copier."""
+    """Where staged storages of one load go: allocation on the device, and the load's ring.
+
+    The ring (pinned slots, each with its event) is made with the copier `make_copier`
+    returns on the first :meth:`load` and reused by every later one: a load whose reads are
+    not deferred flushes each storage on its own, and they all share it. It is released with
+    the target, that is with the load (or by :meth:`close`)."""
 
     def __init__(self, device: torch.device, make_copier: Callable[[], Copier]) -> None:
         self.device = device
         self.make_copier = make_copier
+        self.ring: Ring | None = None
+
+    def load(self, source: Any, requests: Sequence[tuple[int, int, Any]]) -> None:
+        """Fills device storages from `source`, (file_offset, nbytes, target) each, through
+        this target's ring."""
+        if self.ring is None:
+            copier = self.make_copier()
+            self.ring = Ring(copier, slot_bytes=get_options().staging_buffer_bytes)
+        load_into_storages(source, requests, self.ring.copier, ring=self.ring)
+
+    def close(self) -> None:
+        """Releases the ring (no copy is in flight on it between loads)."""
+        self.ring = None
 
     def allocate(self, nbytes: int) -> torch.Tensor:
         """Fresh memory of its own (torch.load gives each storage its own allocation), as a
@@ -657,13 +726,18 @@ def _knobs() -> tuple[int, int, int, int]:
 
 
 def load_into_storages(
-    source: Any, requests: Sequence[tuple[int, int, Any]], copier: Copier
+    source: Any,
+    requests: Sequence[tuple[int, int, Any]],
+    copier: Copier,
+    *,
+    ring: Ring | None = None,
 ) -> None:
-    """Fills device storages or tensors from `source`: (file_offset, nbytes, target) each."""
+    """Fills device storages or tensors from `source`: (file_offset, nbytes, target) each,
+    through `ring` (made by `copier`) or a ring of this call's own."""
     buffer_bytes, buffers, threads, chunk = _knobs()
     bound = [(off, n, copier.bind(t)) for off, n, t in requests if n]
     fills = plan_fills(bound, buffer_bytes)
-    stream_in(source, fills, copier, buffers=buffers, threads=threads, chunk_bytes=chunk)
+    stream_in(source, fills, copier, buffers=buffers, threads=threads, chunk_bytes=chunk, ring=ring)
 
 
 def stream_to_device(

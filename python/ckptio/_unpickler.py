@@ -410,7 +410,7 @@ class StorageLoader:
             for target, offset, nbytes, storage in staged:
                 groups.setdefault(id(target), (target, []))[1].append((offset, nbytes, storage))
             for target, requests in groups.values():
-                _staging.load_into_storages(self.archive.source, requests, target.make_copier())
+                target.load(self.archive.source, requests)  # the load's one ring per target
 
 
 def _no_slicer() -> None:

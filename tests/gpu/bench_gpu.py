@@ -394,10 +394,13 @@ def report(b: Bench, out_dir: Path | None, header: str) -> str:
 def cpu_stand_in() -> Iterator[None]:
     """--cpu-smoke: CPU storages of loads and saves go through the staging pipeline with the
     simulated device copier, so the benchmark's ckptio rows exercise the same scheduling."""
-    made: list[_staging.SimulatedCopier] = []
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: test-only helpers
+    from _simulated_copier import SimulatedCopier
 
-    def copier() -> _staging.SimulatedCopier:
-        made.append(_staging.SimulatedCopier())
+    made: list[SimulatedCopier] = []
+
+    def copier() -> SimulatedCopier:
+        made.append(SimulatedCopier())
         return made[-1]
 
     real_target, real_copier_for = _staging.staging_target, _staging.copier_for
