@@ -229,6 +229,82 @@ def test_cuda_tensors_are_staged_in_pinned_memory(tmp_path: Path, gate: Gate) ->
     assert any(b.pinned for b in async_module._scheduler._idle)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_snapshot_waits_for_its_copies_not_for_other_streams(tmp_path: Path) -> None:
+    """Kernels queued on the current stream before the call are in the file; work on another
+    stream of the job is not waited for (no torch.cuda.synchronize)."""
+    x = torch.zeros(1 << 20, device="cuda")
+    torch.cuda._sleep(200_000_000)  # the current stream is busy ...
+    x.add_(1.0)  # ... and this write is queued behind it: it must be saved
+    other = torch.cuda.Stream()
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(4_000_000_000)  # a long job on another stream (seconds)
+    future = ckptio.async_save({"x": x}, tmp_path / "x.pt")
+    assert not other.query()  # async_save returned while the other stream still runs
+    x.add_(1.0)  # after the return: not in the file
+    future.result(timeout=60)
+    other.synchronize()
+    assert torch.equal(torch.load(tmp_path / "x.pt")["x"].cpu(), torch.ones(1 << 20))
+
+
+def test_snapshot_copies_are_awaited_through_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_wait_for_copies records one blocking event on each device's current stream (where
+    the snapshot's copies were issued) and waits for those, never for the whole device."""
+    log: list[Any] = []
+
+    class FakeEvent:
+        def __init__(self, **kwargs: Any) -> None:
+            log.append(("event", kwargs))
+
+        def record(self, stream: Any) -> None:
+            log.append(("record", stream))
+
+        def synchronize(self) -> None:
+            log.append(("synchronize",))
+
+    def synchronize(*args: Any) -> None:
+        raise AssertionError("torch.cuda.synchronize waits for every stream")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    async_module._wait_for_copies(set(devices))
+    events = [e for e in log if e[0] == "event"]
+    assert events == [("event", {"blocking": True})] * 2
+    assert sorted(e[1] for e in log if e[0] == "record") == ["stream of cuda:0", "stream of cuda:1"]
+    assert log[-2:] == [("synchronize",)] * 2  # every event recorded before the first wait
+
+
+def test_a_failed_snapshot_waits_for_its_copies_before_releasing_the_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies queued before a failure must not land in a buffer the next save may get."""
+    order: list[str] = []
+
+    def snapshot(*args: Any) -> Any:
+        order.append("copies queued")
+        raise RuntimeError("copy failed part way")
+
+    def wait(devices: Any, *, quiet: bool = False) -> None:
+        order.append(f"waited (quiet={quiet})")
+
+    real_release = async_module._scheduler.release
+
+    def release(buffer: Any, limit: int) -> None:
+        order.append("buffer released")
+        real_release(buffer, limit)
+
+    monkeypatch.setattr(async_module, "_snapshot", snapshot)
+    monkeypatch.setattr(async_module, "_wait_for_copies", wait)
+    monkeypatch.setattr(async_module._scheduler, "release", release)
+    with pytest.raises(RuntimeError, match="part way"):
+        ckptio.async_save({"w": torch.ones(1000)}, tmp_path / "x.pt")
+    assert order == ["copies queued", "waited (quiet=True)", "buffer released"]
+    assert async_module._scheduler._in_flight == 0
+
+
 def test_a_save_that_cannot_be_scheduled_releases_its_slot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

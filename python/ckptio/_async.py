@@ -2,7 +2,10 @@
 
 The caller's thread pickles the object (so containers, numbers and strings are captured as
 they are now) and copies every storage into one staging buffer: pinned host memory when a
-storage lives on a GPU, plain host memory otherwise. A background thread then writes the
+storage lives on a GPU, plain host memory otherwise. GPU copies are issued on each device's
+current stream (after the kernels already queued there, so their results are what is saved);
+the call then waits for an event recorded after them, not for the whole device, so the
+training job's other streams keep running. A background thread then writes the
 file exactly as :func:`ckptio.save` would (the C++ writer releases the GIL). Staging buffers
 are reused between saves; at most ``async_max_pending`` saves are in flight, and the buffers
 kept between saves never outnumber that bound.
@@ -29,6 +32,7 @@ import torch
 from . import _core
 from ._archive import archive_name_for, torch_records, write_archive
 from ._pickler import dumps
+from ._staging import completion_event
 from .serialization import DEFAULT_PROTOCOL, _is_path, _write_to, save
 from .settings import Options, get_options, options
 
@@ -283,9 +287,14 @@ def async_save(
     pinned = bool(on_gpu) and torch.cuda.is_available()
     buffer = _scheduler.acquire(total, pinned, limit)
     try:
-        payloads = _snapshot(storages, sizes, offsets, buffer, opts.threads)
-        for device in set(on_gpu):
-            torch.cuda.synchronize(device)  # the copies are complete: the caller may go on
+        try:
+            payloads = _snapshot(storages, sizes, offsets, buffer, opts.threads)
+        except BaseException:
+            # Copies queued before the failure must not land in a buffer that goes back to
+            # the scheduler (and to the next save).
+            _wait_for_copies(set(on_gpu), quiet=True)
+            raise
+        _wait_for_copies(set(on_gpu))  # the copies are complete: the caller may go on
         specs, payloads = torch_records(
             pickle_bytes,
             payloads,
@@ -352,6 +361,25 @@ def _snapshot(
         pool = _copy_pool(threads)
         list(pool.map(lambda c: ctypes.memmove(*c), host_copies))
     return payloads
+
+
+def _wait_for_copies(devices: set[torch.device], *, quiet: bool = False) -> None:
+    """Waits for the device->host copies :func:`_snapshot` issued: they ran on each device's
+    current stream, so an event recorded there after them marks their end. Blocking events:
+    the thread sleeps while it waits. Not ``torch.cuda.synchronize``, which would also wait
+    for every other stream of the process. `quiet`: on an error path, a failing wait raises
+    nothing (the first error is on its way)."""
+    events = []
+    try:
+        for device in devices:
+            event = completion_event()
+            event.record(torch.cuda.current_stream(device))
+            events.append(event)
+        for event in events:
+            event.synchronize()
+    except Exception:
+        if not quiet:
+            raise
 
 
 _COPY_PIECE = 16 << 20
