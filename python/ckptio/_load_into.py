@@ -35,7 +35,7 @@ from ._archive import ArchiveReader
 from ._files import open_source, read_into
 from ._staging import stream_to_device
 from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
-from ._util import gc_paused
+from ._util import gc_paused, walk_leaves
 from .errors import CheckpointError
 
 __all__ = ["IncompatibleKeys", "ReadItem", "load_into", "read_items"]
@@ -78,22 +78,7 @@ def _flatten(obj: Any, leaf: type) -> dict[Path, Any]:
         if not nested:
             return out
         out.clear()
-    # Each object comes with its link, (its container's link, its key), the root's None; a
-    # path is built only for a leaf, so a pickle nested 100,000 deep walks in linear time.
-    stack: list[tuple[Any, Any]] = [(None, obj)]
-    while stack:
-        link, o = stack.pop()
-        if isinstance(o, leaf):
-            keys = []
-            while link is not None:
-                link, key = link
-                keys.append(key)
-            out[tuple(reversed(keys))] = o
-        elif isinstance(o, dict):
-            stack.extend(((link, k), v) for k, v in reversed(list(o.items())))
-        elif isinstance(o, (list, tuple)):
-            stack.extend(((link, i), v) for i, v in reversed(list(enumerate(o))))
-    return out
+    return {path: v for path, v in walk_leaves(obj) if isinstance(v, leaf)}
 
 
 def _name(path: Path) -> str:

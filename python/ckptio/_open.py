@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Iterable, Iterator, Sequence, Union
+from typing import IO, Any, Iterator, Sequence, Union
 
 import torch
 
@@ -24,7 +24,7 @@ from ._archive import ArchiveReader
 from ._files import descriptor_file, read_into
 from ._placement import Placement
 from ._unpickler import unpickle_placeholders
-from ._util import contiguous_strides
+from ._util import contiguous_strides, walk_leaves
 from .errors import CheckpointError
 
 __all__ = ["CheckpointHandle", "TensorInfo", "TensorSlice", "open"]
@@ -184,7 +184,7 @@ class CheckpointHandle:
 
         _check_version(archive)
         obj, loader = unpickle_placeholders(archive)
-        for path, value in _walk(obj, ()):
+        for path, value in walk_leaves(obj):
             name = ".".join(str(p) for p in path)
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
                 placed = loader.placed.get(value.untyped_storage()._cdata)
@@ -491,31 +491,3 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((start, length))
     return out
-
-
-def _children(link: Any, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
-    return (((link, key), value) for key, value in items)
-
-
-def _walk(obj: Any, path: tuple) -> Iterator[tuple[tuple, Any]]:
-    """(path, leaf) pairs of a saved object, in order: dicts by key, lists and tuples by
-    index. Iterative, each path built only for its leaf: a pickle may nest objects as deep
-    as CPython's (iterative) unpickler builds them."""
-    # Each object comes with its link, (its container's link, its key); the root's is None.
-    stack: list[Iterator[tuple[Any, Any]]] = [iter([(None, obj)])]
-    while stack:
-        entry = next(stack[-1], None)
-        if entry is None:
-            stack.pop()
-            continue
-        link, o = entry
-        if isinstance(o, dict) and o:
-            stack.append(_children(link, o.items()))
-        elif isinstance(o, (list, tuple)) and o and not isinstance(o, torch.Size):
-            stack.append(_children(link, enumerate(o)))
-        else:  # a tensor, or any other leaf
-            keys = []
-            while link is not None:
-                link, key = link
-                keys.append(key)
-            yield (*path, *reversed(keys)), o

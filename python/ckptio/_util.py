@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -15,6 +15,7 @@ __all__ = [
     "is_environment_error",
     "is_torch_refusal",
     "torch_load_state",
+    "walk_leaves",
 ]
 
 # Errors of the machine, never of a file (every size a file declares is checked against the
@@ -118,3 +119,32 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
         strides.append(step)
         step *= max(d, 1)
     return tuple(reversed(strides))
+
+
+def _children(link: Any, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    return (((link, key), value) for key, value in items)
+
+
+def walk_leaves(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """(key path, leaf) pairs of a saved object, in order, each path prefixed by `path`:
+    dicts by key, lists and tuples by index (a torch.Size and empty containers are leaves).
+    Iterative, each path built only for its leaf: a pickle may nest objects as deep as
+    CPython's (iterative) unpickler builds them, and walks in linear time."""
+    # Each object comes with its link, (its container's link, its key); the root's is None.
+    stack: list[Iterator[tuple[Any, Any]]] = [iter([(None, obj)])]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        link, o = entry
+        if isinstance(o, dict) and o:
+            stack.append(_children(link, o.items()))
+        elif isinstance(o, (list, tuple)) and o and not isinstance(o, torch.Size):
+            stack.append(_children(link, enumerate(o)))
+        else:  # a tensor, or any other leaf
+            keys = []
+            while link is not None:
+                link, key = link
+                keys.append(key)
+            yield (*path, *reversed(keys)), o

@@ -350,14 +350,14 @@ def _legacy_summary(path: str) -> dict[str, Any]:
     loaded weights-only onto the meta device (shapes and dtypes, no tensor data in memory)."""
     import torch
 
-    from ._open import _walk
+    from ._util import walk_leaves
     from .serialization import load
 
     loaded = load(path, map_location="meta", weights_only=True)
     storages: dict[int, tuple[str, int]] = {}
     tensors: list[dict[str, Any]] = []
     non_tensors = {}
-    for key_path, value in _walk(loaded, ()):
+    for key_path, value in walk_leaves(loaded):
         name = ".".join(str(p) for p in key_path)
         if not (isinstance(value, torch.Tensor) and value.layout == torch.strided):
             non_tensors[name] = _short_repr(value)
@@ -634,12 +634,12 @@ def _tensors_of(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
     each contiguous, for safetensors."""
     import torch
 
-    from ._open import _walk
+    from ._util import walk_leaves
 
     tensors: dict[str, Any] = {}
     non_tensors: list[str] = []
     ambiguous = False
-    for path, value in _walk(obj, ()):
+    for path, value in walk_leaves(obj):
         name = ".".join(str(p) for p in path)
         if isinstance(value, torch.Tensor) and value.layout == torch.strided:
             ambiguous = ambiguous or name in tensors
@@ -834,9 +834,9 @@ def _verify_legacy(path: str, record: Any) -> None:
 def _count_tensors(obj: Any) -> tuple[int, int]:
     import torch
 
-    from ._open import _walk
+    from ._util import walk_leaves
 
-    tensors = [v for _, v in _walk(obj, ()) if isinstance(v, torch.Tensor)]
+    tensors = [v for _, v in walk_leaves(obj) if isinstance(v, torch.Tensor)]
     return len(tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
