@@ -15,8 +15,10 @@ import ctypes
 import errno
 import fractions
 import io
+import json
 import os
 import random
+import sys
 import threading
 import weakref
 import zipfile
@@ -666,7 +668,6 @@ def test_settings_bound_the_ring(sim: SimulatedCopier, data_file: tuple[Path, by
 def test_gpu_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     """tests/gpu/bench_gpu.py --cpu-smoke: tiny sizes, the stand-in copier, every step run."""
     import subprocess
-    import sys
 
     bench = Path(__file__).parent / "gpu" / "bench_gpu.py"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTIO_")}
@@ -680,10 +681,45 @@ def test_gpu_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     table = (tmp_path / "bench_gpu.md").read_text()
     for method in ("ckptio", "torch.load", "torch.load(mmap)+.cuda()", "torch.save"):
-        assert f"| {method} |" in table
+        assert f"| {method} | warm |" in table
+    for method in ("ckptio", "torch.load"):  # the first load of a fresh process, file evicted
+        assert f"| 2MiB bf16 | load | {method} | cold, fresh process |" in table
     assert "pinned H2D GB/s" in table and "page-cache read GB/s" in table
     assert "host RSS growth" in table
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("ckptio-bench")] == []
+    # Every row was also appended as it was measured (what a timeout leaves behind).
+    rows = json.loads((tmp_path / "bench_gpu.json").read_text())["rows"]
+    streamed = (tmp_path / "bench_gpu_rows.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in streamed if '"workload"' in line] == rows
+    assert len((tmp_path / "bench_gpu_rows.md").read_text().splitlines()) > len(rows)
+
+
+def _bench_module() -> Any:
+    sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    return bench_gpu
+
+
+def test_gpu_benchmark_fails_when_ckptio_is_slower_than_torch_load(tmp_path: Path) -> None:
+    """The run's verdict (bench_gpu.evaluate): any workload, warm or cold, where ckptio's load
+    takes longer than torch.load(map_location="cuda") is a failure; the table says it too."""
+    bench = _bench_module()
+    b = bench.Bench("cpu", 100.0)
+    b.row("2GB bf16", "load", "ckptio", 0.5, 2 * 10**9)
+    b.row("2GB bf16", "load", "torch.load", 2.0, 2 * 10**9)
+    b.row("2GB bf16", "load", "ckptio", 3.0, 2 * 10**9, cache=bench.COLD)
+    b.row("2GB bf16", "load", "torch.load", 2.5, 2 * 10**9, cache=bench.COLD)
+    b.row("small x20000", "load", "ckptio", 1.0, 10**9)
+    failures = bench.evaluate(b, ["2GB bf16", "small x20000"])
+    assert failures == ["2GB bf16 (cold, fresh process): ckptio 3.000 s > torch.load 2.500 s"]
+    text = bench.report(b, tmp_path, "## header")
+    assert "| 2GB bf16 | load | ckptio | warm | 0.500 | 4.00 | 4.00x |" in text
+    assert "| 2GB bf16 (cold, fresh process): ckptio not slower than torch.load" in text
+    assert "[enforced] | FAIL | 0.83x |" in text
+    assert bench.main(["--dry-run"]) == 0
 
 
 def test_write_from_writes_ranges_and_releases_the_gil(tmp_path: Path) -> None:
