@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import serialization
+from ckptio import _core, _files, serialization
 
 from conftest import assert_same
 
@@ -110,7 +110,7 @@ def test_error_while_writing_removes_temp_file(
 ) -> None:
     """An error after the temporary file is written (or half written) removes it and leaves
     the previous file as it was."""
-    real = serialization.save_archive
+    real = serialization.save_object
     temp_files: list[str] = []
 
     def write_then_fail(target: Any, *args: Any, **kwargs: Any) -> None:
@@ -118,7 +118,7 @@ def test_error_while_writing_removes_temp_file(
         temp_files.extend(p.name for p in previous.parent.iterdir() if p != previous)
         raise exc
 
-    monkeypatch.setattr(serialization, "save_archive", write_then_fail)
+    monkeypatch.setattr(serialization, "save_object", write_then_fail)
     before = _listing(previous.parent)
     with pytest.raises(type(exc)):
         ckptio.save({"generation": 2, "w": torch.zeros(5000)}, previous)
@@ -313,3 +313,110 @@ def test_unreadable_target_is_replaced_without_holding_it(
     monkeypatch.undo()
     assert refused == [str(path)]
     assert ckptio.load(path)["generation"] == 2
+
+
+# ------------------------------------------------------------ the mechanism: _files.atomic_file
+def _record_directory_syncs(monkeypatch: pytest.MonkeyPatch, target: Path) -> list[str]:
+    """Replaces _core.sync_directory with a recorder noting, per call, the directory and
+    whether `target` already held its new contents (b"new") then."""
+    calls: list[str] = []
+    real = _core.sync_directory
+
+    def sync_directory(path: str) -> None:
+        renamed = target.exists() and target.read_bytes() == b"new"
+        calls.append(f"{os.path.realpath(path)}:{'renamed' if renamed else 'not renamed'}")
+        real(path)
+
+    monkeypatch.setattr(_core, "sync_directory", sync_directory)
+    return calls
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["not-durable", "durable"])
+def test_atomic_file_replaces_the_target_and_syncs_the_directory_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    calls = _record_directory_syncs(monkeypatch, target)
+    with _files.atomic_file(target, durable) as file:
+        assert isinstance(file, _core.File)
+        temp = Path(file.name)
+        assert temp.parent == tmp_path and temp.name.startswith(".f.bin.ckptio-")
+        assert temp.name.endswith(".tmp")
+        _files.write_bytes(file, b"new")
+        assert target.read_bytes() == b"old"  # nothing replaced before the block ends
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+    assert calls == ([f"{os.path.realpath(tmp_path)}:renamed"] if durable else [])
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["not-durable", "durable"])
+@pytest.mark.parametrize("exc", [ValueError("boom"), KeyboardInterrupt()], ids=repr)
+def test_atomic_file_failure_keeps_the_target_and_removes_the_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool, exc: BaseException
+) -> None:
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    calls = _record_directory_syncs(monkeypatch, target)
+    with pytest.raises(type(exc)), _files.atomic_file(target, durable) as file:
+        _files.write_bytes(file, b"new")
+        raise exc
+    assert _listing(tmp_path) == {"f.bin": b"old"}
+    assert calls == []  # nothing was renamed: no directory to sync
+
+
+def test_atomic_file_removes_dead_writers_temporary_files(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / _files.temp_file_name("f.bin", dead.pid)
+    stale.write_bytes(b"partial")
+    with _files.atomic_file(tmp_path / "f.bin", durable=False) as file:
+        _files.write_bytes(file, b"new")
+    assert _listing(tmp_path) == {"f.bin": b"new"}
+
+
+def test_atomic_file_refuses_what_a_rename_must_not_replace(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with pytest.raises(IsADirectoryError), _files.atomic_file(tmp_path / "d", durable=False):
+        pytest.fail("the block must not run")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as info, _files.atomic_file(fifo, durable=False):
+        pytest.fail("the block must not run")
+    assert info.value.errno == errno.EINVAL
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "pipe"]
+
+
+def test_sync_directory_is_bound_and_reports_the_path(tmp_path: Path) -> None:
+    _core.sync_directory(str(tmp_path))
+    with pytest.raises(FileNotFoundError) as info:
+        _core.sync_directory(str(tmp_path / "missing"))
+    assert info.value.errno == errno.ENOENT and info.value.filename == str(tmp_path / "missing")
+
+
+@pytest.mark.filterwarnings(  # torch's single-process warning, in each supported torch's words
+    "ignore:torch.distributed is (disabled, )?unavailable or uninitialized:UserWarning"
+)
+@pytest.mark.parametrize("durable", [False, True], ids=["not-durable", "durable"])
+def test_dcp_metadata_is_written_atomically_and_durably(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    """The DCP writer's metadata goes through the same mechanism as save: a temporary file
+    renamed into place, the directory synced after it when durable."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckptio.dcp import METADATA_NAME, Writer
+
+    directory_syncs: list[str] = []
+    real = _core.sync_directory
+
+    def sync_directory(path: str) -> None:
+        directory_syncs.append(os.path.realpath(path))
+        real(path)
+
+    monkeypatch.setattr(_core, "sync_directory", sync_directory)
+    dcp.save({"w": torch.arange(10.0)}, storage_writer=Writer(tmp_path, durable=durable))
+    assert (tmp_path / METADATA_NAME).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert directory_syncs == ([os.path.realpath(tmp_path)] if durable else [])

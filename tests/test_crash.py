@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 import textwrap
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import serialization
+from ckptio import _core, _files
 
 from conftest import assert_same
 
@@ -71,10 +70,10 @@ def test_stale_temp_files_of_live_or_foreign_writers_are_kept(tmp_path: Path) ->
     target = tmp_path / "ckpt.pt"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    mine = serialization.temp_file_name("ckpt.pt", os.getpid())
-    stale = serialization.temp_file_name("ckpt.pt", dead.pid)
+    mine = _files.temp_file_name("ckpt.pt", os.getpid())
+    stale = _files.temp_file_name("ckpt.pt", dead.pid)
     other_host = f".ckpt.pt.ckptio-00000000-{dead.pid}-0123abcd.tmp"
-    other_target = serialization.temp_file_name("other.pt", dead.pid)
+    other_target = _files.temp_file_name("other.pt", dead.pid)
     for name in (mine, stale, other_host, other_target):
         (tmp_path / name).write_bytes(b"partial")
     ckptio.save({"w": torch.ones(3)}, target)
@@ -176,20 +175,20 @@ def test_durable_fsyncs_the_file_then_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
 ) -> None:
     events: list[str] = []
-    real_sync = serialization._core.File.sync
-    real_fsync = os.fsync
+    real_sync = _core.File.sync
+    real_sync_directory = _core.sync_directory
 
     def file_sync(self: Any) -> None:
         events.append(f"file:{'tmp' if self.name.endswith('.tmp') else self.name}")
         real_sync(self)
 
-    def fsync(fd: int) -> None:
-        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "other"
-        events.append(f"{kind}:{'renamed' if (tmp_path / 'ckpt.pt').exists() else 'absent'}")
-        real_fsync(fd)
+    def sync_directory(path: str) -> None:
+        assert os.path.samefile(path, tmp_path)
+        events.append(f"dir:{'renamed' if (tmp_path / 'ckpt.pt').exists() else 'absent'}")
+        real_sync_directory(path)
 
-    monkeypatch.setattr(serialization._core.File, "sync", file_sync)
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(_core.File, "sync", file_sync)
+    monkeypatch.setattr(_core, "sync_directory", sync_directory)
     with ckptio.options(durable=durable):
         ckptio.save({"w": torch.ones(100)}, tmp_path / "ckpt.pt")
     # The data reaches the disk before the rename, the directory entry after it.

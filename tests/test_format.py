@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import _archive, _core
+from ckptio import _core, _writer
 
 from conftest import (
     assert_same,
@@ -355,16 +355,16 @@ def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
         payloads = [(t.data_ptr(), t.numel()) for t in tensors]
 
     specs, record_payloads = _in_torch_order(
-        *_archive.torch_records(pkl, payloads, data_alignment=64), torch_bytes
+        *_writer.torch_records(pkl, payloads, data_alignment=64), torch_bytes
     )
     if target == "core-file":
         out = tmp_path / "golden2.pt"
         with _core.File.open(str(out), _core.FileMode.CREATE) as f:
-            _archive.write_archive(f, "golden", specs, record_payloads, crc32=True)
+            _writer.write_archive(f, "golden", specs, record_payloads, crc32=True)
         ours = out.read_bytes()
     else:
         buf = io.BytesIO()
-        _archive.write_archive(buf, "golden", specs, record_payloads, crc32=True)
+        _writer.write_archive(buf, "golden", specs, record_payloads, crc32=True)
         ours = buf.getvalue()
     del keep_alive
 
@@ -392,10 +392,10 @@ def test_golden_bytes_without_crc(tmp_path: Path) -> None:
     pkl = _raw(torch_bytes, "golden/data.pkl")
     payloads = [_raw(torch_bytes, f"golden/data/{k}") for k in range(4)]
     specs, record_payloads = _in_torch_order(
-        *_archive.torch_records(pkl, payloads, data_alignment=64), torch_bytes
+        *_writer.torch_records(pkl, payloads, data_alignment=64), torch_bytes
     )
     buf = io.BytesIO()
-    _archive.write_archive(buf, "golden", specs, record_payloads, crc32=False)
+    _writer.write_archive(buf, "golden", specs, record_payloads, crc32=False)
     ours = buf.getvalue()
     rec = next(r for r in zip_records(ours) if r.name.endswith("serialization_id"))
     expected = bytearray(torch_bytes)

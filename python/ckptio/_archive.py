@@ -1,42 +1,33 @@
-"""torch's zip container: reading the record table of any torch archive, writing ckptio's.
+"""torch's zip container: reading the record table of any torch archive, and the records of
+ckptio's (which ones, their order and alignment: docs/format.md).
 
-The byte layout lives in C++ (``_core.plan_archive``, ``_core.ArchiveWriter``); this module
-chooses the records, their order and alignment (docs/format.md)
-and moves the bytes: into a file descriptor by the ArchiveWriter's threads (during pickling, for
-a save), or sequentially into a writable file object.
+The byte layout lives in C++ (``_core.read_zip_directory``, ``_core.plan_archive``,
+``_core.ArchiveWriter``); writing records into a file is the save pipeline's (_writer.py).
 """
 
 from __future__ import annotations
 
 import array
 import hashlib
-import sys
+import os
 from dataclasses import dataclass
-from typing import IO, Sequence, Union
+from typing import Any, Sequence, Union
 
 from . import _core
 from ._files import read_into
-from ._staging import DevicePayload, payload_size, write_payloads_at
 from ._util import gc_paused
+from .errors import CheckpointError
 from .settings import get_options
 
 __all__ = [
     "ArchiveReader",
     "Record",
     "archive_name_for",
-    "archive_writer",
-    "finish_archive",
+    "check_version",
     "head_records",
     "tail_records",
-    "torch_records",
-    "write_all",
-    "write_archive",
 ]
 
-META_ALIGNMENT = 64
-#: Payload: a bytes-like object, an (address, nbytes) pair of memory the caller keeps alive, or
-#: a storage in device memory (streamed through the staging ring, see _staging.py).
-Payload = Union[bytes, bytearray, memoryview, "tuple[int, int]", DevicePayload]
 Source = Union["_core.File", "_core.BufferSource"]
 
 
@@ -92,8 +83,6 @@ class ArchiveReader:
 def archive_name_for(target: object) -> str:
     """The archive name torch.save would pick: the file's stem for a path, else 'archive'."""
     if isinstance(target, (str, bytes)) or hasattr(target, "__fspath__"):
-        import os
-
         base = os.path.basename(os.fsdecode(target))  # type: ignore[arg-type]
         stem = base[: base.rfind(".")] if "." in base else base
         if stem and stem.isascii() and stem.isprintable():
@@ -114,7 +103,7 @@ def _serialization_id(names: Sequence[str], pickle_bytes: bytes) -> bytes:
 
 
 # The layout (docs/format.md): torch's records, with data.pkl after the storages, so that the
-# storages can be written while the pickler finds them (save_archive).
+# storages can be written while the pickler finds them (_writer.save_object).
 def head_records(data_alignment: int, byteorder: str | None) -> list[tuple[str, bytes]]:
     """The records before the storages."""
     head = [(".format_version", b"1"), (".storage_alignment", str(data_alignment).encode())]
@@ -137,111 +126,32 @@ def tail_records(
     ]
 
 
-def torch_records(
-    pickle_bytes: bytes,
-    storages: Sequence[Payload],
-    *,
-    data_alignment: int,
-    byteorder: str | None = sys.byteorder,
-) -> tuple[list[tuple[str, int, int]], list[Payload]]:
-    """The records of an archive, in file order, as (name, size, alignment) + payloads."""
-    head = head_records(data_alignment, byteorder)
-    specs = [(n, len(p), META_ALIGNMENT) for n, p in head]
-    payloads: list[Payload] = [p for _, p in head]
-    # One pass, no call per storage: 20,000 small storages make this loop show.
-    specs += [
-        ("data/" + str(key), p[1] if type(p) is tuple else payload_size(p), data_alignment)
-        for key, p in enumerate(storages)
-    ]
-    payloads += storages
-    for n, p in tail_records(head, len(storages), pickle_bytes):
-        specs.append((n, len(p), META_ALIGNMENT))
-        payloads.append(p)
-    return specs, payloads
+def check_version(archive: ArchiveReader) -> None:
+    """Refuses (CheckpointError) an archive without a version record, or of a version torch
+    does not read."""
+    name = ".data/version" if archive.has(".data/version") else "version"
+    if not archive.has(name):
+        raise CheckpointError(
+            f"{archive.name}: the archive has no version record; it is not a torch checkpoint"
+        )
+    raw = archive.read(name).strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 10:
+        raise CheckpointError(
+            f"{archive.name}: unsupported archive version {raw[:20]!r} "
+            "(torch reads versions 1 to 10)"
+        )
 
 
-def _require_crc32(crc32: bool) -> None:
-    if crc32 and not _core.crc32_available():
-        raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+# Former names, moved to the save pipeline (_writer.py): _async.py still imports them here.
+def torch_records(*args: Any, **kwargs: Any) -> Any:
+    """Moved: _writer.torch_records."""
+    from ._writer import torch_records
+
+    return torch_records(*args, **kwargs)
 
 
-def archive_writer(file: _core.File, archive_name: str, crc32: bool) -> _core.ArchiveWriter:
-    _require_crc32(crc32)
-    opts = get_options()
-    return _core.ArchiveWriter(
-        file, archive_name, opts.threads, opts.write_chunk_bytes, crc32, opts.preallocate
-    )
+def write_archive(*args: Any, **kwargs: Any) -> Any:
+    """Moved: _writer.write_archive."""
+    from ._writer import write_archive
 
-
-def finish_archive(
-    writer: _core.ArchiveWriter,
-    file: _core.File,
-    reserved: Sequence[tuple[int, Payload]],
-    crc32: bool,
-) -> None:
-    """Writes the payloads of the `reserved` (index, payload) records, then the end."""
-    placed = [(i, writer.data_offset(i), p) for i, p in reserved]
-    crcs = write_payloads_at(file, placed, crc32=crc32)
-    writer.finish(sorted(crcs.items()))
-
-
-def write_archive(
-    target: _core.File | IO[bytes],
-    archive_name: str,
-    specs: Sequence[tuple[str, int, int]],
-    payloads: Sequence[Payload],
-    *,
-    crc32: bool,
-) -> list[int]:
-    """Writes an archive of records whose payloads all exist: into a _core.File by the
-    ArchiveWriter (device payloads through the staging ring), into a file object by
-    sequential writes. Returns each record's data offset."""
-    _require_crc32(crc32)
-    if isinstance(target, _core.File):
-        writer = archive_writer(target, archive_name, crc32)
-        try:
-            reserved: list[tuple[int, Payload]] = []
-            for (name, size, alignment), p in zip(specs, payloads, strict=True):
-                if isinstance(p, DevicePayload):
-                    reserved.append((writer.reserve(name, alignment, size), p))
-                elif isinstance(p, tuple):
-                    writer.add(name, alignment, p[0], p[1])
-                else:
-                    writer.add_bytes(name, alignment, p)
-            offsets = [writer.data_offset(i) for i in range(len(specs))]
-            finish_archive(writer, target, reserved, crc32)
-        except BaseException:
-            writer.abandon()
-            raise
-        return offsets
-    layout = _core.plan_archive(archive_name, list(specs))
-    crcs = []
-    for i, payload in enumerate(payloads):
-        host = payload.storage.cpu() if isinstance(payload, DevicePayload) else None
-        view = _payload_view(payload if host is None else (host.data_ptr(), host.nbytes()))
-        write_all(target, layout.local_header(i))
-        write_all(target, view)
-        crc = _core.crc32(view) if crc32 else 0
-        crcs.append(crc)
-        write_all(target, layout.data_descriptor(i, crc))
-    write_all(target, layout.central_directory(crcs))
-    return list(layout.data_offsets)
-
-
-def _payload_view(payload: Payload) -> memoryview:
-    if isinstance(payload, DevicePayload):
-        raise TypeError("a device payload has no host view; copy it to the CPU first")
-    if isinstance(payload, tuple):
-        address, nbytes = payload
-        return _core.raw_memoryview(address, nbytes) if nbytes else memoryview(b"")
-    return memoryview(payload).cast("B")
-
-
-def write_all(f: IO[bytes], data: bytes | memoryview) -> None:
-    # Raw (unbuffered) file objects may write less than asked; loop like a careful writer.
-    view = memoryview(data)
-    while view.nbytes:
-        n = f.write(view)
-        if n is None or n >= view.nbytes:
-            return
-        view = view[n:]
+    return write_archive(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""Save side: pickles an object the way torch.save does and collects its storages.
+"""Save side: pickles an object the way torch.save does and collects its storages (the save
+pipeline, _writer.py, writes them, while the pickler runs when it can).
 
 The pickle is torch's: protocol 2 by default, tensors reduced by torch itself
 (``Tensor.__reduce_ex__``), and one persistent id ``("storage", type, key, location, numel)``
@@ -16,19 +17,11 @@ from typing import Any
 import torch
 from torch.serialization import location_tag, normalize_storage_type
 
-from . import _core, _staging
-from ._archive import (
-    META_ALIGNMENT,
-    archive_writer,
-    finish_archive,
-    head_records,
-    tail_records,
-)
+from . import _core
 from ._storage_types import typed_storage, typed_storage_direct
 from ._util import gc_paused
-from .settings import get_options
 
-__all__ = ["dumps", "save_archive"]
+__all__ = ["dumps"]
 
 
 def dumps(
@@ -131,48 +124,6 @@ def dumps(
         # collector is paused, so it never scans them.
         pickler.clear_memo()
     return buf.getvalue(), storages
-
-
-def save_archive(
-    file: _core.File,
-    archive_name: str,
-    obj: Any,
-    pickle_module: Any,
-    protocol: int,
-    *,
-    byteorder: str | None,
-) -> None:
-    """Pickles `obj` into a new archive in `file`, writing each CPU storage while the pickler
-    goes on (the C++ ArchiveWriter's workers); storages elsewhere (a GPU's) are reserved, then
-    streamed out through the staging ring once the pickle is complete."""
-    opts = get_options()
-    writer = archive_writer(file, archive_name, opts.crc32)
-    # Held here, not only inside dumps: the storages the writer is reading must outlive an
-    # exception from the pickler until abandon() returns.
-    storages: list[torch.UntypedStorage] = []
-    try:
-        head = head_records(opts.data_alignment, byteorder)
-        for name, data in head:
-            writer.add_bytes(name, META_ALIGNMENT, data)
-        # A test may stage CPU storages through the ring too: then none is written directly.
-        cpu = torch.device("cpu")
-        copiers = {cpu: _staging.copier_for(cpu)}
-        direct = frozenset() if copiers[cpu] else frozenset({"cpu"})
-        pickle_bytes, _ = dumps(
-            obj, pickle_module, protocol, (writer, opts.data_alignment, direct), storages
-        )
-        first = len(head)
-        reserved = writer.reserved()
-        payloads, keepalive = _staging.save_payloads(
-            [storages[i - first] for i in reserved], copiers
-        )
-        for name, data in tail_records(head, len(storages), pickle_bytes):
-            writer.add_bytes(name, META_ALIGNMENT, data)
-        finish_archive(writer, file, list(zip(reserved, payloads, strict=True)), opts.crc32)
-        del keepalive  # host copies of storages on devices without a ring
-    except BaseException:
-        writer.abandon()  # no write in flight after this: the storages may go
-        raise
 
 
 # torch.is_storage's classes: TypedStorage, UntypedStorage and the legacy typed classes.

@@ -9,7 +9,6 @@ padded with spaces) + the data section. The JSON maps each tensor name to ``{"dt
 
 from __future__ import annotations
 
-import array
 import json
 import struct
 from dataclasses import dataclass
@@ -18,11 +17,11 @@ from typing import IO, Any, Mapping
 import torch
 
 from . import _core
-from ._archive import ArchiveReader, write_all
+from ._archive import ArchiveReader
 from ._unpickler import StorageLoader
 from ._util import contiguous_strides
+from ._writer import write_placed
 from .errors import CheckpointError
-from .settings import get_options
 
 __all__ = [
     "DTYPES",
@@ -429,25 +428,9 @@ def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
 
 
 def write(target: _core.File | IO[bytes], p: Plan) -> None:
-    """Writes a planned file: parallel pwrite into a _core.File (one batch, GIL released),
-    sequential writes into a file object."""
-    if isinstance(target, _core.File):
-        opts = get_options()
-        if opts.preallocate:
-            target.preallocate(p.total_size)
-        requests = array.array("Q")
-        header = bytearray(p.header)  # writable, so a tensor can view it without a copy
-        head = torch.frombuffer(header, dtype=torch.uint8)
-        requests.extend((0, len(header), head.data_ptr()))
-        for (_k, t), offset in zip(p.tensors, p.offsets, strict=True):
-            nbytes = t.numel() * t.element_size()
-            if nbytes:
-                requests.extend((offset, nbytes, t.data_ptr()))
-        target.write_from(requests, opts.threads, opts.write_chunk_bytes)
-        del head, header  # alive until the write returned
-        return
-    write_all(target, p.header)
-    for _k, t in p.tensors:
-        nbytes = t.numel() * t.element_size()
-        if nbytes:
-            write_all(target, _core.raw_memoryview(t.data_ptr(), nbytes))
+    """Writes a planned file through the save pipeline: parallel pwrite into a _core.File
+    (one batch, GIL released), sequential writes into a file object."""
+    placed: list[tuple[int, Any]] = [(0, p.header)]
+    for (_k, t), offset in zip(p.tensors, p.offsets, strict=True):
+        placed.append((offset, (t.data_ptr(), t.numel() * t.element_size())))
+    write_placed(target, placed, p.total_size)

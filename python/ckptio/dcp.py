@@ -57,10 +57,11 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from . import _core, serialization
-from ._archive import write_archive
-from ._files import read_into
+from ._align import ALIGNMENT
+from ._files import atomic_file, read_into, write_bytes
 from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
+from ._writer import write_archive
 from .errors import CheckpointError
 
 __all__ = ["Reader", "StorageInfo", "Writer"]
@@ -69,7 +70,6 @@ METADATA_NAME = ".metadata"
 FILE_SUFFIX = ".ckptio"
 DCP_VERSION = "1.0.0"  # the Metadata version FileSystemWriter writes in torch 2.13
 TENSOR_ALIGNMENT = 4096
-BYTES_ALIGNMENT = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +181,7 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
             data: Any = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
                 raw = data.getvalue() if isinstance(data, io.BytesIO) else bytes(data.read())
-                specs.append((str(i), len(raw), BYTES_ALIGNMENT))
+                specs.append((str(i), len(raw), ALIGNMENT))
                 payloads.append(raw)
                 infos.append((item.index, None, None))
                 continue
@@ -219,27 +219,8 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
         metadata.version = DCP_VERSION
         metadata.storage_data = {wr.index: wr.storage_data for rs in results for wr in rs}
         metadata.storage_meta = self.storage_meta()
-        path = self._metadata_path()
-        tmp = os.path.join(
-            self.path, serialization.temp_file_name(os.path.basename(path), os.getpid())
-        )
-        try:
-            with open(tmp, "wb") as f:
-                pickle.dump(metadata, f)
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        if self.durable:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        with atomic_file(self._metadata_path(), self.durable) as file:
+            write_bytes(file, pickle.dumps(metadata))
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.path, save_id=self.save_id)

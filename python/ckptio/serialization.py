@@ -9,26 +9,18 @@ batch, or maps the file once with ``mmap=True``.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
 import pickle
-import secrets
-import socket
-import stat
 import sys
-import threading
 import warnings
-from typing import IO, Any, Callable, Mapping, Sequence, Union
+from typing import IO, Any, Mapping, Sequence, Union
 
 import torch
 
 from . import _core, _safetensors
-from ._archive import ArchiveReader, archive_name_for, torch_records, write_archive
-from ._files import for_torch, open_source
+from ._archive import ArchiveReader, archive_name_for, check_version
+from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
-from ._pickler import dumps, save_archive
-from ._staging import save_payloads
 from ._unpickler import (
     StorageLoader,
     make_unpickler,
@@ -37,6 +29,7 @@ from ._unpickler import (
     scan_pickle,
 )
 from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
+from ._writer import save_object
 from .errors import CheckpointError
 from .settings import get_options
 
@@ -50,8 +43,12 @@ torch_save = torch.serialization.save
 torch_load = torch.serialization.load
 
 
-def _is_path(f: object) -> bool:
-    return isinstance(f, (str, bytes, os.PathLike))
+# Former private names, kept for the modules that still import them (_async: _is_path,
+# _write_to; _open: _check_version): the public ones are _files.is_path, _files.write_to and
+# _archive.check_version.
+_is_path = is_path
+_write_to = write_to
+_check_version = check_version
 
 
 # ------------------------------------------------------------------------------------- save
@@ -111,179 +108,28 @@ def save(
             _disable_byteorder_record=_disable_byteorder_record,
         )
         return
-    if not _is_path(f) and not callable(getattr(f, "write", None)):
+    if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
-    opts = get_options()
     byteorder = None if _disable_byteorder_record else sys.byteorder
     name = archive_name_for(f)
-
-    def write(target: Any) -> None:
-        if isinstance(target, _core.File):
-            # Storages go out while the pickler runs; CUDA ones through the staging ring.
-            save_archive(target, name, obj, pickle_module, pickle_protocol, byteorder=byteorder)
-            return
-        pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
-        storage_payloads, keepalive = save_payloads(storages)
-        specs, payloads = torch_records(
-            pickle_bytes, storage_payloads, data_alignment=opts.data_alignment, byteorder=byteorder
-        )
-        write_archive(target, name, specs, payloads, crc32=opts.crc32)
-        del keepalive  # payload addresses stayed valid until here
-
-    _write_to(f, write, opts.durable)
+    # Into a File (a path's temporary file), storages go out while the pickler runs; CUDA
+    # ones through the staging ring. Into a file object, once the pickle is complete.
+    write_to(
+        f,
+        lambda target: save_object(
+            target, name, obj, pickle_module, pickle_protocol, byteorder=byteorder
+        ),
+        get_options().durable,
+    )
 
 
 def _save_safetensors(
     obj: Any, f: FileLike, metadata: Mapping[str, str] | None, clone_shared: bool
 ) -> None:
-    if not _is_path(f) and not callable(getattr(f, "write", None)):
+    if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     layout = _safetensors.plan(obj, metadata, clone_shared)
-    _write_to(f, lambda target: _safetensors.write(target, layout), get_options().durable)
-
-
-def _write_to(f: FileLike, write: Callable[[Any], object], durable: bool) -> None:
-    """Runs `write` on a _core.File (a path: atomically) or on the writable file object f."""
-    if isinstance(f, (str, bytes, os.PathLike)):
-        _save_to_path(os.fsdecode(f), write, durable)
-    else:
-        write(f)
-        flush = getattr(f, "flush", None)
-        if callable(flush):
-            flush()
-
-
-def _save_to_path(path: str, write: Callable[[Any], object], durable: bool) -> None:
-    # Write through a symlink to its target, as open(path, "wb") would.
-    target = os.path.realpath(path) if os.path.islink(path) else path
-    try:
-        mode: int | None = os.stat(target).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(mode):
-            # A device, FIFO or socket: write into it as torch.save would, never replace it.
-            with open(target, "wb") as fh:
-                write(fh)
-            return
-        if not os.access(target, os.W_OK):
-            # A rename would replace a file the caller may not write; refuse as open() does.
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-    _write_file_atomically(path, target, mode, write, durable)
-
-
-def _write_file_atomically(
-    path: str,
-    target: str,
-    mode: int | None,
-    write: Callable[[Any], object],
-    durable: bool,
-) -> None:
-    """Writes a temporary file beside `target` and renames it over `target` when complete.
-
-    With `durable`, the file is fsynced before the rename and the directory after it, so the
-    new name survives a power loss once this returns."""
-    directory = os.path.dirname(os.path.abspath(target))
-    base = os.path.basename(target)
-    remove_stale_temp_files(directory, base)
-    tmp = os.path.join(directory, temp_file_name(base, os.getpid()))
-    try:
-        # 0o666 minus the umask, as a plain open() would; an existing target keeps its mode.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    except OSError as e:  # report the caller's path, not the temporary name
-        raise type(e)(e.errno, e.strerror, path) from None
-    try:
-        if mode is not None:
-            os.fchmod(fd, stat.S_IMODE(mode))
-        file = _core.File.adopt(fd, tmp)
-        os.close(fd)
-        fd = -1
-        with file:
-            write(file)
-            if durable:
-                file.sync()
-        replaced = _hold(target) if mode is not None else -1
-        try:
-            os.replace(tmp, target)
-        finally:
-            if replaced >= 0:
-                _close_in_background(replaced)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    if durable:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _hold(path: str) -> int:
-    """A read-only descriptor of the file a save is about to replace, or -1. Held across the
-    rename, it makes the last close, not the rename, free the old file (its blocks and page
-    cache: 40 ms for 700 MB here), and _close_in_background moves that off the save."""
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return -1  # unreadable (write-only mode): the rename frees it, as before
-
-
-def _close_in_background(fd: int) -> None:
-    threading.Thread(target=os.close, args=(fd,), name="ckptio-release", daemon=True).start()
-
-
-# Temporary files are named ".<target name>.ckptio-<host>-<pid>-<random>.tmp": hidden, beside
-# the target, recognisable, and carrying their writer. A writer killed mid-save (SIGKILL, OOM
-# killer) leaves one behind; the next save to the same target removes those whose writer ran
-# on this host and is no longer alive (docs/training.md, "Crash semantics").
-_TEMP_MARK = ".ckptio-"
-_HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
-
-
-def temp_file_name(base: str, pid: int) -> str:
-    """The name of a temporary file of a save to `base` by process `pid` on this host."""
-    return f".{base}{_TEMP_MARK}{_HOST_TAG}-{pid}-{secrets.token_hex(4)}.tmp"
-
-
-def remove_stale_temp_files(directory: str, base: str) -> list[str]:
-    """Removes the temporary files of saves to `base` whose writer, a process of this host,
-    is dead; returns their names. Best effort: errors are ignored (the save goes on)."""
-    prefix = f".{base}{_TEMP_MARK}{_HOST_TAG}-"
-    removed: list[str] = []
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return removed
-    for name in names:
-        pid_text = name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
-            continue
-        try:
-            os.unlink(os.path.join(directory, name))
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another thread of this process may be writing it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
+    write_to(f, lambda target: _safetensors.write(target, layout), get_options().durable)
 
 
 # ------------------------------------------------------------------------------------- load
@@ -408,7 +254,7 @@ def load(
                 archive.name,
                 pickles,
             )
-        _check_version(archive)
+        check_version(archive)
         mapping = _core.Mapping(file, shared) if file is not None and mmap else None
         return _unpickle(
             archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
@@ -456,20 +302,6 @@ def _unpickle(
     finally:
         loader.join_prefetch()  # a failed load leaves no read running
     return result
-
-
-def _check_version(archive: ArchiveReader) -> None:
-    name = ".data/version" if archive.has(".data/version") else "version"
-    if not archive.has(name):
-        raise CheckpointError(
-            f"{archive.name}: the archive has no version record; it is not a torch checkpoint"
-        )
-    raw = archive.read(name).strip()
-    if not raw.isdigit() or not 1 <= int(raw) <= 10:
-        raise CheckpointError(
-            f"{archive.name}: unsupported archive version {raw[:20]!r} "
-            "(torch reads versions 1 to 10)"
-        )
 
 
 def _plain_byteorder(archive: ArchiveReader) -> bool:

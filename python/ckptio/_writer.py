@@ -1,0 +1,437 @@
+"""The save pipeline: pickle bytes + payloads -> aligned records -> a File or a file object.
+
+Every save goes through here: ``save`` and ``async_save`` (torch archives), the DCP writer
+(an archive of its own records) and safetensors (a header and tensors, no zip container).
+
+Payloads are what a record holds: a bytes-like object, an ``(address, nbytes)`` pair of host
+memory the caller keeps alive, or a :class:`DevicePayload`, a storage in device memory that
+streams out through the staging ring (_staging.py) instead of being copied whole to the host.
+
+Destinations are a ``_core.File`` or a writable file object (_files.write_to picks and
+prepares one: a path is written atomically):
+
+- into a File, :class:`RecordWriter` hands each host payload to the C++ ArchiveWriter, whose
+  workers write it (parallel ``pwrite``) while the caller goes on: a torch save adds each CPU
+  storage as the pickler finds it (streaming, :func:`save_object`); device payloads are
+  reserved and written at the end (:func:`write_payloads_at`);
+- into a file object, the records are buffered until the end, then written in file order.
+
+Record layouts (which records, their order and alignment) are _archive's; the bytes written
+are the same whatever the destination.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import dataclasses
+import sys
+from typing import IO, Any, Sequence, Union
+
+import torch
+
+from . import _core, _staging
+from ._align import ALIGNMENT
+from ._archive import head_records, tail_records
+from ._files import write_all
+from ._pickler import dumps
+from .settings import get_options
+
+__all__ = [
+    "DevicePayload",
+    "Payload",
+    "RecordWriter",
+    "host_view",
+    "payload_size",
+    "save_object",
+    "storage_payloads",
+    "torch_records",
+    "write_archive",
+    "write_payloads_at",
+    "write_placed",
+    "write_torch_archive",
+]
+
+
+# ------------------------------------------------------------------------------- payloads
+@dataclasses.dataclass(frozen=True)
+class DevicePayload:
+    """A record payload that lives in device memory and streams out through the ring."""
+
+    storage: torch.UntypedStorage
+    copier: _staging.Copier
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.storage.nbytes())
+
+
+#: What a record holds (see the module docstring).
+Payload = Union[bytes, bytearray, memoryview, "tuple[int, int]", DevicePayload]
+Destination = Union[_core.File, IO[bytes]]
+
+
+def payload_size(p: Any) -> int:
+    """Bytes of a record's payload: a DevicePayload, an (address, nbytes) pair or a
+    bytes-like object."""
+    if isinstance(p, DevicePayload):
+        return p.nbytes
+    if isinstance(p, tuple):
+        return int(p[1])
+    return memoryview(p).nbytes
+
+
+def storage_payloads(
+    storages: Sequence[torch.UntypedStorage],
+    copiers: dict[torch.device, _staging.Copier | None] | None = None,
+) -> tuple[list[Any], list[Any]]:
+    """The record payloads of storages being saved, and host copies that must stay alive
+    meanwhile (the caller keeps `storages` alive too).
+
+    CPU storages are written from their own memory ((address, nbytes) pairs); storages on a
+    staged device (CUDA) become DevicePayloads, one copier per device, streamed through the
+    ring; any other device is copied to the CPU whole. `copiers`: the copier of each device
+    the caller already asked ``_staging.copier_for`` about (filled in as needed).
+    """
+    payloads: list[Any] = []
+    keepalive: list[Any] = []  # host copies of storages of unstaged devices
+    if copiers is None:
+        copiers = {}
+    cpu = torch.device("cpu")
+    if cpu not in copiers:
+        copiers[cpu] = _staging.copier_for(cpu)
+    cpu_copier = copiers[cpu]  # None, unless a test stages CPU storages
+    for storage in storages:
+        device = storage.device
+        if device.type == "cpu":  # the hot path: one test per storage
+            if cpu_copier is None:
+                payloads.append((storage.data_ptr(), storage.nbytes()))
+                continue
+            copier: _staging.Copier | None = cpu_copier
+        else:
+            if device not in copiers:
+                copiers[device] = _staging.copier_for(device)
+            copier = copiers[device]
+        if copier is not None:
+            payloads.append(DevicePayload(storage, copier))
+            continue
+        host = storage.cpu()
+        keepalive.append(host)
+        payloads.append((host.data_ptr(), host.nbytes()))
+    return payloads, keepalive
+
+
+def host_view(payload: Payload) -> memoryview:
+    """The bytes of a host payload (a DevicePayload has none: copy it to the CPU first)."""
+    if isinstance(payload, DevicePayload):
+        raise TypeError("a device payload has no host view; copy it to the CPU first")
+    if isinstance(payload, tuple):
+        address, nbytes = payload
+        return _core.raw_memoryview(address, nbytes) if nbytes else memoryview(b"")
+    return memoryview(payload).cast("B")
+
+
+def _ring_knobs() -> tuple[int, int, int, int]:
+    """(buffer bytes, buffers, threads, chunk bytes) of the staging ring, from the options."""
+    opts = get_options()
+    buffer_bytes = opts.staging_buffer_bytes
+    # Each fill is written by the whole pool: split it so every thread gets a piece.
+    chunk = max(256 << 10, min(opts.chunk_bytes, buffer_bytes // opts.threads))
+    return buffer_bytes, opts.staging_buffers, opts.threads, chunk
+
+
+def write_payloads_at(
+    file: _core.File, placed: Sequence[tuple[Any, int, Any]], *, crc32: bool
+) -> dict[Any, int]:
+    """Writes each (key, file offset, payload) of `placed`: DevicePayloads stream through
+    their copier's ring (one pass per copier), host payloads go out in one parallel write.
+    The payloads of records an archive writer reserved (ArchiveWriter.reserve) are written
+    this way. With `crc32`, returns the CRC-32 of each key's payload."""
+    opts = get_options()
+    crcs: dict[Any, int] = {}
+    by_copier: dict[int, tuple[_staging.Copier, list[tuple[int, int, Any]]]] = {}
+    host = array.array("Q")
+    keepalive: list[Any] = []  # writable copies of bytes payloads, alive until the write
+    for key, offset, p in placed:
+        if isinstance(p, DevicePayload):
+            if p.nbytes:
+                entry = by_copier.setdefault(id(p.copier), (p.copier, []))
+                entry[1].append((offset, p.nbytes, (key, entry[0].bind(p.storage))))
+            elif crc32:
+                crcs[key] = 0
+            continue
+        if isinstance(p, tuple):
+            address, size = p
+        else:
+            copy = bytearray(p)  # small (headers, metadata): an address of its own
+            keepalive.append(copy)
+            size = len(copy)
+            address = ctypes.addressof((ctypes.c_char * size).from_buffer(copy)) if size else 0
+        if size:
+            host.extend((offset, size, address))
+        if crc32:
+            crcs[key] = _core.crc32(_core.raw_memoryview(address, size)) if size else 0
+    buffer_bytes, buffers, threads, chunk = _ring_knobs()
+    for copier, requests in by_copier.values():
+        fills = _staging.plan_fills(requests, buffer_bytes)
+        # Targets are (key, bound target): the copier sees the bound target, the key names
+        # the CRC.
+        for fill in fills:
+            fill.keys = [t[0] for _, _, t, _ in fill.segments]
+            fill.segments = [(h, m, t[1], o) for h, m, t, o in fill.segments]
+        crcs.update(
+            _staging.stream_out(
+                file,
+                fills,
+                copier,
+                buffers=buffers,
+                threads=threads,
+                chunk_bytes=chunk,
+                crc32=crc32,
+            )
+        )
+    if len(host):
+        file.write_from(host, opts.threads, opts.write_chunk_bytes)
+    del keepalive
+    return crcs
+
+
+# ------------------------------------------------------------------------------- records
+class RecordWriter:
+    """The records of one zip archive (``<archive_name>/<name>``, each starting on its
+    alignment) into a destination, in the order they are added.
+
+    Into a File, each host payload is handed to the C++ ArchiveWriter as it is added (its
+    workers write it while the caller goes on; the caller keeps (address, nbytes) memory
+    alive until :meth:`finish` or :meth:`abandon` returns) and device payloads are reserved,
+    then streamed out by :meth:`finish`. Into a file object, records are written in file
+    order by :meth:`finish`. Used as a context manager, an exception abandons the archive.
+    """
+
+    def __init__(self, destination: Destination, archive_name: str, *, crc32: bool) -> None:
+        if crc32 and not _core.crc32_available():
+            raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+        self.destination = destination
+        self.archive_name = archive_name
+        self.crc32 = crc32
+        self._writer: _core.ArchiveWriter | None = None
+        self._reserved: list[tuple[int, Payload]] = []
+        self._specs: list[tuple[str, int, int]] = []  # (name, size, alignment), in order
+        self._payloads: list[Payload] = []  # a file object's, until finish
+        if isinstance(destination, _core.File):
+            opts = get_options()
+            self._writer = _core.ArchiveWriter(
+                destination,
+                archive_name,
+                opts.threads,
+                opts.write_chunk_bytes,
+                crc32,
+                opts.preallocate,
+            )
+
+    @property
+    def streaming(self) -> bool:
+        """Whether records are written as they are added (into a File)."""
+        return self._writer is not None
+
+    def add(self, name: str, alignment: int, payload: Payload, size: int | None = None) -> None:
+        """Adds the record `name` holding `payload` (of `size` bytes, when the caller knows)."""
+        writer = self._writer
+        if writer is None:
+            size = payload_size(payload) if size is None else size
+            self._specs.append((name, size, alignment))
+            self._payloads.append(payload)
+        elif isinstance(payload, DevicePayload):
+            self._reserved.append((writer.reserve(name, alignment, payload.nbytes), payload))
+        elif isinstance(payload, tuple):
+            writer.add(name, alignment, payload[0], payload[1])
+        else:
+            writer.add_bytes(name, alignment, payload)
+
+    def sink(self, alignment: int, direct: frozenset[str]) -> tuple[Any, int, frozenset[str]]:
+        """The pickler's sink (_pickler.dumps): each storage it finds becomes the next record
+        ``data/<key>``, added from its memory when its location is in `direct`, else reserved
+        (then hand its payload to :meth:`fill_reserved`). Into a File only."""
+        if self._writer is None:
+            raise TypeError("only a File destination takes records while pickling")
+        return (self._writer, alignment, direct)
+
+    def reserved_by_sink(self) -> list[int]:
+        """The indices of the records the sink reserved, in order."""
+        assert self._writer is not None
+        taken = {i for i, _ in self._reserved}
+        return [i for i in self._writer.reserved() if i not in taken]
+
+    def fill_reserved(self, indices: Sequence[int], payloads: Sequence[Payload]) -> None:
+        """The payloads of records the sink reserved (`indices`, as reserved_by_sink)."""
+        self._reserved += zip(indices, payloads, strict=True)
+
+    def finish(self) -> list[int]:
+        """Writes what is left (device payloads; a file object's records) and the end of
+        the archive; returns each record's data offset."""
+        writer = self._writer
+        if writer is None:
+            return self._write_sequentially()
+        placed = [(i, writer.data_offset(i), p) for i, p in self._reserved]
+        crcs = write_payloads_at(self.destination, placed, crc32=self.crc32)  # type: ignore[arg-type]
+        offsets = [writer.data_offset(i) for i in range(len(writer))]
+        writer.finish(sorted(crcs.items()))
+        return offsets
+
+    def abandon(self) -> None:
+        """Stops the writes in flight (none is running once this returns)."""
+        if self._writer is not None:
+            self._writer.abandon()
+
+    def _write_sequentially(self) -> list[int]:
+        target: Any = self.destination
+        layout = _core.plan_archive(self.archive_name, self._specs)
+        crcs = []
+        for i, payload in enumerate(self._payloads):
+            if isinstance(payload, DevicePayload):
+                host = payload.storage.cpu()  # one storage on the host at a time
+                view = host_view((host.data_ptr(), host.nbytes()))
+            else:
+                view = host_view(payload)
+            write_all(target, layout.local_header(i))
+            write_all(target, view)
+            crc = _core.crc32(view) if self.crc32 else 0
+            crcs.append(crc)
+            write_all(target, layout.data_descriptor(i, crc))
+        write_all(target, layout.central_directory(crcs))
+        return list(layout.data_offsets)
+
+    def __enter__(self) -> RecordWriter:
+        return self
+
+    def __exit__(self, kind: Any, *_: object) -> None:
+        if kind is not None:
+            self.abandon()
+
+
+def write_archive(
+    destination: Destination,
+    archive_name: str,
+    specs: Sequence[tuple[str, int, int]],
+    payloads: Sequence[Payload],
+    *,
+    crc32: bool,
+) -> list[int]:
+    """Writes an archive of records whose payloads all exist ((name, size, alignment) specs,
+    one payload each) into a File or a file object; returns each record's data offset."""
+    with RecordWriter(destination, archive_name, crc32=crc32) as records:
+        for (name, size, alignment), p in zip(specs, payloads, strict=True):
+            records.add(name, alignment, p, size)
+        return records.finish()
+
+
+# -------------------------------------------------------------------------- torch archives
+def torch_records(
+    pickle_bytes: bytes,
+    storages: Sequence[Payload],
+    *,
+    data_alignment: int,
+    byteorder: str | None = sys.byteorder,
+) -> tuple[list[tuple[str, int, int]], list[Payload]]:
+    """The records of a torch archive, in file order, as (name, size, alignment) + payloads."""
+    head = head_records(data_alignment, byteorder)
+    specs = [(n, len(p), ALIGNMENT) for n, p in head]
+    payloads: list[Payload] = [p for _, p in head]
+    # One pass, no call per storage: 20,000 small storages make this loop show.
+    specs += [
+        ("data/" + str(key), p[1] if type(p) is tuple else payload_size(p), data_alignment)
+        for key, p in enumerate(storages)
+    ]
+    payloads += storages
+    for n, p in tail_records(head, len(storages), pickle_bytes):
+        specs.append((n, len(p), ALIGNMENT))
+        payloads.append(p)
+    return specs, payloads
+
+
+def write_torch_archive(
+    destination: Destination,
+    archive_name: str,
+    pickle_bytes: bytes,
+    storages: Sequence[Payload],
+    *,
+    byteorder: str | None = sys.byteorder,
+) -> None:
+    """Writes the torch archive of a pickle and the payloads of its storages (in key order)
+    under the calling thread's options (data_alignment, crc32)."""
+    opts = get_options()
+    specs, payloads = torch_records(
+        pickle_bytes, storages, data_alignment=opts.data_alignment, byteorder=byteorder
+    )
+    write_archive(destination, archive_name, specs, payloads, crc32=opts.crc32)
+
+
+def save_object(
+    destination: Destination,
+    archive_name: str,
+    obj: Any,
+    pickle_module: Any,
+    protocol: int,
+    *,
+    byteorder: str | None,
+) -> None:
+    """Pickles `obj` into a new torch archive in `destination`, as torch.save would.
+
+    Into a File, each CPU storage is written while the pickler goes on (the ArchiveWriter's
+    workers); storages elsewhere (a GPU's) are reserved, then streamed out through the
+    staging ring once the pickle is complete. Into a file object, the archive is written
+    once the pickle is complete, one storage at a time."""
+    opts = get_options()
+    if not isinstance(destination, _core.File):
+        pickle_bytes, found = dumps(obj, pickle_module, protocol)
+        payloads, keepalive = storage_payloads(found)
+        write_torch_archive(destination, archive_name, pickle_bytes, payloads, byteorder=byteorder)
+        del keepalive  # payload addresses stayed valid until here
+        return
+    # Held here, not only inside dumps: the storages the writer is reading must outlive an
+    # exception from the pickler until abandon() returns.
+    storages: list[torch.UntypedStorage] = []
+    with RecordWriter(destination, archive_name, crc32=opts.crc32) as records:
+        head = head_records(opts.data_alignment, byteorder)
+        for name, data in head:
+            records.add(name, ALIGNMENT, data)
+        # A test may stage CPU storages through the ring too: then none is written directly.
+        cpu = torch.device("cpu")
+        copiers = {cpu: _staging.copier_for(cpu)}
+        direct = frozenset() if copiers[cpu] else frozenset({"cpu"})
+        sink = records.sink(opts.data_alignment, direct)
+        pickle_bytes, _ = dumps(obj, pickle_module, protocol, sink, storages)
+        first = len(head)
+        reserved = records.reserved_by_sink()
+        payloads, keepalive = storage_payloads([storages[i - first] for i in reserved], copiers)
+        records.fill_reserved(reserved, payloads)
+        for name, data in tail_records(head, len(storages), pickle_bytes):
+            records.add(name, ALIGNMENT, data)
+        records.finish()
+        del keepalive  # host copies of storages on devices without a ring
+
+
+# ------------------------------------------------------------------------- placed layouts
+def write_placed(
+    destination: Destination, placed: Sequence[tuple[int, Payload]], total_size: int
+) -> None:
+    """Writes a file laid out by the caller (no zip container: safetensors): each (file
+    offset, payload) of `placed`, in file order and back to back from offset 0, `total_size`
+    bytes in all. Into a File: one parallel write (device payloads through the ring), the
+    file preallocated when the options say so; into a file object: sequential writes."""
+    if isinstance(destination, _core.File):
+        if get_options().preallocate:
+            destination.preallocate(total_size)
+        write_payloads_at(destination, [(i, o, p) for i, (o, p) in enumerate(placed)], crc32=False)
+        return
+    at = 0
+    for offset, payload in placed:
+        if offset != at:
+            raise ValueError(f"write_placed: a payload at {offset}, expected {at}")
+        size = payload_size(payload)
+        if isinstance(payload, DevicePayload):
+            host = payload.storage.cpu()
+            write_all(destination, host_view((host.data_ptr(), host.nbytes())))
+        elif size:
+            write_all(destination, host_view(payload))
+        at += size
