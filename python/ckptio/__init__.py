@@ -33,7 +33,7 @@ from .patch import is_torch_patched, patch_torch, patched_torch, unpatch_torch
 from .serialization import load, save
 from .settings import Options, get_options, options, set_options
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it from here
 
 __all__ = [
     "CheckpointError",
