@@ -259,6 +259,90 @@ def test_destination_memory_reused_from_busy_kernels(tmp_path: Path) -> None:
     assert torch.equal(v.cpu(), torch.full((n,), 7.0))
 
 
+# ------------------------------------------------------------------ ring, events, fences
+def test_copier_binds_its_own_device_only() -> None:
+    copier = _staging.TorchCopier("cuda")
+    assert copier.device == torch.device("cuda", torch.cuda.current_device())
+    copier.bind(torch.zeros(4, device="cuda"))
+    with pytest.raises(ValueError, match="was given to the copier of cuda"):
+        copier.bind(torch.zeros(4))
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match="on cuda:1 was given to the copier of cuda:0"):
+            _staging.TorchCopier("cuda:0").bind(torch.zeros(4, device="cuda:1"))
+
+
+def test_ring_events_are_blocking_and_one_per_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting threads sleep in the driver (blocking events), and a slot's event is recorded
+    again at each issue rather than a new event made per batch."""
+    made: list[dict[str, Any]] = []
+    real = torch.cuda.Event
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "Event", spy)
+    path = tmp_path / "m.pt"
+    torch.save(_state(), path)
+    with ckptio.options(**RING):
+        got = ckptio.load(path, map_location="cuda")
+    assert_same(torch.load(path, map_location="cuda"), got)
+    assert made and all(k.get("blocking") is True for k in made)
+    assert len(made) <= RING["staging_buffers"]  # 12+ fills, one event per slot
+
+
+def test_a_load_that_flushes_each_storage_uses_one_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user global ends the deferral of reads: every storage is flushed on its own, and all
+    share the load's one ring of pinned slots."""
+    import fractions
+
+    allocations: list[int] = []
+    real = _staging.TorchCopier.allocate
+
+    def spy(self: Any, nbytes: int) -> Any:
+        allocations.append(nbytes)
+        return real(self, nbytes)
+
+    monkeypatch.setattr(_staging.TorchCopier, "allocate", spy)
+    obj: dict[str, Any] = {"c": fractions.Fraction(1, 3)}
+    obj.update({f"w{i}": torch.randn(1000 + i) for i in range(200)})
+    path = tmp_path / "u.pt"
+    torch.save(obj, path)
+    with ckptio.options(**RING):
+        got = ckptio.load(path, map_location="cuda", weights_only=False)
+    assert_same(torch.load(path, map_location="cuda", weights_only=False), got)
+    assert 1 <= len(allocations) <= RING["staging_buffers"]
+
+
+def test_a_copy_issue_failing_part_way_is_fenced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch whose issue raises after queueing work on the side stream: when the error
+    reaches the caller, nothing is pending there (the destinations may be freed)."""
+    real = _staging.TorchCopier.to_device
+    calls: list[int] = []
+
+    def failing(self: Any, slot: Any, segments: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.cuda.stream(self._stream):
+                torch.cuda._sleep(200_000_000)  # queued, runs late
+            raise RuntimeError("copy issue failed part way")
+        return real(self, slot, segments)
+
+    monkeypatch.setattr(_staging.TorchCopier, "to_device", failing)
+    path = tmp_path / "big.pt"
+    torch.save({"x": torch.randn(4 * MIB)}, path)
+    with ckptio.options(**RING), pytest.raises(RuntimeError, match="part way"):
+        ckptio.load(path, map_location="cuda")
+    side = _staging._side_stream(torch.device("cuda", torch.cuda.current_device()))
+    assert side.query()
+
+
 # ----------------------------------------------------------------------- load_into hook
 def test_stream_to_device_fills_existing_gpu_tensors(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(2)
