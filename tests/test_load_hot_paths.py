@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import _core, _unpickler
+from ckptio import _core, _storage_types, _unpickler
 
 from conftest import V3_DTYPE, assert_same, assert_same_sharing
 
@@ -178,10 +178,8 @@ def test_slicer_slices_and_shares() -> None:
     assert type(typed) is _TypedStorage and typed.dtype == torch.float32
     assert typed._untyped_storage.tolist() == list(range(8, 16))
     assert not typed._untyped_storage.resizable()
-    assert (
-        typed.__dict__
-        == _unpickler._typed_storage_by_constructor(typed._untyped_storage, torch.float32).__dict__
-    )
+    by_constructor = _storage_types.typed_storage_by_constructor
+    assert typed.__dict__ == by_constructor(typed._untyped_storage, torch.float32).__dict__
     assert loaded == {"0": typed}
     assert slicer(("storage", torch.FloatStorage, "0", "cpu", 2)) is typed  # a tie
     assert recorder.calls == []
@@ -266,7 +264,7 @@ def _rebuild(make_empty: Any = None) -> tuple[Any, list[tuple[Any, ...]]]:
 
 def _fixed(nbytes: int, dtype: torch.dtype = torch.float32) -> Any:
     owner = torch.arange(nbytes, dtype=torch.uint8).untyped_storage()
-    return _unpickler._typed_storage(_unpickler._slice(owner, slice(0, nbytes)), dtype)
+    return _storage_types.typed_storage(_unpickler._slice(owner, slice(0, nbytes)), dtype)
 
 
 def test_rebuild_builds_torchs_tensor() -> None:
@@ -303,7 +301,7 @@ def test_rebuild_hands_anything_unusual_to_the_fallback(case: str) -> None:
     storage = _fixed(16)
     args: tuple[Any, ...] = (storage, 0, (4,), (1,), False, OrderedDict())
     if case == "resizable":  # meta and device storages: Python checks the geometry first
-        args = (_unpickler._typed_storage(torch.UntypedStorage(16), torch.float32), *args[1:])
+        args = (_storage_types.typed_storage(torch.UntypedStorage(16), torch.float32), *args[1:])
     elif case == "untyped":
         args = (storage._untyped_storage, *args[1:])
     elif case == "not_storage":

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import _archive, _core, _unpickler
+from ckptio import _archive, _core, _storage_types, _unpickler
 
 from conftest import assert_same, assert_same_sharing
 
@@ -66,17 +66,17 @@ def test_result_freed_without_gc(tmp_path: Path, mmap: bool, weights_only: bool)
 
 
 def test_typed_storage_shortcut_is_taken_and_exact() -> None:
-    assert _unpickler._direct_construction_matches()
-    assert _unpickler._typed_storage is _unpickler._typed_storage_direct
+    assert _storage_types.direct_construction_matches()
+    assert _storage_types.typed_storage is _storage_types.typed_storage_direct
     storage = torch.UntypedStorage(8)
-    fast = _unpickler._typed_storage(storage, torch.int16)
+    fast = _storage_types.typed_storage(storage, torch.int16)
     ref = torch.storage.TypedStorage(wrap_storage=storage, dtype=torch.int16, _internal=True)
     assert type(fast) is type(ref)
     assert fast.__dict__ == ref.__dict__
     assert fast._size() == ref._size() == 4
     # Anything but a plain UntypedStorage goes through the constructor and its checks.
     with pytest.raises(TypeError):
-        _unpickler._typed_storage(object(), torch.int16)
+        _storage_types.typed_storage(object(), torch.int16)
 
 
 @pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])

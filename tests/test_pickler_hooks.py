@@ -14,7 +14,7 @@ import torch
 
 import ckptio
 from ckptio import _core, _pickler
-from ckptio._unpickler import _typed_storage
+from ckptio._storage_types import typed_storage
 
 from conftest import V3_DTYPE, same_values
 
@@ -173,7 +173,7 @@ def _c_ids() -> tuple[Any, dict[str, Any], list[Any]]:
 
 
 def _typed(t: torch.Tensor) -> Any:
-    return _typed_storage(t.untyped_storage(), t.dtype)
+    return typed_storage(t.untyped_storage(), t.dtype)
 
 
 def test_c_storage_ids_key_storages_in_order_and_share_keys() -> None:

@@ -20,7 +20,7 @@ from typing import IO, Any, Iterator, Sequence, Union
 import torch
 
 from . import _core, _safetensors, _staging
-from ._archive import ArchiveReader
+from ._archive import ArchiveReader, check_version
 from ._files import descriptor_file, read_into
 from ._placement import Placement
 from ._unpickler import unpickle_placeholders
@@ -180,9 +180,7 @@ class CheckpointHandle:
             raise CheckpointError(
                 f"{self.name}: saved with a different byte order; read it with ckptio.load"
             )
-        from .serialization import _check_version
-
-        _check_version(archive)
+        check_version(archive)
         obj, loader = unpickle_placeholders(archive)
         for path, value in walk_leaves(obj):
             name = ".".join(str(p) for p in path)

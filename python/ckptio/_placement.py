@@ -72,7 +72,8 @@ class Placement:
         self.name = name
         self.is_meta = is_meta(map_location)
         self._restore: Callable[[Any, str], Any] = _get_restore_location(map_location)
-        self._targets: dict[str, _staging.DeviceTarget | None] = {}
+        self._targets: dict[str, _staging.DeviceTarget | None] = {}  # by saved location
+        self._devices: dict[str, _staging.DeviceTarget | None] = {}  # by restore target
         self._keeps: dict[str, bool | None] = {}
 
     def keeps_on_cpu(self, location: str) -> bool | None:
@@ -92,12 +93,18 @@ class Placement:
     def staged_target(self, location: str) -> _staging.DeviceTarget | None:
         """Where a storage saved at `location` streams to, when map_location sends it to a
         staged device (a CUDA device given as str, torch.device or dict value; callables keep
-        torch's path, as only calling them tells where a storage goes); else None."""
+        torch's path, as only calling them tells where a storage goes); else None. Saved
+        locations that go to the same device share one target, and so one staging ring."""
         staged = self._targets.get(location, _UNKNOWN)
         if staged is _UNKNOWN:
             try:
                 target = _restore_target(self.map_location, location)
-                staged = None if target is None else _staging.staging_target(target)
+                if target is None:
+                    staged = None
+                elif target in self._devices:
+                    staged = self._devices[target]
+                else:
+                    staged = self._devices[target] = _staging.staging_target(target)
             except Exception as e:
                 blamed = self.location_error(e, location)
                 if blamed is None:

@@ -37,22 +37,16 @@ import pickle
 import threading
 import types
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
 from . import _core, _staging
+from ._align import ALIGNMENT
 from ._archive import ArchiveReader
 from ._files import read_into
 from ._placement import Placement
-from ._storage_types import (
-    direct_construction_matches as _direct_construction_matches,  # noqa: F401 - tests' name
-)
-from ._storage_types import typed_storage as _typed_storage
-from ._storage_types import (
-    typed_storage_by_constructor as _typed_storage_by_constructor,  # noqa: F401 - tests' name
-)
-from ._storage_types import typed_storage_direct as _typed_storage_direct
+from ._storage_types import typed_storage, typed_storage_direct
 from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
@@ -130,12 +124,24 @@ def _fix_import(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
+class Records(Protocol):
+    """What a StorageLoader reads storages from: a torch archive (ArchiveReader) or the
+    tensors of a safetensors file. ``records`` maps ``data/<key>`` to (data offset, size,
+    zip method); ``record(name)`` raises the error that says why a record cannot be used."""
+
+    name: str
+    source: Any
+    records: dict[str, tuple[int, int, int]]
+
+    def record(self, name: str) -> Any: ...
+
+
 class StorageLoader:
     """Creates storages for persistent ids, reading them eagerly, lazily or from a mapping."""
 
     def __init__(
         self,
-        archive: ArchiveReader,
+        archive: Records,
         map_location: Any,
         mapping: _core.Mapping | None = None,
     ) -> None:
@@ -174,7 +180,7 @@ class StorageLoader:
         and disarms when reads stop being deferred. It handles the common case itself (a
         slice wrapped in a TypedStorage: one C call instead of five Python frames) and
         everything else through persistent_load."""
-        if _typed_storage is not _typed_storage_direct:
+        if typed_storage is not typed_storage_direct:
             return self.persistent_load
         slicer = _core.StorageSlicer(
             self.persistent_load,
@@ -224,21 +230,26 @@ class StorageLoader:
         cached = self.loaded.get(key)
         if cached is not None:
             return cached
+        typed = self._wrap(self.storage(key, numel * element_size, location), dtype)
+        if numel:  # as torch: empty storages are not shared
+            self.loaded[key] = typed
+        return typed
+
+    def storage(self, key: str, nbytes: int, location: str) -> Any:
+        """The storage of record data/`key` (`nbytes` bytes, saved at `location`), placed as
+        map_location says: read now, queued for the next flush, or a view of the mapping.
+        A failure that is not the file's is kept as foreign_error and goes out as it is."""
         try:
-            storage = self._storage(numel * element_size, key, location)
+            return self._storage(nbytes, key, location)
         except CheckpointError:
             raise  # the file's records or locations
         except BaseException as e:
             self.foreign_error = e
             raise
-        typed = self._wrap(storage, dtype)
-        if numel:  # as torch: empty storages are not shared
-            self.loaded[key] = typed
-        return typed
 
     def _wrap(self, storage: Any, dtype: torch.dtype) -> Any:
         """What persistent_load returns for `storage` (what _storage made) of `dtype`."""
-        return _typed_storage(storage, dtype)
+        return typed_storage(storage, dtype)
 
     def _storage_type(self, key: str, storage_type: Any) -> tuple[torch.dtype, int]:
         if storage_type is torch.UntypedStorage:
@@ -403,7 +414,7 @@ class StorageLoader:
         self.wait_prefetch()
         if self.pending:
             pending, self.pending = self.pending, array.array("Q")
-            self.archive.read_many(pending)
+            read_into(self.archive.source, pending)
         if self.staged_pending:
             staged, self.staged_pending = self.staged_pending, []
             groups: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
@@ -417,11 +428,11 @@ def _no_slicer() -> None:
     return None
 
 
-def _plan_arena(archive: ArchiveReader) -> tuple[torch.UntypedStorage, dict[str, int], Any]:
+def _plan_arena(archive: Records) -> tuple[torch.UntypedStorage, dict[str, int], Any]:
     """The block of a load's small storages (64-byte aligned slots, as torch's CPU allocator
     aligns), each small record's slot, and the reads that fill the block: (file offset, size,
     slot) uint64 triples, relative to the block's address."""
-    total, offsets, requests = _core.plan_arena(archive.records, _SMALL_STORAGE_BYTES, 64)
+    total, offsets, requests = _core.plan_arena(archive.records, _SMALL_STORAGE_BYTES, ALIGNMENT)
     return host_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
 
 
