@@ -7,14 +7,12 @@ The byte layout lives in C++ (``_core.read_zip_directory``, ``_core.plan_archive
 
 from __future__ import annotations
 
-import array
 import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 from . import _core
-from ._files import read_into
 from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
@@ -74,10 +72,6 @@ class ArchiveReader:
     def read(self, name: str) -> bytes:
         rec = self.record(name)
         return self.source.pread(rec.data_offset, rec.size)
-
-    def read_many(self, requests: array.array) -> None:
-        """Parallel reads of (offset, length, address) triples, GIL released."""
-        read_into(self.source, requests)
 
 
 def archive_name_for(target: object) -> str:

@@ -17,7 +17,6 @@ from typing import IO, Any, Mapping
 import torch
 
 from . import _core
-from ._archive import ArchiveReader
 from ._unpickler import StorageLoader
 from ._util import contiguous_strides
 from ._writer import write_placed
@@ -264,31 +263,29 @@ def _header_shape(dtype_name: str, shape: torch.Size) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- load
-class SafetensorsArchive(ArchiveReader):
-    """The tensors of a safetensors file as the records an ArchiveReader offers
-    (``data/<i>``), so ckptio's StorageLoader reads them as it reads torch storages."""
+class SafetensorsRecords:
+    """The tensors of a safetensors file as records (``data/<i>``: absolute offset, size,
+    stored), what the StorageLoader reads storages from, as it reads a torch archive's."""
 
     def __init__(self, source: Any, header: Header) -> None:  # noqa: D107
         self.source = source
-        self.name = source.name
-        self.prefix = ""
-        self.header = header
+        self.name: str = source.name
         self.records = {f"data/{i}": (t.offset, t.nbytes, 0) for i, t in enumerate(header.tensors)}
+
+    def record(self, name: str) -> Any:
+        """Only called for a record the loader cannot use: every one here is stored."""
+        raise CheckpointError(f"{self.name}: the file has no tensor record {name!r}")
 
 
 def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read in one parallel batch (or viewing `mapping`),
     placed as `map_location` says (saved location: ``cpu``). Keys in file header order."""
     header = read_header(source)
-    archive = SafetensorsArchive(source, header)
-    loader = StorageLoader(archive, map_location, mapping)
+    loader = StorageLoader(SafetensorsRecords(source, header), map_location, mapping)
     tensors: dict[str, torch.Tensor] = {}
     try:
         for i, entry in enumerate(header.tensors):
-            typed = loader.persistent_load(
-                ("storage", torch.UntypedStorage, str(i), "cpu", entry.nbytes)
-            )
-            untyped = typed._untyped_storage
+            untyped = loader.storage(str(i), entry.nbytes, "cpu")
             t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
             tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
         loader.flush()
