@@ -167,6 +167,63 @@ def test_resharded_reads_touch_only_the_covering_bytes(
     assert sorted(planner.committed) == sorted(boxes)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_staged_device_targets_read_through_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """Targets on a staged device (CUDA on a GPU host; the CPU stands in through the
+    copier_for hook) are filled through the pinned ring, not host memory + copy_: a row
+    block straight into the target, a column block into a span on the device that the box
+    is copied out of; the bytes are the same as for host targets."""
+    from ckptio import _staging
+
+    used: list[Any] = []
+
+    def copier_for(device: torch.device) -> Any:
+        made = _staging.TorchCopier(device)
+        used.append(made)
+        return made
+
+    monkeypatch.setattr(_staging, "copier_for", copier_for)
+    full = torch.arange(64 * 32).reshape(64, 32).to(dtype)
+    dcp.save({"t": full}, storage_writer=ckptio.dcp.Writer(tmp_path))
+    reader = ckptio.dcp.Reader(tmp_path)
+    metadata = reader.read_metadata()
+    reader.set_up_storage_reader(metadata, True)
+    (index,) = metadata.storage_data
+    reads: list[tuple[int, int]] = []
+    _core_file_read_into(monkeypatch, reads)
+    boxes = {(32, 0): (16, 32), (0, 8): (64, 8), (5, 3): (0, 4)}
+    targets = {o: torch.full(n, -1).to(dtype) for o, n in boxes.items()}
+    items = [
+        ReadItem(
+            type=LoadItemType.TENSOR,
+            dest_index=MetadataIndex("t"),
+            dest_offsets=torch.Size([0, 0]),
+            storage_index=index,
+            storage_offsets=torch.Size(o),
+            lengths=torch.Size(n),
+        )
+        for o, n in boxes.items()
+    ]
+    planner = _Planner(targets)
+    reader.read_data(LoadPlan(items), planner).wait()  # type: ignore[arg-type]
+    size = dtype.itemsize
+    info = metadata.storage_data[index]
+    # The same byte ranges as for host targets, read into the ring's pinned slots.
+    assert sorted(reads) == sorted(
+        [
+            (info.offset + 32 * 32 * size, 16 * 32 * size),
+            (info.offset + 8 * size, (63 * 32 + 15 - 8 + 1) * size),
+        ]
+    )
+    assert sum(c.allocated for c in used) > 0  # the ring's slots were used
+    assert torch.equal(targets[(32, 0)], full[32:48])
+    assert torch.equal(targets[(0, 8)], full[:, 8:16])
+    assert targets[(5, 3)].shape == (0, 4)
+    assert sorted(planner.committed) == sorted(boxes)
+
+
 def _core_file_read_into(monkeypatch: pytest.MonkeyPatch, reads: list[tuple[int, int]]) -> list:
     """Records the (offset, length) of every read the reader batches."""
     from ckptio import _core

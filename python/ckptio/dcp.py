@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _core, serialization
+from . import _core, _staging, serialization
 from ._align import ALIGNMENT
 from ._files import atomic_file, read_into, write_bytes
 from ._unpickler import needs_dict_memo
@@ -327,6 +327,7 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         with _core.File.open(path, _core.FileMode.READ) as file:
             size = file.size
             requests = array.array("Q")
+            to_device: list[tuple[int, int, torch.Tensor]] = []
             pending: list[tuple[ReadItem, torch.Tensor, torch.Tensor | None]] = []
             byte_items: list[ReadItem] = []
             for item in items:
@@ -340,10 +341,10 @@ class Reader(_DirectoryCheckpoint, StorageReader):
                     byte_items.append(item)
                     continue
                 target = planner.resolve_tensor(item).detach()
-                staged = self._plan_tensor_read(path, item, info, target, requests)
+                staged = self._plan_tensor_read(path, item, info, target, requests, to_device)
                 pending.append((item, target, staged))
-            if requests:
-                read_into(file, requests)  # GIL released
+            read_into(file, requests)  # GIL released
+            _staging.stream_to_device(file, to_device)  # CUDA: through the pinned ring
             for item, target, staged in pending:
                 if staged is not None:
                     target.copy_(staged)
@@ -360,10 +361,12 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         info: StorageInfo,
         target: torch.Tensor,
         requests: array.array,
+        to_device: list[tuple[int, int, torch.Tensor]],
     ) -> torch.Tensor | None:
         """Queues the read of the smallest byte range of the stored chunk that covers the
-        requested box; returns the staging view to copy from, or None when the bytes go
-        straight into `target`."""
+        requested box: into host memory (`requests`), or for a target on a staged device
+        (CUDA) into device memory through the pinned ring (`to_device`). Returns the staging
+        view to copy from, or None when the bytes go straight into `target`."""
         dtype = _dtype(path, info.dtype)
         shape = tuple(info.shape or ())
         offsets, lengths = tuple(item.storage_offsets), tuple(item.lengths)
@@ -403,13 +406,14 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         last = sum((o + n - 1) * s for o, n, s in zip(offsets, lengths, strides, strict=True))
         span = last - first + 1
         start = info.offset + first * itemsize
-        direct = (
-            span == count
-            and target.device.type == "cpu"
-            and target.dtype == dtype
-            and target.is_contiguous()
-        )
-        if direct:
+        direct = span == count and target.dtype == dtype and target.is_contiguous()
+        if _is_staged(target.device):
+            # Device memory the ring copies into: the target itself, or a span on the same
+            # device that the box is then copied out of there.
+            dest = target if direct else torch.empty(span, dtype=dtype, device=target.device)
+            to_device.append((start, span * itemsize, dest))
+            return None if direct else dest.as_strided(lengths, strides)
+        if direct and target.device.type == "cpu":
             requests.extend((start, span * itemsize, target.data_ptr()))
             return None
         staging = torch.empty(span, dtype=dtype)
@@ -430,6 +434,12 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         out = io.BytesIO()
         serialization.torch_save(value, out)
         return out.getvalue()
+
+
+def _is_staged(device: torch.device) -> bool:
+    """Whether reads into `device` go through the pinned staging ring (CUDA: there is a
+    copier for it)."""
+    return _staging.copier_for(device) is not None
 
 
 class _WeightsOnlyBytes:
