@@ -573,11 +573,9 @@ class TorchCopier:
         self.allocated = 0
         self._scratch: torch.Tensor | None = None
         self._stream: Any = None
+        self._ordered = False  # the side stream waits for the caller's since the last finish
         if self.cuda:
             self._stream = _side_stream(self.device)
-            # Destinations were allocated (and sources written) on the caller's stream, whose
-            # memory may still be in use by earlier kernels: order the side stream after it.
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def allocate(self, nbytes: int) -> HostSlot:
         t = torch.empty((nbytes,), dtype=torch.uint8, pin_memory=self.cuda)
@@ -598,6 +596,13 @@ class TorchCopier:
         if not self.cuda:
             fn()
             return _DoneEvent()
+        if not self._ordered:
+            # Destinations were allocated (and sources written) on the caller's stream, whose
+            # memory may still be in use by kernels queued there: order the side stream after
+            # it, at each pipeline run (a load's copier serves all its flushes, and kernels
+            # may be queued between them).
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._ordered = True
         with torch.cuda.stream(self._stream):
             fn()  # raising part way through: the pipeline fences (see fence)
         # One event per slot, recorded again at each issue: the pipeline waits for a slot's
@@ -647,6 +652,7 @@ class TorchCopier:
     def finish(self) -> None:
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            self._ordered = False
 
     def fence(self) -> None:
         if self.cuda:  # everything queued on the side stream so far, partial batches too
