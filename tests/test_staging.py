@@ -33,7 +33,6 @@ import ckptio
 from _simulated_copier import SimulatedCopier
 from ckptio import _core, _staging
 from ckptio._staging import (
-    DevicePayload,
     DeviceTarget,
     TorchCopier,
     plan_fills,
@@ -647,6 +646,8 @@ def test_bind_checks_the_device_index() -> None:
 
 
 def test_device_payload_reports_its_size() -> None:
+    from ckptio._writer import DevicePayload
+
     s = torch.zeros(10, dtype=torch.float64).untyped_storage()
     assert DevicePayload(s, TorchCopier("cpu")).nbytes == 80
 

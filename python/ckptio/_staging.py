@@ -56,19 +56,15 @@ from .settings import get_options
 
 __all__ = [
     "Copier",
-    "DevicePayload",
     "Fill",
     "HostSlot",
     "Ring",
     "TorchCopier",
     "copier_for",
-    "payload_size",
     "plan_fills",
-    "save_payloads",
     "stream_in",
     "stream_out",
     "stream_to_device",
-    "write_payloads_at",
 ]
 
 #: Offsets of pieces inside a host buffer are aligned to this (DMA- and vector-friendly).
@@ -791,114 +787,3 @@ def stream_to_device(
         copiers[device] = made
     for device, group in by_device.items():
         load_into_storages(source, group, copiers[device])
-
-
-# ------------------------------------------------------------------------------- saving
-@dataclasses.dataclass(frozen=True)
-class DevicePayload:
-    """A record payload that lives in device memory and streams out through the ring."""
-
-    storage: torch.UntypedStorage
-    copier: Copier
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.storage.nbytes())
-
-
-def save_payloads(
-    storages: Sequence[torch.UntypedStorage],
-    copiers: dict[torch.device, Copier | None] | None = None,
-) -> tuple[list[Any], list[Any]]:
-    """The record payloads of storages being saved, and host copies that must stay alive
-    meanwhile (the caller keeps `storages` alive too).
-
-    CPU storages are written from their own memory ((address, nbytes) pairs); storages on a
-    staged device (CUDA) become DevicePayloads, one copier per device, streamed through the
-    ring; any other device is copied to the CPU whole, as before. `copiers`: the copier of
-    each device the caller already asked :func:`copier_for` about (filled in as needed).
-    """
-    payloads: list[Any] = []
-    keepalive: list[Any] = []  # host copies of storages of unstaged devices
-    if copiers is None:
-        copiers = {}
-    cpu = torch.device("cpu")
-    if cpu not in copiers:
-        copiers[cpu] = copier_for(cpu)
-    cpu_copier = copiers[cpu]  # None, unless a test stages CPU storages
-    for storage in storages:
-        device = storage.device
-        if device.type == "cpu":  # the hot path: one test per storage
-            if cpu_copier is None:
-                payloads.append((storage.data_ptr(), storage.nbytes()))
-                continue
-            copier: Copier | None = cpu_copier
-        else:
-            if device not in copiers:
-                copiers[device] = copier_for(device)
-            copier = copiers[device]
-        if copier is not None:
-            payloads.append(DevicePayload(storage, copier))
-            continue
-        host = storage.cpu()
-        keepalive.append(host)
-        payloads.append((host.data_ptr(), host.nbytes()))
-    return payloads, keepalive
-
-
-def write_payloads_at(
-    file: _core.File, placed: Sequence[tuple[Any, int, Any]], *, crc32: bool
-) -> dict[Any, int]:
-    """Writes each (key, file offset, payload) of `placed`: DevicePayloads stream through
-    their copier's ring (one pass per copier), (address, nbytes) pairs go out in one parallel
-    write. The payloads of records an archive writer reserved (ArchiveWriter.reserve) are
-    written this way. With `crc32`, returns the CRC-32 of each key's payload."""
-    opts = get_options()
-    crcs: dict[Any, int] = {}
-    by_copier: dict[int, tuple[Copier, list[tuple[int, int, Any]]]] = {}
-    host = array.array("Q")
-    for key, offset, p in placed:
-        if isinstance(p, DevicePayload):
-            if p.nbytes:
-                entry = by_copier.setdefault(id(p.copier), (p.copier, []))
-                entry[1].append((offset, p.nbytes, (key, entry[0].bind(p.storage))))
-            elif crc32:
-                crcs[key] = 0
-            continue
-        address, size = p
-        if size:
-            host.extend((offset, size, address))
-        if crc32:
-            crcs[key] = _core.crc32(_core.raw_memoryview(address, size)) if size else 0
-    buffer_bytes, buffers, threads, chunk = _knobs()
-    for copier, requests in by_copier.values():
-        fills = plan_fills(requests, buffer_bytes)
-        # Targets are (key, bound target): the copier sees the bound target, the key names
-        # the CRC.
-        for fill in fills:
-            fill.keys = [t[0] for _, _, t, _ in fill.segments]
-            fill.segments = [(h, m, t[1], o) for h, m, t, o in fill.segments]
-        crcs.update(
-            stream_out(
-                file,
-                fills,
-                copier,
-                buffers=buffers,
-                threads=threads,
-                chunk_bytes=chunk,
-                crc32=crc32,
-            )
-        )
-    if len(host):
-        file.write_from(host, opts.threads, opts.write_chunk_bytes)
-    return crcs
-
-
-def payload_size(p: Any) -> int:
-    """Bytes of an archive record's payload: a DevicePayload, an (address, nbytes) pair or a
-    bytes-like object."""
-    if isinstance(p, DevicePayload):
-        return p.nbytes
-    if isinstance(p, tuple):
-        return int(p[1])
-    return memoryview(p).nbytes
