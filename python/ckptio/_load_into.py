@@ -78,7 +78,7 @@ def _flatten(obj: Any, leaf: type) -> dict[Path, Any]:
         if not nested:
             return out
         out.clear()
-    return {path: v for path, v in walk_leaves(obj) if isinstance(v, leaf)}
+    return {path: v for path, v in walk_leaves(obj, leaf=leaf) if isinstance(v, leaf)}
 
 
 def _name(path: Path) -> str:

@@ -125,11 +125,14 @@ def _children(link: Any, items: Iterable[tuple[Any, Any]]) -> Iterator[tuple[Any
     return (((link, key), value) for key, value in items)
 
 
-def walk_leaves(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+def walk_leaves(
+    obj: Any, path: tuple = (), leaf: type | tuple[type, ...] = ()
+) -> Iterator[tuple[tuple, Any]]:
     """(key path, leaf) pairs of a saved object, in order, each path prefixed by `path`:
-    dicts by key, lists and tuples by index (a torch.Size and empty containers are leaves).
-    Iterative, each path built only for its leaf: a pickle may nest objects as deep as
-    CPython's (iterative) unpickler builds them, and walks in linear time."""
+    dicts by key, lists and tuples by index (a torch.Size, empty containers and instances of
+    `leaf`, such as a NamedTuple, are leaves). Iterative, each path built only for its
+    leaf: a pickle may nest objects as deep as CPython's (iterative) unpickler builds them,
+    and walks in linear time."""
     # Each object comes with its link, (its container's link, its key); the root's is None.
     stack: list[Iterator[tuple[Any, Any]]] = [iter([(None, obj)])]
     while stack:
@@ -138,13 +141,15 @@ def walk_leaves(obj: Any, path: tuple = ()) -> Iterator[tuple[tuple, Any]]:
             stack.pop()
             continue
         link, o = entry
-        if isinstance(o, dict) and o:
-            stack.append(_children(link, o.items()))
-        elif isinstance(o, (list, tuple)) and o and not isinstance(o, torch.Size):
-            stack.append(_children(link, enumerate(o)))
-        else:  # a tensor, or any other leaf
-            keys = []
-            while link is not None:
-                link, key = link
-                keys.append(key)
-            yield (*path, *reversed(keys)), o
+        if not (leaf and isinstance(o, leaf)):
+            if isinstance(o, dict) and o:
+                stack.append(_children(link, o.items()))
+                continue
+            if isinstance(o, (list, tuple)) and o and not isinstance(o, torch.Size):
+                stack.append(_children(link, enumerate(o)))
+                continue
+        keys = []  # a tensor, or any other leaf
+        while link is not None:
+            link, key = link
+            keys.append(key)
+        yield (*path, *reversed(keys)), o
