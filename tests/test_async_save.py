@@ -45,14 +45,14 @@ class Gate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.open = threading.Event()
         self.started: list[str] = []
-        real = async_module._write_to
+        real = async_module.write_to
 
         def gated(f: Any, *args: Any) -> None:
             self.started.append(Path(f).name if isinstance(f, (str, os.PathLike)) else repr(f))
             assert self.open.wait(60), "the gate was never opened"
             real(f, *args)
 
-        monkeypatch.setattr(async_module, "_write_to", gated)
+        monkeypatch.setattr(async_module, "write_to", gated)
 
 
 @pytest.fixture

@@ -391,7 +391,8 @@ def test_staged_map_location_streams_through_the_ring(
 ) -> None:
     """A map_location that sends storages to a staged device (CUDA on a GPU host; here the CPU
     stands in for it) reads a handle's tensors straight into device memory through the pinned
-    ring, as load does, with the same values, dtypes, shapes and strides as torch.load."""
+    ring, as load does, with the same values, dtypes, shapes and strides as torch.load; the
+    handle keeps one ring for all its reads and releases it when closed."""
     from ckptio import _staging
 
     copiers: list[Any] = []
@@ -423,7 +424,10 @@ def test_staged_map_location_streams_through_the_ring(
     with ckptio.open(path, map_location="cpu") as h:
         got = h.get_tensors()
         part = h.get_slice("w")[3:9, 2:5]
-    assert copiers, "no tensor went through the ring"
+        (target,) = {id(t): t for t in h._placement._devices.values()}.values()
+        assert target.ring is not None
+    assert len(copiers) == 1, "one ring for the handle, every read through it"
+    assert target.ring is None  # released with the handle
     for name, expected in sd.items():
         assert_tensor_same(got[name], expected.contiguous() if name == "t" else expected)
     assert_tensor_same(part, base[3:9, 2:5].contiguous())

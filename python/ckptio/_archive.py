@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 from . import _core
 from ._util import gc_paused
@@ -134,18 +134,3 @@ def check_version(archive: ArchiveReader) -> None:
             f"{archive.name}: unsupported archive version {raw[:20]!r} "
             "(torch reads versions 1 to 10)"
         )
-
-
-# Former names, moved to the save pipeline (_writer.py): _async.py still imports them here.
-def torch_records(*args: Any, **kwargs: Any) -> Any:
-    """Moved: _writer.torch_records."""
-    from ._writer import torch_records
-
-    return torch_records(*args, **kwargs)
-
-
-def write_archive(*args: Any, **kwargs: Any) -> Any:
-    """Moved: _writer.write_archive."""
-    from ._writer import write_archive
-
-    return write_archive(*args, **kwargs)

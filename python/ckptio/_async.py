@@ -30,10 +30,12 @@ from typing import IO, Any, Callable, Union
 import torch
 
 from . import _core
-from ._archive import archive_name_for, torch_records, write_archive
+from ._archive import archive_name_for
+from ._files import is_path, write_to
 from ._pickler import dumps
 from ._staging import completion_event
-from .serialization import DEFAULT_PROTOCOL, _is_path, _write_to, save
+from ._writer import write_torch_archive
+from .serialization import DEFAULT_PROTOCOL, save
 from .settings import Options, get_options, options
 
 __all__ = ["SaveFuture", "async_save", "wait_all"]
@@ -252,12 +254,12 @@ def async_save(
         >>> optimizer.step()  # modifies the parameters: the file keeps the old values
         >>> fut.result()      # raises if the write failed
     """
-    if not _is_path(f) and not callable(getattr(f, "write", None)):
+    if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     opts = get_options()
     limit = opts.async_max_pending
-    key: object = os.path.realpath(os.fsdecode(f)) if _is_path(f) else id(f)  # type: ignore[arg-type]
-    target = os.fsdecode(f) if _is_path(f) else repr(f)  # type: ignore[arg-type]
+    key: object = os.path.realpath(os.fsdecode(f)) if is_path(f) else id(f)  # type: ignore[arg-type]
+    target = os.fsdecode(f) if is_path(f) else repr(f)  # type: ignore[arg-type]
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
         # Formats only torch writes (legacy, skip_data): saved now, after any pending save
@@ -295,25 +297,22 @@ def async_save(
             _wait_for_copies(set(on_gpu), quiet=True)
             raise
         _wait_for_copies(set(on_gpu))  # the copies are complete: the caller may go on
-        specs, payloads = torch_records(
-            pickle_bytes,
-            payloads,
-            data_alignment=opts.data_alignment,
-            byteorder=None if _disable_byteorder_record else sys.byteorder,
-        )
     except BaseException:
         _scheduler.release(buffer, limit)
         raise
     del storages
     future = SaveFuture(target)
     name = archive_name_for(f)
+    byteorder = None if _disable_byteorder_record else sys.byteorder
 
     def write() -> None:
         try:
             with options(**_as_changes(opts)):
-                _write_to(
+                write_to(
                     f,
-                    lambda target: write_archive(target, name, specs, payloads, crc32=opts.crc32),
+                    lambda target: write_torch_archive(
+                        target, name, pickle_bytes, payloads, byteorder=byteorder
+                    ),
                     opts.durable,
                 )
         finally:

@@ -121,6 +121,7 @@ class CheckpointHandle:
         self.name = file.name
         self.map_location = map_location
         self._placement = Placement(map_location, self.name)
+        self._ring_lock = threading.Lock()
         self._lock = threading.Condition()
         self._active = 0
         self._closed = False
@@ -351,8 +352,12 @@ class CheckpointHandle:
             self._active += 1
         try:
             read_into(self._file, requests)
-            for target, reads in staged:
-                _staging.load_into_storages(self._file, reads, target.make_copier())
+            if staged:
+                # One ring per device for the handle's life (pinned memory is costly to
+                # allocate); reads from several threads take turns on it.
+                with self._ring_lock:
+                    for target, reads in staged:
+                        target.load(self._file, reads)
         finally:
             with self._lock:
                 self._active -= 1
@@ -366,6 +371,7 @@ class CheckpointHandle:
             self._closed = True
             while self._active:
                 self._lock.wait()
+        self._placement.close()  # the pinned staging rings
         self._file.close()
 
     @property

@@ -113,6 +113,12 @@ class Placement:
             self._targets[location] = staged
         return staged  # type: ignore[no-any-return]
 
+    def close(self) -> None:
+        """Releases the staging rings of the device targets (their pinned memory)."""
+        for target in self._devices.values():
+            if target is not None:
+                target.close()
+
     def restore(self, storage: Any, location: str) -> Any:
         """torch's restore_location(storage, location), its failures classified."""
         try:

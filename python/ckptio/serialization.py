@@ -43,14 +43,6 @@ torch_save = torch.serialization.save
 torch_load = torch.serialization.load
 
 
-# Former private names, kept for the modules that still import them (_async: _is_path,
-# _write_to; _open: _check_version): the public ones are _files.is_path, _files.write_to and
-# _archive.check_version.
-_is_path = is_path
-_write_to = write_to
-_check_version = check_version
-
-
 # ------------------------------------------------------------------------------------- save
 def save(
     obj: object,
