@@ -48,11 +48,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sd.pt"
         torch.save(sd, path)
-        pkl = ArchiveReader(_core.BufferSource(path.read_bytes(), "sd")).read("data.pkl")
+        pkl = ArchiveReader(_core.io.BufferSource(path.read_bytes(), "sd")).read("data.pkl")
         ours, theirs, scans, ours_total, theirs_total = [], [], [], [], []
         for _ in range(args.repeat):
             t0 = time.perf_counter()
-            _core.scan_pickle(pkl, True)
+            _core.pickling.scan_pickle(pkl, True)
             scans.append(time.perf_counter() - t0)
             for _who, load, match, sink, total in (
                 (

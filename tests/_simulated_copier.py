@@ -102,7 +102,7 @@ class SimulatedCopier:
             return self._in_flight
 
     def allocate(self, nbytes: int) -> HostSlot:
-        buf = _core.HostBuffer(nbytes, False)
+        buf = _core.io.HostBuffer(nbytes, False)
         self.allocated += 1
         return HostSlot(buf.address, nbytes, buf)
 
@@ -178,5 +178,5 @@ class SimulatedCopier:
 def _slot_digest(slot: HostSlot, segments: Sequence[Segment]) -> int:
     crc = 0
     for h, n, _, _ in segments:
-        crc = zlib.crc32(_core.raw_memoryview(slot.address + h, n), crc)
+        crc = zlib.crc32(_core.io.raw_memoryview(slot.address + h, n), crc)
     return crc

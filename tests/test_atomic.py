@@ -317,17 +317,17 @@ def test_unreadable_target_is_replaced_without_holding_it(
 
 # ------------------------------------------------------------ the mechanism: _files.atomic_file
 def _record_directory_syncs(monkeypatch: pytest.MonkeyPatch, target: Path) -> list[str]:
-    """Replaces _core.sync_directory with a recorder noting, per call, the directory and
+    """Replaces _core.io.sync_directory with a recorder noting, per call, the directory and
     whether `target` already held its new contents (b"new") then."""
     calls: list[str] = []
-    real = _core.sync_directory
+    real = _core.io.sync_directory
 
     def sync_directory(path: str) -> None:
         renamed = target.exists() and target.read_bytes() == b"new"
         calls.append(f"{os.path.realpath(path)}:{'renamed' if renamed else 'not renamed'}")
         real(path)
 
-    monkeypatch.setattr(_core, "sync_directory", sync_directory)
+    monkeypatch.setattr(_core.io, "sync_directory", sync_directory)
     return calls
 
 
@@ -339,7 +339,7 @@ def test_atomic_file_replaces_the_target_and_syncs_the_directory_after_the_renam
     target.write_bytes(b"old")
     calls = _record_directory_syncs(monkeypatch, target)
     with _files.atomic_file(target, durable) as file:
-        assert isinstance(file, _core.File)
+        assert isinstance(file, _core.io.File)
         temp = Path(file.name)
         assert temp.parent == tmp_path and temp.name.startswith(".f.bin.ckptio-")
         assert temp.name.endswith(".tmp")
@@ -389,9 +389,9 @@ def test_atomic_file_refuses_what_a_rename_must_not_replace(tmp_path: Path) -> N
 
 
 def test_sync_directory_is_bound_and_reports_the_path(tmp_path: Path) -> None:
-    _core.sync_directory(str(tmp_path))
+    _core.io.sync_directory(str(tmp_path))
     with pytest.raises(FileNotFoundError) as info:
-        _core.sync_directory(str(tmp_path / "missing"))
+        _core.io.sync_directory(str(tmp_path / "missing"))
     assert info.value.errno == errno.ENOENT and info.value.filename == str(tmp_path / "missing")
 
 
@@ -409,13 +409,13 @@ def test_dcp_metadata_is_written_atomically_and_durably(
     from ckptio.dcp import METADATA_NAME, Writer
 
     directory_syncs: list[str] = []
-    real = _core.sync_directory
+    real = _core.io.sync_directory
 
     def sync_directory(path: str) -> None:
         directory_syncs.append(os.path.realpath(path))
         real(path)
 
-    monkeypatch.setattr(_core, "sync_directory", sync_directory)
+    monkeypatch.setattr(_core.io, "sync_directory", sync_directory)
     dcp.save({"w": torch.arange(10.0)}, storage_writer=Writer(tmp_path, durable=durable))
     assert (tmp_path / METADATA_NAME).exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -17,6 +17,6 @@ def test_parallel_read_releases_the_gil(tmp_path):
     path.write_bytes(bytes(range(256)) * (nbytes // 256))
     dst = torch.empty(nbytes, dtype=torch.uint8)
     requests = array.array("Q", [0, nbytes, dst.data_ptr()])
-    with _core.File.open(str(path), _core.FileMode.READ) as f:
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f:
         assert_releases_gil(lambda: f.read_into(requests, 1, 1 << 20))
     assert torch.equal(dst[:512], torch.arange(256, dtype=torch.uint8).repeat(2))

@@ -175,8 +175,8 @@ def test_durable_fsyncs_the_file_then_the_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
 ) -> None:
     events: list[str] = []
-    real_sync = _core.File.sync
-    real_sync_directory = _core.sync_directory
+    real_sync = _core.io.File.sync
+    real_sync_directory = _core.io.sync_directory
 
     def file_sync(self: Any) -> None:
         events.append(f"file:{'tmp' if self.name.endswith('.tmp') else self.name}")
@@ -187,8 +187,8 @@ def test_durable_fsyncs_the_file_then_the_directory(
         events.append(f"dir:{'renamed' if (tmp_path / 'ckpt.pt').exists() else 'absent'}")
         real_sync_directory(path)
 
-    monkeypatch.setattr(_core.File, "sync", file_sync)
-    monkeypatch.setattr(_core, "sync_directory", sync_directory)
+    monkeypatch.setattr(_core.io.File, "sync", file_sync)
+    monkeypatch.setattr(_core.io, "sync_directory", sync_directory)
     with ckptio.options(durable=durable):
         ckptio.save({"w": torch.ones(100)}, tmp_path / "ckpt.pt")
     # The data reaches the disk before the rename, the directory entry after it.

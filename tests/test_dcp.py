@@ -229,7 +229,7 @@ def _core_file_read_into(monkeypatch: pytest.MonkeyPatch, reads: list[tuple[int,
     from ckptio import _core
 
     calls: list = []
-    real_open = _core.File.open
+    real_open = _core.io.File.open
 
     class Spy:
         def __init__(self, file: Any) -> None:
@@ -252,7 +252,7 @@ def _core_file_read_into(monkeypatch: pytest.MonkeyPatch, reads: list[tuple[int,
             self.file.read_into(requests, threads, chunk, base)
 
     monkeypatch.setattr(
-        ckptio.dcp._core,
+        ckptio.dcp._core.io,
         "File",
         type("F", (), {"open": staticmethod(lambda p, m: Spy(real_open(p, m)))}),
     )

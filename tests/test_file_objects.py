@@ -154,17 +154,17 @@ def test_fast_path_only_for_objects_whose_bytes_are_the_descriptors(tmp_path: Pa
     with open(path, "rb") as buffered, open(path, "rb", buffering=0) as raw:
         for f in (buffered, raw):
             file = _files.descriptor_file(f)
-            assert isinstance(file, _core.File)
+            assert isinstance(file, _core.io.File)
             file.close()
     with open(path, "r+b") as rw:
         file = _files.descriptor_file(rw)
-        assert isinstance(file, _core.File)
+        assert isinstance(file, _core.io.File)
         file.close()
     with tempfile.NamedTemporaryFile(dir=tmp_path) as named:
         named.write(path.read_bytes())
         named.seek(0)
         file = _files.descriptor_file(named)
-        assert isinstance(file, _core.File)
+        assert isinstance(file, _core.io.File)
         file.close()
         assert_same(_obj(), ckptio.load(named))
     with gzip.open(gz, "rb") as g, open(path, "rb") as moved:

@@ -359,7 +359,7 @@ def test_golden_bytes(tmp_path: Path, target: str, payload_kind: str) -> None:
     )
     if target == "core-file":
         out = tmp_path / "golden2.pt"
-        with _core.File.open(str(out), _core.FileMode.CREATE) as f:
+        with _core.io.File.open(str(out), _core.io.FileMode.CREATE) as f:
             _writer.write_archive(f, "golden", specs, record_payloads, crc32=True)
         ours = out.read_bytes()
     else:

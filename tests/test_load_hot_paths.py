@@ -1,5 +1,5 @@
-"""The load's C hot paths (csrc/bindings/register_unpickle.cpp): _core.StorageSlicer, the
-persistent_load of storages that are slices of one base storage, and _core.fast_rebuild_v2,
+"""The load's C hot paths (csrc/bindings/register_unpickle.cpp): _core.pickling.StorageSlicer, the
+persistent_load of storages that are slices of one base storage, and _core.pickling.fast_rebuild_v2,
 torch's _rebuild_tensor_v2 for CPU storages that cannot grow.
 
 Both do only the common case and hand everything else to the Python function they were built
@@ -45,7 +45,7 @@ def _python_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(
         _unpickler.StorageLoader, "unpickler_hook", lambda self: self.persistent_load
     )
-    monkeypatch.setattr(_core, "fast_rebuild_v2", lambda fallback, *_args: fallback)
+    monkeypatch.setattr(_core.pickling, "fast_rebuild_v2", lambda fallback, *_args: fallback)
 
 
 @pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])
@@ -94,8 +94,8 @@ def test_real_loads_take_the_c_paths(
 
         return _core_fast_rebuild(python_rebuild, *args)
 
-    _core_fast_rebuild = _core.fast_rebuild_v2
-    monkeypatch.setattr(_core, "fast_rebuild_v2", counting)
+    _core_fast_rebuild = _core.pickling.fast_rebuild_v2
+    monkeypatch.setattr(_core.pickling, "fast_rebuild_v2", counting)
     out = ckptio.load(path, mmap=mmap)
     assert_same(out, state)
     # The first storage makes the base (the mapping, or the block read in the background)
@@ -158,7 +158,7 @@ def _slicer(
     base = torch.arange(64, dtype=torch.uint8).untyped_storage()
     recorder = _Recorder()
     loaded: dict[str, Any] = {}
-    slicer = _core.StorageSlicer(
+    slicer = _core.pickling.StorageSlicer(
         recorder,
         records if records is not None else {"data/0": (8, 8, 0), "data/1": (16, 4, 0)},
         {torch.FloatStorage: (torch.float32, 4), torch.UntypedStorage: (torch.uint8, 1)},
@@ -251,7 +251,7 @@ def _rebuild(make_empty: Any = None) -> tuple[Any, list[tuple[Any, ...]]]:
         calls.append(args)
         return "fallback"
 
-    f = _core.fast_rebuild_v2(
+    f = _core.pickling.fast_rebuild_v2(
         fallback,
         _TypedStorage,
         torch.UntypedStorage,
@@ -353,20 +353,22 @@ def test_plan_arena_slots_small_records_in_order() -> None:
         "data/4": (20480, 65, 0),
         "version": (30000, 2, 0),
     }
-    total, offsets, requests = _core.plan_arena(records, 1 << 20, 64)
+    total, offsets, requests = _core.pickling.plan_arena(records, 1 << 20, 64)
     assert offsets == {"0": 0, "1": 128, "2": 128, "4": 192}
     assert total == 192 + 128
     assert list(memoryview(requests).cast("Q")) == [4096, 100, 0, 20480, 65, 192]
     with pytest.raises(ValueError, match="power of two"):
-        _core.plan_arena(records, 1 << 20, 48)
+        _core.pickling.plan_arena(records, 1 << 20, 48)
 
 
 def test_read_into_addresses_relative_to_a_base(tmp_path: Path) -> None:
     path = tmp_path / "bytes.bin"
     path.write_bytes(bytes(range(256)))
     block = torch.zeros(64, dtype=torch.uint8)
-    requests = memoryview(_core.plan_arena({"data/a": (10, 5, 0), "data/b": (200, 3, 0)}, 64, 8)[2])
-    with _core.File.open(str(path), _core.FileMode.READ) as f:
+    requests = memoryview(
+        _core.pickling.plan_arena({"data/a": (10, 5, 0), "data/b": (200, 3, 0)}, 64, 8)[2]
+    )
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f:
         f.read_into(requests.cast("Q"), 2, 1 << 20, block.data_ptr())
     assert block[:5].tolist() == list(range(10, 15))
     assert block[8:11].tolist() == [200, 201, 202]

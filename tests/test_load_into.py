@@ -188,7 +188,7 @@ def test_read_items_copies_into_strided_destination(tmp_path: Path) -> None:
     path = tmp_path / "raw.bin"
     path.write_bytes(data.numpy().tobytes())
     dest = torch.zeros(4, 3, dtype=torch.int32).t()  # non-contiguous: read via a temporary
-    with ckptio._core.File.open(str(path), ckptio._core.FileMode.READ) as f:
+    with ckptio._core.io.File.open(str(path), ckptio._core.io.FileMode.READ) as f:
         read_items(f, [ReadItem(0, 48, dest)])
     assert torch.equal(dest, data.reshape(3, 4))
 

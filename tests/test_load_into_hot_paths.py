@@ -1,6 +1,7 @@
-"""load_into's C hot paths (csrc/bindings/register_specs.cpp): _core.spec_persistent_load and
-_core.spec_rebuild_v2, which parse data.pkl into StorageRefs and TensorSpecs, and
-_core.plan_direct_reads, which matches the target's tensors with the file's.
+"""load_into's C hot paths (csrc/bindings/register_specs.cpp):
+_core.pickling.spec_persistent_load and _core.pickling.spec_rebuild_v2, which parse data.pkl
+into StorageRefs and TensorSpecs, and _core.pickling.plan_direct_reads, which matches the
+target's tensors with the file's.
 
 Each does only the common case and hands everything else to Python. The tests check that real
 calls take them, that they give what the Python paths give (and, end to end, what
@@ -29,9 +30,11 @@ TensorSpec = _unpickler.TensorSpec
 
 def _python_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """Makes load_into take the Python functions the C paths stand in for."""
-    monkeypatch.setattr(_core, "spec_persistent_load", lambda fallback, *_args: fallback)
-    monkeypatch.setattr(_core, "spec_rebuild_v2", lambda fallback: fallback)
-    monkeypatch.setattr(_core, "plan_direct_reads", lambda dests, srcs, strided: (b"", list(dests)))
+    monkeypatch.setattr(_core.pickling, "spec_persistent_load", lambda fallback, *_args: fallback)
+    monkeypatch.setattr(_core.pickling, "spec_rebuild_v2", lambda fallback: fallback)
+    monkeypatch.setattr(
+        _core.pickling, "plan_direct_reads", lambda dests, srcs, strided: (b"", list(dests))
+    )
 
 
 def _checkpoint() -> dict[str, Any]:
@@ -52,7 +55,7 @@ def _checkpoint() -> dict[str, Any]:
 
 
 def _specs(path: Path) -> dict[Any, Any]:
-    with _core.File.open(str(path), _core.FileMode.READ) as f:
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f:
         return _load_into._flatten(_unpickler.unpickle_specs(ArchiveReader(f)), TensorSpec)
 
 
@@ -90,7 +93,7 @@ def test_real_parses_take_the_c_paths(tmp_path: Path, monkeypatch: pytest.Monkey
     def counting_rebuilds(name: str) -> Any:
         with monkeypatch.context() as m:  # the Python rebuild under the C one, counted
             m.setattr(
-                _core,
+                _core.pickling,
                 "spec_rebuild_v2",
                 lambda fallback: _core_spec_rebuild_v2(
                     lambda *a: rebuilds.append(a) or fallback(*a)
@@ -98,7 +101,7 @@ def test_real_parses_take_the_c_paths(tmp_path: Path, monkeypatch: pytest.Monkey
             )
             return original_rebuilds(name)
 
-    _core_spec_rebuild_v2 = _core.spec_rebuild_v2
+    _core_spec_rebuild_v2 = _core.pickling.spec_rebuild_v2
     monkeypatch.setattr(_unpickler.StorageLoader, "persistent_load", counting_load)
     monkeypatch.setattr(_unpickler, "_spec_rebuilds", counting_rebuilds)
     target = {k: torch.zeros_like(v) for k, v in state.items()}
@@ -127,7 +130,11 @@ _TYPES: dict[Any, tuple[torch.dtype, int]] = {torch.FloatStorage: (torch.float32
 
 def _spec_load() -> tuple[Any, _Fallback, dict[str, Any]]:
     fallback, loaded = _Fallback(), {}
-    return _core.spec_persistent_load(fallback, _RECORDS, dict(_TYPES), loaded), fallback, loaded
+    return (
+        _core.pickling.spec_persistent_load(fallback, _RECORDS, dict(_TYPES), loaded),
+        fallback,
+        loaded,
+    )
 
 
 def test_spec_persistent_load_common_case() -> None:
@@ -180,7 +187,7 @@ def test_spec_persistent_load_passes_fallback_errors_through() -> None:
     def fallback(saved_id: Any) -> Any:
         raise KeyboardInterrupt
 
-    load = _core.spec_persistent_load(fallback, _RECORDS, {}, {})
+    load = _core.pickling.spec_persistent_load(fallback, _RECORDS, {}, {})
     with pytest.raises(KeyboardInterrupt):
         load(("storage", torch.FloatStorage, "0", "cpu", 6))
 
@@ -188,7 +195,7 @@ def test_spec_persistent_load_passes_fallback_errors_through() -> None:
 # -- spec_rebuild_v2 ---------------------------------------------------------------------------
 def _python_rebuild(monkeypatch: pytest.MonkeyPatch) -> Any:
     with monkeypatch.context() as m:
-        m.setattr(_core, "spec_rebuild_v2", lambda fallback: fallback)
+        m.setattr(_core.pickling, "spec_rebuild_v2", lambda fallback: fallback)
         return _unpickler._spec_rebuilds("f.pt")["torch._utils._rebuild_tensor_v2"]
 
 
@@ -257,14 +264,14 @@ def test_spec_rebuild_leaves_the_rest_to_python(
             outcomes.append(("error", str(e)))
     assert outcomes[0] == outcomes[1]
     calls: list[Any] = []
-    spy = _core.spec_rebuild_v2(lambda *a: calls.append(a))
+    spy = _core.pickling.spec_rebuild_v2(lambda *a: calls.append(a))
     spy(*args, False, {})
     assert len(calls) == 1  # the C path declined
 
 
 def test_spec_rebuild_odd_arities_fall_back() -> None:
     calls: list[Any] = []
-    rebuild = _core.spec_rebuild_v2(lambda *a: calls.append(a) or "fallback")
+    rebuild = _core.pickling.spec_rebuild_v2(lambda *a: calls.append(a) or "fallback")
     assert rebuild(_REF, 0, (2,), (1,)) == "fallback"
     assert rebuild(_REF, 0, (2,), (1,), False, {}, None, "extra") == "fallback"
     assert len(calls) == 2
@@ -289,7 +296,7 @@ def test_plan_direct_reads_common_case_and_ties() -> None:
         ("tied",): _spec(4096, torch.float32, 0, (4, 6), (6, 1)),
         ("b",): _spec(8192, torch.float16, 5, (3,), (1,)),
     }
-    direct, rest = _core.plan_direct_reads(dests, srcs, torch.strided)
+    direct, rest = _core.pickling.plan_direct_reads(dests, srcs, torch.strided)
     assert rest == []
     assert _triples(direct) == [(4096, 96, a.data_ptr()), (8192 + 10, 6, b.data_ptr())]
 
@@ -318,7 +325,7 @@ def test_plan_direct_reads_leaves_the_rest_to_python() -> None:
         ("empty",): _spec(0, torch.float32, 0, (0, 3), (3, 1)),
         ("col",): _spec(64, torch.float32, 0, (5, 1), (1, 99)),  # size 1: any stride
     }
-    direct, rest = _core.plan_direct_reads(dests, srcs, torch.strided)
+    direct, rest = _core.pickling.plan_direct_reads(dests, srcs, torch.strided)
     assert rest == [
         ("strided_dest",),
         ("strided_src",),
@@ -342,11 +349,11 @@ class _Odd(torch.Tensor):
 def test_plan_direct_reads_errors(tmp_path: Path) -> None:
     odd = torch.zeros(3).as_subclass(_Odd)
     srcs = {("x",): _spec(0, torch.float32, 0, (3,), (1,))}
-    assert _core.plan_direct_reads({("x",): odd}, srcs, torch.strided) == (b"", [("x",)])
+    assert _core.pickling.plan_direct_reads({("x",): odd}, srcs, torch.strided) == (b"", [("x",)])
     _Odd.error = KeyboardInterrupt
     try:
         with pytest.raises(KeyboardInterrupt):
-            _core.plan_direct_reads({("x",): odd}, srcs, torch.strided)
+            _core.pickling.plan_direct_reads({("x",): odd}, srcs, torch.strided)
     finally:
         _Odd.error = ValueError
     # End to end, Python then raises what the destination raises.

@@ -104,7 +104,7 @@ def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) ->
     second_sd = {k: v + 1 for k, v in first_sd.items()}
     (torch.save if writer == "torch" else ckptio.save)(first_sd, tmp_path / "a.pt")
     (torch.save if writer == "torch" else ckptio.save)(second_sd, tmp_path / "b.pt")
-    _core.drop_recycled()
+    _core.io.drop_recycled()
     with ckptio.options(huge_pages=True, recycle_memory=True):
         first = ckptio.load(tmp_path / "a.pt")
         start = _small_block_start(first)
@@ -122,8 +122,8 @@ def test_freed_block_of_small_storages_is_reused(tmp_path: Path, writer: str) ->
         plain = ckptio.load(tmp_path / "a.pt")
         assert_same(plain, first_sd)
     # Kept: the blocks `held` and `second` had (the pool keeps both, well under its limit).
-    assert _core.drop_recycled() > 0
-    assert _core.drop_recycled() == 0
+    assert _core.io.drop_recycled() > 0
+    assert _core.io.drop_recycled() == 0
 
 
 @pytest.mark.parametrize("idle", [0.0, 0.3, 3600.0], ids=["at-once", "0.3s", "1h"])
@@ -134,18 +134,18 @@ def test_recycled_blocks_are_marked_free_after_the_idle_setting(
     background marker marks it MADV_FREE (lazy); either way the next load reuses it."""
     sd = {"big": torch.randn(1 << 20)}  # 4 MiB: a block of ckptio's own
     ckptio.save(sd, tmp_path / "m.pt")
-    _core.drop_recycled()
+    _core.io.drop_recycled()
     with ckptio.options(recycle_memory=True, recycle_idle_seconds=idle):
         loaded = ckptio.load(tmp_path / "m.pt")
         address = loaded["big"].data_ptr()
         del loaded
         if idle < 1:  # marked by the background thread once the idle time has passed
             deadline = time.monotonic() + 10
-            while _core.recycled_stats()[1] == 0 and time.monotonic() < deadline:
+            while _core.io.recycled_stats()[1] == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
         else:
             time.sleep(0.5)
-        dirty, lazy = _core.recycled_stats()
+        dirty, lazy = _core.io.recycled_stats()
         if idle < 1:
             assert (dirty, lazy) == (0, 4 << 20)
         else:
@@ -154,7 +154,7 @@ def test_recycled_blocks_are_marked_free_after_the_idle_setting(
         assert again["big"].data_ptr() == address
         assert torch.equal(again["big"], sd["big"])
     del again
-    assert _core.drop_recycled() == 4 << 20
+    assert _core.io.drop_recycled() == 4 << 20
 
 
 def _large_starts(sd: dict[str, torch.Tensor]) -> set[int]:
@@ -175,7 +175,7 @@ def test_freed_large_storages_are_reused_within_the_limit(tmp_path: Path, writer
     save = torch.save if writer == "torch" else ckptio.save
     save(first_sd, tmp_path / "a.pt")
     save(second_sd, tmp_path / "b.pt")
-    _core.drop_recycled()
+    _core.io.drop_recycled()
     with ckptio.options(huge_pages=True, recycle_memory=True):
         first = ckptio.load(tmp_path / "a.pt")
         starts = _large_starts(first)
@@ -190,7 +190,7 @@ def test_freed_large_storages_are_reused_within_the_limit(tmp_path: Path, writer
         assert_same_sharing(second, second_sd)
         assert_same(second, torch.load(tmp_path / "b.pt"))
         del second
-    kept = _core.drop_recycled()
+    kept = _core.io.drop_recycled()
     assert kept >= sum(sizes)
     # A limit below the load's blocks keeps the last freed that fit, never more.
     limit = 10 * mib
@@ -199,14 +199,14 @@ def test_freed_large_storages_are_reused_within_the_limit(tmp_path: Path, writer
         assert_same(third, first_sd)
         assert_same_sharing(third, first_sd)
         del third
-    assert 0 < _core.drop_recycled() <= limit
+    assert 0 < _core.io.drop_recycled() <= limit
     for off in ({"recycle_memory": False}, {"recycle_max_bytes": 0}):
         with ckptio.options(**off):
             plain = ckptio.load(tmp_path / "a.pt")
             assert_same(plain, first_sd)
             assert_same_sharing(plain, first_sd)
             del plain
-        assert _core.drop_recycled() == 0, off
+        assert _core.io.drop_recycled() == 0, off
     # Without huge pages: mappings all the same, recycled.
     with ckptio.options(huge_pages=False):
         fourth = ckptio.load(tmp_path / "a.pt")
@@ -217,7 +217,7 @@ def test_freed_large_storages_are_reused_within_the_limit(tmp_path: Path, writer
         assert _large_starts(fifth) == starts
         assert_same(fifth, second_sd)
         del fifth
-    assert _core.drop_recycled() >= sum(sizes)
+    assert _core.io.drop_recycled() >= sum(sizes)
 
 
 def test_pickle_of_tensors_with_python_state_is_torchs(tmp_path: Path) -> None:

@@ -95,7 +95,7 @@ def _field_offsets(data: bytes) -> list[tuple[int, int]]:
                 assert pos is not None
                 fields.append((start + pos + 1, 4))
         return fields
-    reader = ArchiveReader(_core.BufferSource(data, "base"))
+    reader = ArchiveReader(_core.io.BufferSource(data, "base"))
     rec = reader.record("data.pkl")
     pkl = reader.read("data.pkl")
     for _op, _arg, pos in pickletools.genops(pkl):

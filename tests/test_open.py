@@ -221,7 +221,7 @@ def test_state_dict_of_a_model(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- bytes actually read
 class _CountingFile:
-    """Wraps the handle's _core.File and counts the bytes each read asks for."""
+    """Wraps the handle's _core.io.File and counts the bytes each read asks for."""
 
     def __init__(self, file: Any) -> None:
         self._file = file

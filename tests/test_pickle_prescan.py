@@ -44,7 +44,7 @@ def _renumber(pkl: bytes, f: Callable[[int], int]) -> bytes:
 def _pickle_ends(data: bytes) -> list[int]:
     ends, pos = [], 0
     for _ in range(5):
-        pos += _core.scan_pickle(memoryview(data)[pos:], False).end
+        pos += _core.pickling.scan_pickle(memoryview(data)[pos:], False).end
         ends.append(pos)
     return ends
 
@@ -148,13 +148,13 @@ TINY = {name: b"\x80\x02}r" + struct.pack("<I", i) + b"." for name, i in FAR.ite
 
 def test_scan_reports_far_memo_indices() -> None:
     for name, i in FAR.items():
-        scan = _core.scan_pickle(TINY[name], True)
+        scan = _core.pickling.scan_pickle(TINY[name], True)
         assert scan.complete and scan.memo_size == i + 1 and scan.end == 9
-    assert _core.scan_pickle(b"(lp99999999999999\n.", False).memo_size == 10**14
-    assert _core.scan_pickle(b"\x80\x02]r\xff\xff\xff\xff.", True).memo_size == 2**32
+    assert _core.pickling.scan_pickle(b"(lp99999999999999\n.", False).memo_size == 10**14
+    assert _core.pickling.scan_pickle(b"\x80\x02]r\xff\xff\xff\xff.", True).memo_size == 2**32
     # A GET of an index never stored is still refused, far or not.
     with pytest.raises(ckptio.CheckpointError, match="memo index 2147483646 was never stored"):
-        _core.scan_pickle(b"\x80\x02}r\xff\xff\xff\x7fj\xfe\xff\xff\x7f.", True)
+        _core.pickling.scan_pickle(b"\x80\x02}r\xff\xff\xff\x7fj\xfe\xff\xff\x7f.", True)
 
 
 def _zip_holding(tmp_path: Path, pkl: bytes, byteorder: str = "little") -> Path:
@@ -293,7 +293,7 @@ def test_unknown_pickle_module_refused_only_for_a_real_memo_bomb(tmp_path: Path)
 def test_cpython_accepts_what_the_scan_accepts() -> None:
     # Sparse, out-of-order, from-1 numberings load with CPython's own unpickler too.
     for pkl in (b"\x80\x02]q\x05]q\x02h\x05h\x02\x86.", b"((lp 0_0_1 \ng+1\n0g0001\nt."):
-        _core.scan_pickle(pkl, False)
+        _core.pickling.scan_pickle(pkl, False)
         pickle.loads(pkl)
 
 

@@ -1,6 +1,6 @@
-"""The save pickler's hooks in C: the type dispatch (_core.dispatch_by_type) and the common
-case of plain tensors and their storages (_core.tensor_reducer, _core.storage_ids), each
-checked against the Python function it stands for."""
+"""The save pickler's hooks in C: the type dispatch (_core.pickling.dispatch_by_type) and the
+common case of plain tensors and their storages (_core.pickling.tensor_reducer and
+storage_ids), each checked against the Python function it stands for."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def test_dispatch_calls_the_function_of_the_exact_type_only() -> None:
         pass
 
     seen: list[object] = []
-    f = _core.dispatch_by_type({int: lambda x: seen.append(x) or ("int", x)}, "default")
+    f = _core.pickling.dispatch_by_type({int: lambda x: seen.append(x) or ("int", x)}, "default")
     assert f(3) == ("int", 3)
     assert f(Sub(4)) == "default"  # subclasses are not their base
     assert f("s") == "default"
@@ -37,7 +37,7 @@ def test_dispatch_propagates_exceptions_and_reads_the_table_at_each_call() -> No
         raise ValueError("boom")
 
     table: dict[type, object] = {}
-    f = _core.dispatch_by_type(table, None)
+    f = _core.pickling.dispatch_by_type(table, None)
     assert f(1.5) is None
     table[float] = boom
     with pytest.raises(ValueError, match="boom"):
@@ -60,9 +60,9 @@ def test_a_pure_python_pickle_module_gets_the_same_hooks(tmp_path: Path) -> None
     assert b["n"] == a["n"] == 7
 
 
-# -- the C forms of _reduce_plain_tensor and storage_id (_core.tensor_reducer, storage_ids) --
+# -- the C forms of _reduce_plain_tensor and storage_id (_core.pickling.tensor_reducer, ...)
 def _c_reducer(fallback: Any) -> Any:
-    return _core.tensor_reducer(
+    return _core.pickling.tensor_reducer(
         fallback,
         torch.strided,
         _pickler._FAST_DEVICE_FLAGS,
@@ -89,7 +89,7 @@ def _plain_reduction(r: Any) -> Any:
 
 def test_c_hooks_are_the_ones_save_uses() -> None:
     assert _pickler._C_HOOKS
-    assert type(_pickler._REDUCERS[torch.Tensor]) is type(_core.dispatch_by_type({}, None))
+    assert type(_pickler._REDUCERS[torch.Tensor]) is type(_core.pickling.dispatch_by_type({}, None))
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def _c_ids() -> tuple[Any, dict[str, Any], list[Any]]:
     }
     storages: list[Any] = []
     calls: list[Any] = []
-    f = _core.storage_ids(
+    f = _core.pickling.storage_ids(
         lambda obj: calls.append(obj) or "python",
         torch.storage.TypedStorage,
         torch.UntypedStorage,
@@ -252,7 +252,7 @@ def test_python_storage_id_feeds_the_archive_writer_too(
         raise AssertionError("the C persistent_id was used")
 
     monkeypatch.setattr(_pickler, "_C_HOOKS", False)
-    monkeypatch.setattr(_core, "storage_ids", no_c_hook)
+    monkeypatch.setattr(_core.pickling, "storage_ids", no_c_hook)
     ckptio.save(obj, tmp_path / "py" / "m.pt")
     assert (tmp_path / "py" / "m.pt").read_bytes() == (tmp_path / "c" / "m.pt").read_bytes()
     loaded = torch.load(tmp_path / "py" / "m.pt")

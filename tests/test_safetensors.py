@@ -133,7 +133,9 @@ def test_mmap_views_one_mapping(tmp_path: Path) -> None:
     got = ckptio.load(path, mmap=True)
     a, b = got["a"], got["b"]
     # zero-copy: the tensors lie in one mapping, at their file offsets
-    header = _safetensors.read_header(ckptio._core.File.open(str(path), ckptio._core.FileMode.READ))
+    header = _safetensors.read_header(
+        ckptio._core.io.File.open(str(path), ckptio._core.io.FileMode.READ)
+    )
     offsets = {t.name: t.offset for t in header.tensors}
     assert a.data_ptr() - b.data_ptr() == offsets["a"] - offsets["b"]
     a[0] = 42.0  # copy-on-write: the file is unchanged
@@ -285,7 +287,7 @@ def test_hostile_headers_raise_checkpoint_error(tmp_path: Path, blob: bytes, mes
         if _safetensors.looks_like_safetensors(blob[:9], len(blob)):
             ckptio.load(path)
         else:
-            src = ckptio._core.File.open(str(path), ckptio._core.FileMode.READ)
+            src = ckptio._core.io.File.open(str(path), ckptio._core.io.FileMode.READ)
             _safetensors.read_header(src)
     assert message in str(info.value)
     assert ckptio.CheckpointError is not None

@@ -51,7 +51,7 @@ PyStructSequence_Field storage_ref_fields[] = {
     {"itemsize", "bytes per element of dtype"},
     {nullptr, nullptr}};
 PyStructSequence_Desc storage_ref_desc = {
-    "ckptio._core.StorageRef",
+    "ckptio._core.pickling.StorageRef",
     "StorageRef((data_offset, nbytes, dtype, itemsize)): a storage of the file, not read.",
     storage_ref_fields, 4};
 
@@ -63,7 +63,7 @@ PyStructSequence_Field tensor_spec_fields[] = {
     {"stride", "the tensor's stride, in elements (a tuple)"},
     {nullptr, nullptr}};
 PyStructSequence_Desc tensor_spec_desc = {
-    "ckptio._core.TensorSpec",
+    "ckptio._core.pickling.TensorSpec",
     "TensorSpec((data_offset, dtype, storage_offset, size, stride)): a dense tensor of the file, "
     "without a torch object; its geometry was checked against its storage.",
     tensor_spec_fields, 5};

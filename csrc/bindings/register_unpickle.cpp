@@ -234,7 +234,7 @@ PyType_Slot slicer_slots[] = {
                     "Anything else, and every failure, goes to fallback.")},
     {0, nullptr}};
 
-PyType_Spec slicer_spec = {"ckptio._core.StorageSlicer", sizeof(StorageSlicer), 0,
+PyType_Spec slicer_spec = {"ckptio._core.pickling.StorageSlicer", sizeof(StorageSlicer), 0,
                            Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC, slicer_slots};
 
 // ---------------------------------------------------------------------------------------

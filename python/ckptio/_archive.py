@@ -1,8 +1,8 @@
 """torch's zip container: reading the record table of any torch archive, and the records of
 ckptio's (which ones, their order and alignment: docs/format.md).
 
-The byte layout lives in C++ (``_core.read_zip_directory``, ``_core.plan_archive``,
-``_core.ArchiveWriter``); writing records into a file is the save pipeline's (_writer.py).
+The byte layout lives in C++ (``_core.zip.read_zip_directory``, ``_core.zip.plan_archive``,
+``_core.zip.ArchiveWriter``); writing records into a file is the save pipeline's (_writer.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = [
     "tail_records",
 ]
 
-Source = Union["_core.File", "_core.BufferSource"]
+Source = Union["_core.io.File", "_core.io.BufferSource"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ArchiveReader:
         self.source = source
         self.name = source.name
         with gc_paused():  # 20,000 new tuples would otherwise trigger full collections
-            prefix, records = _core.read_zip_directory(source, get_options().threads)
+            prefix, records = _core.zip.read_zip_directory(source, get_options().threads)
         self.prefix: str = prefix
         self.records: dict[str, tuple[int, int, int]] = records
 

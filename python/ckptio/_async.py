@@ -78,7 +78,7 @@ class _StagingBuffer:
             self.memory = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
             self.address = self.memory.data_ptr()
         else:  # aligned host memory, huge pages when allowed (fewer first-touch faults)
-            self.memory = _core.HostBuffer(nbytes, get_options().huge_pages)
+            self.memory = _core.io.HostBuffer(nbytes, get_options().huge_pages)
             self.address = self.memory.address
 
     def view(self, offset: int, n: int) -> torch.Tensor:

@@ -50,7 +50,7 @@ __all__ = [
     "write_to",
 ]
 
-Source = Any  # a _core.File or a _core.BufferSource: name, size, pread, read_into
+Source = Any  # a _core.io.File or a _core.io.BufferSource: name, size, pread, read_into
 
 
 def read_into(source: Source, requests: Any, base: int = 0, opts: Options | None = None) -> None:
@@ -87,7 +87,7 @@ def _plain_file(f: Any) -> Any:
     return None
 
 
-def descriptor_file(f: Any) -> _core.File | None:
+def descriptor_file(f: Any) -> _core.io.File | None:
     """A File over f's descriptor when f's bytes are that descriptor's bytes (see the module
     docstring) and f is an open, readable regular file positioned at its start, so archive
     offsets are file offsets; else None: the caller reads f through its own read()."""
@@ -104,7 +104,7 @@ def descriptor_file(f: Any) -> _core.File | None:
             return None  # a pipe, a FIFO or a device: read() tells what it holds
     except (OSError, ValueError):
         return None  # closed, or no position: read() raises what torch would meet
-    return _core.File.adopt(fd, display_name(f))
+    return _core.io.File.adopt(fd, display_name(f))
 
 
 def position(f: Any) -> int:
@@ -138,7 +138,7 @@ def read_rest(f: Any) -> bytes:
     return bytes(data)
 
 
-def open_source(f: Any) -> tuple[Source, _core.File | None, int | None]:
+def open_source(f: Any) -> tuple[Source, _core.io.File | None, int | None]:
     """(source, file to close or None, position to rewind f to before handing it on, or None)
     for a binary file object `f`: a File over its descriptor (see descriptor_file), or the
     bytes read from its position, once it has passed torch.load's seekability check."""
@@ -146,7 +146,7 @@ def open_source(f: Any) -> tuple[Source, _core.File | None, int | None]:
     if file is not None:
         return file, file, None
     start = position(f)
-    return _core.BufferSource(read_rest(f), display_name(f)), None, start
+    return _core.io.BufferSource(read_rest(f), display_name(f)), None, start
 
 
 class _ThroughRead:
@@ -181,7 +181,7 @@ def is_path(f: object) -> bool:
 
 
 def write_to(f: Any, write: Callable[[Any], object], durable: bool) -> None:
-    """Runs `write` on its destination: for a path, a _core.File over a temporary file that
+    """Runs `write` on its destination: for a path, a _core.io.File over a temporary file that
     replaces the target atomically once `write` returns (:func:`atomic_file`), or, for a
     device, FIFO or socket, a file object opened on it, as torch.save would write it; else on
     the writable file object `f`, flushed after."""
@@ -203,8 +203,8 @@ def write_to(f: Any, write: Callable[[Any], object], durable: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | bytes | os.PathLike, durable: bool) -> Iterator[_core.File]:
-    """An open _core.File over a new temporary file beside `path` (through a symlink: beside
+def atomic_file(path: str | bytes | os.PathLike, durable: bool) -> Iterator[_core.io.File]:
+    """An open _core.io.File over a new temporary file beside `path` (through a symlink: beside
     its target), renamed over the target once the block completes; removed, the target
     untouched, when the block raises. With `durable`, the file is fsynced before the rename
     and the directory after it, so the new name survives a power loss once the block exits.
@@ -239,7 +239,9 @@ def _replaceable_target(path: str) -> tuple[str, int | None]:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: str, target: str, mode: int | None, durable: bool) -> Iterator[_core.File]:
+def _atomic_file(
+    path: str, target: str, mode: int | None, durable: bool
+) -> Iterator[_core.io.File]:
     directory = os.path.dirname(os.path.abspath(target))
     base = os.path.basename(target)
     remove_stale_temp_files(directory, base)
@@ -252,7 +254,7 @@ def _atomic_file(path: str, target: str, mode: int | None, durable: bool) -> Ite
     try:
         if mode is not None:
             os.fchmod(fd, stat.S_IMODE(mode))
-        file = _core.File.adopt(fd, tmp)
+        file = _core.io.File.adopt(fd, tmp)
         os.close(fd)
         fd = -1
         with file:
@@ -274,7 +276,7 @@ def _atomic_file(path: str, target: str, mode: int | None, durable: bool) -> Ite
             pass
         raise
     if durable:
-        _core.sync_directory(directory)
+        _core.io.sync_directory(directory)
 
 
 def _hold(path: str) -> int:
@@ -348,7 +350,7 @@ def write_all(f: IO[bytes], data: bytes | memoryview) -> None:
         view = view[n:]
 
 
-def write_bytes(file: _core.File, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
+def write_bytes(file: _core.io.File, data: bytes | bytearray | memoryview, offset: int = 0) -> None:
     """Writes all of `data` into `file` at `offset` (pwrite: the file has no position)."""
     view = memoryview(data).cast("B")
     while view.nbytes:

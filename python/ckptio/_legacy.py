@@ -97,7 +97,7 @@ class LegacyPickle(NamedTuple):
 
     start: int
     end: int
-    scan: _core.PickleScan
+    scan: _core.pickling.PickleScan
 
 
 # Element sizes of torch's legacy typed storages (reading StorageType.dtype would warn).
@@ -123,7 +123,7 @@ def check_legacy(data: bytes, name: str) -> list[LegacyPickle]:
     pickles: list[LegacyPickle] = []
     try:
         for index in range(5):
-            scan = _core.scan_pickle(view[pos:], False)
+            scan = _core.pickling.scan_pickle(view[pos:], False)
             if not scan.complete:
                 raise CheckpointError(
                     f"pickle {index + 1} of the legacy file has an unknown opcode"

@@ -10,9 +10,9 @@ the file, and reads them all in one parallel batch straight into the target's me
 allocation, no page faults on fresh memory, no copy.
 
 The common case of the parse and of the match is C (csrc/bindings/register_specs.cpp): the
-per-tensor calls of the unpickler, and ``_core.plan_direct_reads``, which turns each pair of
-contiguous CPU tensors of the same dtype and shape into a (file offset, size, address) read.
-It leaves every other pair to :func:`_match` here.
+per-tensor calls of the unpickler, and ``_core.pickling.plan_direct_reads``, which turns each
+pair of contiguous CPU tensors of the same dtype and shape into a (file offset, size,
+address) read. It leaves every other pair to :func:`_match` here.
 
 The read step is one function over those reads and a list of :class:`ReadItem` (file offset,
 byte count, destination tensor), :func:`read_items`. Contiguous CPU destinations are read
@@ -89,7 +89,7 @@ def _open(f: FileLike) -> tuple[Any, Any]:
     """(source, file to close or None) for a path or a binary file object (read as
     :func:`ckptio.load` reads it, see _files.py)."""
     if isinstance(f, (str, bytes, os.PathLike)):
-        file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
+        file = _core.io.File.open(os.fsdecode(f), _core.io.FileMode.READ)
         return file, file
     source, adopted, _ = open_source(f)
     return source, adopted
@@ -124,7 +124,7 @@ def _is_contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 
 
 def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
-    """Fills every item's destination from `source` (a ``_core.File`` or ``BufferSource``),
+    """Fills every item's destination from `source` (a ``_core.io.File`` or ``BufferSource``),
     and does the reads of `direct` (uint64 (file offset, size, address) triples).
 
     `direct` and the contiguous CPU destinations are read into directly, all in ONE parallel
@@ -213,7 +213,7 @@ def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleK
     source, file = _open(f)
     try:
         head = source.pread(0, min(4, source.size))
-        if not _core.looks_like_zip(head):
+        if not _core.zip.looks_like_zip(head):
             raise CheckpointError(
                 f"{source.name}: load_into reads torch zip checkpoints (torch.save's default "
                 "format); this file is not one. Use ckptio.load() and load_state_dict()."
@@ -279,7 +279,7 @@ def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: 
         errors.append("Missing key(s) in the file: " + ", ".join(map(repr, missing)))
     # The common case in C: same dtype and shape, both contiguous, the destination on the CPU
     # (one read straight into it). The paths it leaves are matched here, in target order.
-    direct, rest = _core.plan_direct_reads(dests, srcs, torch.strided)
+    direct, rest = _core.pickling.plan_direct_reads(dests, srcs, torch.strided)
     items: list[ReadItem] = []
     for path in rest:
         dest, src = dests[path], srcs[path]

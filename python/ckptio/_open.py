@@ -88,7 +88,7 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
         ...     rows = ck.get_slice("fc.weight")[0:10]  # reads only those rows
     """
     if isinstance(f, (str, bytes, os.PathLike)):
-        file = _core.File.open(os.fsdecode(f), _core.FileMode.READ)
+        file = _core.io.File.open(os.fsdecode(f), _core.io.FileMode.READ)
     else:
         adopted = descriptor_file(f)
         if adopted is None:
@@ -116,7 +116,7 @@ class CheckpointHandle:
     raises KeyError naming the key tuples to use instead.
     """
 
-    def __init__(self, file: _core.File, map_location: Any) -> None:
+    def __init__(self, file: _core.io.File, map_location: Any) -> None:
         self._file = file
         self.name = file.name
         self.map_location = map_location
@@ -134,7 +134,7 @@ class CheckpointHandle:
         if _safetensors.looks_like_safetensors(head, file.size):
             self.format = "safetensors"
             self._open_safetensors()
-        elif _core.looks_like_zip(head[:4]):
+        elif _core.zip.looks_like_zip(head[:4]):
             self.format = "torch"
             self._open_torch()
         else:

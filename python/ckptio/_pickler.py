@@ -28,7 +28,7 @@ def dumps(
     obj: Any,
     pickle_module: Any = pickle,
     protocol: int = 2,
-    sink: tuple[_core.ArchiveWriter, int, frozenset[str]] | None = None,
+    sink: tuple[_core.zip.ArchiveWriter, int, frozenset[str]] | None = None,
     storages: list[torch.UntypedStorage] | None = None,
 ) -> tuple[bytes, list[torch.UntypedStorage]]:
     """Returns (data.pkl bytes, storages in key order). Storages may live on any device.
@@ -38,7 +38,7 @@ def dumps(
     while pickling goes on) when its location tag is in the direct locations, else reserved
     for the caller to write. `storages`: an empty list to collect them in, which the caller
     holds while the writer may still read them, also when pickling raises."""
-    # Shared with the C persistent_id (_core.storage_ids), which handles the storages whose
+    # Shared with the C persistent_id (_core.pickling.storage_ids), which handles the storages whose
     # dtype and device this function has already seen.
     if storages is None:
         storages = []
@@ -96,7 +96,7 @@ def dumps(
 
     persistent_ids: dict[type, Any] = dict.fromkeys(_STORAGE_TYPES, storage_id)
     if _C_HOOKS:
-        persistent_ids[_TypedStorage] = _core.storage_ids(
+        persistent_ids[_TypedStorage] = _core.pickling.storage_ids(
             storage_id,
             _TypedStorage,
             torch.UntypedStorage,
@@ -113,8 +113,8 @@ def dumps(
         # callables that look the object's exact type up, only storages and plain tensors
         # reach their functions, and those are C too for the common case (builtins do not
         # bind, so as class attributes they get obj alone).
-        persistent_id = _core.dispatch_by_type(persistent_ids, None)
-        reducer_override = _core.dispatch_by_type(_REDUCERS, NotImplemented)
+        persistent_id = _core.pickling.dispatch_by_type(persistent_ids, None)
+        reducer_override = _core.pickling.dispatch_by_type(_REDUCERS, NotImplemented)
 
     buf = io.BytesIO()
     pickler = _Pickler(buf, protocol=protocol)
@@ -205,7 +205,7 @@ _C_HOOKS = typed_storage is typed_storage_direct and _STATE_IS_DICT
 # reducer_override by exact type: plain tensors and the hooks stand-in; everything else
 # (subclasses such as Parameter included) reduces as pickle and torch reduce it.
 _REDUCERS: dict[type, Any] = {
-    torch.Tensor: _core.tensor_reducer(
+    torch.Tensor: _core.pickling.tensor_reducer(
         _reduce_plain_tensor,
         _STRIDED,
         _FAST_DEVICE_FLAGS,

@@ -277,7 +277,9 @@ class SafetensorsRecords:
         raise CheckpointError(f"{self.name}: the file has no tensor record {name!r}")
 
 
-def load(source: Any, map_location: Any, mapping: _core.Mapping | None) -> dict[str, torch.Tensor]:
+def load(
+    source: Any, map_location: Any, mapping: _core.io.Mapping | None
+) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, read in one parallel batch (or viewing `mapping`),
     placed as `map_location` says (saved location: ``cpu``). Keys in file header order."""
     header = read_header(source)
@@ -424,8 +426,8 @@ def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
     return groups
 
 
-def write(target: _core.File | IO[bytes], p: Plan) -> None:
-    """Writes a planned file through the save pipeline: parallel pwrite into a _core.File
+def write(target: _core.io.File | IO[bytes], p: Plan) -> None:
+    """Writes a planned file through the save pipeline: parallel pwrite into a _core.io.File
     (one batch, GIL released), sequential writes into a file object."""
     placed: list[tuple[int, Any]] = [(0, p.header)]
     for (_k, t), offset in zip(p.tensors, p.offsets, strict=True):

@@ -279,7 +279,7 @@ def stream_in(
     readers: int = 2,
     ring: Ring | None = None,
 ) -> None:
-    """Runs the load pipeline: reader threads read fills from `source` (a _core.File or
+    """Runs the load pipeline: reader threads read fills from `source` (a _core.io.File or
     BufferSource) into free slots; this thread copies each filled slot out.
 
     Two readers by default: while one waits for the slowest piece of its fill, the other's
@@ -395,7 +395,7 @@ def _stream_in_threads(
 
 
 def stream_out(
-    file: _core.File,
+    file: _core.io.File,
     fills: Sequence[Fill],
     copier: Copier,
     *,
@@ -422,7 +422,7 @@ def stream_out(
 
 
 def _stream_out(
-    file: _core.File,
+    file: _core.io.File,
     fills: Sequence[Fill],
     copier: Copier,
     slots: list[HostSlot],
@@ -452,8 +452,8 @@ def _stream_out(
                 if crc32:
                     keys = fill.keys if fill.keys is not None else [None] * len(fill.segments)
                     for (host_offset, nbytes, _, _), key in zip(fill.segments, keys, strict=True):
-                        view = _core.raw_memoryview(slot.address + host_offset, nbytes)
-                        crcs[key] = _core.crc32(view, crcs.get(key, 0))
+                        view = _core.io.raw_memoryview(slot.address + host_offset, nbytes)
+                        crcs[key] = _core.zip.crc32(view, crcs.get(key, 0))
                 file.write_from(requests, threads, chunk_bytes)
                 free.put(slot)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
@@ -756,7 +756,7 @@ def stream_to_device(
     caller's current stream (of each device) is ordered after every copy.
 
     Args:
-        source: a ``_core.File`` or ``_core.BufferSource``.
+        source: a ``_core.io.File`` or ``_core.io.BufferSource``.
         requests: (file_offset, nbytes, destination) triples.
         copier: by default, the copier of each destination's device (one ring per device).
 

@@ -143,7 +143,7 @@ class StorageLoader:
         self,
         archive: Records,
         map_location: Any,
-        mapping: _core.Mapping | None = None,
+        mapping: _core.io.Mapping | None = None,
     ) -> None:
         self.archive = archive
         self.map_location = map_location
@@ -182,7 +182,7 @@ class StorageLoader:
         everything else through persistent_load."""
         if typed_storage is not typed_storage_direct:
             return self.persistent_load
-        slicer = _core.StorageSlicer(
+        slicer = _core.pickling.StorageSlicer(
             self.persistent_load,
             self.archive.records,
             self._storage_types,
@@ -432,7 +432,9 @@ def _plan_arena(archive: Records) -> tuple[torch.UntypedStorage, dict[str, int],
     """The block of a load's small storages (64-byte aligned slots, as torch's CPU allocator
     aligns), each small record's slot, and the reads that fill the block: (file offset, size,
     slot) uint64 triples, relative to the block's address."""
-    total, offsets, requests = _core.plan_arena(archive.records, _SMALL_STORAGE_BYTES, ALIGNMENT)
+    total, offsets, requests = _core.pickling.plan_arena(
+        archive.records, _SMALL_STORAGE_BYTES, ALIGNMENT
+    )
     return host_memory(max(total, 1)), offsets, memoryview(requests).cast("Q")
 
 
@@ -447,7 +449,7 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
     first-touch 4 KiB page faults cost more than the copy (docs/design.md, Load, step 3).
 
     From :data:`_HUGE_PAGE_BYTES` up, with ``recycle_memory`` on: a mapping of ckptio's own
-    (``_core.HostBuffer``, owned by the storage through ``torch.frombuffer``), 2 MiB-aligned,
+    (``_core.io.HostBuffer``, owned by the storage through ``torch.frombuffer``), 2 MiB-aligned,
     that once freed is kept for the next block of its size, so an eager load in a loop
     reuses memory already faulted in (``recycle_max_bytes`` bounds what is kept). glibc does
     that for torch.load's tensors of up to 32 MiB only, and when torch.load between two
@@ -456,7 +458,7 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
     opts = get_options()
     if opts.recycle_memory and opts.recycle_max_bytes and nbytes >= _HUGE_PAGE_BYTES:
         try:
-            buffer = _core.HostBuffer(
+            buffer = _core.io.HostBuffer(
                 nbytes, opts.huge_pages, opts.recycle_max_bytes, opts.recycle_idle_seconds
             )
         except MemoryError:
@@ -466,7 +468,7 @@ def host_memory(nbytes: int) -> torch.UntypedStorage:
             return _slice(mapped.untyped_storage(), slice(0, nbytes))
     owner = torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
     if opts.huge_pages:
-        _core.advise_huge_pages(owner.data_ptr(), nbytes)
+        _core.io.advise_huge_pages(owner.data_ptr(), nbytes)
     return _slice(owner, slice(0, nbytes))  # same memory, not resizable
 
 
@@ -591,7 +593,7 @@ def _checked_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         "torch._utils._rebuild_tensor": rebuild_tensor,
         # In C for storages that cannot grow (what the loaders make for data); others, and
         # every failure, go to the Python function above.
-        "torch._utils._rebuild_tensor_v2": _core.fast_rebuild_v2(
+        "torch._utils._rebuild_tensor_v2": _core.pickling.fast_rebuild_v2(
             rebuild_tensor_v2,
             _TypedStorage,
             torch.UntypedStorage,
@@ -610,7 +612,9 @@ def _empty_of(dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((0,), dtype=dtype)
 
 
-def scan_pickle(name: str, data: bytes | memoryview, *, weights_only: bool) -> _core.PickleScan:
+def scan_pickle(
+    name: str, data: bytes | memoryview, *, weights_only: bool
+) -> _core.pickling.PickleScan:
     """Checks data.pkl's opcodes before any unpickler runs (csrc/src/pickle_scan.cpp).
 
     Refuses lengths and frames that run past the pickle (CPython's unpickler allocates by
@@ -620,7 +624,7 @@ def scan_pickle(name: str, data: bytes | memoryview, *, weights_only: bool) -> _
     ``memo_size`` says whether the pickle needs a dict memo (:func:`needs_dict_memo`).
     """
     try:
-        return _core.scan_pickle(data, weights_only)
+        return _core.pickling.scan_pickle(data, weights_only)
     except CheckpointError as e:
         raise CheckpointError(f"{name}: data.pkl: {e}") from None
 
@@ -634,7 +638,7 @@ MEMO_ARRAY_LIMIT = 1 << 30
 _MEMO_SLOT_BYTES = 16  # 8-byte pointers, grown to twice the index
 
 
-def needs_dict_memo(scan: _core.PickleScan, size: int) -> bool:
+def needs_dict_memo(scan: _core.pickling.PickleScan, size: int) -> bool:
     """Whether the pickle of `size` bytes that `scan` saw stores a memo index past its size:
     CPython's C unpickler would allocate an array the file does not justify (every pickler
     numbers its stores below the pickle's size), so it is unpickled with a dict memo instead
@@ -680,7 +684,7 @@ _DICT_MEMO_PICKLE = _dict_memo_pickle()
 
 
 def pickle_module_for(
-    pickle_module: Any, scans: list[tuple[_core.PickleScan, int]], name: str
+    pickle_module: Any, scans: list[tuple[_core.pickling.PickleScan, int]], name: str
 ) -> Any:
     """The pickle_module to hand torch.load for the pickles it will read, scanned as `scans`
     ((scan, size) each): `pickle_module` itself unless one of them needs a dict memo; then
@@ -713,7 +717,7 @@ def unsafe_globals(
     plus add_safe_globals) lacks, blocked ones included; and those whose module is blocked."""
     allowed = _allowed_globals() if allowed is None else allowed
     needed: list[str] = []
-    for module, name in _core.pickle_globals(data, weights_only):
+    for module, name in _core.pickling.pickle_globals(data, weights_only):
         full = ".".join(_fix_import(module, name))
         if full not in needed:
             needed.append(full)
@@ -875,8 +879,8 @@ class NeedsTensors(Exception):
 # torch object: TensorSpec((data_offset, dtype, storage_offset, size, stride)), the file
 # offset of its storage's first byte, its dtype and its geometry in elements (checked against
 # its storage). Named tuples made in C (register_specs.cpp), which builds most of them.
-StorageRef = _core.StorageRef
-TensorSpec = _core.TensorSpec
+StorageRef = _core.pickling.StorageRef
+TensorSpec = _core.pickling.TensorSpec
 
 
 # The globals that rebuild objects without reading storage data and also take no tensor (the
@@ -900,7 +904,7 @@ class SpecLoader(StorageLoader):
 
     def unpickler_hook(self) -> Callable[[Any], Any]:
         # The common case in C; the rest, and every failure, through persistent_load.
-        return _core.spec_persistent_load(  # type: ignore[no-any-return]
+        return _core.pickling.spec_persistent_load(  # type: ignore[no-any-return]
             self.persistent_load, self.archive.records, self._storage_types, self.loaded
         )
 
@@ -956,7 +960,7 @@ def _spec_rebuilds(name: str) -> dict[str, Callable[..., Any]]:
         "torch._utils._rebuild_tensor": rebuild_tensor,
         # In C for a StorageRef and a geometry that fits it; the rest, and every failure, in
         # the Python function above.
-        "torch._utils._rebuild_tensor_v2": _core.spec_rebuild_v2(rebuild_tensor_v2),
+        "torch._utils._rebuild_tensor_v2": _core.pickling.spec_rebuild_v2(rebuild_tensor_v2),
         "torch._utils._rebuild_tensor_v3": rebuild_tensor_v3,
         "torch._utils._rebuild_parameter": rebuild_parameter,
     }

@@ -7,7 +7,7 @@ Payloads are what a record holds: a bytes-like object, an ``(address, nbytes)`` 
 memory the caller keeps alive, or a :class:`DevicePayload`, a storage in device memory that
 streams out through the staging ring (_staging.py) instead of being copied whole to the host.
 
-Destinations are a ``_core.File`` or a writable file object (_files.write_to picks and
+Destinations are a ``_core.io.File`` or a writable file object (_files.write_to picks and
 prepares one: a path is written atomically):
 
 - into a File, :class:`RecordWriter` hands each host payload to the C++ ArchiveWriter, whose
@@ -68,7 +68,7 @@ class DevicePayload:
 
 #: What a record holds (see the module docstring).
 Payload = Union[bytes, bytearray, memoryview, "tuple[int, int]", DevicePayload]
-Destination = Union[_core.File, IO[bytes]]
+Destination = Union[_core.io.File, IO[bytes]]
 
 
 def payload_size(p: Any) -> int:
@@ -127,7 +127,7 @@ def host_view(payload: Payload) -> memoryview:
         raise TypeError("a device payload has no host view; copy it to the CPU first")
     if isinstance(payload, tuple):
         address, nbytes = payload
-        return _core.raw_memoryview(address, nbytes) if nbytes else memoryview(b"")
+        return _core.io.raw_memoryview(address, nbytes) if nbytes else memoryview(b"")
     return memoryview(payload).cast("B")
 
 
@@ -141,7 +141,7 @@ def _ring_knobs() -> tuple[int, int, int, int]:
 
 
 def write_payloads_at(
-    file: _core.File, placed: Sequence[tuple[Any, int, Any]], *, crc32: bool
+    file: _core.io.File, placed: Sequence[tuple[Any, int, Any]], *, crc32: bool
 ) -> dict[Any, int]:
     """Writes each (key, file offset, payload) of `placed`: DevicePayloads stream through
     their copier's ring (one pass per copier), host payloads go out in one parallel write.
@@ -170,7 +170,7 @@ def write_payloads_at(
         if size:
             host.extend((offset, size, address))
         if crc32:
-            crcs[key] = _core.crc32(_core.raw_memoryview(address, size)) if size else 0
+            crcs[key] = _core.zip.crc32(_core.io.raw_memoryview(address, size)) if size else 0
     buffer_bytes, buffers, threads, chunk = _ring_knobs()
     for copier, requests in by_copier.values():
         fills = _staging.plan_fills(requests, buffer_bytes)
@@ -209,18 +209,18 @@ class RecordWriter:
     """
 
     def __init__(self, destination: Destination, archive_name: str, *, crc32: bool) -> None:
-        if crc32 and not _core.crc32_available():
+        if crc32 and not _core.zip.crc32_available():
             raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
         self.destination = destination
         self.archive_name = archive_name
         self.crc32 = crc32
-        self._writer: _core.ArchiveWriter | None = None
+        self._writer: _core.zip.ArchiveWriter | None = None
         self._reserved: list[tuple[int, Payload]] = []
         self._specs: list[tuple[str, int, int]] = []  # (name, size, alignment), in order
         self._payloads: list[Payload] = []  # a file object's, until finish
-        if isinstance(destination, _core.File):
+        if isinstance(destination, _core.io.File):
             opts = get_options()
-            self._writer = _core.ArchiveWriter(
+            self._writer = _core.zip.ArchiveWriter(
                 destination,
                 archive_name,
                 opts.threads,
@@ -285,7 +285,7 @@ class RecordWriter:
 
     def _write_sequentially(self) -> list[int]:
         target: Any = self.destination
-        layout = _core.plan_archive(self.archive_name, self._specs)
+        layout = _core.zip.plan_archive(self.archive_name, self._specs)
         crcs = []
         for i, payload in enumerate(self._payloads):
             if isinstance(payload, DevicePayload):
@@ -295,7 +295,7 @@ class RecordWriter:
                 view = host_view(payload)
             write_all(target, layout.local_header(i))
             write_all(target, view)
-            crc = _core.crc32(view) if self.crc32 else 0
+            crc = _core.zip.crc32(view) if self.crc32 else 0
             crcs.append(crc)
             write_all(target, layout.data_descriptor(i, crc))
         write_all(target, layout.central_directory(crcs))
@@ -382,7 +382,7 @@ def save_object(
     staging ring once the pickle is complete. Into a file object, the archive is written
     once the pickle is complete, one storage at a time."""
     opts = get_options()
-    if not isinstance(destination, _core.File):
+    if not isinstance(destination, _core.io.File):
         pickle_bytes, found = dumps(obj, pickle_module, protocol)
         payloads, keepalive = storage_payloads(found)
         write_torch_archive(destination, archive_name, pickle_bytes, payloads, byteorder=byteorder)
@@ -419,7 +419,7 @@ def write_placed(
     offset, payload) of `placed`, in file order and back to back from offset 0, `total_size`
     bytes in all. Into a File: one parallel write (device payloads through the ring), the
     file preallocated when the options say so; into a file object: sequential writes."""
-    if isinstance(destination, _core.File):
+    if isinstance(destination, _core.io.File):
         if get_options().preallocate:
             destination.preallocate(total_size)
         write_payloads_at(destination, [(i, o, p) for i, (o, p) in enumerate(placed)], crc32=False)

@@ -206,11 +206,11 @@ def _source_format(path: str) -> tuple[str, bytes]:
 
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory, not a checkpoint file")
-    with _core.File.open(path, _core.FileMode.READ) as f:
+    with _core.io.File.open(path, _core.io.FileMode.READ) as f:
         head = f.pread(0, min(9, f.size))
         if _safetensors.looks_like_safetensors(head, f.size):
             return "safetensors", head
-        if _core.looks_like_zip(head[:4]):
+        if _core.zip.looks_like_zip(head[:4]):
             try:
                 archive = ArchiveReader(f)
             except CheckpointError:
@@ -398,7 +398,7 @@ def _torchscript_summary(path: str) -> dict[str, Any]:
     from . import _core
     from ._archive import ArchiveReader
 
-    with _core.File.open(path, _core.FileMode.READ) as f:
+    with _core.io.File.open(path, _core.io.FileMode.READ) as f:
         archive = ArchiveReader(f)
         data = [archive.record(n) for n in archive.records if n.startswith("data/")]
         prefix = archive.prefix.rstrip("/")
@@ -772,7 +772,7 @@ def _verify(args: argparse.Namespace) -> int:
         fmt = "torch"
         from ._archive import ArchiveReader
 
-        with _core.File.open(path, _core.FileMode.READ) as f:
+        with _core.io.File.open(path, _core.io.FileMode.READ) as f:
             archive = ArchiveReader(f)
             record("container", True, f"zip with {len(archive.records)} stored records")
             if _check_opcodes(archive, record):
@@ -846,7 +846,7 @@ def _verify_torchscript(path: str, record: Any, show_progress: bool) -> None:
     from . import _core
     from ._archive import ArchiveReader
 
-    with _core.File.open(path, _core.FileMode.READ) as f:
+    with _core.io.File.open(path, _core.io.FileMode.READ) as f:
         archive = ArchiveReader(f)
         record(
             "format",
@@ -914,14 +914,14 @@ def _check_crcs(path: str, archive: Any, record: Any, show_progress: bool) -> No
     progress = _Progress(sum(r.size for _, r in entries), "checking CRCs", show_progress)
     mismatched = []
     try:
-        with _core.File.open(path, _core.FileMode.READ) as f:
+        with _core.io.File.open(path, _core.io.FileMode.READ) as f:
             for full, r in entries:
                 crc = 0
                 offset = r.data_offset
                 end = r.data_offset + r.size
                 while offset < end:
                     n = min(16 << 20, end - offset)
-                    crc = _crc(_core, f.pread(offset, n), crc)
+                    crc = _crc(f.pread(offset, n), crc)
                     offset += n
                     progress.update(n)
                 if crc != declared.get(full, 0):
@@ -935,9 +935,11 @@ def _check_crcs(path: str, archive: Any, record: Any, show_progress: bool) -> No
         record("checksums", True, f"CRC-32 of all {len(entries)} records match")
 
 
-def _crc(core: Any, data: bytes, value: int) -> int:
-    if core.crc32_available():
-        return int(core.crc32(data, value))
+def _crc(data: bytes, value: int) -> int:
+    from . import _core
+
+    if _core.zip.crc32_available():
+        return int(_core.zip.crc32(data, value))
     import zlib
 
     return zlib.crc32(data, value)

@@ -196,7 +196,9 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
             infos.append(
                 (item.index, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
             )
-        with _core.File.open(os.path.join(self.path, relative), _core.FileMode.CREATE) as file:
+        with _core.io.File.open(
+            os.path.join(self.path, relative), _core.io.FileMode.CREATE
+        ) as file:
             offsets = write_archive(file, "archive", specs, payloads, crc32=False)
             if self.durable:
                 file.sync()
@@ -324,7 +326,7 @@ class Reader(_DirectoryCheckpoint, StorageReader):
             ) from None
 
     def _read_file(self, path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
-        with _core.File.open(path, _core.FileMode.READ) as file:
+        with _core.io.File.open(path, _core.io.FileMode.READ) as file:
             size = file.size
             requests = array.array("Q")
             to_device: list[tuple[int, int, torch.Tensor]] = []
@@ -521,11 +523,12 @@ _DictMemoMetadataUnpickler = _metadata_unpickler_class(pickle._Unpickler)
 
 
 def _unpickle_metadata(data: bytes, path: str) -> Any:
-    """The object pickled in a .metadata file's bytes, pre-scanned first (_core.scan_pickle:
-    lengths, truncation), with a dict memo where a memo index is past the pickle's size
-    (CPython's C unpickler would allocate an array by it; see docs/format.md)."""
+    """The object pickled in a .metadata file's bytes, pre-scanned first
+    (_core.pickling.scan_pickle: lengths, truncation), with a dict memo where a memo index is
+    past the pickle's size (CPython's C unpickler would allocate an array by it; see
+    docs/format.md)."""
     try:
-        scan = _core.scan_pickle(data, False)
+        scan = _core.pickling.scan_pickle(data, False)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     dict_memo = needs_dict_memo(scan, len(data))

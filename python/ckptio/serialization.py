@@ -198,8 +198,8 @@ def load(
     if isinstance(f, (str, bytes, os.PathLike)):
         path = os.fsdecode(f)
         # A MAP_SHARED mapping writes through to the file, so it needs a writable descriptor.
-        mode = _core.FileMode.READ_WRITE if shared else _core.FileMode.READ
-        file: _core.File | None = _core.File.open(path, mode)
+        mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
+        file: _core.io.File | None = _core.io.File.open(path, mode)
         source: Any = file
     else:
         if mmap:
@@ -211,10 +211,10 @@ def load(
         head = source.pread(0, min(9, source.size))
         if _safetensors.looks_like_safetensors(head, source.size):
             # safetensors holds no code: weights_only and pickle arguments have nothing to do.
-            mapping = _core.Mapping(file, shared) if file is not None and mmap else None
+            mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
             return _safetensors.load(source, map_location, mapping)
         head = head[:4]
-        if not _core.looks_like_zip(head):
+        if not _core.zip.looks_like_zip(head):
             return _load_legacy(
                 for_torch(f, start),
                 map_location,
@@ -247,7 +247,7 @@ def load(
                 pickles,
             )
         check_version(archive)
-        mapping = _core.Mapping(file, shared) if file is not None and mmap else None
+        mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
         return _unpickle(
             archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
         )

@@ -298,9 +298,9 @@ def read_bandwidth(b: Bench, path: Path) -> float:
 
     opts = ckptio.get_options()
     window = min(256 * MIB, path.stat().st_size)
-    buf = _core.HostBuffer(window, False)
+    buf = _core.io.HostBuffer(window, False)
     memoryview(buf)[:] = b"\0" * window  # touch it once: no page faults in the timed loop
-    with _core.File.open(str(path), _core.FileMode.READ) as f:
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f:
         size = f.size
 
         def read_all() -> None:

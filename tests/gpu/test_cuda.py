@@ -351,7 +351,7 @@ def test_stream_to_device_fills_existing_gpu_tensors(tmp_path: Path) -> None:
     ckptio.save(src, path)
     dests = {k: torch.empty_like(v, device="cuda") for k, v in src.items()}
     records = {name: (off, size) for name, off, size in _data_records(path)}
-    with _core.File.open(str(path), _core.FileMode.READ) as f, ckptio.options(**RING):
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f, ckptio.options(**RING):
         _staging.stream_to_device(
             f,
             [(records[f"data/{i}"][0], v.nbytes, dests[k]) for i, (k, v) in enumerate(src.items())],
@@ -392,7 +392,7 @@ def test_load_into_gpu_module_and_state_dict(tmp_path: Path) -> None:
 def _data_records(path: Path) -> list[tuple[str, int, int]]:
     from ckptio._archive import ArchiveReader
 
-    with _core.File.open(str(path), _core.FileMode.READ) as f:
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f:
         reader = ArchiveReader(f)
         return [(n, offset, size) for n, (offset, size, _) in reader.records.items()]
 

@@ -36,7 +36,7 @@ def touch(obj: Any) -> int:
         # A strided memoryview slice reads one byte per page in C: a few µs per run however
         # many runs there are (a torch op per run would cost more than the page faults it
         # measures when a file holds 20,000 separate records).
-        view = _core.raw_memoryview(addr, n)
+        view = _core.io.raw_memoryview(addr, n)
         total += sum(view[::4096]) + view[-1]  # the last byte's page too
     return total
 

@@ -72,7 +72,7 @@ class _OutOfBandPickler(pickle.Pickler):
             t = obj.detach().contiguous()
             self.keep_alive.append(t)  # the raw view below does not own the memory
             nbytes = t.numel() * t.element_size()
-            view = ckptio._core.raw_memoryview(t.data_ptr(), nbytes, False) if nbytes else b""
+            view = ckptio._core.io.raw_memoryview(t.data_ptr(), nbytes, False) if nbytes else b""
             return _from_buffer, (pickle.PickleBuffer(view), obj.dtype, tuple(obj.shape))
         return NotImplemented
 

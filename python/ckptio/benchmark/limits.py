@@ -57,7 +57,7 @@ COLD_LIMITS = ("cold read", "cold read O_DIRECT")
 
 def _read_into(path: str, address: int, nbytes: int) -> None:
     opts = get_options()
-    with _core.File.open(path, _core.FileMode.READ) as f:
+    with _core.io.File.open(path, _core.io.FileMode.READ) as f:
         f.read_into(array.array("Q", (0, nbytes, address)), opts.threads, opts.chunk_bytes)
 
 
@@ -198,7 +198,7 @@ class Limits:
 
     def read_fresh_huge(self) -> float:
         t0 = time.perf_counter()
-        buf = _core.HostBuffer(max(self.nbytes, 1), True)
+        buf = _core.io.HostBuffer(max(self.nbytes, 1), True)
         _read_into(self.source, buf.address, self.nbytes)
         dt = time.perf_counter() - t0
         del buf
