@@ -43,7 +43,7 @@ def main(out: Path) -> None:
         for fname, write in variants.items():
             path = out / fname
             write(path)
-            reader = ArchiveReader(_core.BufferSource(path.read_bytes(), fname))
+            reader = ArchiveReader(_core.io.BufferSource(path.read_bytes(), fname))
             (out / (fname + ".data.pkl")).write_bytes(reader.read("data.pkl"))
     legacy = io.BytesIO()
     torch.save(objects()["state_dict"], legacy, _use_new_zipfile_serialization=False)
