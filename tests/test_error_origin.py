@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ckptio
-from ckptio import _staging, _unpickler
+from ckptio import _reads, _staging, _unpickler
 from ckptio.settings import options
 
 ERRORS: dict[str, Callable[[], BaseException]] = {
@@ -87,7 +87,7 @@ def test_mmap_placement_errors_propagate(
 
 @pytest.mark.parametrize("error", list(ERRORS))
 def test_read_errors_propagate(path: Path, monkeypatch: pytest.MonkeyPatch, error: str) -> None:
-    monkeypatch.setattr(_unpickler, "read_into", _raiser(ERRORS[error]))
+    monkeypatch.setattr(_reads, "read_into", _raiser(ERRORS[error]))
     with options(overlap_reads=False), pytest.raises(Exception) as info:
         ckptio.load(path)
     _assert_itself(info, ERRORS[error])

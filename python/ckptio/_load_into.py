@@ -22,7 +22,6 @@ non-contiguous destinations are read into a host temporary and copied with ``cop
 
 from __future__ import annotations
 
-import array
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,8 +31,8 @@ import torch
 
 from . import _core
 from ._archive import ArchiveReader
-from ._files import open_source, read_into
-from ._staging import stream_to_device
+from ._files import open_source
+from ._reads import ReadBatch
 from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
 from ._util import gc_paused, walk_leaves
 from .errors import CheckpointError
@@ -129,12 +128,12 @@ def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
 
     `direct` and the contiguous CPU destinations are read into directly, all in ONE parallel
     batch (GIL released). CUDA destinations stream through the pinned staging ring straight
-    into their memory (``_staging.stream_to_device``; a non-contiguous one through a device
-    temporary). Other non-contiguous destinations are read into a host temporary in the same
-    batch and then copied with ``copy_``.
+    into their memory (a non-contiguous one through a device temporary). Other non-contiguous
+    destinations are read into a host temporary in the same batch and then copied with
+    ``copy_``. All of it is one :class:`ReadBatch`.
     """
-    requests = array.array("Q", direct)
-    staged: list[tuple[int, int, torch.Tensor]] = []
+    batch = ReadBatch(source)
+    batch.to_host_many(direct)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: set[tuple[int, int, int]] = set()
     for item in items:
@@ -155,12 +154,10 @@ def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
             continue
         seen.add(key)
         if target.is_cuda:
-            staged.append((item.file_offset, item.nbytes, target))
+            batch.to_device(item.file_offset, item.nbytes, target)
         else:
-            requests.extend(key)
-    read_into(source, requests)
-    if staged:
-        stream_to_device(source, staged)  # the current stream is ordered after the copies
+            batch.to_host(*key)
+    batch.run()  # the current stream is ordered after the device copies
     with torch.no_grad():
         for dest, temp in copies:
             dest.copy_(temp)

@@ -9,7 +9,7 @@ bytes it needs. Reads are thread-safe: the handle has no file position.
 
 from __future__ import annotations
 
-import array
+import contextlib
 import math
 import os
 import sys
@@ -19,10 +19,11 @@ from typing import IO, Any, Iterator, Sequence, Union
 
 import torch
 
-from . import _core, _safetensors, _staging
+from . import _core, _safetensors
 from ._archive import ArchiveReader, check_version
-from ._files import descriptor_file, read_into
+from ._files import descriptor_file
 from ._placement import Placement
+from ._reads import ReadBatch
 from ._unpickler import unpickle_placeholders
 from ._util import contiguous_strides, walk_leaves
 from .errors import CheckpointError
@@ -302,8 +303,8 @@ class CheckpointHandle:
         places the storages as ckptio.load would (:class:`Placement`)."""
         placement = self._placement
         meta = placement.is_meta
-        requests = array.array("Q")
-        staged: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
+        batch = ReadBatch(self._file)
+        staged = False
         buffers: list[tuple[torch.Tensor, bool] | None] = []  # (memory, on its device)
         for _key, info, plan in plans:
             if meta or plan.nbytes == 0:
@@ -312,20 +313,22 @@ class CheckpointHandle:
             target = placement.staged_target(info.location)
             if target is not None:
                 memory = target.allocate(plan.nbytes)
-                reads = staged.setdefault(id(target), (target, []))[1]
                 at = 0
                 for start, length in plan.ranges:
-                    reads.append((info.file_offset + start, length, memory[at : at + length]))
+                    batch.to_target(
+                        target, info.file_offset + start, length, memory[at : at + length]
+                    )
                     at += length
                 buffers.append((memory, True))
+                staged = True
                 continue
             buf = torch.empty(plan.nbytes, dtype=torch.uint8)
             address = buf.data_ptr()
             for start, length in plan.ranges:
-                requests.extend((info.file_offset + start, length, address))
+                batch.to_host(info.file_offset + start, length, address)
                 address += length
             buffers.append((buf, False))
-        self._read_into(requests, list(staged.values()))
+        self._run(batch, staged)
         out = []
         for (_key, info, plan), held in zip(plans, buffers, strict=True):
             if held is None:
@@ -339,25 +342,19 @@ class CheckpointHandle:
             out.append(t.set_(storage, plan.offset, plan.shape, plan.stride))
         return out
 
-    def _read_into(
-        self,
-        requests: array.array,
-        staged: Sequence[tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = (),
-    ) -> None:
-        if not len(requests) and not staged:
+    def _run(self, batch: ReadBatch, staged: bool) -> None:
+        """Runs `batch` unless the handle is closed (close waits for it). `staged`: it goes
+        through the handle's rings, one per device for the handle's life (pinned memory is
+        costly to allocate), which reads from several threads take in turn."""
+        if not batch:
             return
         with self._lock:
             if self._closed:
                 raise ValueError(f"{self.name}: read from a closed checkpoint handle")
             self._active += 1
         try:
-            read_into(self._file, requests)
-            if staged:
-                # One ring per device for the handle's life (pinned memory is costly to
-                # allocate); reads from several threads take turns on it.
-                with self._ring_lock:
-                    for target, reads in staged:
-                        target.load(self._file, reads)
+            with self._ring_lock if staged else contextlib.nullcontext():
+                batch.run()
         finally:
             with self._lock:
                 self._active -= 1

@@ -31,7 +31,6 @@ here. load_into parses a file into TensorSpecs instead of tensors (unpickle_spec
 from __future__ import annotations
 
 import _compat_pickle
-import array
 import io
 import pickle
 import threading
@@ -41,11 +40,12 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from . import _core, _staging
+from . import _core
 from ._align import ALIGNMENT
 from ._archive import ArchiveReader
 from ._files import read_into
 from ._placement import Placement
+from ._reads import ReadBatch
 from ._storage_types import typed_storage, typed_storage_direct
 from ._util import gc_paused, is_environment_error, torch_load_state
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
@@ -151,7 +151,7 @@ class StorageLoader:
         self.mapping = mapping
         self.is_meta = self.placement.is_meta
         self.loaded: dict[str, torch.storage.TypedStorage] = {}
-        self.pending = array.array("Q")
+        self.reads = ReadBatch(archive.source)  # storages waiting for the next flush
         self.deferred = True  # until a data-reading global appears
         self._arena: torch.UntypedStorage | None = None
         self._arena_offsets: dict[str, int] = {}
@@ -159,9 +159,6 @@ class StorageLoader:
         # exception it ended with.
         self._prefetch: threading.Thread | None = None
         self._prefetch_error: BaseException | None = None
-        # Storages bound for a staged device (CUDA): (target, file offset, nbytes, memory as a
-        # flat uint8 tensor).
-        self.staged_pending: list[tuple[_staging.DeviceTarget, int, int, Any]] = []
         self._mapped_file: torch.UntypedStorage | None = None  # the whole mapping
         self._storage_types: dict[Any, tuple[torch.dtype, int]] = {}
         # The exception on its way out, if one is, that is not the file's fault: raised by
@@ -279,7 +276,7 @@ class StorageLoader:
             # not: torch's result is the same device storage either way.
             memory = staged.allocate(nbytes)
             if nbytes:
-                self.staged_pending.append((staged, data_offset, nbytes, memory))
+                self.reads.to_target(staged, data_offset, nbytes, memory)
                 if not self.deferred:
                     self.flush()
             return memory.untyped_storage()
@@ -289,7 +286,7 @@ class StorageLoader:
         else:
             storage = self._host_storage(key, nbytes, record_size)
             if nbytes and not (self._prefetch is not None and record_size < _SMALL_STORAGE_BYTES):
-                self.pending.extend((data_offset, nbytes, storage.data_ptr()))
+                self.reads.to_host(data_offset, nbytes, storage.data_ptr())
             if not (self.deferred and identity is True):
                 self.flush()  # the data must be there before map_location or user code sees it
         if identity is True:
@@ -412,16 +409,7 @@ class StorageLoader:
 
     def _flush(self) -> None:
         self.wait_prefetch()
-        if self.pending:
-            pending, self.pending = self.pending, array.array("Q")
-            read_into(self.archive.source, pending)
-        if self.staged_pending:
-            staged, self.staged_pending = self.staged_pending, []
-            groups: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
-            for target, offset, nbytes, storage in staged:
-                groups.setdefault(id(target), (target, []))[1].append((offset, nbytes, storage))
-            for target, requests in groups.values():
-                target.load(self.archive.source, requests)  # the load's one ring per target
+        self.reads.run()  # host memory in one batch; device memory through the load's rings
 
 
 def _no_slicer() -> None:

@@ -31,7 +31,6 @@ torch's reader, with the same metadata allowlist and weights-only byte items).
 
 from __future__ import annotations
 
-import array
 import dataclasses
 import io
 import os
@@ -58,7 +57,8 @@ from torch.futures import Future
 
 from . import _core, _staging, serialization
 from ._align import ALIGNMENT
-from ._files import atomic_file, read_into, write_bytes
+from ._files import atomic_file, write_bytes
+from ._reads import ReadBatch
 from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
 from ._writer import write_archive
@@ -328,8 +328,7 @@ class Reader(_DirectoryCheckpoint, StorageReader):
     def _read_file(self, path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         with _core.io.File.open(path, _core.io.FileMode.READ) as file:
             size = file.size
-            requests = array.array("Q")
-            to_device: list[tuple[int, int, torch.Tensor]] = []
+            batch = ReadBatch(file)
             pending: list[tuple[ReadItem, torch.Tensor, torch.Tensor | None]] = []
             byte_items: list[ReadItem] = []
             for item in items:
@@ -343,10 +342,9 @@ class Reader(_DirectoryCheckpoint, StorageReader):
                     byte_items.append(item)
                     continue
                 target = planner.resolve_tensor(item).detach()
-                staged = self._plan_tensor_read(path, item, info, target, requests, to_device)
+                staged = self._plan_tensor_read(path, item, info, target, batch)
                 pending.append((item, target, staged))
-            read_into(file, requests)  # GIL released
-            _staging.stream_to_device(file, to_device)  # CUDA: through the pinned ring
+            batch.run()  # host memory in one batch (GIL released); CUDA through the ring
             for item, target, staged in pending:
                 if staged is not None:
                     target.copy_(staged)
@@ -362,13 +360,12 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         item: ReadItem,
         info: StorageInfo,
         target: torch.Tensor,
-        requests: array.array,
-        to_device: list[tuple[int, int, torch.Tensor]],
+        batch: ReadBatch,
     ) -> torch.Tensor | None:
-        """Queues the read of the smallest byte range of the stored chunk that covers the
-        requested box: into host memory (`requests`), or for a target on a staged device
-        (CUDA) into device memory through the pinned ring (`to_device`). Returns the staging
-        view to copy from, or None when the bytes go straight into `target`."""
+        """Adds to `batch` the read of the smallest byte range of the stored chunk that
+        covers the requested box: into host memory, or for a target on a staged device (CUDA)
+        into device memory through the pinned ring. Returns the staging view to copy from, or
+        None when the bytes go straight into `target`."""
         dtype = _dtype(path, info.dtype)
         shape = tuple(info.shape or ())
         offsets, lengths = tuple(item.storage_offsets), tuple(item.lengths)
@@ -413,13 +410,13 @@ class Reader(_DirectoryCheckpoint, StorageReader):
             # Device memory the ring copies into: the target itself, or a span on the same
             # device that the box is then copied out of there.
             dest = target if direct else torch.empty(span, dtype=dtype, device=target.device)
-            to_device.append((start, span * itemsize, dest))
+            batch.to_device(start, span * itemsize, dest)
             return None if direct else dest.as_strided(lengths, strides)
         if direct and target.device.type == "cpu":
-            requests.extend((start, span * itemsize, target.data_ptr()))
+            batch.to_host(start, span * itemsize, target.data_ptr())
             return None
         staging = torch.empty(span, dtype=dtype)
-        requests.extend((start, span * itemsize, staging.data_ptr()))
+        batch.to_host(start, span * itemsize, staging.data_ptr())
         return staging.as_strided(lengths, strides)
 
     def _decode_bytes(self, path: str, item: ReadItem, raw: bytes) -> bytes:
