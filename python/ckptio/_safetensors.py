@@ -19,7 +19,7 @@ import torch
 from . import _core
 from ._unpickler import StorageLoader
 from ._util import contiguous_strides
-from ._writer import write_placed
+from ._writer import tensor_payload, write_placed
 from .errors import CheckpointError
 
 __all__ = [
@@ -307,7 +307,7 @@ def _header_order(source: Any, header: Header) -> list[str]:
 @dataclass
 class Plan:
     header: bytes  # 8-byte length + padded JSON
-    tensors: list[tuple[str, torch.Tensor]]  # CPU tensors in data order (kept alive)
+    tensors: list[tuple[str, torch.Tensor]]  # in data order, on their devices (kept alive)
     offsets: list[int]  # absolute file offset of each tensor's bytes
     total_size: int
 
@@ -373,7 +373,6 @@ def plan(obj: Any, metadata: Mapping[str, str] | None, clone_shared: bool = Fals
     data: list[tuple[str, torch.Tensor]] = []
     for k in order:
         t = tensors[k]
-        cpu = t if t.device.type == "cpu" else t.cpu()
         nbytes = t.numel() * t.element_size()
         dtype_name = _NAMES[t.dtype]
         entries[k] = {
@@ -381,7 +380,7 @@ def plan(obj: Any, metadata: Mapping[str, str] | None, clone_shared: bool = Fals
             "shape": _header_shape(dtype_name, t.shape),
             "data_offsets": [position, position + nbytes],
         }
-        data.append((k, cpu))
+        data.append((k, t))
         position += nbytes
     text = json.dumps(entries, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
@@ -428,8 +427,14 @@ def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
 
 def write(target: _core.io.File | IO[bytes], p: Plan) -> None:
     """Writes a planned file through the save pipeline: parallel pwrite into a _core.io.File
-    (one batch, GIL released), sequential writes into a file object."""
+    (one batch, GIL released; CUDA tensors through the pinned ring), sequential writes into a
+    file object."""
     placed: list[tuple[int, Any]] = [(0, p.header)]
+    copiers: dict[torch.device, Any] = {}
+    held = []
     for (_k, t), offset in zip(p.tensors, p.offsets, strict=True):
-        placed.append((offset, (t.data_ptr(), t.numel() * t.element_size())))
+        payload, kept = tensor_payload(t, copiers)
+        held.append(kept)
+        placed.append((offset, payload))
     write_placed(target, placed, p.total_size)
+    del held  # alive until written

@@ -121,6 +121,31 @@ def storage_payloads(
     return payloads, keepalive
 
 
+def tensor_payload(
+    t: torch.Tensor, copiers: dict[torch.device, _staging.Copier | None]
+) -> tuple[Payload, torch.Tensor]:
+    """The payload of a contiguous tensor's bytes, and the tensor to keep alive until they
+    are written: CPU memory is written in place; a staged device's (CUDA) streams through the
+    ring, from a storage holding exactly the tensor's bytes (a view is cloned on its device);
+    any other device is copied to the CPU. `copiers`: as for :func:`storage_payloads`."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return b"", t
+    device = t.device
+    if device not in copiers:
+        copiers[device] = _staging.copier_for(device)
+    copier = copiers[device]
+    if copier is not None:
+        storage = t.untyped_storage()
+        if t.storage_offset() or storage.nbytes() != nbytes:
+            t = t.clone()
+            storage = t.untyped_storage()
+        return DevicePayload(storage, copier), t
+    if device.type != "cpu":
+        t = t.cpu()
+    return (t.data_ptr(), nbytes), t
+
+
 def host_view(payload: Payload) -> memoryview:
     """The bytes of a host payload (a DevicePayload has none: copy it to the CPU first)."""
     if isinstance(payload, DevicePayload):

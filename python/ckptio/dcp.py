@@ -9,16 +9,18 @@ Layout of a checkpoint directory (docs/training.md):
   per item the rank saves, named by its position. Tensor records hold the tensor's raw bytes
   (C order, native byte order) starting on a 4096-byte boundary; byte items (the non-tensor
   state DCP pickles with ``torch.save``) hold those bytes unchanged. The file is written by
-  ckptio's parallel ``pwrite`` path, not one ``torch.save`` zip per tensor.
+  ckptio's parallel ``pwrite`` path, not one ``torch.save`` zip per tensor; CUDA tensors
+  stream out through the pinned staging ring (no whole host copy).
 - ``.metadata``: DCP's ``Metadata`` (pickled, as ``FileSystemWriter`` writes it), whose
   ``storage_data`` maps every item to a :class:`StorageInfo` (file, offset, length, dtype,
   shape). Written last, through a temporary file and a rename.
 
 Loading reads, for every requested piece, only the byte range of the stored tensor that
 covers it (a row-sharded piece is one contiguous range), straight into the destination
-tensor when it is a contiguous CPU tensor of the stored dtype, and reads all pieces of a
-file in one parallel batch. Resharding (save with N ranks, load with M) works because DCP's
-planner expresses every request as offsets and lengths into a stored chunk.
+tensor when it is a contiguous CPU tensor of the stored dtype (a CUDA one through the pinned
+staging ring), and reads all pieces of a file in one batch (``_reads.ReadBatch``).
+Resharding (save with N ranks, load with M) works because DCP's planner expresses every
+request as offsets and lengths into a stored chunk.
 
 The metadata is unpickled with an allowlist (DCP's metadata classes, torch dtypes/sizes);
 byte items are decoded weights-only by default before the planner sees them, so loading
@@ -61,7 +63,7 @@ from ._files import atomic_file, write_bytes
 from ._reads import ReadBatch
 from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
-from ._writer import write_archive
+from ._writer import tensor_payload, write_archive
 from .errors import CheckpointError
 
 __all__ = ["Reader", "StorageInfo", "Writer"]
@@ -177,6 +179,7 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
         payloads: list[Any] = []
         keep_alive: list[torch.Tensor] = []
         infos: list[tuple[Any, str | None, tuple[int, ...] | None]] = []
+        copiers: dict[torch.device, Any] = {}  # the staging copier of each device, or None
         for i, item in enumerate(plan.items):
             data: Any = planner.resolve_data(item)
             if item.type == WriteItemType.BYTE_IO:
@@ -185,14 +188,12 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
                 payloads.append(raw)
                 infos.append((item.index, None, None))
                 continue
-            tensor: torch.Tensor = data.detach()
-            if tensor.device.type != "cpu":
-                tensor = tensor.cpu()
-            tensor = tensor.contiguous()
-            keep_alive.append(tensor)
+            tensor: torch.Tensor = data.detach().contiguous()
             nbytes = tensor.numel() * tensor.element_size()
+            payload, held = tensor_payload(tensor, copiers)  # CUDA: through the ring
+            keep_alive.append(held)
             specs.append((str(i), nbytes, TENSOR_ALIGNMENT))
-            payloads.append((tensor.data_ptr(), nbytes) if nbytes else b"")
+            payloads.append(payload)
             infos.append(
                 (item.index, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
             )
