@@ -686,6 +686,10 @@ def test_gpu_benchmark_runs_on_the_cpu(tmp_path: Path) -> None:
     table = (tmp_path / "bench_gpu.md").read_text()
     for method in ("ckptio", "torch.load", "torch.load(mmap)+.cuda()", "torch.save"):
         assert f"| {method} | warm |" in table
+    for path in ("load_into", "open", "safetensors", "dcp"):  # every GPU read path
+        assert f"| 2MiB bf16 | load | ckptio {path} | warm |" in table
+    for path in ("async_save", "dcp"):  # and every save path
+        assert f"| 2MiB bf16 | save | ckptio {path} | warm |" in table
     for method in ("ckptio", "torch.load"):  # the first load of a fresh process, file evicted
         assert f"| 2MiB bf16 | load | {method} | cold, fresh process |" in table
     assert "pinned H2D GB/s" in table and "page-cache read GB/s" in table
