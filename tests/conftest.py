@@ -438,3 +438,20 @@ def assert_releases_gil(call: Callable[[], object], attempts: int = 10) -> None:
     raise AssertionError(
         f"no Python code ran during the middle half of native calls ({durations} s)"
     )
+
+
+@pytest.fixture
+def cpu_ring(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The CPU stands in for a staged device (CUDA on a GPU host): ``_staging.copier_for``
+    makes a host-to-host TorchCopier for any device, so loads and saves take their pinned-ring
+    paths here. Returns the copiers made (``allocated`` counts the ring's slots)."""
+    from ckptio import _staging
+
+    made: list[Any] = []
+
+    def copier_for(device: torch.device) -> Any:
+        made.append(_staging.TorchCopier(device))
+        return made[-1]
+
+    monkeypatch.setattr(_staging, "copier_for", copier_for)
+    return made

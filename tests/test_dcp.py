@@ -124,24 +124,23 @@ class _Planner:
         self.committed.append(tuple(item.storage_offsets))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_resharded_reads_touch_only_the_covering_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
-) -> None:
-    """A row block is one exact byte range read in place; a column block reads the range
-    from its first to its last element and is copied out of it."""
-    full = torch.arange(64 * 32).reshape(64, 32).to(dtype)
-    dcp.save({"t": full}, storage_writer=ckptio.dcp.Writer(tmp_path))
-    reader = ckptio.dcp.Reader(tmp_path)
+def _read_boxes(
+    directory: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    full: torch.Tensor,
+    boxes: dict[tuple[int, int], tuple[int, int]],
+) -> tuple[Any, dict[tuple[int, int], torch.Tensor], _Planner, list[tuple[int, int]], list]:
+    """Saves `full` as "t", then reads each box (offsets: lengths) of it into a tensor of its
+    own through the Reader. Returns the stored chunk's StorageInfo, the filled targets, the
+    planner, the (offset, length) of every read and the File.read_into calls."""
+    dcp.save({"t": full}, storage_writer=ckptio.dcp.Writer(directory))
+    reader = ckptio.dcp.Reader(directory)
     metadata = reader.read_metadata()
     reader.set_up_storage_reader(metadata, True)
     (index,) = metadata.storage_data
-    info = metadata.storage_data[index]
-    size = dtype.itemsize
     reads: list[tuple[int, int]] = []
-    real = _core_file_read_into(monkeypatch, reads)
-    boxes = {(32, 0): (16, 32), (0, 8): (64, 8)}
-    targets = {o: torch.full(n, -1).to(dtype) for o, n in boxes.items()}
+    calls = _core_file_read_into(monkeypatch, reads)
+    targets = {o: torch.full(n, -1).to(full.dtype) for o, n in boxes.items()}
     items = [
         ReadItem(
             type=LoadItemType.TENSOR,
@@ -155,6 +154,19 @@ def test_resharded_reads_touch_only_the_covering_bytes(
     ]
     planner = _Planner(targets)
     reader.read_data(LoadPlan(items), planner).wait()  # type: ignore[arg-type]
+    return metadata.storage_data[index], targets, planner, reads, calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_resharded_reads_touch_only_the_covering_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A row block is one exact byte range read in place; a column block reads the range
+    from its first to its last element and is copied out of it."""
+    full = torch.arange(64 * 32).reshape(64, 32).to(dtype)
+    boxes = {(32, 0): (16, 32), (0, 8): (64, 8)}
+    info, targets, planner, reads, real = _read_boxes(tmp_path, monkeypatch, full, boxes)
+    size = dtype.itemsize
     assert real  # the batch went through File.read_into
     assert sorted(reads) == sorted(
         [
@@ -169,47 +181,16 @@ def test_resharded_reads_touch_only_the_covering_bytes(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_staged_device_targets_read_through_the_ring(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_ring: list[Any], dtype: torch.dtype
 ) -> None:
     """Targets on a staged device (CUDA on a GPU host; the CPU stands in through the
     copier_for hook) are filled through the pinned ring, not host memory + copy_: a row
     block straight into the target, a column block into a span on the device that the box
     is copied out of; the bytes are the same as for host targets."""
-    from ckptio import _staging
-
-    used: list[Any] = []
-
-    def copier_for(device: torch.device) -> Any:
-        made = _staging.TorchCopier(device)
-        used.append(made)
-        return made
-
-    monkeypatch.setattr(_staging, "copier_for", copier_for)
     full = torch.arange(64 * 32).reshape(64, 32).to(dtype)
-    dcp.save({"t": full}, storage_writer=ckptio.dcp.Writer(tmp_path))
-    reader = ckptio.dcp.Reader(tmp_path)
-    metadata = reader.read_metadata()
-    reader.set_up_storage_reader(metadata, True)
-    (index,) = metadata.storage_data
-    reads: list[tuple[int, int]] = []
-    _core_file_read_into(monkeypatch, reads)
     boxes = {(32, 0): (16, 32), (0, 8): (64, 8), (5, 3): (0, 4)}
-    targets = {o: torch.full(n, -1).to(dtype) for o, n in boxes.items()}
-    items = [
-        ReadItem(
-            type=LoadItemType.TENSOR,
-            dest_index=MetadataIndex("t"),
-            dest_offsets=torch.Size([0, 0]),
-            storage_index=index,
-            storage_offsets=torch.Size(o),
-            lengths=torch.Size(n),
-        )
-        for o, n in boxes.items()
-    ]
-    planner = _Planner(targets)
-    reader.read_data(LoadPlan(items), planner).wait()  # type: ignore[arg-type]
+    info, targets, planner, reads, _ = _read_boxes(tmp_path, monkeypatch, full, boxes)
     size = dtype.itemsize
-    info = metadata.storage_data[index]
     # The same byte ranges as for host targets, read into the ring's pinned slots.
     assert sorted(reads) == sorted(
         [
@@ -217,7 +198,7 @@ def test_staged_device_targets_read_through_the_ring(
             (info.offset + 8 * size, (63 * 32 + 15 - 8 + 1) * size),
         ]
     )
-    assert sum(c.allocated for c in used) > 0  # the ring's slots were used
+    assert sum(c.allocated for c in cpu_ring) > 0  # the ring's slots were used
     assert torch.equal(targets[(32, 0)], full[32:48])
     assert torch.equal(targets[(0, 8)], full[:, 8:16])
     assert targets[(5, 3)].shape == (0, 4)
@@ -225,20 +206,11 @@ def test_staged_device_targets_read_through_the_ring(
 
 
 def test_staged_device_tensors_are_written_through_the_ring(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cpu_ring: list[Any]
 ) -> None:
     """Tensors on a staged device (CUDA on a GPU host; the CPU stands in through the
     copier_for hook) stream out through the pinned ring, views and all, and the checkpoint
     loads back to the same values."""
-    from ckptio import _staging
-
-    used: list[Any] = []
-
-    def copier_for(device: torch.device) -> Any:
-        made = _staging.TorchCopier(device)
-        used.append(made)
-        return made
-
     g = torch.Generator().manual_seed(3)
     base = torch.randn(40, 30, generator=g)
     state = {
@@ -249,10 +221,8 @@ def test_staged_device_tensors_are_written_through_the_ring(
         "empty": torch.empty(0, 4),
         "step": 7,
     }
-    with monkeypatch.context() as m:
-        m.setattr(_staging, "copier_for", copier_for)
-        dcp.save(state, storage_writer=ckptio.dcp.Writer(tmp_path / "ours"))
-    assert used and sum(c.allocated for c in used) > 0  # the ring carried the bytes
+    dcp.save(state, storage_writer=ckptio.dcp.Writer(tmp_path / "ours"))
+    assert sum(c.allocated for c in cpu_ring) > 0  # the ring carried the bytes
     target = {
         k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in state.items()
     }

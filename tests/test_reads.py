@@ -25,18 +25,8 @@ def _bytes(t: torch.Tensor) -> bytes:
     return bytes(t.view(torch.uint8).reshape(-1).tolist())
 
 
-def test_every_destination_in_one_run(
-    data: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_destination_in_one_run(data: tuple[Path, bytes], cpu_ring: list[Any]) -> None:
     path, payload = data
-    # The CPU stands in for a staged device: copiers that copy host to host.
-    copiers: list[Any] = []
-
-    def copier_for(device: torch.device) -> Any:
-        copiers.append(_staging.TorchCopier(device))
-        return copiers[-1]
-
-    monkeypatch.setattr(_staging, "copier_for", copier_for)
     target = _staging.DeviceTarget(torch.device("cpu"), lambda: _staging.TorchCopier("cpu"))
     host = torch.zeros(1000, dtype=torch.uint8)
     laid_out = torch.zeros(64, dtype=torch.uint8)
@@ -60,7 +50,7 @@ def test_every_destination_in_one_run(
     assert _bytes(on_target[200_000:]) == payload[700_000:800_000]
     assert _bytes(on_device) == payload[123_457:128_457]
     assert target.ring is not None  # the target's own ring, kept for the load's next flush
-    assert copiers  # the existing tensor went through its device's copier
+    assert cpu_ring  # the existing tensor went through its device's copier
 
 
 def test_a_range_past_the_end_is_the_files_error(data: tuple[Path, bytes]) -> None:

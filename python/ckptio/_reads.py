@@ -34,17 +34,23 @@ class ReadBatch:
         self._host = array.array("Q")  # (file offset, length, address) triples
         self._targets: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
         self._devices: list[tuple[int, int, Any]] = []
+        self._staged: dict[Any, bool] = {}  # by device: does it have a staging ring
+
+    def stages(self, device: Any) -> bool:
+        """Whether reads into existing memory on `device` go through the pinned ring
+        (:meth:`to_device`: CUDA), asked once per device and batch."""
+        staged = self._staged.get(device)
+        if staged is None:
+            staged = self._staged[device] = _staging.copier_for(device) is not None
+        return staged
 
     def to_host(self, offset: int, nbytes: int, address: int) -> None:
         """`nbytes` at `offset` go to host memory at `address`."""
         self._host.extend((offset, nbytes, address))
 
-    def to_host_many(self, triples: bytes | array.array) -> None:
+    def to_host_many(self, triples: bytes) -> None:
         """Host reads already laid out as uint64 (offset, length, address) triples."""
-        if isinstance(triples, array.array):
-            self._host.extend(triples)
-        else:
-            self._host.frombytes(triples)
+        self._host.frombytes(triples)
 
     def to_target(self, target: _staging.DeviceTarget, offset: int, nbytes: int, dest: Any) -> None:
         """`nbytes` at `offset` go to the start of `dest` (memory `target` allocated, or a

@@ -719,10 +719,12 @@ def staging_target(target: str) -> DeviceTarget | None:
     return DeviceTarget(device, lambda: TorchCopier(device))
 
 
-def _knobs() -> tuple[int, int, int, int]:
+def ring_knobs() -> tuple[int, int, int, int]:
+    """(buffer bytes, buffers, threads, chunk bytes) of the staging ring, from the caller's
+    options; loads and saves alike."""
     opts = get_options()
     buffer_bytes = opts.staging_buffer_bytes
-    # Each fill is read by the whole pool: split it so every thread gets a piece.
+    # Each fill is read or written by the whole pool: split it so every thread gets a piece.
     chunk = max(256 << 10, min(opts.chunk_bytes, buffer_bytes // opts.threads))
     return buffer_bytes, opts.staging_buffers, opts.threads, chunk
 
@@ -736,7 +738,7 @@ def load_into_storages(
 ) -> None:
     """Fills device storages or tensors from `source`: (file_offset, nbytes, target) each,
     through `ring` (made by `copier`) or a ring of this call's own."""
-    buffer_bytes, buffers, threads, chunk = _knobs()
+    buffer_bytes, buffers, threads, chunk = ring_knobs()
     bound = [(off, n, copier.bind(t)) for off, n, t in requests if n]
     fills = plan_fills(bound, buffer_bytes)
     stream_in(source, fills, copier, buffers=buffers, threads=threads, chunk_bytes=chunk, ring=ring)

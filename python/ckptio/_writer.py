@@ -156,15 +156,6 @@ def host_view(payload: Payload) -> memoryview:
     return memoryview(payload).cast("B")
 
 
-def _ring_knobs() -> tuple[int, int, int, int]:
-    """(buffer bytes, buffers, threads, chunk bytes) of the staging ring, from the options."""
-    opts = get_options()
-    buffer_bytes = opts.staging_buffer_bytes
-    # Each fill is written by the whole pool: split it so every thread gets a piece.
-    chunk = max(256 << 10, min(opts.chunk_bytes, buffer_bytes // opts.threads))
-    return buffer_bytes, opts.staging_buffers, opts.threads, chunk
-
-
 def write_payloads_at(
     file: _core.io.File, placed: Sequence[tuple[Any, int, Any]], *, crc32: bool
 ) -> dict[Any, int]:
@@ -196,7 +187,7 @@ def write_payloads_at(
             host.extend((offset, size, address))
         if crc32:
             crcs[key] = _core.zip.crc32(_core.io.raw_memoryview(address, size)) if size else 0
-    buffer_bytes, buffers, threads, chunk = _ring_knobs()
+    buffer_bytes, buffers, threads, chunk = _staging.ring_knobs()
     for copier, requests in by_copier.values():
         fills = _staging.plan_fills(requests, buffer_bytes)
         # Targets are (key, bound target): the copier sees the bound target, the key names

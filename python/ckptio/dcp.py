@@ -57,7 +57,7 @@ from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _core, _staging, serialization
+from . import _core, serialization
 from ._align import ALIGNMENT
 from ._files import atomic_file, write_bytes
 from ._reads import ReadBatch
@@ -407,7 +407,7 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         span = last - first + 1
         start = info.offset + first * itemsize
         direct = span == count and target.dtype == dtype and target.is_contiguous()
-        if _is_staged(target.device):
+        if batch.stages(target.device):
             # Device memory the ring copies into: the target itself, or a span on the same
             # device that the box is then copied out of there.
             dest = target if direct else torch.empty(span, dtype=dtype, device=target.device)
@@ -434,12 +434,6 @@ class Reader(_DirectoryCheckpoint, StorageReader):
         out = io.BytesIO()
         serialization.torch_save(value, out)
         return out.getvalue()
-
-
-def _is_staged(device: torch.device) -> bool:
-    """Whether reads into `device` go through the pinned staging ring (CUDA: there is a
-    copier for it)."""
-    return _staging.copier_for(device) is not None
 
 
 class _WeightsOnlyBytes:
