@@ -21,6 +21,7 @@ from . import _core, _safetensors
 from ._archive import ArchiveReader, archive_name_for, check_version
 from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
+from ._shard_writer import save_directory
 from ._unpickler import (
     StorageLoader,
     make_unpickler,
@@ -55,6 +56,7 @@ def save(
     format: str = "torch",
     metadata: Mapping[str, str] | None = None,
     clone_shared: bool = False,
+    max_shard_size: int | str | None = None,
 ) -> None:
     """Saves `obj` to `f` exactly as :func:`torch.save` would, only faster.
 
@@ -74,12 +76,42 @@ def save(
         metadata: safetensors only: the str -> str ``__metadata__`` of the header.
         clone_shared: safetensors only: store tensors that share memory as independent
             copies instead of refusing them (the default refuses, naming the keys).
+        max_shard_size: save a model directory instead of a file: `obj` (a flat dict of
+            str -> tensor) is split into shards of at most this many bytes (an int, or a str
+            such as ``"5GB"``, ``"500MB"``, ``"10KiB"``) plus an index, named and laid out as
+            ``huggingface_hub`` and ``transformers`` write them (``pytorch_model-00001-of-
+            00002.bin`` or, with ``format="safetensors"``, ``model-00001-of-00002.safetensors``),
+            tensors sharing memory kept as they keep them (torch: in one shard, still shared;
+            safetensors: stored once). `f` is a directory path; the directory
+            appears (or replaces an earlier checkpoint directory) atomically. Without
+            max_shard_size an existing directory is refused (IsADirectoryError), as by
+            torch.save. See docs/directories.md.
 
     Example::
 
         >>> ckptio.save(model.state_dict(), "model.pt")
         >>> model.load_state_dict(ckptio.load("model.pt"))
+        >>> ckptio.save(model.state_dict(), "llm", max_shard_size="5GB", format="safetensors")
     """
+    if max_shard_size is not None:
+        save_directory(
+            obj,
+            f,
+            max_shard_size,
+            format,
+            metadata,
+            clone_shared,
+            get_options().durable,
+            lambda shard, path: save(
+                shard,
+                path,
+                pickle_module,
+                pickle_protocol,
+                _use_new_zipfile_serialization,
+                _disable_byteorder_record,
+            ),
+        )
+        return
     if format == "safetensors":
         _save_safetensors(obj, f, metadata, clone_shared)
         return
