@@ -54,6 +54,36 @@ void read_into(const ByteSource& source, const py::buffer& requests, std::size_t
   read_ranges(source, batch, *pool, chunk_bytes);
 }
 
+const ByteSource& byte_source(const py::handle& source) {
+  if (py::isinstance<File>(source)) return source.cast<const File&>();
+  if (py::isinstance<BufferSource>(source)) return source.cast<const BufferSource&>().source();
+  throw InvalidArgument("read_many: a source must be a File or a BufferSource, not " +
+                        std::string(py::str(py::type::of(source).attr("__name__"))));
+}
+
+void read_many(const py::sequence& batches, std::size_t threads, std::size_t chunk_bytes) {
+  std::vector<SourceReads> plan;
+  plan.reserve(py::len(batches));
+  for (const py::handle item : batches) {
+    const auto batch = item.cast<py::tuple>();
+    if (batch.size() != 3) {
+      throw InvalidArgument("read_many: each batch is a (source, requests, base) tuple");
+    }
+    SourceReads reads{&byte_source(batch[0]), parse_read_requests(batch[1].cast<py::buffer>())};
+    const auto base = batch[2].cast<std::uintptr_t>();
+    if (base != 0) {
+      for (ReadRequest& r : reads.requests) {
+        r.dst = reinterpret_cast<void*>(base + reinterpret_cast<std::uintptr_t>(r.dst));
+      }
+    }
+    plan.push_back(std::move(reads));
+  }
+  // The tuples (and through them the sources) stay referenced by `batches` for the call.
+  py::gil_scoped_release nogil;
+  auto pool = shared_pool(threads);
+  read_ranges_many(plan, *pool, chunk_bytes);
+}
+
 void write_from(const File& file, const py::buffer& requests, std::size_t threads,
                 std::size_t chunk_bytes) {
   std::vector<WriteRequest> batch = parse_write_requests(requests);
@@ -103,6 +133,18 @@ void register_io(py::module_& m) {
       .def("close", &File::close)
       .def("__enter__", [](File& f) -> File& { return f; }, py::return_value_policy::reference)
       .def("__exit__", [](File& f, const py::args&) { f.close(); });
+
+  m.def("read_many", &read_many, py::arg("batches"), py::arg("threads"), py::arg("chunk_bytes"),
+        "Parallel reads from several sources as one plan: batches is a sequence of (source, "
+        "requests, base) tuples, source a File or BufferSource and requests a flat uint64 "
+        "buffer of (offset, length, address) triples, each address relative to base. Every "
+        "range is checked before any is read.");
+
+  m.def("exchange_paths", &exchange_paths, py::arg("a"), py::arg("b"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Swaps two existing paths atomically (renameat2 RENAME_EXCHANGE). False where the "
+        "kernel or filesystem cannot (the caller falls back to two renames); OSError with "
+        "errno and the paths on any other failure.");
 
   m.def("sync_directory", &sync_directory, py::arg("path"),
         py::call_guard<py::gil_scoped_release>(),

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -243,6 +244,22 @@ void sync_directory(const std::string& path) {
   const int err = errno;
   ::close(fd);
   if (rc != 0) throw IoError(err, "fsync", path);
+}
+
+bool exchange_paths(const std::string& a, const std::string& b) {
+#if defined(SYS_renameat2)
+  constexpr unsigned kRenameExchange = 1U << 1;  // RENAME_EXCHANGE, <linux/fs.h>
+  const long rc = ::syscall(SYS_renameat2, AT_FDCWD, a.c_str(), AT_FDCWD, b.c_str(),
+                            kRenameExchange);
+  if (rc == 0) return true;
+  const int err = errno;
+  if (err == ENOSYS || err == EINVAL || err == ENOTSUP || err == EOPNOTSUPP) return false;
+  throw IoError(err, "renameat2(RENAME_EXCHANGE)", a + " <-> " + b);
+#else
+  (void)a;
+  (void)b;
+  return false;
+#endif
 }
 
 }  // namespace ckptio

@@ -29,37 +29,62 @@ void check_crc_available() {
 
 void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& requests,
                  ThreadPool& pool, std::size_t chunk_bytes) {
+  read_ranges_many({SourceReads{&source, requests}}, pool, chunk_bytes);
+}
+
+void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
+                      std::size_t chunk_bytes) {
   check_chunk(chunk_bytes);
   // Every range is checked before the first read, so a bad file costs no I/O and leaves no
   // destination half-filled by some tasks and not others.
-  const std::uint64_t size = source.size();
-  for (const ReadRequest& r : requests) {
-    if (r.offset > size || r.length > size - r.offset) {
-      throw FormatError(source.name() + ": range of " + std::to_string(r.length) +
-                        " bytes at offset " + std::to_string(r.offset) +
-                        " runs past the end of the file (" + std::to_string(size) + " bytes)");
+  std::size_t total = 0;
+  bool cold = false;
+  for (const SourceReads& batch : batches) {
+    const ByteSource& source = *batch.source;
+    const std::uint64_t size = source.size();
+    for (const ReadRequest& r : batch.requests) {
+      if (r.offset > size || r.length > size - r.offset) {
+        throw FormatError(source.name() + ": range of " + std::to_string(r.length) +
+                          " bytes at offset " + std::to_string(r.offset) +
+                          " runs past the end of the file (" + std::to_string(size) + " bytes)");
+      }
+      if (r.length > 0 && r.dst == nullptr) {
+        throw InvalidArgument("read_ranges: null destination for a nonzero length");
+      }
     }
-    if (r.length > 0 && r.dst == nullptr) {
-      throw InvalidArgument("read_ranges: null destination for a nonzero length");
+    total += batch.requests.size();
+    // A source out of the page cache (its middle request's first page is not cached).
+    const std::vector<ReadRequest>& rs = batch.requests;
+    cold = cold || (!rs.empty() && rs[rs.size() / 2].length > 0 &&
+                    !source.cached(rs[rs.size() / 2].offset));
+  }
+  // One flat list, source after source, each in its callers' (file) order.
+  std::vector<const ReadRequest*> requests;
+  std::vector<const ByteSource*> sources;
+  requests.reserve(total);
+  sources.reserve(total);
+  for (const SourceReads& batch : batches) {
+    for (const ReadRequest& r : batch.requests) {
+      requests.push_back(&r);
+      sources.push_back(batch.source);
     }
   }
 
-  // A file out of the page cache (the middle request's first page is not cached) is read by
-  // at least kColdReaders threads of their own: each waits on the device, then on faulting in
-  // fresh destination pages, so more reads in flight overlap the two. On the development VM,
-  // 710 MB cold into fresh memory took 1.3-1.7 s with 2 threads and 0.9 s with 8.
+  // A cold read is done by at least kColdReaders threads of their own: each waits on the
+  // device, then on faulting in fresh destination pages, so more reads in flight overlap the
+  // two. On the development VM, 710 MB cold into fresh memory took 1.3-1.7 s with 2 threads
+  // and 0.9 s with 8.
   constexpr std::size_t kColdReaders = 8;
-  const bool cold = !requests.empty() && requests[requests.size() / 2].length > 0 &&
-                    !source.cached(requests[requests.size() / 2].offset);
   const std::size_t workers = cold ? std::max(pool.size(), kColdReaders) : pool.size();
   const detail::TaskPlan plan = detail::plan_tasks(
-      requests.size(), [&](std::size_t i) { return requests[i].length; }, chunk_bytes, workers);
+      requests.size(), [&](std::size_t i) { return requests[i]->length; }, chunk_bytes, workers);
   auto task = [&](std::size_t t) {
     for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
       const detail::Piece& piece = plan.pieces[p];
-      const ReadRequest& r = requests[piece.request];
-      source.read_exact(static_cast<std::uint8_t*>(r.dst) + piece.offset,
-                        static_cast<std::size_t>(piece.length), r.offset + piece.offset);
+      const ReadRequest& r = *requests[piece.request];
+      sources[piece.request]->read_exact(static_cast<std::uint8_t*>(r.dst) + piece.offset,
+                                         static_cast<std::size_t>(piece.length),
+                                         r.offset + piece.offset);
     }
   };
   if (workers > pool.size()) {

@@ -258,3 +258,20 @@ TEST(memory_source_bounds) {
   ckptio::MemorySource empty(nullptr, 0, "<empty>");
   CHECK_THROWS(empty.read_exact(buf, 1, 0), ckptio::FormatError);
 }
+
+TEST(file_exchange_paths) {
+  harness::TempDir dir;
+  {
+    File a = File::open(dir.file("a"), File::Mode::kCreate);
+    a.write_all("A", 1, 0);
+    File b = File::open(dir.file("b"), File::Mode::kCreate);
+    b.write_all("BB", 2, 0);
+  }
+  if (ckptio::exchange_paths(dir.file("a"), dir.file("b"))) {
+    CHECK_EQ(File::open(dir.file("a"), File::Mode::kRead).size(), 2u);
+    CHECK_EQ(File::open(dir.file("b"), File::Mode::kRead).size(), 1u);
+    // A missing path is an error, not "unsupported".
+    CHECK_THROWS(ckptio::exchange_paths(dir.file("a"), dir.file("missing")), ckptio::IoError);
+  }
+}
+

@@ -28,7 +28,7 @@ import socket
 import stat
 import tempfile
 import threading
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Sequence
 
 from . import _core
 from .settings import Options, get_options
@@ -43,6 +43,7 @@ __all__ = [
     "open_source",
     "position",
     "read_into",
+    "read_many",
     "remove_stale_temp_files",
     "temp_file_name",
     "write_all",
@@ -60,6 +61,13 @@ def read_into(source: Source, requests: Any, base: int = 0, opts: Options | None
     if len(requests):
         opts = opts or get_options()
         source.read_into(requests, opts.threads, opts.chunk_bytes, base)
+
+
+def read_many(batches: Sequence[tuple[Source, Any]], opts: Options | None = None) -> None:
+    """:func:`read_into` over several sources as one parallel plan: `batches` holds
+    (source, triples) pairs, each source a ``_core.io.File`` or ``BufferSource``."""
+    opts = opts or get_options()
+    _core.io.read_many([(s, r, 0) for s, r in batches], opts.threads, opts.chunk_bytes)
 
 
 _SEEKABLE_ADVICE = (

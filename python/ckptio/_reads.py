@@ -21,19 +21,24 @@ import array
 from typing import Any
 
 from . import _staging
-from ._files import Source, read_into
+from ._files import Source, read_into, read_many
 
 __all__ = ["ReadBatch"]
 
 
 class ReadBatch:
-    """Reads of one source, gathered, then done by :meth:`run`."""
+    """Reads gathered from one source or several (the shards of a model directory), then
+    done by :meth:`run` as one plan."""
 
     def __init__(self, source: Source) -> None:
-        self.source = source
-        self._host = array.array("Q")  # (file offset, length, address) triples
-        self._targets: dict[int, tuple[_staging.DeviceTarget, list[tuple[int, int, Any]]]] = {}
-        self._devices: list[tuple[int, int, Any]] = []
+        self.source = source  # where reads go that name no source of their own
+        self._host: dict[
+            int, tuple[Source, array.array]
+        ] = {}  # by source: (offset, length, address)
+        self._targets: dict[
+            int, tuple[_staging.DeviceTarget, list[tuple[Source, int, int, Any]]]
+        ] = {}
+        self._devices: list[tuple[Source, int, int, Any]] = []
         self._staged: dict[Any, bool] = {}  # by device: does it have a staging ring
 
     def stages(self, device: Any) -> bool:
@@ -44,36 +49,82 @@ class ReadBatch:
             staged = self._staged[device] = _staging.copier_for(device) is not None
         return staged
 
-    def to_host(self, offset: int, nbytes: int, address: int) -> None:
-        """`nbytes` at `offset` go to host memory at `address`."""
-        self._host.extend((offset, nbytes, address))
+    def _host_of(self, source: Source | None) -> array.array:
+        source = self.source if source is None else source
+        entry = self._host.get(id(source))
+        if entry is None:
+            entry = self._host[id(source)] = (source, array.array("Q"))
+        return entry[1]
+
+    def to_host(self, offset: int, nbytes: int, address: int, source: Source | None = None) -> None:
+        """`nbytes` at `offset` of `source` (by default the batch's) go to host memory at
+        `address`."""
+        self._host_of(source).extend((offset, nbytes, address))
 
     def to_host_many(self, triples: bytes) -> None:
-        """Host reads already laid out as uint64 (offset, length, address) triples."""
-        self._host.frombytes(triples)
+        """Host reads of the batch's source already laid out as uint64 (offset, length,
+        address) triples."""
+        self._host_of(None).frombytes(triples)
 
-    def to_target(self, target: _staging.DeviceTarget, offset: int, nbytes: int, dest: Any) -> None:
+    def to_target(
+        self,
+        target: _staging.DeviceTarget,
+        offset: int,
+        nbytes: int,
+        dest: Any,
+        source: Source | None = None,
+    ) -> None:
         """`nbytes` at `offset` go to the start of `dest` (memory `target` allocated, or a
         view of it) through `target`'s ring."""
-        self._targets.setdefault(id(target), (target, []))[1].append((offset, nbytes, dest))
+        source = self.source if source is None else source
+        self._targets.setdefault(id(target), (target, []))[1].append((source, offset, nbytes, dest))
 
-    def to_device(self, offset: int, nbytes: int, dest: Any) -> None:
+    def to_device(self, offset: int, nbytes: int, dest: Any, source: Source | None = None) -> None:
         """`nbytes` at `offset` go to the start of `dest`, an existing contiguous tensor or
         storage on a staged device (CUDA), through that device's ring."""
-        self._devices.append((offset, nbytes, dest))
+        self._devices.append((self.source if source is None else source, offset, nbytes, dest))
+
+    def absorb(self, other: ReadBatch) -> None:
+        """Takes over every read `other` gathered (from its sources), leaving it empty: the
+        reads of several loaders become one plan."""
+        for key, (source, triples) in other._host.items():
+            mine = self._host.get(key)
+            if mine is None:
+                self._host[key] = (source, triples)
+            else:
+                mine[1].extend(triples)
+        for key, (target, requests) in other._targets.items():
+            self._targets.setdefault(key, (target, []))[1].extend(requests)
+        self._devices.extend(other._devices)
+        other._host, other._targets, other._devices = {}, {}, []
 
     def __bool__(self) -> bool:
-        return bool(self._host or self._targets or self._devices)
+        return any(len(t) for _, t in self._host.values()) or bool(self._targets or self._devices)
 
     def run(self) -> None:
-        """Reads everything gathered (host first, then each device's ring) and empties the
-        batch. When it returns, every byte is in place; for device memory the caller's
-        current stream is ordered after the copies."""
-        host, self._host = self._host, array.array("Q")
+        """Reads everything gathered (host memory of every source in one parallel plan, then
+        each device's ring) and empties the batch. When it returns, every byte is in place;
+        for device memory the caller's current stream is ordered after the copies."""
+        host, self._host = self._host, {}
         targets, self._targets = self._targets, {}
         devices, self._devices = self._devices, []
-        read_into(self.source, host)
+        batches = [(source, triples) for source, triples in host.values() if len(triples)]
+        if len(batches) == 1:
+            read_into(*batches[0])
+        elif batches:
+            read_many(batches)
         for target, requests in targets.values():
-            target.load(self.source, requests)
-        if devices:
-            _staging.stream_to_device(self.source, devices)
+            for source, group in _by_source(requests):
+                target.load(source, group)
+        for source, group in _by_source(devices):
+            _staging.stream_to_device(source, group)
+
+
+def _by_source(
+    requests: list[tuple[Source, int, int, Any]],
+) -> list[tuple[Source, list[tuple[int, int, Any]]]]:
+    """(source, [(offset, length, dest)...]) per source, in first-seen order."""
+    groups: dict[int, tuple[Source, list[tuple[int, int, Any]]]] = {}
+    for source, offset, nbytes, dest in requests:
+        groups.setdefault(id(source), (source, []))[1].append((offset, nbytes, dest))
+    return list(groups.values())

@@ -79,4 +79,10 @@ class File final : public ByteSource {
 /// fsync of a directory, so that a rename inside it survives a power loss.
 void sync_directory(const std::string& path);
 
+/// Swaps the paths `a` and `b` (both must exist) in one atomic step: renameat2 with
+/// RENAME_EXCHANGE, so that every observer sees either the old or the new entry under each
+/// name, never neither. Returns false where the kernel or the filesystem cannot exchange
+/// (ENOSYS, EINVAL, ENOTSUP: the caller falls back to two renames); throws IoError otherwise.
+bool exchange_paths(const std::string& a, const std::string& b);
+
 }  // namespace ckptio

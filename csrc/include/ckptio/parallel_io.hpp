@@ -27,10 +27,22 @@ struct WriteRequest {
   const void* src;
 };
 
+/// The reads of one source in a multi-source batch.
+struct SourceReads {
+  const ByteSource* source;
+  std::vector<ReadRequest> requests;
+};
+
 /// Fills every destination. Throws FormatError if a range lies past the end of the source
 /// (checked for all ranges before any I/O), or the first I/O error met.
 void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& requests,
                  ThreadPool& pool, std::size_t chunk_bytes);
+
+/// read_ranges over several sources (the shards of a model directory) as one plan: the
+/// ranges of every source are split and grouped into tasks together, so eight small files
+/// cost what one file of the same bytes costs. Every range of every source is checked first.
+void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
+                      std::size_t chunk_bytes);
 
 /// Writes every range. Ranges that touch end to end go out in one pwritev. When `crcs` is
 /// given it receives, per request, the CRC-32 of that request's bytes (computed chunk-wise in

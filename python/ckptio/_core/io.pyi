@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import enum
 import os
+from collections.abc import Sequence
 from typing import Union
 
 # flat uint64 (offset, length, address) triples
@@ -42,6 +43,10 @@ class File:
     def __exit__(self, *args: object) -> None: ...
 
 def sync_directory(path: str) -> None: ...
+def exchange_paths(a: str, b: str) -> bool: ...
+def read_many(
+    batches: Sequence[tuple[File | BufferSource, Requests, int]], threads: int, chunk_bytes: int
+) -> None: ...
 
 class BufferSource:
     def __init__(self, buffer: bytes | bytearray | memoryview, name: str) -> None: ...
