@@ -10,6 +10,7 @@
 >>> fut = ckptio.async_save(state, "model.pt")        # returns after a snapshot
 >>> ckptio.patch_torch()                              # torch.save/torch.load run ckptio
 >>> ckptio.load_into(model, "model.pt")               # in place, into existing tensors
+>>> state = ckptio.load("llama-dir/")                 # a sharded model directory, one plan
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from ._async import SaveFuture, async_save, wait_all
 from ._load_into import IncompatibleKeys, load_into
-from ._open import CheckpointHandle, TensorInfo, TensorSlice, open
+from ._open import CheckpointHandle, DirectoryHandle, TensorInfo, TensorSlice, open, rank_slice
 from .errors import CheckpointError, UnsafeGlobalError
 from .patch import is_torch_patched, patch_torch, patched_torch, unpatch_torch
 from .serialization import load, save
@@ -38,6 +39,7 @@ __version__ = "0.1.0"  # the one place: pyproject.toml reads it from here
 __all__ = [
     "CheckpointError",
     "CheckpointHandle",
+    "DirectoryHandle",
     "IncompatibleKeys",
     "Options",
     "SaveFuture",
@@ -52,6 +54,7 @@ __all__ = [
     "options",
     "patch_torch",
     "patched_torch",
+    "rank_slice",
     "save",
     "set_options",
     "TensorInfo",

@@ -29,12 +29,12 @@ from typing import IO, Any, NamedTuple, Union
 
 import torch
 
-from . import _core
+from . import _core, _directory, _safetensors
 from ._archive import ArchiveReader
 from ._files import open_source
 from ._reads import ReadBatch
 from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
-from ._util import gc_paused, walk_leaves
+from ._util import contiguous_strides, gc_paused, walk_leaves
 from .errors import CheckpointError
 
 __all__ = ["IncompatibleKeys", "ReadItem", "load_into", "read_items"]
@@ -133,7 +133,15 @@ def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
     ``copy_``. All of it is one :class:`ReadBatch`.
     """
     batch = ReadBatch(source)
-    batch.to_host_many(direct)
+    finish = _gather_items(batch, source, items, direct)
+    batch.run()  # the current stream is ordered after the device copies
+    finish()
+
+
+def _gather_items(batch: ReadBatch, source: Any, items: list[ReadItem], direct: bytes) -> Any:
+    """Adds the reads of :func:`read_items` from `source` to `batch`; returns what to call
+    once the batch has run (the copies out of temporaries, the items' ``then``)."""
+    batch.to_host_many(direct, source)
     copies: list[tuple[torch.Tensor, torch.Tensor]] = []
     seen: set[tuple[int, int, int]] = set()
     for item in items:
@@ -154,16 +162,19 @@ def read_items(source: Any, items: list[ReadItem], direct: bytes = b"") -> None:
             continue
         seen.add(key)
         if target.is_cuda:
-            batch.to_device(item.file_offset, item.nbytes, target)
+            batch.to_device(item.file_offset, item.nbytes, target, source)
         else:
-            batch.to_host(*key)
-    batch.run()  # the current stream is ordered after the device copies
-    with torch.no_grad():
-        for dest, temp in copies:
-            dest.copy_(temp)
-    for item in items:
-        if item.then is not None:
-            item.then()
+            batch.to_host(*key, source)
+
+    def finish() -> None:
+        with torch.no_grad():
+            for dest, temp in copies:
+                dest.copy_(temp)
+        for item in items:
+            if item.then is not None:
+                item.then()
+
+    return finish
 
 
 def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleKeys:
@@ -207,31 +218,59 @@ def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleK
         raise TypeError(
             f"target must be a state dict (dict of tensors) or an nn.Module, got {type(target)!r}"
         )
-    source, file = _open(f)
+    layout = _directory.resolve(f) if _directory.is_directory_path(f) else None
+    shards = [f] if layout is None else [layout.path(shard) for shard in layout.shards]
+    opened: list[tuple[Any, Any]] = []
     try:
-        head = source.pread(0, min(4, source.size))
-        if not _core.zip.looks_like_zip(head):
-            raise CheckpointError(
-                f"{source.name}: load_into reads torch zip checkpoints (torch.save's default "
-                "format); this file is not one. Use ckptio.load() and load_state_dict()."
-            )
+        srcs: list[tuple[Any, dict[Path, TensorSpec | str]]] = []  # per file
         with gc_paused():  # many small objects, no cycles
-            return _load_into_archive(target, ArchiveReader(source), source, strict)
+            for i, shard in enumerate(shards):
+                opened.append(_open(shard))
+                source = opened[-1][0]
+                tensors = _file_specs(source)
+                if layout is not None:
+                    _directory.check_shard_names(
+                        layout, layout.shards[i], (_name(p) for p in tensors)
+                    )
+                srcs.append((source, tensors))
+            dests = _flatten(target, torch.Tensor)
+            name = layout.name if layout is not None else srcs[0][0].name
+            plans, keys = _match(dests, srcs, strict, name)
+        batch = ReadBatch(None)
+        finishes = [
+            _gather_items(batch, source, plan.items, plan.direct)
+            for (source, _), plan in zip(srcs, plans, strict=True)
+        ]
+        batch.run()  # every file's reads, one plan
+        for finish in finishes:
+            finish()
+        return keys
     finally:
-        if file is not None:
-            file.close()
+        for _, file in opened:
+            if file is not None:
+                file.close()
 
 
-def _load_into_archive(
-    target: Any, archive: ArchiveReader, source: Any, strict: bool
-) -> IncompatibleKeys:
+def _file_specs(source: Any) -> dict[Path, TensorSpec | str]:
+    """{path: TensorSpec} of every tensor of a torch zip or safetensors file."""
+    head = source.pread(0, min(9, source.size))
+    if _safetensors.looks_like_safetensors(head, source.size):
+        return {
+            (t.name,): TensorSpec((t.offset, t.dtype, 0, t.shape, contiguous_strides(t.shape)))
+            for t in _safetensors.read_header(source).tensors
+        }
+    if not _core.zip.looks_like_zip(head[:4]):
+        raise CheckpointError(
+            f"{source.name}: load_into reads torch zip checkpoints (torch.save's default "
+            "format) and safetensors files; this file is neither. Use ckptio.load() and "
+            "load_state_dict()."
+        )
+    archive = ArchiveReader(source)
     if archive.has("constants.pkl"):
         raise CheckpointError(
             f"{source.name}: a TorchScript archive; load it with torch.jit.load()"
         )
-    plan = _match(target, _file_tensors(archive), strict, source.name)
-    read_items(source, plan.items, plan.direct)
-    return plan.keys
+    return _file_tensors(archive)
 
 
 def _file_tensors(archive: ArchiveReader) -> dict[Path, TensorSpec | str]:
@@ -262,18 +301,37 @@ def _file_tensors(archive: ArchiveReader) -> dict[Path, TensorSpec | str]:
 class _Plan(NamedTuple):
     direct: bytes  # uint64 (file offset, size, address) triples: reads into CPU tensors
     items: list[ReadItem]  # the other reads
-    keys: IncompatibleKeys
 
 
-def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: str) -> _Plan:
-    dests = _flatten(target, torch.Tensor)
-    missing = [_name(p) for p in dests if p not in srcs]
-    unexpected = [_name(p) for p in srcs if p not in dests]
+def _match(
+    dests: dict[Path, torch.Tensor],
+    files: list[tuple[Any, dict[Path, TensorSpec | str]]],
+    strict: bool,
+    name: str,
+) -> tuple[list[_Plan], IncompatibleKeys]:
+    """The reads that fill `dests` from the tensors of `files` ((source, {path: spec}), one
+    per file: a checkpoint, or the shards of a directory), one plan per file; every problem
+    of every file in one RuntimeError."""
+    found = {p for _, srcs in files for p in srcs}
+    missing = [_name(p) for p in dests if p not in found]
+    unexpected = [_name(p) for _, srcs in files for p in srcs if p not in dests]
     errors: list[str] = []
     if strict and unexpected:
         errors.append("Unexpected key(s) in the file: " + ", ".join(map(repr, unexpected)))
     if strict and missing:
         errors.append("Missing key(s) in the file: " + ", ".join(map(repr, missing)))
+    plans = []
+    for _, srcs in files:
+        mine = dests if len(files) == 1 else {p: dests[p] for p in srcs if p in dests}
+        plans.append(_match_file(mine, srcs, errors))
+    if errors:
+        raise RuntimeError(f"Error(s) in loading {name} into the target:\n\t" + "\n\t".join(errors))
+    return plans, IncompatibleKeys(missing, unexpected)
+
+
+def _match_file(
+    dests: dict[Path, torch.Tensor], srcs: dict[Path, TensorSpec | str], errors: list[str]
+) -> _Plan:
     # The common case in C: same dtype and shape, both contiguous, the destination on the CPU
     # (one read straight into it). The paths it leaves are matched here, in target order.
     direct, rest = _core.pickling.plan_direct_reads(dests, srcs, torch.strided)
@@ -296,6 +354,4 @@ def _match(target: Any, srcs: dict[Path, TensorSpec | str], strict: bool, name: 
         numel = math.prod(src.size)
         if numel:
             items.append(_item_for(src, dest, numel))
-    if errors:
-        raise RuntimeError(f"Error(s) in loading {name} into the target:\n\t" + "\n\t".join(errors))
-    return _Plan(direct, items, IncompatibleKeys(missing, unexpected))
+    return _Plan(direct, items)

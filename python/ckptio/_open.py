@@ -15,11 +15,11 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Iterator, Sequence, Union
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 
-from . import _core, _safetensors
+from . import _core, _directory, _safetensors
 from ._archive import ArchiveReader, check_version
 from ._files import descriptor_file
 from ._placement import Placement
@@ -28,9 +28,11 @@ from ._unpickler import unpickle_placeholders
 from ._util import contiguous_strides, walk_leaves
 from .errors import CheckpointError
 
-__all__ = ["CheckpointHandle", "TensorInfo", "TensorSlice", "open"]
+__all__ = ["CheckpointHandle", "DirectoryHandle", "TensorInfo", "TensorSlice", "open", "rank_slice"]
 
 Key = Union[str, tuple]
+#: What get_slices takes: name -> index, or (name, shape) -> index or None.
+SliceSpec = Union[Mapping[str, Any], Callable[[str, tuple], Any]]
 #: A slice is read as separate contiguous ranges (one parallel batch) rather than as the one
 #: range covering it when that needs at most this many ranges.
 MAX_GATHER_RANGES = 1 << 16
@@ -72,8 +74,10 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
     """Opens a checkpoint (torch zip or safetensors, told apart by their bytes) for lazy reads.
 
     Args:
-        f: a path, or a regular file opened with ``open(path, "rb")`` (an ``io.FileIO`` or
-            a buffered reader over one) positioned at its start. Other file objects
+        f: a path (a model directory or its ``*.index.json`` too: one handle over every
+            shard, each opened when one of its tensors is first asked about;
+            docs/directories.md), or a regular file opened with ``open(path, "rb")`` (an
+            ``io.FileIO`` or a buffered reader over one) positioned at its start. Other file objects
             (``BytesIO``, ``gzip.open``...) raise TypeError: read them with :func:`ckptio.load`.
         map_location: where tensors read through the handle go, with :func:`ckptio.load`'s
             meaning (None: where they were saved; ``"meta"``: nothing is read).
@@ -88,6 +92,11 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
         ...     w = ck["fc.weight"]
         ...     rows = ck.get_slice("fc.weight")[0:10]  # reads only those rows
     """
+    if _directory.is_directory_path(f):
+        layout = _directory.resolve(f)
+        if layout.weight_map is None:  # a directory of one weights file: that file
+            return open(layout.path(layout.shards[0]), map_location)
+        return DirectoryHandle(layout, map_location)  # type: ignore[return-value]
     if isinstance(f, (str, bytes, os.PathLike)):
         file = _core.io.File.open(os.fsdecode(f), _core.io.FileMode.READ)
     else:
@@ -117,11 +126,15 @@ class CheckpointHandle:
     raises KeyError naming the key tuples to use instead.
     """
 
-    def __init__(self, file: _core.io.File, map_location: Any) -> None:
+    def __init__(
+        self, file: _core.io.File, map_location: Any, placement: Placement | None = None
+    ) -> None:
         self._file = file
         self.name = file.name
         self.map_location = map_location
-        self._placement = Placement(map_location, self.name)
+        # The shards of a directory share their DirectoryHandle's placement (and rings).
+        self._owns_placement = placement is None
+        self._placement = placement or Placement(map_location, self.name)
         self._ring_lock = threading.Lock()
         self._lock = threading.Condition()
         self._active = 0
@@ -283,29 +296,57 @@ class CheckpointHandle:
                 (key, info, _plan_read(info, info.storage_offset, info.shape, info.stride))
             )
         tensors = self._read(plans)
-        out: dict[Key, torch.Tensor] = {}
-        for (key, info, _), t in zip(plans, tensors, strict=True):
-            if info.is_parameter:
-                t = torch.nn.Parameter(t, requires_grad=info.requires_grad)
-            elif info.requires_grad and (t.is_floating_point() or t.is_complex()):
-                t.requires_grad_(True)
-            out[key] = t
-        return out
+        return {key: _as_saved(info, t) for (key, info, _), t in zip(plans, tensors, strict=True)}
 
     def get_slice(self, key: Key) -> TensorSlice:
         """A :class:`TensorSlice`: index it (``[0:10]``, ``[:, 2:4]``, ``[..., 0]``) to read
         only the bytes of that part of the tensor."""
         return TensorSlice(self, self.info(key))
 
+    def get_slices(self, slices: SliceSpec) -> dict[str, torch.Tensor]:
+        """Reads part of many tensors in one parallel batch: what one rank of a tensor- or
+        expert-parallel group needs (docs/directories.md, "Per-rank slices").
+
+        `slices` maps tensor names to an index (as :meth:`get_slice`'s ``[...]`` takes:
+        ints, slices, ``...``; :func:`rank_slice` builds the usual row and column splits), or
+        is a callable ``(name, shape) -> index | None`` asked for every tensor (None: skip
+        it). Only the bytes of each part are read: a row slice is one range, a column slice
+        the strided runs of its rows, coalesced where they touch. Returns the parts by name.
+        """
+        if callable(slices):
+            wanted = []
+            for name in self.keys():
+                index = slices(name, self.info(name).shape)
+                if index is not None:
+                    wanted.append((name, index))
+        else:
+            wanted = list(slices.items())
+        plans = [
+            (name, info, _plan_index(info, index))
+            for name, index in wanted
+            for info in (self.info(name),)
+        ]
+        return dict(zip((name for name, _ in wanted), self._read(plans), strict=True))
+
     def _read(self, plans: list[tuple[Any, TensorInfo, _ReadPlan]]) -> list[torch.Tensor]:
         """Reads each plan's ranges in one batch: into fresh host memory, or for a CUDA
         map_location straight into device memory through the pinned staging ring; then
         places the storages as ckptio.load would (:class:`Placement`)."""
+        batch = ReadBatch(self._file)
+        buffers, staged = self._gather(plans, batch)
+        self._run(batch, staged)
+        return self._finish(plans, buffers)
+
+    def _gather(
+        self, plans: list[tuple[Any, TensorInfo, _ReadPlan]], batch: ReadBatch
+    ) -> tuple[list[tuple[torch.Tensor, bool] | None], bool]:
+        """Memory for each plan and its reads (from this handle's file) added to `batch`:
+        ((memory, on its device) or None where nothing is read, whether a ring is used)."""
         placement = self._placement
         meta = placement.is_meta
-        batch = ReadBatch(self._file)
+        source = self._file
         staged = False
-        buffers: list[tuple[torch.Tensor, bool] | None] = []  # (memory, on its device)
+        buffers: list[tuple[torch.Tensor, bool] | None] = []
         for _key, info, plan in plans:
             if meta or plan.nbytes == 0:
                 buffers.append(None)
@@ -316,7 +357,7 @@ class CheckpointHandle:
                 at = 0
                 for start, length in plan.ranges:
                     batch.to_target(
-                        target, info.file_offset + start, length, memory[at : at + length]
+                        target, info.file_offset + start, length, memory[at : at + length], source
                     )
                     at += length
                 buffers.append((memory, True))
@@ -325,10 +366,19 @@ class CheckpointHandle:
             buf = torch.empty(plan.nbytes, dtype=torch.uint8)
             address = buf.data_ptr()
             for start, length in plan.ranges:
-                batch.to_host(info.file_offset + start, length, address)
+                batch.to_host(info.file_offset + start, length, address, source)
                 address += length
             buffers.append((buf, False))
-        self._run(batch, staged)
+        return buffers, staged
+
+    def _finish(
+        self,
+        plans: list[tuple[Any, TensorInfo, _ReadPlan]],
+        buffers: list[tuple[torch.Tensor, bool] | None],
+    ) -> list[torch.Tensor]:
+        """The tensors of `plans` over the memory :meth:`_gather` gave them, once read."""
+        placement = self._placement
+        meta = placement.is_meta
         out = []
         for (_key, info, plan), held in zip(plans, buffers, strict=True):
             if held is None:
@@ -368,7 +418,8 @@ class CheckpointHandle:
             self._closed = True
             while self._active:
                 self._lock.wait()
-        self._placement.close()  # the pinned staging rings
+        if self._owns_placement:
+            self._placement.close()  # the pinned staging rings
         self._file.close()
 
     @property
@@ -413,29 +464,52 @@ class TensorSlice:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         info = self.info
-        last = info.storage_offset + sum(
-            (n - 1) * s for n, s in zip(info.shape, info.stride, strict=True)
-        )
-        numel = last + 1 if all(info.shape) else 0
-        base = torch.empty(max(numel, 0), dtype=info.dtype, device="meta")
-        geometry = base.as_strided(info.shape, info.stride, info.storage_offset)
-        try:
-            view = geometry[index]
-        except IndexError:
-            raise
-        except Exception as e:
-            raise IndexError(f"cannot index {info.name!r} with {index!r}: {e}") from None
-        if not view._is_view() or view._base is not base:
-            raise IndexError(
-                "get_slice supports ints, slices, ... and None; read the tensor with "
-                "get_tensor() for advanced (list or tensor) indexing"
-            )
-        plan = _plan_read(info, int(view.storage_offset()), tuple(view.shape), tuple(view.stride()))
-        (t,) = self._handle._read([(info.name, info, plan)])
+        (t,) = self._handle._read([(info.name, info, _plan_index(info, index))])
         return t
 
 
 # ------------------------------------------------------------------------------ read planning
+def _plan_index(info: TensorInfo, index: Any) -> _ReadPlan:
+    """The read plan of ``tensor[index]`` for the tensor `info` describes."""
+    last = info.storage_offset + sum(
+        (n - 1) * s for n, s in zip(info.shape, info.stride, strict=True)
+    )
+    numel = last + 1 if all(info.shape) else 0
+    base = torch.empty(max(numel, 0), dtype=info.dtype, device="meta")
+    geometry = base.as_strided(info.shape, info.stride, info.storage_offset)
+    try:
+        view = geometry[index]
+    except IndexError:
+        raise
+    except Exception as e:
+        raise IndexError(f"cannot index {info.name!r} with {index!r}: {e}") from None
+    if not view._is_view() or view._base is not base:
+        raise IndexError(
+            "get_slice supports ints, slices, ... and None; read the tensor with "
+            "get_tensor() for advanced (list or tensor) indexing"
+        )
+    return _plan_read(info, int(view.storage_offset()), tuple(view.shape), tuple(view.stride()))
+
+
+def rank_slice(shape: Sequence[int], rank: int, world_size: int, dim: int = 0) -> tuple[Any, ...]:
+    """The index of rank `rank`'s part of a tensor of `shape` split `world_size` ways along
+    `dim` (0: rows, -1: columns), as :func:`torch.tensor_split` splits it (when `world_size`
+    divides the size, equal parts). For :meth:`CheckpointHandle.get_slices`::
+
+        h.get_slices(lambda name, shape: rank_slice(shape, rank, world, dim=0))
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    ndim = len(shape)
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim {dim} is out of range for a tensor of {ndim} dimensions")
+    dim %= ndim
+    size, extra = divmod(shape[dim], world_size)
+    start = rank * size + min(rank, extra)
+    stop = start + size + (1 if rank < extra else 0)
+    return (slice(None),) * dim + (slice(start, stop),)
+
+
 @dataclass(frozen=True)
 class _ReadPlan:
     ranges: list[tuple[int, int]]  # (byte offset within the storage record, length)
@@ -492,3 +566,218 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((start, length))
     return out
+
+
+class DirectoryHandle:
+    """One lazy handle over the shards of a model directory; see :func:`open`.
+
+    Names come from the index, so listing them opens no shard; a shard is opened (its header,
+    or its container and pickle) the first time one of its tensors is asked about, and is
+    then checked against the index. Reads of tensors from several shards go out as one
+    parallel batch. Tensors are addressed by name (the index's keys).
+    """
+
+    format = "directory"
+
+    def __init__(self, layout: _directory.Layout, map_location: Any) -> None:
+        assert layout.weight_map is not None
+        self.layout = layout
+        self.name = layout.name
+        self.map_location = map_location
+        self.metadata: dict[str, str] = {}
+        self._weight_map = layout.weight_map
+        self._placement = Placement(map_location, self.name)
+        self._shards: dict[str, CheckpointHandle] = {}
+        self._open_lock = threading.Lock()
+        self._ring_lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    # -- shards ----------------------------------------------------------------------------
+    def shard(self, name: str) -> CheckpointHandle:
+        """The handle of shard file `name` (opened and checked on first use)."""
+        with self._open_lock:
+            if self._closed:
+                raise ValueError(f"{self.name}: read from a closed checkpoint handle")
+            handle = self._shards.get(name)
+            if handle is None:
+                path = self.layout.path(name)
+                file = _core.io.File.open(path, _core.io.FileMode.READ)
+                try:
+                    handle = CheckpointHandle(file, self.map_location, self._placement)
+                    _directory.check_shard_names(self.layout, name, handle.keys())
+                except BaseException:
+                    file.close()
+                    raise
+                self._shards[name] = handle
+            return handle
+
+    def _shard_of(self, key: Key) -> CheckpointHandle:
+        if not isinstance(key, str):
+            raise TypeError(f"tensors of a directory are named by str, got {type(key)!r}")
+        shard = self._weight_map.get(key)
+        if shard is None:
+            raise KeyError(f"{self.name}: no tensor named {key!r}")
+        return self.shard(shard)
+
+    # -- lookups ---------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Tensor names, in the index's order (no shard is opened)."""
+        return list(self._weight_map)
+
+    def paths(self) -> list[tuple]:
+        return [(k,) for k in self._weight_map]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weight_map)
+
+    def __len__(self) -> int:
+        return len(self._weight_map)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._weight_map
+
+    def info(self, key: Key) -> TensorInfo:
+        """The :class:`TensorInfo` of one tensor (opens its shard; no data is read). Its
+        ``file_offset`` is within its shard, :meth:`shard_of` names which."""
+        return self._shard_of(key).info(key)
+
+    def shard_of(self, key: str) -> str:
+        """The file name of the shard that holds tensor `key`."""
+        self._shard_of(key)
+        return self._weight_map[key]
+
+    def infos(self) -> list[TensorInfo]:
+        return [self.info(k) for k in self._weight_map]
+
+    # -- reads -----------------------------------------------------------------------------
+    def __getitem__(self, key: Key) -> torch.Tensor:
+        return self.get_tensor(key)
+
+    def get_tensor(self, key: Key) -> torch.Tensor:
+        return self.get_tensors([key])[key]
+
+    def get_tensors(self, keys: Sequence[Key] | None = None) -> dict[Key, torch.Tensor]:
+        """Reads several tensors (all when `keys` is None), from every shard they are in, in
+        one parallel batch."""
+        keys = self.keys() if keys is None else keys
+        out: dict[Key, torch.Tensor] = {}
+        by_shard: dict[str, list[Key]] = {}
+        for key in keys:
+            self._shard_of(key)
+            by_shard.setdefault(self._weight_map[key], []).append(key)  # type: ignore[index]
+        self._read_many(
+            {s: [(k, *_whole(self.shard(s).info(k))) for k in ks] for s, ks in by_shard.items()},
+            out,
+            tensors=True,
+        )
+        return {k: out[k] for k in keys}
+
+    def get_slice(self, key: Key) -> TensorSlice:
+        """A :class:`TensorSlice` of one tensor (see :meth:`CheckpointHandle.get_slice`)."""
+        return TensorSlice(self, self.info(key))  # type: ignore[arg-type]
+
+    def get_slices(self, slices: SliceSpec) -> dict[str, torch.Tensor]:
+        """As :meth:`CheckpointHandle.get_slices`, over every shard in one batch."""
+        if callable(slices):
+            wanted = [
+                (name, index)
+                for name in self.keys()
+                for index in (slices(name, self.info(name).shape),)
+                if index is not None
+            ]
+        else:
+            wanted = list(slices.items())
+        by_shard: dict[str, list[tuple[Any, TensorInfo, _ReadPlan]]] = {}
+        for name, index in wanted:
+            info = self.info(name)
+            by_shard.setdefault(self._weight_map[name], []).append(
+                (name, info, _plan_index(info, index))
+            )
+        out: dict[Key, torch.Tensor] = {}
+        self._read_many(by_shard, out, tensors=False)
+        return {name: out[name] for name, _ in wanted}  # type: ignore[misc]
+
+    def _read(self, plans: list[tuple[Any, TensorInfo, _ReadPlan]]) -> list[torch.Tensor]:
+        """What a :class:`TensorSlice` calls: plans of tensors named by ``info.name``."""
+        by_shard: dict[str, list[tuple[Any, TensorInfo, _ReadPlan]]] = {}
+        for i, (_key, info, plan) in enumerate(plans):
+            by_shard.setdefault(self._weight_map[info.name], []).append((i, info, plan))
+        out: dict[Key, torch.Tensor] = {}
+        self._read_many(by_shard, out, tensors=False)
+        return [out[i] for i in range(len(plans))]  # type: ignore[index]
+
+    def _read_many(
+        self,
+        by_shard: dict[str, list[tuple[Any, TensorInfo, _ReadPlan]]],
+        out: dict[Any, torch.Tensor],
+        *,
+        tensors: bool,
+    ) -> None:
+        batch = ReadBatch(None)
+        gathered = []
+        staged = False
+        for shard, plans in by_shard.items():
+            handle = self.shard(shard)
+            buffers, on_ring = handle._gather(plans, batch)
+            staged = staged or on_ring
+            gathered.append((handle, plans, buffers))
+        self._run(batch, staged)
+        for handle, plans, buffers in gathered:
+            for (key, info, _), t in zip(plans, handle._finish(plans, buffers), strict=True):
+                out[key] = _as_saved(info, t) if tensors else t
+
+    def _run(self, batch: ReadBatch, staged: bool) -> None:
+        if not batch:
+            return
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"{self.name}: read from a closed checkpoint handle")
+            self._active += 1
+        try:
+            with self._ring_lock if staged else contextlib.nullcontext():
+                batch.run()
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Closes every shard opened, once reads in flight have finished."""
+        with self._lock:
+            self._closed = True
+            while self._active:
+                self._lock.wait()
+        with self._open_lock:
+            for handle in self._shards.values():
+                handle.close()
+        self._placement.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> DirectoryHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        opened = f"{len(self._shards)} of {len(self.layout.shards)} shards open"
+        return f"<ckptio model directory {self.name!r}: {opened}, {len(self)} tensors>"
+
+
+def _whole(info: TensorInfo) -> tuple[TensorInfo, _ReadPlan]:
+    return info, _plan_read(info, info.storage_offset, info.shape, info.stride)
+
+
+def _as_saved(info: TensorInfo, t: torch.Tensor) -> torch.Tensor:
+    """`t` as get_tensor returns it: a Parameter or requiring grad where it was saved so."""
+    if info.is_parameter:
+        return torch.nn.Parameter(t, requires_grad=info.requires_grad)
+    if info.requires_grad and (t.is_floating_point() or t.is_complex()):
+        t.requires_grad_(True)
+    return t

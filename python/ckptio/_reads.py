@@ -61,10 +61,10 @@ class ReadBatch:
         `address`."""
         self._host_of(source).extend((offset, nbytes, address))
 
-    def to_host_many(self, triples: bytes) -> None:
-        """Host reads of the batch's source already laid out as uint64 (offset, length,
-        address) triples."""
-        self._host_of(None).frombytes(triples)
+    def to_host_many(self, triples: bytes, source: Source | None = None) -> None:
+        """Host reads of `source` (by default the batch's) already laid out as uint64
+        (offset, length, address) triples."""
+        self._host_of(source).frombytes(triples)
 
     def to_target(
         self,

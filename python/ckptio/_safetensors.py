@@ -284,16 +284,23 @@ def load(
     placed as `map_location` says (saved location: ``cpu``). Keys in file header order."""
     header = read_header(source)
     loader = StorageLoader(SafetensorsRecords(source, header), map_location, mapping)
-    tensors: dict[str, torch.Tensor] = {}
     try:
-        for i, entry in enumerate(header.tensors):
-            untyped = loader.storage(str(i), entry.nbytes, "cpu")
-            t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
-            tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
+        tensors = load_pending(loader, header)
         loader.flush()
     finally:
         loader.join_prefetch()  # a failed load leaves no read running
-    return {name: tensors[name] for name in _header_order(source, header)}
+    return tensors
+
+
+def load_pending(loader: StorageLoader, header: Header) -> dict[str, torch.Tensor]:
+    """The tensors of `header` made by `loader` (over that file's SafetensorsRecords), in
+    header order; reads still waiting in ``loader.reads`` (the caller flushes)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for i, entry in enumerate(header.tensors):
+        untyped = loader.storage(str(i), entry.nbytes, "cpu")
+        t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
+        tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
+    return {name: tensors[name] for name in _header_order(loader.archive.source, header)}
 
 
 def _header_order(source: Any, header: Header) -> list[str]:

@@ -144,10 +144,13 @@ class StorageLoader:
         archive: Records,
         map_location: Any,
         mapping: _core.io.Mapping | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.archive = archive
         self.map_location = map_location
-        self.placement = Placement(map_location, archive.name)
+        # A load of several files (a model directory) shares one placement, and so one
+        # staging target (ring) per device.
+        self.placement = placement or Placement(map_location, archive.name)
         self.mapping = mapping
         self.is_meta = self.placement.is_meta
         self.loaded: dict[str, torch.storage.TypedStorage] = {}

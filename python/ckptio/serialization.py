@@ -17,10 +17,12 @@ from typing import IO, Any, Mapping, Sequence, Union
 
 import torch
 
-from . import _core, _safetensors
+from . import _core, _directory, _safetensors
 from ._archive import ArchiveReader, archive_name_for, check_version
 from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
+from ._placement import Placement
+from ._reads import ReadBatch
 from ._shard_writer import save_directory
 from ._unpickler import (
     StorageLoader,
@@ -189,8 +191,14 @@ def load(
     A safetensors file (recognized by its bytes, whatever its name) loads too, through the
     same eager, mmap and map_location paths, as a dict of tensors (docs/safetensors.md).
 
+    A model directory (or its ``*.index.json``) loads as the merged state dict of its shards
+    (torch zip, legacy torch or safetensors, mixed if need be), in the index's order, every
+    shard checked against the index and every storage of every shard read in one parallel
+    plan (docs/directories.md).
+
     Args:
-        f: a path or a readable, seekable binary file object.
+        f: a path (of a file, a model directory or an index) or a readable, seekable binary
+            file object.
         map_location: None, a device string, a ``torch.device``, a dict mapping saved
             locations to new ones, or a callable ``(storage, location) -> storage``.
         pickle_module: only with ``weights_only=False``: the module whose ``Unpickler`` runs.
@@ -225,6 +233,10 @@ def load(
     if mmap is None:
         mmap = _default_mmap()
 
+    if _directory.is_directory_path(f):
+        return _load_directory(
+            f, map_location, pickle_module, weights_only, bool(mmap), pickle_load_args
+        )
     shared = bool(mmap) and _mmap_shared()
     start: int | None = None  # where a file object was read from, to hand it on to torch
     if isinstance(f, (str, bytes, os.PathLike)):
@@ -258,13 +270,8 @@ def load(
                 pickle_load_args,
             )
         archive = ArchiveReader(source)
-        if (
-            archive.has("constants.pkl")
-            or not _plain_byteorder(archive)
-            or torch._guards.detect_fake_mode(None) is not None
-        ):
-            # TorchScript archives, byte-swapped files and loads under a FakeTensorMode:
-            # torch's own loader handles them (_load_with_torch checks data.pkl first).
+        if _needs_torch(archive):
+            # _load_with_torch checks data.pkl first.
             pickles = []
             if archive.has("data.pkl") and not archive.has("constants.pkl"):
                 pickles.append(archive.read("data.pkl"))
@@ -297,6 +304,27 @@ def _unpickle(
     pickle_load_args: dict[str, Any],
 ) -> Any:
     loader = StorageLoader(archive, map_location, mapping)
+    try:
+        # Meta tensors hold no data to check (torch.load's check fails on them).
+        with torch_load_state(map_location, validate=not loader.is_meta):
+            result = _unpickle_pending(
+                archive, loader, weights_only, pickle_module, pickle_load_args
+            )
+            loader.flush()
+    finally:
+        loader.join_prefetch()  # a failed load leaves no read running
+    return result
+
+
+def _unpickle_pending(
+    archive: ArchiveReader,
+    loader: StorageLoader,
+    weights_only: bool,
+    pickle_module: Any,
+    pickle_load_args: dict[str, Any],
+) -> Any:
+    """data.pkl of `archive` unpickled through `loader`; storages whose reads were deferred
+    are still waiting in ``loader.reads`` (the caller flushes)."""
     unpickler = make_unpickler(
         archive.read("data.pkl"),
         loader,
@@ -305,14 +333,11 @@ def _unpickle(
         **{"encoding": "utf-8", **pickle_load_args},
     )
     try:
-        # Meta tensors hold no data to check (torch.load's check fails on them).
-        with torch_load_state(map_location, validate=not loader.is_meta):
-            with gc_paused():
-                result = unpickler.load()
-                # The memo holds every object of the pickle; free what the result does not
-                # keep (storage wrappers, argument tuples) while the collector is paused.
-                unpickler.memo.clear()
-            loader.flush()
+        with gc_paused():
+            result = unpickler.load()
+            # The memo holds every object of the pickle; free what the result does not
+            # keep (storage wrappers, argument tuples) while the collector is paused.
+            unpickler.memo.clear()
     except (CheckpointError, KeyboardInterrupt):
         raise
     except Exception as e:
@@ -323,9 +348,84 @@ def _unpickle(
         raise CheckpointError(
             f"{archive.name}: data.pkl could not be unpickled: {type(e).__name__}: {e}"
         ) from e
-    finally:
-        loader.join_prefetch()  # a failed load leaves no read running
     return result
+
+
+def _load_directory(
+    f: str | bytes | os.PathLike[str],
+    map_location: Any,
+    pickle_module: Any,
+    weights_only: bool,
+    mmap: bool,
+    pickle_load_args: dict[str, Any],
+) -> dict[str, Any]:
+    """The merged state dict of a model directory (or index file), docs/directories.md.
+
+    Every shard's container is parsed and unpickled first (each checked against the index),
+    then the storages of all of them are read as one plan: host memory in one parallel batch
+    over every file, device memory through one staging target per device. Shards ckptio
+    hands to torch (legacy, TorchScript, byte-swapped) are loaded whole on their own.
+    """
+    layout = _directory.resolve(f)
+    shared = mmap and _mmap_shared()
+    mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
+    placement = Placement(map_location, layout.name)
+    files: list[_core.io.File] = []
+    loaders: list[StorageLoader] = []
+    held: list[tuple[str, Mapping[str, Any]]] = []
+    try:
+        with torch_load_state(map_location, validate=not placement.is_meta):
+            for shard in layout.shards:
+                path = layout.path(shard)
+                file = _core.io.File.open(path, mode)
+                files.append(file)
+                mapping = _core.io.Mapping(file, shared) if mmap else None
+                head = file.pread(0, min(9, file.size))
+                archive = ArchiveReader(file) if _core.zip.looks_like_zip(head[:4]) else None
+                if _safetensors.looks_like_safetensors(head, file.size):
+                    header = _safetensors.read_header(file)
+                    records = _safetensors.SafetensorsRecords(file, header)
+                    loaders.append(StorageLoader(records, map_location, mapping, placement))
+                    tensors: Any = _safetensors.load_pending(loaders[-1], header)
+                elif archive is not None and not _needs_torch(archive):
+                    check_version(archive)
+                    loaders.append(StorageLoader(archive, map_location, mapping, placement))
+                    tensors = _unpickle_pending(
+                        archive, loaders[-1], weights_only, pickle_module, pickle_load_args
+                    )
+                else:
+                    tensors = load(
+                        path,
+                        map_location,
+                        pickle_module,
+                        weights_only=weights_only,
+                        mmap=mmap,
+                        **pickle_load_args,
+                    )
+                tensors = _directory.shard_tensors(layout, shard, tensors)
+                _directory.check_shard_names(layout, shard, tensors)
+                held.append((shard, tensors))
+            reads = ReadBatch(None)
+            for loader in loaders:
+                loader.wait_prefetch()
+                reads.absorb(loader.reads)
+            reads.run()  # every shard's storages, one plan
+    finally:
+        for loader in loaders:
+            loader.join_prefetch()  # a failed load leaves no read running
+        for file in files:
+            file.close()
+    return _directory.merge(layout, held)
+
+
+def _needs_torch(archive: ArchiveReader) -> bool:
+    """TorchScript archives, byte-swapped files and loads under a FakeTensorMode: torch's own
+    loader reads them."""
+    return (
+        archive.has("constants.pkl")
+        or not _plain_byteorder(archive)
+        or torch._guards.detect_fake_mode(None) is not None
+    )
 
 
 def _plain_byteorder(archive: ArchiveReader) -> bool:

@@ -1,0 +1,206 @@
+"""Model directories on the read side: which files a directory (or an ``*.index.json``) names,
+checked before any tensor is read, and how their tensors merge into one state dict.
+
+A directory is read through its index (``model.safetensors.index.json``,
+``pytorch_model.bin.index.json`` or another ``*.index.json``), whose ``weight_map`` names each
+tensor's shard; without an index, through its one weights file (``model.safetensors``,
+``pytorch_model.bin``...). :func:`resolve` finds and checks that, and :func:`merge` checks the
+shards' tensors against it:
+
+* every shard the index names exists (an error names the missing file);
+* every tensor a shard holds is listed for that shard, and every listed tensor is in its shard
+  (an error names the tensor and both files);
+* ``metadata.total_size``, where given, is the bytes of the tensors the shards hold, counted
+  either tensor by tensor or storage by storage (huggingface_hub counts storages), so a
+  truncated or swapped-out shard is caught.
+
+Nothing is returned, partially or otherwise, before all of it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, TypeGuard
+
+import torch
+
+from ._shard_writer import INDEX_SUFFIX, SAFETENSORS_PATTERN, TORCH_PATTERN
+from .errors import CheckpointError
+
+__all__ = ["Layout", "is_directory_path", "merge", "resolve"]
+
+#: Largest index file read (the biggest public indexes are a few MB).
+MAX_INDEX_BYTES = 64 << 20
+# Single weights files, most preferred first (transformers prefers safetensors).
+_SINGLE_FILES = (SAFETENSORS_PATTERN.format(suffix=""), TORCH_PATTERN.format(suffix=""))
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a model directory holds."""
+
+    root: str  # the directory
+    index: str | None  # path of the index, None for a lone weights file
+    shards: list[str]  # shard file names relative to root, in the index's order
+    weight_map: dict[str, str] | None  # tensor name -> shard file name (None: no index)
+    total_size: int | None
+
+    def path(self, shard: str) -> str:
+        return os.path.join(self.root, shard)
+
+    @property
+    def name(self) -> str:
+        return self.index or self.root
+
+
+def is_directory_path(f: Any) -> TypeGuard[str | bytes | os.PathLike[str]]:
+    """True if `f` names a model directory or an index file, which :func:`resolve` reads."""
+    if not isinstance(f, (str, bytes, os.PathLike)):
+        return False
+    path = os.fsdecode(f)
+    return path.endswith(INDEX_SUFFIX) or os.path.isdir(path)
+
+
+def resolve(f: str | bytes | os.PathLike[str]) -> Layout:
+    """The layout of the directory or index file `f`, checked: the index parses, names only
+    files inside the directory, and every one exists."""
+    path = os.fsdecode(f)
+    if not os.path.isdir(path):
+        return _read_index(path)
+    names = sorted(os.listdir(path))
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX) and not n.startswith(".")]
+    for kind in (".safetensors" + INDEX_SUFFIX, INDEX_SUFFIX):
+        found = [n for n in indexes if n.endswith(kind)]
+        preferred = [n for n in found if n in {s + INDEX_SUFFIX for s in _SINGLE_FILES}]
+        if len(preferred) == 1 or len(found) == 1:
+            return _read_index(os.path.join(path, (preferred or found)[0]))
+        if found:
+            raise CheckpointError(
+                f"{path}: the directory has several indexes ({', '.join(found)}); pass the "
+                "path of the one to load"
+            )
+    weights = [n for n in names if n.endswith(_WEIGHT_SUFFIXES) and not n.startswith(".")]
+    single = [n for n in _SINGLE_FILES if n in weights] or weights
+    if len(single) == 1 or (single and single[0] in _SINGLE_FILES):
+        return Layout(path, None, [single[0]], None, None)
+    if not weights:
+        raise CheckpointError(
+            f"{path}: not a model directory: no *{INDEX_SUFFIX} index and no weights file "
+            f"({', '.join('*' + s for s in _WEIGHT_SUFFIXES)})"
+        )
+    raise CheckpointError(
+        f"{path}: the directory has no index and several weights files "
+        f"({', '.join(weights[:8])}{' ...' if len(weights) > 8 else ''}); pass one of them"
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise CheckpointError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def _read_index(path: str) -> Layout:
+    with open(path, "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    if len(raw) > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{path}: an index larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        index = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e} (a tensor listed in two shards?)") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a JSON index: {e}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f'{path}: an index needs a "weight_map" object of name -> file name')
+    metadata = index.get("metadata") or {}
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if isinstance(total, float) and total.is_integer():
+        total = int(total)
+    if total is not None and (type(total) is not int or total < 0):
+        raise CheckpointError(f"{path}: metadata.total_size is {total!r}, not a byte count")
+    root = os.path.dirname(os.path.abspath(path))
+    shards: dict[str, None] = {}
+    for shard in weight_map.values():
+        shards.setdefault(shard, None)
+    for shard in shards:
+        parts = shard.replace("\\", "/").split("/")
+        if not shard or os.path.isabs(shard) or ".." in parts:
+            raise CheckpointError(
+                f"{path}: shard {shard!r} is not a file name inside the index's directory"
+            )
+        if not os.path.isfile(os.path.join(root, shard)):
+            raise CheckpointError(f"{path}: shard {shard!r} is missing from {root}")
+    return Layout(root, path, list(shards), weight_map, total)
+
+
+def shard_tensors(layout: Layout, shard: str, loaded: Any) -> Mapping[str, Any]:
+    """`loaded` (what shard `shard` holds), checked to be a flat name -> tensor mapping."""
+    if not isinstance(loaded, Mapping) or not all(isinstance(k, str) for k in loaded):
+        raise CheckpointError(
+            f"{layout.path(shard)}: a shard must hold a dict of name -> tensor, not "
+            f"{type(loaded).__name__}"
+        )
+    return loaded
+
+
+def check_shard_names(layout: Layout, shard: str, names: Iterable[str]) -> None:
+    """Raises unless `names` (the tensors shard `shard` holds) are exactly the index's
+    entries for that shard."""
+    if layout.weight_map is None:
+        return
+    names = list(names)
+    held = set(names)
+    for name in names:
+        listed = layout.weight_map.get(name)
+        if listed != shard:
+            where = f"lists it in {listed!r}" if listed else "does not list it"
+            raise CheckpointError(
+                f"{layout.path(shard)}: holds tensor {name!r}, but the index {layout.index} {where}"
+            )
+    for name, listed in layout.weight_map.items():
+        if listed == shard and name not in held:
+            raise CheckpointError(
+                f"{layout.index}: lists tensor {name!r} in {shard!r}, which does not hold it"
+            )
+
+
+def merge(layout: Layout, shards: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The tensors of every shard (each checked by :func:`check_shard_names`) as one dict in
+    the index's order (a lone file's own order), once the total size is checked."""
+    if layout.weight_map is None:
+        return dict(shards[0][1])
+    by_shard = dict(shards)
+    out = {name: by_shard[shard][name] for name, shard in layout.weight_map.items()}
+    if layout.total_size is not None:
+        _check_total(layout, shards)
+    return out
+
+
+def _check_total(layout: Layout, shards: list[tuple[str, Mapping[str, Any]]]) -> None:
+    by_tensor = 0
+    by_storage = 0
+    for _, tensors in shards:
+        seen: set[int] = set()  # storages, by their C++ object (meta ones have no address)
+        for t in tensors.values():
+            if not isinstance(t, torch.Tensor):
+                continue
+            by_tensor += t.numel() * t.element_size()
+            storage = t.untyped_storage()
+            if storage._cdata not in seen:
+                seen.add(storage._cdata)
+                by_storage += storage.nbytes()
+    if layout.total_size not in (by_tensor, by_storage):
+        raise CheckpointError(
+            f"{layout.index}: metadata.total_size is {layout.total_size} bytes, but the shards "
+            f"hold {by_tensor} bytes of tensors ({by_storage} in distinct storages)"
+        )
