@@ -687,3 +687,46 @@ def test_the_callers_state_dict_and_metadata_are_left_alone(tmp_path: Path) -> N
     meta = {"note": "x"}
     ckptio.save(sd, tmp_path / "d", max_shard_size=2000, format="safetensors", metadata=meta)
     assert list(sd) == list(kept) and all(sd[k] is kept[k] for k in sd) and meta == {"note": "x"}
+
+
+# ------------------------------------------------------------------ whole-directory loads
+@pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])
+@pytest.mark.parametrize("writer", ["ckptio", "huggingface_hub"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("which", list(STATE_DICTS))
+def test_ckptio_loads_whole_directories(
+    tmp_path: Path, which: str, fmt: str, writer: str, mmap: bool
+) -> None:
+    sd = STATE_DICTS[which]()
+    d = tmp_path / "d"
+    if writer == "ckptio":
+        ckptio.save(sd, d, max_shard_size=2000, format=fmt)
+    else:
+        hub_save(sd, d, fmt, 2000)
+    expected = hub_read(d)
+    loaded = ckptio.load(d, mmap=mmap)
+    index = json.loads((d / INDEX[fmt]).read_text())
+    assert list(loaded) == list(index["weight_map"])  # the index's order
+    assert_tensors_equal(loaded, expected)
+    with ckptio.open(d) as handle:
+        assert sorted(handle.keys()) == sorted(expected)
+        assert_tensors_equal({k: handle[k] for k in handle.keys()}, expected)
+
+
+def test_a_model_round_trips_through_a_directory(tmp_path: Path) -> None:
+    model = make_model(seed=1)
+    for fmt in FORMATS:
+        d = tmp_path / fmt
+        ckptio.save(model.state_dict(), d, max_shard_size=1500, format=fmt)
+        loaded = ckptio.load(d)
+        if fmt == "torch":  # the tied weights are still one storage
+            tied = [
+                loaded[k].untyped_storage().data_ptr() for k in ("tok_emb.weight", "lm_head.weight")
+            ]
+            assert tied[0] == tied[1]
+        fresh = make_model(seed=2)
+        fresh.load_state_dict(loaded, strict=fmt == "torch")
+        assert_same(model.state_dict(), fresh.state_dict())
+        fresh = make_model(seed=3)
+        ckptio.load_into(fresh, d, strict=False)
+        assert_same(model.state_dict(), fresh.state_dict())
