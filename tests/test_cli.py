@@ -117,7 +117,7 @@ def test_version_and_help() -> None:
     [
         ((), "required"),
         (("frobnicate",), "invalid choice"),
-        (("inspect",), "FILE"),
+        (("inspect",), "PATH"),
         (("convert", "a.pt"), "OUT"),
         (("convert", "a.pt", "b.pt", "--to", "numpy"), "invalid choice"),
         (("inspect", "--bogus", "x.pt"), "unrecognized"),
@@ -160,7 +160,8 @@ def test_corrupt_and_odd_inputs(tmp_path: Path, files: dict[str, Path]) -> None:
     garbage.write_bytes(b"definitely not a checkpoint" * 10)
     assert_usage_error(run("inspect", garbage), "garbage.pt", "neither")
     assert_usage_error(run("convert", garbage, tmp_path / "o.safetensors"), "garbage.pt")
-    assert_usage_error(run("inspect", tmp_path), "directory")
+    (tmp_path / "empty").mkdir()
+    assert_usage_error(run("inspect", tmp_path / "empty"), "empty: not a model directory")
     assert_usage_error(run("convert", files["ours"], tmp_path / "out.xyz"), "--to")
     assert not (tmp_path / "out.xyz").exists()
 
@@ -451,3 +452,176 @@ def test_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
     assert proc.returncode == 0
     drawn = b"".join(chunks)
     assert b"reading" in drawn and b"%" in drawn, drawn
+
+
+# ------------------------------------------------------------------------ model directories
+def _hub_save(sd: dict[str, Any], directory: Path, fmt: str, max_shard_size: Any) -> None:
+    """huggingface_hub's save_torch_state_dict: the reference layout (docs/directories.md)."""
+    from huggingface_hub import save_torch_state_dict
+
+    directory.mkdir()
+    save_torch_state_dict(
+        dict(sd), directory, max_shard_size=max_shard_size, safe_serialization=fmt == "safetensors"
+    )
+
+
+def _dir_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory, read shard by shard with safetensors or torch."""
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            out.update(st.load_file(str(directory / name)))
+        elif name.endswith(".bin"):
+            out.update(torch.load(directory / name))
+    return out
+
+
+def _assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory: Any) -> dict[str, Path]:
+    """The TinyGPT state dict as a directory of 3+ safetensors shards (ckptio's) and of torch
+    shards (huggingface_hub's)."""
+    d = tmp_path_factory.mktemp("dirs")
+    sd = make_model().state_dict()
+    out = {"st": d / "st", "bin": d / "bin"}
+    ckptio.save(sd, out["st"], max_shard_size=2000, format="safetensors")
+    _hub_save(sd, out["bin"], "torch", 2000)
+    return out
+
+
+@pytest.mark.parametrize("which", ["st", "bin"])
+def test_inspect_a_directory(model_dirs: dict[str, Path], which: str) -> None:
+    d = model_dirs[which]
+    fmt, index_name = {
+        "st": ("safetensors", "model.safetensors.index.json"),
+        "bin": ("torch", "pytorch_model.bin.index.json"),
+    }[which]
+    index = json.loads((d / index_name).read_text())
+    shards = list(dict.fromkeys(index["weight_map"].values()))
+    info = json.loads(run("inspect", "--json", d).stdout)
+    assert info["directory"] == str(d) and info["index"] == index_name
+    assert info["format"] == fmt and info["shard_count"] == len(shards) > 2
+    assert info["tensor_count"] == len(index["weight_map"])
+    assert info["total_size"] == index["metadata"]["total_size"]
+    assert [s["file"] for s in info["shards"]] == shards
+    tensors = _dir_tensors(d)
+    for s in info["shards"]:
+        held = [k for k, v in index["weight_map"].items() if v == s["file"]]
+        assert s["format"] == fmt and s["tensors"] == len(held)
+        assert s["tensor_bytes"] == sum(tensors[k].nbytes for k in held)
+        assert s["file_bytes"] == os.path.getsize(d / s["file"])
+    assert info["file_bytes"] == sum(s["file_bytes"] for s in info["shards"])
+    # The index file names the same directory.
+    assert json.loads(run("inspect", "--json", d / index_name).stdout) == info
+    text = run("inspect", d)
+    assert text.returncode == 0, text.stderr
+    assert f"shards:          {len(shards)} ({fmt})" in text.stdout
+    assert f"total_size:      {index['metadata']['total_size']}" in text.stdout
+    for s in info["shards"]:
+        row = next(line for line in text.stdout.splitlines() if line.startswith(s["file"]))
+        assert row.split() == [
+            s["file"],
+            fmt,
+            str(s["tensors"]),
+            str(s["tensor_bytes"]),
+            str(s["file_bytes"]),
+        ]
+
+
+@pytest.mark.parametrize("out_name", ["one.safetensors", "one.pt"])
+def test_convert_a_directory_to_one_file(
+    tmp_path: Path, model_dirs: dict[str, Path], out_name: str
+) -> None:
+    for which in ("st", "bin"):
+        out = tmp_path / f"{which}-{out_name}"
+        r = run("convert", model_dirs[which], out)
+        assert r.returncode == 0, r.stderr
+        got = st.load_file(str(out)) if out_name.endswith(".safetensors") else torch.load(out)
+        _assert_same_tensors(got, _dir_tensors(model_dirs[which]))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_convert_a_file_to_a_directory_as_huggingface_hub_lays_it_out(
+    tmp_path: Path, files: dict[str, Path], fmt: str
+) -> None:
+    sd = make_model().state_dict()
+    out = tmp_path / "out"
+    r = run("convert", files["stock"], out, "--max-shard-size", "2KB", "--to", fmt, proc=True)
+    assert r.returncode == 0, r.stderr
+    _hub_save(sd, tmp_path / "theirs", fmt, "2KB")
+    names = sorted(os.listdir(out))
+    assert names == sorted(os.listdir(tmp_path / "theirs"))
+    index = next(n for n in names if n.endswith(".index.json"))
+    assert (out / index).read_bytes() == (tmp_path / "theirs" / index).read_bytes()
+    _assert_same_tensors(_dir_tensors(out), _dir_tensors(tmp_path / "theirs"))
+    # Without --to, a directory keeps IN's format: a torch file gives torch shards.
+    r = run("convert", files["st"], tmp_path / "keep", "--max-shard-size", "4096")
+    assert r.returncode == 0, r.stderr
+    assert all(n.endswith((".safetensors", ".json")) for n in os.listdir(tmp_path / "keep"))
+
+
+def test_reshard_and_change_a_directorys_format(
+    tmp_path: Path, model_dirs: dict[str, Path]
+) -> None:
+    sd = make_model().state_dict()
+    out = tmp_path / "bin"
+    r = run("convert", model_dirs["st"], out, "--max-shard-size", "4KiB", "--to", "torch")
+    assert r.returncode == 0, r.stderr
+    # The tensors go out in the source index's order (ckptio.load's order of a directory).
+    source = json.loads((model_dirs["st"] / "model.safetensors.index.json").read_text())
+    _hub_save({k: sd[k] for k in source["weight_map"]}, tmp_path / "ref", "torch", 4096)
+    index = "pytorch_model.bin.index.json"
+    assert (out / index).read_bytes() == (tmp_path / "ref" / index).read_bytes()
+    _assert_same_tensors(_dir_tensors(out), _dir_tensors(model_dirs["st"]))
+    # Resharding in place: the directory is replaced by its own tensors in one shard.
+    r = run("convert", out, out, "--max-shard-size", "1GB")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(out) == ["pytorch_model.bin"]
+    _assert_same_tensors(_dir_tensors(out), _dir_tensors(model_dirs["st"]))
+    assert sorted(os.listdir(tmp_path)) == ["bin", "ref"]
+
+
+def test_directory_conversion_errors(
+    tmp_path: Path, files: dict[str, Path], model_dirs: dict[str, Path]
+) -> None:
+    out = tmp_path / "out"
+    assert_usage_error(
+        run("convert", files["stock"], out, "--max-shard-size", "5G"),
+        "--max-shard-size", "'5G' has no known unit",
+    )  # fmt: skip
+    out.mkdir()
+    assert_usage_error(run("convert", model_dirs["st"], out), "is a directory", "--max-shard-size")
+    (out / "config.json").write_text("{}")
+    assert_usage_error(
+        run("convert", model_dirs["st"], out, "--max-shard-size", "1GB"),
+        "files a checkpoint save does not write (config.json)", str(out),
+    )  # fmt: skip
+    assert os.listdir(out) == ["config.json"]
+    assert_usage_error(
+        run("convert", files["nested"], tmp_path / "n", "--max-shard-size", "1GB"),
+        "non-tensor entries ('epoch', 'name')", "--drop-non-tensors",
+    )  # fmt: skip
+    r = run(
+        "convert", files["nested"], tmp_path / "n", "--max-shard-size", "1GB", "--drop-non-tensors"
+    )
+    assert r.returncode == 0, r.stderr
+    got = torch.load(tmp_path / "n" / "pytorch_model.bin")
+    assert list(got) == ["model.w", "model.tied", "model.v"]
+    assert (
+        got["model.w"].untyped_storage().data_ptr()
+        == got["model.tied"].untyped_storage().data_ptr()
+    )
+    args = ("--max-shard-size", "1GB", "--to", "torch", "--metadata", "a=b")
+    assert_usage_error(
+        run("convert", model_dirs["st"], tmp_path / "m", *args),
+        "--metadata applies only to safetensors output",
+    )
+    assert_usage_error(
+        run("convert", files["script"], tmp_path / "s", "--max-shard-size", "1GB"), "TorchScript"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["n", "out"]

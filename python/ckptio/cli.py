@@ -2,8 +2,11 @@
 
 Commands::
 
-    ckptio inspect FILE [--json]          what a checkpoint holds, without reading tensor data
-    ckptio convert IN OUT [--to FORMAT]   torch (zip or legacy) -> safetensors or ckptio's layout
+    ckptio inspect PATH [--json]          what a checkpoint file or model directory holds,
+                                          without reading tensor data
+    ckptio convert IN OUT [--to FORMAT]   torch (zip or legacy) -> safetensors or ckptio's layout;
+        [--max-shard-size SIZE]           directories <-> files, torch <-> safetensors shards,
+                                          resharding (docs/directories.md)
     ckptio verify FILE [--json]           container, pickle (never executed) and CRC-32 checks
     ckptio bench [ARGS ...]               the benchmark (ckptio.benchmark), its own --help
 
@@ -56,29 +59,41 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "inspect",
-        help="list what a checkpoint holds (no tensor data is read)",
+        help="list what a checkpoint file or model directory holds (no tensor data is read)",
         description="Format, data alignment, counts, total bytes, a table of tensors (name, "
         "dtype, shape, bytes) and the non-tensor entries of a checkpoint. Reads only the "
         "container's directory and header (torch: data.pkl, never executed). A legacy "
         "(pre-1.6) file has no directory: it is loaded weights-only onto the meta device "
-        "(no tensor data in memory). A TorchScript archive: its records only.",
+        "(no tensor data in memory). A TorchScript archive: its records only. A model "
+        "directory (or its *.index.json): its layout, totals and one row per shard (file, "
+        "format, tensors, bytes).",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print one JSON object instead")
 
     p = sub.add_parser(
         "convert",
-        help="convert torch zip <-> safetensors, or a torch file to ckptio's layout",
+        help="convert torch zip <-> safetensors, files <-> model directories, or reshard",
         description="Converts IN to OUT. The output format comes from --to, else from OUT's "
         "extension (.safetensors -> safetensors; .pt, .pth, .bin, .ckpt -> torch). torch -> "
         "torch rewrites any torch file (zip or legacy) in ckptio's page-aligned layout, keeping "
         "the saved object exactly (structure, sharing, views) as ckptio.load reads it. To "
         "safetensors: the tensors of IN under their dotted names; tensors that shared memory "
-        "are stored as separate copies. Tensors are read onto the CPU (--map-location).",
+        "are stored as separate copies. Tensors are read onto the CPU (--map-location). IN may "
+        "be a model directory (or its *.index.json): its tensors, in the index's order. With "
+        "--max-shard-size, OUT is a model directory of shards and an index (huggingface_hub's "
+        "layout), in the format --to names, else IN's; tensors sharing memory are kept as "
+        "huggingface_hub keeps them (docs/directories.md).",
     )
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
     p.add_argument("--to", choices=("torch", "safetensors"), help="output format")
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write OUT as a model directory of shards of at most SIZE (bytes, or e.g. 5GB, "
+        "500MB, 10KiB); reshards a directory IN",
+    )
     p.add_argument(
         "--drop-non-tensors",
         action="store_true",
@@ -419,9 +434,95 @@ def _torchscript_summary(path: str) -> dict[str, Any]:
     }
 
 
+def _is_model_directory(path: str) -> bool:
+    """A directory, or an index file naming a directory's shards (``*.index.json``)."""
+    from ._directory import is_directory_path
+
+    return is_directory_path(path) and os.path.exists(path)
+
+
+def _directory_summary(path: str) -> dict[str, Any]:
+    """inspect's summary of a model directory: its layout and, per shard, its format, tensor
+    count and bytes (each shard's header or data.pkl only)."""
+    from ._directory import resolve
+
+    layout = resolve(path)
+    metadata: dict[str, Any] = {}
+    if layout.index is not None:
+        with open(layout.index, encoding="utf-8") as f:
+            meta = json.load(f).get("metadata")
+        metadata = {k: v for k, v in (meta or {}).items() if k != "total_size"}
+    shards = []
+    for name in layout.shards:
+        shard_path = layout.path(name)
+        kind, head = _source_format(shard_path)
+        if kind == "legacy":
+            info = _legacy_summary(shard_path)
+        elif kind in ("torch", "safetensors"):
+            with _open(shard_path) as handle:
+                info = _summary(handle, shard_path)
+        else:
+            raise UsageError(_not_a_checkpoint(shard_path, head))
+        shards.append(
+            {
+                "file": name,
+                "format": info["format"],
+                "tensors": info["tensor_count"],
+                "tensor_bytes": info["tensor_bytes"],
+                "file_bytes": info["file_bytes"],
+            }
+        )
+    formats = sorted({s["format"] for s in shards})
+    return {
+        "directory": layout.root,
+        "index": os.path.basename(layout.index) if layout.index else None,
+        "format": formats[0] if len(formats) == 1 else "mixed (" + ", ".join(formats) + ")",
+        "shard_count": len(shards),
+        "tensor_count": sum(s["tensors"] for s in shards),
+        "tensor_bytes": sum(s["tensor_bytes"] for s in shards),
+        "total_size": layout.total_size,
+        "file_bytes": sum(s["file_bytes"] for s in shards),
+        "metadata": metadata,
+        "shards": shards,
+    }
+
+
+def _inspect_directory(args: argparse.Namespace) -> int:
+    info = _directory_summary(args.file)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    total = info["total_size"]
+    lines = [
+        f"directory:       {info['directory']}",
+        f"index:           {info['index'] or '- (one weights file)'}",
+        f"shards:          {info['shard_count']} ({info['format']})",
+        f"tensors:         {info['tensor_count']}",
+        f"tensor bytes:    {info['tensor_bytes']} ({_human(info['tensor_bytes'])})",
+        f"total_size:      {total if total is not None else '-'}",
+        f"file bytes:      {info['file_bytes']} ({_human(info['file_bytes'])})",
+    ]
+    for k, v in info["metadata"].items():
+        lines.append(f"metadata:        {k} = {_short_repr(v)}")
+    print("\n".join(lines))
+    header = ("file", "format", "tensors", "tensor bytes", "file bytes")
+    rows = [
+        (s["file"], s["format"], str(s["tensors"]), str(s["tensor_bytes"]), str(s["file_bytes"]))
+        for s in info["shards"]
+    ]
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    print()
+    for r in [header, *rows]:
+        left = f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}"
+        print(left + "".join(f"  {cell:>{w}}" for cell, w in zip(r[2:], widths[2:], strict=True)))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from .errors import UnsafeGlobalError
 
+    if _is_model_directory(args.file):
+        return _inspect_directory(args)
     kind, head = _source_format(args.file)
     found = _globals(args.file, kind)
     try:
@@ -570,13 +671,18 @@ def _map_location(value: str) -> Any:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    if args.max_shard_size is not None or _is_model_directory(args.input):
+        return _convert_directory(args)
     target = _output_format(args)
     extra_metadata = _parse_metadata(args.metadata)
     if extra_metadata and target != "safetensors":
         raise UsageError("--metadata applies only to safetensors output")
     map_location = _map_location(args.map_location)
     if os.path.isdir(args.output):
-        raise UsageError(f"{args.output} is a directory; name the output file")
+        raise UsageError(
+            f"{args.output} is a directory; name the output file, or pass --max-shard-size to "
+            "write a model directory"
+        )
     source, _ = _source_format(args.input)
     if source == "torchscript":
         raise UsageError(
@@ -591,6 +697,82 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         # The whole object, as ckptio.load reads it (legacy files, --unsafe, torch -> torch).
         _convert_object(args, source, target, extra_metadata, map_location)
+    return 0
+
+
+def _max_shard_size(value: str) -> int:
+    """--max-shard-size's value in bytes: plain digits, or a size such as 5GB or 10KiB."""
+    from ._shard_writer import parse_size
+
+    text = value.strip()
+    try:
+        return parse_size(int(text) if text.isdigit() else text)
+    except ValueError as e:
+        raise UsageError(f"--max-shard-size: {e}") from None
+
+
+def _convert_directory(args: argparse.Namespace) -> int:
+    """convert with a model directory on either side: IN (a directory, an index or a file) is
+    loaded whole, as ckptio.load reads it (mapped where it can be), its tensors taken under
+    their dotted names, and saved as a directory (--max-shard-size) or one file."""
+    from ._directory import resolve
+    from .serialization import load, save
+
+    to_directory = args.max_shard_size is not None
+    max_shard_size = _max_shard_size(args.max_shard_size) if to_directory else None
+    if not to_directory and os.path.isdir(args.output):
+        raise UsageError(
+            f"{args.output} is a directory; name the output file, or pass --max-shard-size to "
+            "write a model directory"
+        )
+    if _is_model_directory(args.input):
+        layout = resolve(args.input)
+        files = [layout.path(s) for s in layout.shards]
+    else:
+        files = [args.input]
+    kinds = {_source_format(f)[0] for f in files}
+    if "torchscript" in kinds:
+        raise UsageError(
+            f"{args.input} is or holds a TorchScript archive (torch.jit.save), not a checkpoint "
+            "saved with torch.save: open it with torch.jit.load"
+        )
+    source = "safetensors" if kinds == {"safetensors"} else "torch"
+    if args.to:
+        target = str(args.to)
+    else:
+        target = source if to_directory else _output_format(args)
+    extra_metadata = _parse_metadata(args.metadata)
+    if extra_metadata and target != "safetensors":
+        raise UsageError("--metadata applies only to safetensors output")
+    map_location = _map_location(args.map_location)
+    total = sum(os.path.getsize(f) for f in files)
+    progress = _Progress(total, "reading", not args.no_progress)
+    try:
+        # Zip and safetensors files are mapped (no copy in memory); legacy ones cannot be.
+        obj = load(
+            args.input,
+            map_location=map_location,
+            weights_only=not args.unsafe,
+            mmap=kinds <= {"torch", "safetensors"},
+        )
+        progress.update(total)
+        progress.describe("writing")
+        tensors = _tensors_of(obj, args, contiguous=not to_directory and target == "safetensors")
+        metadata = extra_metadata or None
+        if to_directory:
+            save(
+                tensors,
+                args.output,
+                max_shard_size=max_shard_size,
+                format=target,
+                metadata=metadata,
+            )
+        elif target == "safetensors":
+            save(tensors, args.output, format="safetensors", metadata=metadata, clone_shared=True)
+        else:
+            save(tensors, args.output)
+    finally:
+        progress.close()
     return 0
 
 
@@ -629,9 +811,9 @@ def _convert_object(
         progress.close()
 
 
-def _tensors_of(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _tensors_of(obj: Any, args: argparse.Namespace, contiguous: bool = True) -> dict[str, Any]:
     """The tensors of a loaded object under their dotted names (as ckptio.open names them),
-    each contiguous, for safetensors."""
+    each contiguous (for a safetensors file) unless `contiguous` is False."""
     import torch
 
     from ._util import walk_leaves
@@ -643,7 +825,7 @@ def _tensors_of(obj: Any, args: argparse.Namespace) -> dict[str, Any]:
         name = ".".join(str(p) for p in path)
         if isinstance(value, torch.Tensor) and value.layout == torch.strided:
             ambiguous = ambiguous or name in tensors
-            tensors[name] = value.detach().contiguous()
+            tensors[name] = value.detach().contiguous() if contiguous else value.detach()
         else:
             non_tensors.append(name)
     if non_tensors and not args.drop_non_tensors:
