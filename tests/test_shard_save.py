@@ -525,6 +525,9 @@ def test_replaces_through_a_symlink(tmp_path: Path) -> None:
     ckptio.save(_scalars(), link, max_shard_size="1GB", format="safetensors")
     assert link.is_symlink() and listing(real) == [SINGLE["safetensors"]]
     assert_tensors_equal(hub_read(real), _scalars())
+    ckptio.save(_layers(), f"{link}/", max_shard_size="1GB")  # a trailing slash alike
+    assert link.is_symlink() and listing(real) == [SINGLE["torch"]]
+    assert listing(tmp_path) == ["link", "real"]
 
 
 def test_without_renameat2_exchange_the_old_directory_is_renamed_aside(

@@ -425,7 +425,9 @@ def _directory_target(path: str) -> tuple[str, int | None]:
     """(the absolute path the directory lands at, the permission bits of the directory there
     or None when there is none), after the refusals save_directory lists. A symlink is
     followed, as a file save follows one."""
-    target = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    target = os.path.abspath(path)  # also drops a trailing slash, which would hide a link
+    if os.path.islink(target):
+        target = os.path.realpath(target)
     if os.path.dirname(target) == target:
         raise IsADirectoryError(errno.EISDIR, "cannot replace a file system root", path)
     try:
