@@ -1,0 +1,348 @@
+"""Model directories: ckptio against what loaders of sharded checkpoints do today.
+
+    python bench/bench_directories.py [--gb 3] [--shards 4,16] [--rounds 5] [--dir DIR]
+                                      [--json out.json] [--markdown out.md]
+
+An LLM-shaped fp16 state dict of about ``--gb`` GB is saved as huggingface_hub's layout
+(``model-0000i-of-0000n.safetensors`` + index, and ``pytorch_model-...bin`` + index) in each
+shard count. Every sample is the FIRST load of a fresh Python process (imports excluded),
+followed by a touch of every page, page cache warm; candidates are interleaved round by round
+and each result is checked against a per-tensor digest of the state dict. Medians of
+``--rounds`` processes.
+
+Candidates, on the same file list. Eager loads (every tensor in the process's own memory):
+  ckptio.load(dir)                          one read plan over every shard
+  safetensors load_file(backend='pread')    shard by shard
+  torch.load                                shard by shard (torch-bin directories)
+  fastsafetensors                           fastsafe_open(file list), CPU, no GDS
+  Run:ai streamer                           SafetensorsStreamer.stream_files(file list), CPU
+Zero-copy loads (tensors view mappings of the files), compared with each other only:
+  ckptio.load(dir, mmap=True)               against safetensors load_file, shard by shard
+Per-rank slices (rank 0 of 2 and of 4, rows of every matrix): ckptio open(dir).get_slices
+(eager) against safetensors safe_open().get_slice per tensor, shard by shard, copied (eager)
+and as views of the mapping (zero-copy, labelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+CHILD = "--child"
+
+
+# ------------------------------------------------------------------------- the state dict
+def build(gb: float) -> dict[str, torch.Tensor]:
+    """A decoder's weights in fp16: embeddings, then per layer attention and MLP matrices."""
+    hidden, inter, vocab = 2048, 5632, 32000
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 2
+    layers = max(1, int((gb * 1e9 - 2 * vocab * hidden * 2) / per_layer))
+    g = torch.Generator().manual_seed(0)
+    sd: dict[str, torch.Tensor] = {}
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(torch.float16)
+
+    sd["model.embed_tokens.weight"] = rand(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[p + f"self_attn.{name}.weight"] = rand(hidden, hidden)
+        sd[p + "mlp.gate_proj.weight"] = rand(inter, hidden)
+        sd[p + "mlp.up_proj.weight"] = rand(inter, hidden)
+        sd[p + "mlp.down_proj.weight"] = rand(hidden, inter)
+        sd[p + "input_layernorm.weight"] = rand(hidden)
+        sd[p + "post_attention_layernorm.weight"] = rand(hidden)
+    sd["lm_head.weight"] = rand(vocab, hidden)
+    return sd
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per tensor: the sum of its bytes (order-free, cheap, catches a wrong or torn read)."""
+    return {
+        k: float(t.contiguous().view(torch.uint8).sum(dtype=torch.int64))
+        for k, t in tensors.items()
+    }
+
+
+# ------------------------------------------------------------------------ the candidates
+def _files(d: str) -> list[str]:
+    (index,) = [n for n in os.listdir(d) if n.endswith(".index.json")]
+    with open(os.path.join(d, index)) as f:
+        weight_map = json.load(f)["weight_map"]
+    return [os.path.join(d, s) for s in dict.fromkeys(weight_map.values())]
+
+
+def _ckptio(d: str) -> dict[str, torch.Tensor]:
+    import ckptio
+
+    return ckptio.load(d)
+
+
+def _ckptio_mmap(d: str) -> dict[str, torch.Tensor]:
+    import ckptio
+
+    return ckptio.load(d, mmap=True)
+
+
+def _safetensors(d: str) -> dict[str, torch.Tensor]:
+    """safetensors' default: tensors that view a mapping of each file (zero-copy)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _files(d):
+        out.update(load_file(f))
+    return out
+
+
+def _safetensors_pread(d: str) -> dict[str, torch.Tensor]:
+    """safetensors' eager backend: each file read into fresh memory."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _files(d):
+        out.update(load_file(f, backend="pread"))  # type: ignore[call-arg]
+    return out
+
+
+def _torch(d: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in _files(d):
+        out.update(torch.load(f, weights_only=True))
+    return out
+
+
+def _fastsafetensors(d: str) -> dict[str, torch.Tensor]:
+    from fastsafetensors import fastsafe_open
+
+    with fastsafe_open(_files(d), framework="pt", device="cpu", nogds=True) as f:
+        return {k: f.get_tensor(k).clone() for k in f.keys()}
+
+
+def _runai(d: str) -> dict[str, torch.Tensor]:
+    from runai_model_streamer import SafetensorsStreamer
+
+    with SafetensorsStreamer() as s:
+        s.stream_files(_files(d), device="cpu")
+        return {k: t.clone() for k, t in s.get_tensors()}
+
+
+def _rank_rows(rank: int, world: int) -> Callable[[str, tuple[int, ...]], Any]:
+    import ckptio
+
+    return lambda name, shape: ckptio.rank_slice(shape, rank, world, dim=0)
+
+
+def _ckptio_slices(d: str, world: int) -> dict[str, torch.Tensor]:
+    import ckptio
+
+    with ckptio.open(d) as h:
+        return h.get_slices(_rank_rows(0, world))
+
+
+def _safetensors_slices(d: str, world: int, copy: bool = True) -> dict[str, torch.Tensor]:
+    """safe_open().get_slice per tensor, shard by shard: views of the file's mapping, or with
+    `copy` owned by the process (what a rank that keeps its part, not the file, holds)."""
+    from safetensors import safe_open
+
+    import ckptio
+
+    out: dict[str, torch.Tensor] = {}
+    for f in _files(d):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                s = h.get_slice(k)
+                part = s[ckptio.rank_slice(tuple(s.get_shape()), 0, world)]
+                out[k] = part.clone() if copy else part
+    return out
+
+
+def _safetensors_slice_views(d: str, world: int) -> dict[str, torch.Tensor]:
+    return _safetensors_slices(d, world, copy=False)
+
+
+LOADERS: dict[str, Callable[[str], dict[str, torch.Tensor]]] = {
+    "ckptio.load(dir)": _ckptio,
+    "ckptio.load(dir, mmap=True)": _ckptio_mmap,
+    "safetensors load_file per shard (mmap views)": _safetensors,
+    "safetensors load_file(backend='pread') per shard": _safetensors_pread,
+    "torch.load per shard": _torch,
+    "fastsafetensors (file list)": _fastsafetensors,
+    "Run:ai streamer (file list)": _runai,
+}
+#: Who loads which format of directory.
+PLAN = {
+    "safetensors": [
+        "ckptio.load(dir)",
+        "safetensors load_file(backend='pread') per shard",
+        "fastsafetensors (file list)",
+        "Run:ai streamer (file list)",
+        "ckptio.load(dir, mmap=True)",
+        "safetensors load_file per shard (mmap views)",
+    ],
+    "torch": ["ckptio.load(dir)", "torch.load per shard"],
+}
+SLICERS: dict[str, Callable[[str, int], dict[str, torch.Tensor]]] = {
+    "ckptio get_slices": _ckptio_slices,
+    "safetensors get_slice per tensor, copied": _safetensors_slices,
+    "safetensors get_slice per tensor (mmap views)": _safetensors_slice_views,
+}
+
+
+def _touch(tensors: dict[str, torch.Tensor]) -> None:
+    from ckptio.benchmark._measure import touch
+
+    touch(tensors)
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One fresh-process sample: imports first (untimed), then the load and a touch of every
+    page (timed), then the digest (untimed)."""
+    import safetensors.torch  # noqa: F401
+
+    import ckptio  # noqa: F401
+
+    t0 = time.perf_counter()
+    if spec["world"]:
+        out = SLICERS[spec["candidate"]](spec["dir"], spec["world"])
+    else:
+        out = LOADERS[spec["candidate"]](spec["dir"])
+    _touch(out)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "digest": digest(out)}
+
+
+# ----------------------------------------------------------------------------- the run
+def _sample(candidate: str, d: str, world: int) -> dict[str, Any]:
+    spec = json.dumps({"candidate": candidate, "dir": d, "world": world})
+    done = subprocess.run(
+        [sys.executable, __file__, CHILD, spec], capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{candidate} on {d} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _available(candidate: str) -> str | None:
+    module = {"fastsafetensors": "fastsafetensors", "Run:ai": "runai_model_streamer"}
+    for key, name in module.items():
+        if candidate.startswith(key):
+            try:
+                __import__(name)
+            except ImportError as e:
+                return str(e)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--gb", type=float, default=3.0)
+    ap.add_argument("--shards", default="4,16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--dir", default=None, help="where the directories go (default: a temp dir)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args(argv)
+
+    import ckptio
+
+    root = args.dir or tempfile.mkdtemp(prefix="ckptio-dirbench-")
+    os.makedirs(root, exist_ok=True)
+    sd = build(args.gb)
+    total = sum(t.nbytes for t in sd.values())
+    expected = digest(sd)
+    print(f"state dict: {len(sd)} tensors, {total / 1e9:.2f} GB", flush=True)
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in [int(x) for x in args.shards.split(",")]:
+            shard_bytes = -(-total // n) + (1 << 20)
+            dirs = {}
+            for fmt in ("safetensors", "torch"):
+                d = os.path.join(root, f"{fmt}-{n}")
+                ckptio.save(sd, d, max_shard_size=shard_bytes, format=fmt)
+                dirs[fmt] = d
+            written = [x for x in os.listdir(dirs["safetensors"]) if x.endswith(".safetensors")]
+            print(f"{n} shards requested: {len(written)} written", flush=True)
+            plan = [(fmt, c) for fmt, names in PLAN.items() for c in names if _available(c) is None]
+            slices = [(w, c) for w in (2, 4) for c in SLICERS]
+            times: dict[tuple[str, str, int], list[float]] = {}
+            for r in range(args.rounds):
+                order = plan[r % len(plan) :] + plan[: r % len(plan)]
+                for fmt, c in order:
+                    got = _sample(c, dirs[fmt], 0)
+                    if got["digest"] != expected:
+                        raise RuntimeError(f"{c} on {dirs[fmt]} returned different tensors")
+                    times.setdefault((fmt, c, 0), []).append(got["seconds"])
+                for w, c in slices:
+                    got = _sample(c, dirs["safetensors"], w)
+                    times.setdefault(("safetensors", c, w), []).append(got["seconds"])
+                print(f"  round {r + 1}/{args.rounds} done", flush=True)
+            for (fmt, c, w), ts in times.items():
+                rows.append(
+                    {
+                        "shards": len(written),
+                        "format": fmt,
+                        "candidate": c,
+                        "ranks": w,
+                        "median_s": statistics.median(ts),
+                        "samples": ts,
+                    }
+                )
+            for d in dirs.values():
+                shutil.rmtree(d)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    table = _markdown(rows, total)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"total_bytes": total, "rows": rows}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+def _markdown(rows: list[dict[str, Any]], total: int) -> str:
+    lines = [
+        f"State dict {total / 1e9:.2f} GB fp16; first load+touch of a fresh process, page cache "
+        "warm, median of each candidate's processes.",
+        "",
+        "| shards | format | candidate | what | median | vs ckptio |",
+        "|---:|---|---|---|---:|---:|",
+    ]
+    for r in rows:
+        mmap = "mmap" in r["candidate"]
+        base = next(
+            x["median_s"]
+            for x in rows
+            if x["shards"] == r["shards"]
+            and x["ranks"] == r["ranks"]
+            and x["candidate"].startswith("ckptio")
+            and x["format"] == r["format"]
+            and ("mmap" in x["candidate"]) == (mmap and not r["ranks"])
+        )
+        what = f"rank 0 of {r['ranks']} (rows)" if r["ranks"] else "whole directory"
+        lines.append(
+            f"| {r['shards']} | {r['format']} | {r['candidate']} | {what} | "
+            f"{r['median_s']:.3f} s | {r['median_s'] / base:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == CHILD:
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    sys.exit(main())
