@@ -45,6 +45,7 @@ __all__ = [
     "read_into",
     "read_many",
     "remove_stale_temp_files",
+    "stale_temp_names",
     "temp_file_name",
     "write_all",
     "write_bytes",
@@ -314,19 +315,28 @@ def temp_file_name(base: str, pid: int) -> str:
     return f".{base}{_TEMP_MARK}{_HOST_TAG}-{pid}-{secrets.token_hex(4)}.tmp"
 
 
-def remove_stale_temp_files(directory: str, base: str) -> list[str]:
-    """Removes the temporary files of saves to `base` whose writer, a process of this host,
-    is dead; returns their names. Best effort: errors are ignored (the save goes on)."""
+def stale_temp_names(directory: str, base: str) -> list[str]:
+    """The names in `directory` that :func:`temp_file_name` gave saves to `base` by
+    processes of this host that are dead (killed mid-save): what no one will finish or
+    remove. Empty when `directory` cannot be listed."""
     prefix = f".{base}{_TEMP_MARK}{_HOST_TAG}-"
-    removed: list[str] = []
     try:
         names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
     except OSError:
-        return removed
+        return []
+    stale = []
     for name in names:
         pid_text = name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
-            continue
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            stale.append(name)
+    return stale
+
+
+def remove_stale_temp_files(directory: str, base: str) -> list[str]:
+    """Removes the temporary files of saves to `base` whose writer, a process of this host,
+    is dead; returns their names. Best effort: errors are ignored (the save goes on)."""
+    removed: list[str] = []
+    for name in stale_temp_names(directory, base):
         try:
             os.unlink(os.path.join(directory, name))
             removed.append(name)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from . import _core, _safetensors
-from ._files import atomic_file, temp_file_name, write_bytes, write_to
+from ._files import atomic_file, stale_temp_names, temp_file_name, write_bytes, write_to
 
 __all__ = [
     "DirectoryPlan",
@@ -490,36 +490,14 @@ def _remove_stale_directories(parent: str, base: str) -> list[str]:
     """Removes the temporary directories of saves to `base` whose writer, a process of this
     host, is dead (killed mid-save, or between the swap and the removal of the replaced
     directory); returns their names. Best effort: errors are ignored."""
-    # The names are _files.temp_file_name's, ".<base>.ckptio-<host>-<pid>-<random>.tmp": the
-    # prefix up to the pid is that of any name it gives.
-    sample = temp_file_name(base, 0)
-    prefix = sample[: sample.rindex("-0-") + 1]
     removed: list[str] = []
-    try:
-        names = [n for n in os.listdir(parent) if n.startswith(prefix) and n.endswith(".tmp")]
-    except OSError:
-        return removed
-    for name in names:
-        pid_text = name[len(prefix) :].split("-", 1)[0]
+    for name in stale_temp_names(parent, base):
         full = os.path.join(parent, name)
-        if not pid_text.isdigit() or _alive(int(pid_text)) or not _is_real_directory(full):
-            continue
-        shutil.rmtree(full, ignore_errors=True)
-        removed.append(name)
+        if _is_real_directory(full):
+            shutil.rmtree(full, ignore_errors=True)
+            removed.append(name)
     return removed
 
 
 def _is_real_directory(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # another thread of this process may be writing it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
