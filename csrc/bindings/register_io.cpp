@@ -41,17 +41,43 @@ py::bytes pread_bytes(const ByteSource& source, std::uint64_t offset, std::uint6
   return py::bytes(out);
 }
 
-void read_into(const ByteSource& source, const py::buffer& requests, std::size_t threads,
-               std::size_t chunk_bytes, std::uintptr_t base) {
+/// None, or the CRC-32 of each request as a list (crc32=True).
+py::object crc_list(const std::vector<std::uint32_t>* crcs) {
+  if (crcs == nullptr) return py::none();
+  py::list out(crcs->size());
+  for (std::size_t i = 0; i < crcs->size(); ++i) out[i] = py::int_((*crcs)[i]);
+  return std::move(out);
+}
+
+py::object read_into(const ByteSource& source, const py::buffer& requests, std::size_t threads,
+                     std::size_t chunk_bytes, std::uintptr_t base, bool crc32) {
   std::vector<ReadRequest> batch = parse_read_requests(requests);
   if (base != 0) {
     for (ReadRequest& r : batch) {
       r.dst = reinterpret_cast<void*>(base + reinterpret_cast<std::uintptr_t>(r.dst));
     }
   }
+  std::vector<std::uint32_t> crcs;
+  {
+    py::gil_scoped_release nogil;
+    auto pool = shared_pool(threads);
+    read_ranges(source, batch, *pool, chunk_bytes, crc32 ? &crcs : nullptr);
+  }
+  return crc_list(crc32 ? &crcs : nullptr);
+}
+
+std::vector<std::uint32_t> checksum(const ByteSource& source, const py::buffer& ranges,
+                                    std::size_t threads, std::size_t chunk_bytes) {
+  py::buffer_info info = ranges.request();
+  if (info.ndim != 1 || info.itemsize != 8 || info.strides[0] != 8 || info.size % 2 != 0) {
+    throw InvalidArgument("ranges must be a flat uint64 buffer of (offset, length) pairs");
+  }
+  const auto* values = static_cast<const std::uint64_t*>(info.ptr);
+  std::vector<ByteRange> batch(static_cast<std::size_t>(info.size / 2));
+  for (std::size_t i = 0; i < batch.size(); ++i) batch[i] = {values[2 * i], values[2 * i + 1]};
   py::gil_scoped_release nogil;
   auto pool = shared_pool(threads);
-  read_ranges(source, batch, *pool, chunk_bytes);
+  return checksum_ranges(source, batch, *pool, chunk_bytes);
 }
 
 const ByteSource& byte_source(const py::handle& source) {
@@ -61,7 +87,8 @@ const ByteSource& byte_source(const py::handle& source) {
                         std::string(py::str(py::type::of(source).attr("__name__"))));
 }
 
-void read_many(const py::sequence& batches, std::size_t threads, std::size_t chunk_bytes) {
+py::object read_many(const py::sequence& batches, std::size_t threads, std::size_t chunk_bytes,
+                     bool crc32) {
   std::vector<SourceReads> plan;
   plan.reserve(py::len(batches));
   for (const py::handle item : batches) {
@@ -79,9 +106,13 @@ void read_many(const py::sequence& batches, std::size_t threads, std::size_t chu
     plan.push_back(std::move(reads));
   }
   // The tuples (and through them the sources) stay referenced by `batches` for the call.
-  py::gil_scoped_release nogil;
-  auto pool = shared_pool(threads);
-  read_ranges_many(plan, *pool, chunk_bytes);
+  std::vector<std::uint32_t> crcs;
+  {
+    py::gil_scoped_release nogil;
+    auto pool = shared_pool(threads);
+    read_ranges_many(plan, *pool, chunk_bytes, crc32 ? &crcs : nullptr);
+  }
+  return crc_list(crc32 ? &crcs : nullptr);
 }
 
 void write_from(const File& file, const py::buffer& requests, std::size_t threads,
@@ -115,12 +146,20 @@ void register_io(py::module_& m) {
            py::arg("offset"), py::arg("n"), "Reads exactly n bytes at offset.")
       .def("read_into",
            [](const File& f, const py::buffer& requests, std::size_t threads,
-              std::size_t chunk_bytes, std::uintptr_t base) {
-             read_into(f, requests, threads, chunk_bytes, base);
+              std::size_t chunk_bytes, std::uintptr_t base, bool crc32) {
+             return read_into(f, requests, threads, chunk_bytes, base, crc32);
            },
            py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"), py::arg("base") = 0,
+           py::arg("crc32") = false,
            "Parallel reads; requests is a flat uint64 buffer of (offset, length, address) "
-           "triples, each address relative to base.")
+           "triples, each address relative to base. With crc32, returns the CRC-32 of each "
+           "request's bytes (computed from the destination as each step is read), else None.")
+      .def("checksum_ranges",
+           [](const File& f, const py::buffer& ranges, std::size_t threads,
+              std::size_t chunk_bytes) { return checksum(f, ranges, threads, chunk_bytes); },
+           py::arg("ranges"), py::arg("threads"), py::arg("chunk_bytes"),
+           "CRC-32 of each (offset, length) pair of a flat uint64 buffer, read in parallel "
+           "through small buffers (nothing kept).")
       .def("write_from", &write_from, py::arg("requests"), py::arg("threads"),
            py::arg("chunk_bytes"),
            "Parallel writes; requests is a flat uint64 buffer of (offset, length, address) "
@@ -135,10 +174,12 @@ void register_io(py::module_& m) {
       .def("__exit__", [](File& f, const py::args&) { f.close(); });
 
   m.def("read_many", &read_many, py::arg("batches"), py::arg("threads"), py::arg("chunk_bytes"),
+        py::arg("crc32") = false,
         "Parallel reads from several sources as one plan: batches is a sequence of (source, "
         "requests, base) tuples, source a File or BufferSource and requests a flat uint64 "
         "buffer of (offset, length, address) triples, each address relative to base. Every "
-        "range is checked before any is read.");
+        "range is checked before any is read. With crc32, returns the CRC-32 of each "
+        "request (the batches' requests in order), else None.");
 
   m.def("exchange_paths", &exchange_paths, py::arg("a"), py::arg("b"),
         py::call_guard<py::gil_scoped_release>(),
@@ -160,10 +201,15 @@ void register_io(py::module_& m) {
            py::arg("offset"), py::arg("n"))
       .def("read_into",
            [](const BufferSource& b, const py::buffer& requests, std::size_t threads,
-              std::size_t chunk_bytes, std::uintptr_t base) {
-             read_into(b.source(), requests, threads, chunk_bytes, base);
+              std::size_t chunk_bytes, std::uintptr_t base, bool crc32) {
+             return read_into(b.source(), requests, threads, chunk_bytes, base, crc32);
            },
-           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"), py::arg("base") = 0);
+           py::arg("requests"), py::arg("threads"), py::arg("chunk_bytes"), py::arg("base") = 0,
+           py::arg("crc32") = false)
+      .def("checksum_ranges",
+           [](const BufferSource& b, const py::buffer& ranges, std::size_t threads,
+              std::size_t chunk_bytes) { return checksum(b.source(), ranges, threads, chunk_bytes); },
+           py::arg("ranges"), py::arg("threads"), py::arg("chunk_bytes"));
 
   py::class_<Mapping, std::shared_ptr<Mapping>>(m, "Mapping", py::buffer_protocol())
       .def(py::init([](const File& file, bool shared) { return Mapping::map_file(file, shared); }),

@@ -8,6 +8,7 @@
 
 #include "ckptio/archive_writer.hpp"
 #include "ckptio/checksum.hpp"
+#include "ckptio/detail/chunking.hpp"
 #include "ckptio/errors.hpp"
 #include "ckptio/file.hpp"
 #include "ckptio/thread_pool.hpp"
@@ -28,14 +29,17 @@ py::bytes to_bytes(const std::vector<std::uint8_t>& v) {
 /// (prefix, {name: (data_offset, size, method)}), names without the prefix: the one shape the
 /// loader needs, built here because 20,000 records made into Python objects one by one cost
 /// more than parsing them.
-py::tuple directory_tuple(const ZipDirectory& dir) {
+py::tuple directory_tuple(const ZipDirectory& dir, bool with_crcs) {
   py::dict records;
+  py::dict crcs;
   const std::size_t skip = dir.prefix.size();
   for (const ZipEntry& e : dir.entries) {
     // archive_prefix() checked that every name starts with the prefix.
-    records[py::str(e.name.data() + skip, e.name.size() - skip)] =
-        py::make_tuple(e.data_offset, e.size, e.method);
+    py::str name(e.name.data() + skip, e.name.size() - skip);
+    records[name] = py::make_tuple(e.data_offset, e.size, e.method);
+    if (with_crcs) crcs[name] = py::int_(e.crc32);
   }
+  if (with_crcs) return py::make_tuple(dir.prefix, records, crcs);
   return py::make_tuple(dir.prefix, records);
 }
 
@@ -49,29 +53,30 @@ void register_zip(py::module_& m) {
 
   m.def(
       "read_zip_directory",
-      [](const File& file, std::size_t threads) {
+      [](const File& file, std::size_t threads, bool crcs) {
         ZipDirectory dir;
         {
           py::gil_scoped_release nogil;
           auto pool = threads > 1 ? shared_pool(threads) : nullptr;
           dir = read_zip_directory(file, pool.get());
         }
-        return directory_tuple(dir);
+        return directory_tuple(dir, crcs);
       },
-      py::arg("source"), py::arg("threads") = 1,
+      py::arg("source"), py::arg("threads") = 1, py::arg("crcs") = false,
       "Parses and validates the container: (prefix, {name: (data_offset, size, method)}), "
-      "names relative to the prefix.");
+      "names relative to the prefix; with crcs, a third item {name: CRC-32 the central "
+      "directory declares}.");
   m.def(
       "read_zip_directory",
-      [](const BufferSource& buffer, std::size_t /*threads*/) {
+      [](const BufferSource& buffer, std::size_t /*threads*/, bool crcs) {
         ZipDirectory dir;
         {
           py::gil_scoped_release nogil;
           dir = read_zip_directory(buffer.source());  // memory: nothing to wait for
         }
-        return directory_tuple(dir);
+        return directory_tuple(dir, crcs);
       },
-      py::arg("source"), py::arg("threads") = 1);
+      py::arg("source"), py::arg("threads") = 1, py::arg("crcs") = false);
 
   py::class_<ArchiveLayout>(m, "ArchiveLayout")
       .def_property_readonly("total_size", [](const ArchiveLayout& l) { return l.total_size; })
@@ -172,6 +177,36 @@ void register_zip(py::module_& m) {
           "Stops writing and returns once no write is in flight; the file is incomplete.");
 
   m.def("crc32_available", &crc32_available);
+  m.def("crc32_implementation", &crc32_implementation,
+        "How this CPU computes CRC-32: 'vpclmulqdq', 'pclmulqdq', 'zlib' or 'table'.");
+  m.def("crc32_combine", &crc32_combine, py::arg("crc_a"), py::arg("crc_b"), py::arg("len_b"),
+        "CRC-32 of A||B from crc(A), crc(B) and len(B).");
+  m.def(
+      "crc32_ranges",
+      [](const py::buffer& data, const py::buffer& ranges, std::size_t threads,
+         std::size_t chunk_bytes) {
+        py::buffer_info info = data.request();
+        py::buffer_info r = ranges.request();
+        if (r.ndim != 1 || r.itemsize != 8 || r.strides[0] != 8 || r.size % 2 != 0) {
+          throw InvalidArgument("ranges must be a flat uint64 buffer of (offset, length) pairs");
+        }
+        const auto size = static_cast<std::uint64_t>(info.size * info.itemsize);
+        const auto* values = static_cast<const std::uint64_t*>(r.ptr);
+        std::vector<detail::CrcInput> inputs(static_cast<std::size_t>(r.size / 2));
+        for (std::size_t i = 0; i < inputs.size(); ++i) {
+          const std::uint64_t offset = values[2 * i], length = values[2 * i + 1];
+          if (offset > size || length > size - offset) {
+            throw InvalidArgument("crc32_ranges: a range runs past the end of the buffer");
+          }
+          inputs[i] = {static_cast<const std::uint8_t*>(info.ptr) + offset, length};
+        }
+        py::gil_scoped_release nogil;
+        auto pool = shared_pool(threads);
+        return detail::parallel_crc32(inputs, *pool, chunk_bytes);
+      },
+      py::arg("data"), py::arg("ranges"), py::arg("threads"), py::arg("chunk_bytes"),
+      "CRC-32 of each (offset, length) range of a buffer (a mapping: touches every page of "
+      "the ranges), in parallel with the GIL released.");
   m.def(
       "crc32",
       [](const py::buffer& data, std::uint32_t value) {

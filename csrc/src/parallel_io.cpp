@@ -28,12 +28,12 @@ void check_crc_available() {
 }  // namespace
 
 void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& requests,
-                 ThreadPool& pool, std::size_t chunk_bytes) {
-  read_ranges_many({SourceReads{&source, requests}}, pool, chunk_bytes);
+                 ThreadPool& pool, std::size_t chunk_bytes, std::vector<std::uint32_t>* crcs) {
+  read_ranges_many({SourceReads{&source, requests}}, pool, chunk_bytes, crcs);
 }
 
 void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
-                      std::size_t chunk_bytes) {
+                      std::size_t chunk_bytes, std::vector<std::uint32_t>* crcs) {
   check_chunk(chunk_bytes);
   // Every range is checked before the first read, so a bad file costs no I/O and leaves no
   // destination half-filled by some tasks and not others.
@@ -78,13 +78,27 @@ void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
   const std::size_t workers = cold ? std::max(pool.size(), kColdReaders) : pool.size();
   const detail::TaskPlan plan = detail::plan_tasks(
       requests.size(), [&](std::size_t i) { return requests[i]->length; }, chunk_bytes, workers);
+  // One slot per piece, so tasks never share a CRC; combined per request afterwards.
+  std::vector<std::uint32_t> piece_crcs(crcs != nullptr ? plan.pieces.size() : 0);
   auto task = [&](std::size_t t) {
     for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
       const detail::Piece& piece = plan.pieces[p];
       const ReadRequest& r = *requests[piece.request];
-      sources[piece.request]->read_exact(static_cast<std::uint8_t*>(r.dst) + piece.offset,
-                                         static_cast<std::size_t>(piece.length),
-                                         r.offset + piece.offset);
+      auto* dst = static_cast<std::uint8_t*>(r.dst) + piece.offset;
+      const std::uint64_t at = r.offset + piece.offset;
+      if (crcs == nullptr) {
+        sources[piece.request]->read_exact(dst, static_cast<std::size_t>(piece.length), at);
+        continue;
+      }
+      std::uint32_t crc = 0;
+      for (std::uint64_t done = 0; done < piece.length;) {
+        const auto step = static_cast<std::size_t>(
+            std::min<std::uint64_t>(kCrcStepBytes, piece.length - done));
+        sources[piece.request]->read_exact(dst + done, step, at + done);
+        crc = crc32_update(crc, dst + done, step);
+        done += step;
+      }
+      piece_crcs[p] = crc;
     }
   };
   if (workers > pool.size()) {
@@ -104,6 +118,56 @@ void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
   } else {
     pool.parallel_for(plan.task_count(), task);
   }
+  if (crcs != nullptr) {
+    crcs->assign(requests.size(), 0);
+    // Pieces are in request order, so folding left to right yields each request's CRC.
+    for (std::size_t p = 0; p < plan.pieces.size(); ++p) {
+      const detail::Piece& piece = plan.pieces[p];
+      (*crcs)[piece.request] = crc32_combine((*crcs)[piece.request], piece_crcs[p], piece.length);
+    }
+  }
+}
+
+std::vector<std::uint32_t> checksum_ranges(const ByteSource& source,
+                                           const std::vector<ByteRange>& ranges, ThreadPool& pool,
+                                           std::size_t chunk_bytes) {
+  check_chunk(chunk_bytes);
+  const std::uint64_t size = source.size();
+  for (const ByteRange& r : ranges) {
+    if (r.offset > size || r.length > size - r.offset) {
+      throw FormatError(source.name() + ": range of " + std::to_string(r.length) +
+                        " bytes at offset " + std::to_string(r.offset) +
+                        " runs past the end of the file (" + std::to_string(size) + " bytes)");
+    }
+  }
+  const detail::TaskPlan plan = detail::plan_tasks(
+      ranges.size(), [&](std::size_t i) { return ranges[i].length; }, chunk_bytes, pool.size());
+  std::vector<std::uint32_t> piece_crcs(plan.pieces.size());
+  pool.parallel_for(plan.task_count(), [&](std::size_t t) {
+    std::vector<std::uint8_t> buffer;
+    for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
+      const detail::Piece& piece = plan.pieces[p];
+      const std::uint64_t at = ranges[piece.request].offset + piece.offset;
+      const auto want =
+          static_cast<std::size_t>(std::min<std::uint64_t>(piece.length, kCrcStepBytes));
+      if (buffer.size() < want) buffer.resize(want);
+      std::uint32_t crc = 0;
+      for (std::uint64_t done = 0; done < piece.length;) {
+        const auto step =
+            static_cast<std::size_t>(std::min<std::uint64_t>(want, piece.length - done));
+        source.read_exact(buffer.data(), step, at + done);
+        crc = crc32_update(crc, buffer.data(), step);
+        done += step;
+      }
+      piece_crcs[p] = crc;
+    }
+  });
+  std::vector<std::uint32_t> crcs(ranges.size(), 0);
+  for (std::size_t p = 0; p < plan.pieces.size(); ++p) {
+    const detail::Piece& piece = plan.pieces[p];
+    crcs[piece.request] = crc32_combine(crcs[piece.request], piece_crcs[p], piece.length);
+  }
+  return crcs;
 }
 
 void write_ranges(const File& file, const std::vector<WriteRequest>& requests, ThreadPool& pool,

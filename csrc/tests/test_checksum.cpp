@@ -1,10 +1,15 @@
 // CRC-32: every implementation against a bit-at-a-time reference and, when the build has it,
 // zlib; lengths from 0 to several MB at every alignment; continuation and combining.
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "ckptio/byte_source.hpp"
 #include "ckptio/checksum.hpp"
+#include "ckptio/errors.hpp"
+#include "ckptio/parallel_io.hpp"
+#include "ckptio/thread_pool.hpp"
 #include "harness.hpp"
 
 #ifdef CKPTIO_HAVE_ZLIB
@@ -204,4 +209,77 @@ TEST(crc32_combine_matches_zlib_for_large_lengths) {
   const std::uint32_t head = ckptio::crc32_update(0, "ab", 2);
   CHECK_EQ(ckptio::crc32_combine(head, z, zeros.size()),
            ckptio::crc32_update(head, zeros.data(), zeros.size()));
+}
+
+// ------------------------------------------------------------------ checksummed reads
+
+TEST(read_ranges_with_crcs_fills_and_checksums_every_request) {
+  // Requests of every size class (empty, tiny, split across chunks, longer than a CRC step),
+  // from two sources in one plan: each CRC is the request's bytes', in request order.
+  const Bytes a = harness::pattern((3u << 20) + 333, 21);
+  const Bytes b = harness::pattern(100000, 22);
+  const ckptio::MemorySource sa(a.data(), a.size(), "a");
+  const ckptio::MemorySource sb(b.data(), b.size(), "b");
+  Rng rng{99};
+  std::vector<std::pair<std::size_t, std::size_t>> ranges_a = {
+      {0, 0}, {5, 1}, {100, 4096}, {7, (2u << 20) + 17}, {a.size() - 10, 10}};
+  for (int i = 0; i < 200; ++i) {
+    const std::size_t at = rng.below(a.size());
+    ranges_a.push_back({at, rng.below(std::min<std::size_t>(a.size() - at, 70000) + 1)});
+  }
+  std::vector<std::pair<std::size_t, std::size_t>> ranges_b = {{0, b.size()}, {3, 9}};
+  std::vector<Bytes> out_a(ranges_a.size()), out_b(ranges_b.size());
+  std::vector<ckptio::SourceReads> plan(2);
+  plan[0].source = &sa;
+  plan[1].source = &sb;
+  for (std::size_t i = 0; i < ranges_a.size(); ++i) {
+    out_a[i].resize(ranges_a[i].second + 1);
+    plan[0].requests.push_back({ranges_a[i].first, ranges_a[i].second, out_a[i].data()});
+  }
+  for (std::size_t i = 0; i < ranges_b.size(); ++i) {
+    out_b[i].resize(ranges_b[i].second + 1);
+    plan[1].requests.push_back({ranges_b[i].first, ranges_b[i].second, out_b[i].data()});
+  }
+  for (std::size_t threads : {std::size_t{1}, std::size_t{3}}) {
+    ckptio::ThreadPool pool(threads);
+    std::vector<std::uint32_t> crcs;
+    ckptio::read_ranges_many(plan, pool, 65536 + 3, &crcs);
+    CHECK_EQ(crcs.size(), ranges_a.size() + ranges_b.size());
+    bool ok = true;
+    for (std::size_t i = 0; i < ranges_a.size(); ++i) {
+      const auto [at, n] = ranges_a[i];
+      ok = ok && std::memcmp(out_a[i].data(), a.data() + at, n) == 0;
+      ok = ok && crcs[i] == crc_bitwise(0, a.data() + at, n);
+    }
+    for (std::size_t i = 0; i < ranges_b.size(); ++i) {
+      const auto [at, n] = ranges_b[i];
+      ok = ok && crcs[ranges_a.size() + i] == crc_bitwise(0, b.data() + at, n);
+    }
+    CHECK(ok);
+  }
+  // The single-source form, and no CRCs asked for: nothing returned.
+  ckptio::ThreadPool pool(2);
+  std::vector<std::uint32_t> crcs = {1, 2, 3};
+  ckptio::read_ranges(sb, plan[1].requests, pool, 4096, &crcs);
+  CHECK_EQ(crcs.size(), 2u);
+  CHECK_EQ(crcs[0], crc_bitwise(0, b.data(), b.size()));
+}
+
+TEST(checksum_ranges_reads_nothing_into_the_caller_and_checks_bounds_first) {
+  const Bytes data = harness::pattern((5u << 20) + 1, 23);
+  const ckptio::MemorySource source(data.data(), data.size(), "src");
+  std::vector<ckptio::ByteRange> ranges = {
+      {0, data.size()}, {1, 0}, {data.size(), 0}, {12345, (1u << 20) + 1}, {77, 64}};
+  for (std::size_t threads : {std::size_t{1}, std::size_t{4}}) {
+    ckptio::ThreadPool pool(threads);
+    const auto crcs = ckptio::checksum_ranges(source, ranges, pool, 1u << 20);
+    CHECK_EQ(crcs.size(), ranges.size());
+    for (std::size_t i = 0; i < ranges.size(); ++i) {
+      CHECK_EQ(crcs[i], ckptio::crc32_update(0, data.data() + ranges[i].offset,
+                                             static_cast<std::size_t>(ranges[i].length)));
+    }
+  }
+  ckptio::ThreadPool pool(2);
+  ranges.push_back({data.size() - 3, 4});
+  CHECK_THROWS(ckptio::checksum_ranges(source, ranges, pool, 4096), ckptio::FormatError);
 }

@@ -3,14 +3,19 @@
 # that writes records while they are added), and CRC-32.
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Literal, Sequence, overload
 
 from .io import BufferSource, File
 
 def looks_like_zip(head: bytes) -> bool: ...
+@overload
 def read_zip_directory(
-    source: File | BufferSource, threads: int = 1
+    source: File | BufferSource, threads: int = 1, crcs: Literal[False] = False
 ) -> tuple[str, dict[str, tuple[int, int, int]]]: ...
+@overload
+def read_zip_directory(
+    source: File | BufferSource, threads: int, crcs: Literal[True]
+) -> tuple[str, dict[str, tuple[int, int, int]], dict[str, int]]: ...
 
 class ArchiveLayout:
     @property
@@ -50,3 +55,8 @@ class ArchiveWriter:
 
 def crc32_available() -> bool: ...
 def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int: ...
+def crc32_implementation() -> str: ...
+def crc32_combine(crc_a: int, crc_b: int, len_b: int) -> int: ...
+def crc32_ranges(
+    data: bytes | bytearray | memoryview | object, ranges: object, threads: int, chunk_bytes: int
+) -> list[int]: ...
