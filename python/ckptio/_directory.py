@@ -19,7 +19,7 @@ Nothing is returned, partially or otherwise, before all of it holds.
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, TypeGuard
@@ -27,6 +27,7 @@ from typing import Any, Iterable, Mapping, TypeGuard
 import torch
 
 from ._shard_writer import INDEX_SUFFIX, SAFETENSORS_PATTERN, TORCH_PATTERN
+from ._util import DuplicateKeyError, json_without_duplicates
 from .errors import CheckpointError
 
 __all__ = ["Layout", "is_directory_path", "merge", "resolve"]
@@ -87,23 +88,17 @@ def resolve(f: str | bytes | os.PathLike[str]) -> Layout:
     if len(single) == 1 or (single and single[0] in _SINGLE_FILES):
         return Layout(path, None, [single[0]], None, None)
     if not weights:
-        raise CheckpointError(
-            f"{path}: not a model directory: no *{INDEX_SUFFIX} index and no weights file "
-            f"({', '.join('*' + s for s in _WEIGHT_SUFFIXES)})"
+        # What torch.load raises for any directory, with what ckptio looked for.
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"Is a directory, and not a model directory: no *{INDEX_SUFFIX} index and no "
+            f"weights file ({', '.join('*' + s for s in _WEIGHT_SUFFIXES)})",
+            path,
         )
     raise CheckpointError(
         f"{path}: the directory has no index and several weights files "
         f"({', '.join(weights[:8])}{' ...' if len(weights) > 8 else ''}); pass one of them"
     )
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise CheckpointError(f"the key {key!r} appears twice")
-        out[key] = value
-    return out
 
 
 def _read_index(path: str) -> Layout:
@@ -112,8 +107,8 @@ def _read_index(path: str) -> Layout:
     if len(raw) > MAX_INDEX_BYTES:
         raise CheckpointError(f"{path}: an index larger than {MAX_INDEX_BYTES} bytes")
     try:
-        index = json.loads(raw, object_pairs_hook=_no_duplicates)
-    except CheckpointError as e:
+        index = json_without_duplicates(raw)
+    except DuplicateKeyError as e:
         raise CheckpointError(f"{path}: {e} (a tensor listed in two shards?)") from None
     except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a JSON index: {e}") from None

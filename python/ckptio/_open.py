@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
 
 import torch
 
@@ -117,7 +117,60 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
         raise
 
 
-class CheckpointHandle:
+class _ReadGate:
+    """What both handles share: reads in flight are counted so that close() waits for them,
+    and reads through the staging rings (one per device for the handle's life: pinned memory
+    is costly to allocate) take them in turn."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._ring_lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    def _run(self, batch: ReadBatch, staged: bool) -> None:
+        """Runs `batch` unless the handle is closed; `staged`: it goes through the rings."""
+        if not batch:
+            return
+        with self._lock:
+            if self._closed:
+                raise ValueError(f"{self.name}: read from a closed checkpoint handle")
+            self._active += 1
+        try:
+            with self._ring_lock if staged else contextlib.nullcontext():
+                batch.run()
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._lock.notify_all()
+
+    def _shut(self) -> None:
+        """Refuses new reads and waits for those in flight."""
+        with self._lock:
+            self._closed = True
+            while self._active:
+                self._lock.wait()
+
+    def close(self) -> None:
+        self._shut()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self: _Gate) -> _Gate:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_Gate = TypeVar("_Gate", bound=_ReadGate)
+
+
+class CheckpointHandle(_ReadGate):
     """Lazy view of a checkpoint; see :func:`open`.
 
     Tensors are addressed by their dotted name (``"model.layers.0.weight"``: for a flat state
@@ -135,10 +188,7 @@ class CheckpointHandle:
         # The shards of a directory share their DirectoryHandle's placement (and rings).
         self._owns_placement = placement is None
         self._placement = placement or Placement(map_location, self.name)
-        self._ring_lock = threading.Lock()
-        self._lock = threading.Condition()
-        self._active = 0
-        self._closed = False
+        super().__init__()
         self._meta_objects: dict[tuple, torch.Tensor] = {}
         self.metadata: dict[str, str] = {}
         self.non_tensors: dict[str, Any] = {}
@@ -392,45 +442,14 @@ class CheckpointHandle:
             out.append(t.set_(storage, plan.offset, plan.shape, plan.stride))
         return out
 
-    def _run(self, batch: ReadBatch, staged: bool) -> None:
-        """Runs `batch` unless the handle is closed (close waits for it). `staged`: it goes
-        through the handle's rings, one per device for the handle's life (pinned memory is
-        costly to allocate), which reads from several threads take in turn."""
-        if not batch:
-            return
-        with self._lock:
-            if self._closed:
-                raise ValueError(f"{self.name}: read from a closed checkpoint handle")
-            self._active += 1
-        try:
-            with self._ring_lock if staged else contextlib.nullcontext():
-                batch.run()
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._lock.notify_all()
-
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Closes the file once reads in flight have finished. Tensors already read stay
         valid."""
-        with self._lock:
-            self._closed = True
-            while self._active:
-                self._lock.wait()
+        self._shut()
         if self._owns_placement:
             self._placement.close()  # the pinned staging rings
         self._file.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> CheckpointHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<ckptio checkpoint {self.name!r}: {self.format}, {len(self)} tensors>"
@@ -568,7 +587,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-class DirectoryHandle:
+class DirectoryHandle(_ReadGate):
     """One lazy handle over the shards of a model directory; see :func:`open`.
 
     Names come from the index, so listing them opens no shard; a shard is opened (its header,
@@ -589,10 +608,7 @@ class DirectoryHandle:
         self._placement = Placement(map_location, self.name)
         self._shards: dict[str, CheckpointHandle] = {}
         self._open_lock = threading.Lock()
-        self._ring_lock = threading.Lock()
-        self._lock = threading.Condition()
-        self._active = 0
-        self._closed = False
+        super().__init__()
 
     # -- shards ----------------------------------------------------------------------------
     def shard(self, name: str) -> CheckpointHandle:
@@ -728,42 +744,14 @@ class DirectoryHandle:
             for (key, info, _), t in zip(plans, handle._finish(plans, buffers), strict=True):
                 out[key] = _as_saved(info, t) if tensors else t
 
-    def _run(self, batch: ReadBatch, staged: bool) -> None:
-        if not batch:
-            return
-        with self._lock:
-            if self._closed:
-                raise ValueError(f"{self.name}: read from a closed checkpoint handle")
-            self._active += 1
-        try:
-            with self._ring_lock if staged else contextlib.nullcontext():
-                batch.run()
-        finally:
-            with self._lock:
-                self._active -= 1
-                self._lock.notify_all()
-
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         """Closes every shard opened, once reads in flight have finished."""
-        with self._lock:
-            self._closed = True
-            while self._active:
-                self._lock.wait()
+        self._shut()
         with self._open_lock:
             for handle in self._shards.values():
                 handle.close()
         self._placement.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self) -> DirectoryHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         opened = f"{len(self._shards)} of {len(self.layout.shards)} shards open"

@@ -18,7 +18,7 @@ import torch
 
 from . import _core
 from ._unpickler import StorageLoader
-from ._util import contiguous_strides
+from ._util import contiguous_strides, json_without_duplicates
 from ._writer import tensor_payload, write_placed
 from .errors import CheckpointError
 
@@ -115,15 +115,6 @@ def looks_like_safetensors(head: bytes, file_size: int) -> bool:
     return 2 <= n <= min(file_size - 8, MAX_HEADER_BYTES) and head[8:9] == b"{"
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def read_header(source: Any) -> Header:
     """Parses and validates the header of a safetensors file.
 
@@ -148,7 +139,7 @@ def read_header(source: Any) -> Header:
     if not raw.startswith(b"{"):
         raise CheckpointError(f"{name}: the safetensors header does not start with '{{'")
     try:
-        parsed = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        parsed = json_without_duplicates(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{name}: the safetensors header is not valid JSON: {e}") from None
     if not isinstance(parsed, dict):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
 __all__ = [
+    "DuplicateKeyError",
     "contiguous_strides",
     "gc_paused",
     "is_environment_error",
     "is_torch_refusal",
+    "json_without_duplicates",
     "torch_load_state",
     "walk_leaves",
 ]
@@ -109,6 +112,26 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object repeats a key."""
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"the key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def json_without_duplicates(text: str | bytes) -> Any:
+    """``json.loads`` that refuses an object with a repeated key (json keeps the last one
+    silently): DuplicateKeyError, a ValueError as for any malformed JSON (RecursionError for
+    absurd nesting)."""
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
 
 
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
