@@ -458,3 +458,29 @@ def test_benchmark_smoke_on_the_gpu(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| workload |" in proc.stdout
     assert (tmp_path / "bench_gpu.md").exists()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_model_directory_on_the_gpu(tmp_path: Path, counted: list[int], fmt: str) -> None:
+    """A sharded directory loads onto the GPU through one ring (load, load_into, open and
+    per-rank slices), equal to the shards loaded one by one with torch/safetensors."""
+    g = torch.Generator().manual_seed(2)
+    sd = {f"layers.{i}.weight": torch.randn(512, 256 + i, generator=g) for i in range(8)}
+    sd["norm"] = torch.randn(256, generator=g)
+    d = tmp_path / "dir"
+    ckptio.save(sd, d, max_shard_size=1_200_000, format=fmt)
+    assert len([n for n in d.iterdir() if not n.name.endswith(".json")]) > 3
+    with ckptio.options(**RING):
+        ours = ckptio.load(d, map_location="cuda")
+        for k, v in sd.items():
+            assert ours[k].device.type == "cuda" and torch.equal(ours[k].cpu(), v), k
+        assert sum(counted) > 0
+        dest = {k: torch.zeros_like(v, device="cuda") for k, v in sd.items()}
+        ckptio.load_into(dest, d)
+        for k, v in sd.items():
+            assert torch.equal(dest[k].cpu(), v), k
+        with ckptio.open(d, map_location="cuda") as h:
+            part = h.get_slices(lambda n, s: ckptio.rank_slice(s, 1, 2, dim=-1))
+        for k, v in sd.items():
+            index = ckptio.rank_slice(tuple(v.shape), 1, 2, dim=-1)
+            assert part[k].device.type == "cuda" and torch.equal(part[k].cpu(), v[index]), k
