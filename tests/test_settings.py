@@ -55,6 +55,7 @@ def test_environment_variables() -> None:
             "CKPTIO_ASYNC_MAX_PENDING": "3",
             "CKPTIO_WRITE_CHUNK_BYTES": "0x100000",
             "CKPTIO_RECYCLE_IDLE_SECONDS": "2.5",
+            "CKPTIO_REMOTE_INFLIGHT_BYTES": "0x4000000",
         }
     )
     assert proc.returncode == 0, proc.stderr
@@ -74,6 +75,7 @@ def test_environment_variables() -> None:
         "staging_buffer_bytes": 2 << 20,
         "staging_buffers": 2,
         "async_max_pending": 3,
+        "remote_inflight_bytes": 64 << 20,
     }
 
 
@@ -97,6 +99,7 @@ def test_environment_defaults() -> None:
         "staging_buffer_bytes": 32 << 20,
         "staging_buffers": 4,
         "async_max_pending": 2,
+        "remote_inflight_bytes": 128 << 20,
     }
 
 

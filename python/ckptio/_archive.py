@@ -47,8 +47,12 @@ class ArchiveReader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.name = source.name
+        # A remote source hands the C++ reader the bytes it reads as a BufferSource
+        # (_remote/_source.py); payloads are still read from `source`.
+        directory = getattr(source, "zip_directory_source", None)
+        parsed = source if directory is None else directory()
         with gc_paused():  # 20,000 new tuples would otherwise trigger full collections
-            prefix, records = _core.zip.read_zip_directory(source, get_options().threads)
+            prefix, records = _core.zip.read_zip_directory(parsed, get_options().threads)
         self.prefix: str = prefix
         self.records: dict[str, tuple[int, int, int]] = records
 

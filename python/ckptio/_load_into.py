@@ -25,11 +25,11 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import IO, Any, NamedTuple, Union
+from typing import IO, Any, Mapping, NamedTuple, Union
 
 import torch
 
-from . import _core, _directory, _safetensors
+from . import _core, _directory, _remote, _safetensors
 from ._archive import ArchiveReader
 from ._files import open_source
 from ._reads import ReadBatch
@@ -177,7 +177,13 @@ def _gather_items(batch: ReadBatch, source: Any, items: list[ReadItem], direct: 
     return finish
 
 
-def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleKeys:
+def load_into(
+    target: Any,
+    f: FileLike,
+    *,
+    strict: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> IncompatibleKeys:
     """Loads the tensors of checkpoint `f` into the existing tensors of `target`, in place.
 
     No storage is allocated for contiguous CPU tensors: each is read straight from the file
@@ -190,9 +196,11 @@ def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleK
             ``state_dict(keep_vars=True)`` is filled, so parameters and buffers are updated
             in place). Tensors are matched with the file's by their key path.
         f: a path or a binary file object holding a torch zip checkpoint (written by
-            :func:`ckptio.save` or ``torch.save``).
+            :func:`ckptio.save` or ``torch.save``), or a safetensors file; an ``s3://`` or
+            ``http(s)://`` URL of one is read by ranged GETs (docs/remote.md).
         strict: as ``load_state_dict``'s: keys of the target missing from the file, or keys
             of the file absent from the target, raise. Shape or dtype mismatches always raise.
+        storage_options: for URLs: endpoint, credentials, retries... (docs/remote.md).
 
     Returns:
         ``IncompatibleKeys(missing_keys, unexpected_keys)``, as ``load_state_dict``. Values of
@@ -218,14 +226,18 @@ def load_into(target: Any, f: FileLike, *, strict: bool = True) -> IncompatibleK
         raise TypeError(
             f"target must be a state dict (dict of tensors) or an nn.Module, got {type(target)!r}"
         )
-    layout = _directory.resolve(f) if _directory.is_directory_path(f) else None
+    remote = _remote.source_for(f, storage_options, "load_into", False)
+    layout = _directory.resolve(f) if not remote and _directory.is_directory_path(f) else None
     shards = [f] if layout is None else [layout.path(shard) for shard in layout.shards]
     opened: list[tuple[Any, Any]] = []
+    if remote is not None:
+        opened.append((remote, remote))
     try:
         srcs: list[tuple[Any, dict[Path, TensorSpec | str]]] = []  # per file
         with gc_paused():  # many small objects, no cycles
             for i, shard in enumerate(shards):
-                opened.append(_open(shard))
+                if remote is None:
+                    opened.append(_open(shard))
                 source = opened[-1][0]
                 tensors = _file_specs(source)
                 if layout is not None:

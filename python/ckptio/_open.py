@@ -15,11 +15,11 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union
+from typing import IO, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Union, cast
 
 import torch
 
-from . import _core, _directory, _safetensors
+from . import _core, _directory, _remote, _safetensors
 from ._archive import ArchiveReader, check_version
 from ._files import descriptor_file
 from ._placement import Placement
@@ -70,7 +70,12 @@ class TensorInfo:
     file_offset: int
 
 
-def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> CheckpointHandle:  # noqa: A001
+def open(  # noqa: A001
+    f: str | os.PathLike[str] | IO[bytes],
+    map_location: Any = None,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> CheckpointHandle:
     """Opens a checkpoint (torch zip or safetensors, told apart by their bytes) for lazy reads.
 
     Args:
@@ -79,8 +84,11 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
             docs/directories.md), or a regular file opened with ``open(path, "rb")`` (an
             ``io.FileIO`` or a buffered reader over one) positioned at its start. Other file objects
             (``BytesIO``, ``gzip.open``...) raise TypeError: read them with :func:`ckptio.load`.
+            An ``s3://`` or ``http(s)://`` URL reads the object by ranged GETs: the header
+            when opened, then only the bytes each read needs (docs/remote.md).
         map_location: where tensors read through the handle go, with :func:`ckptio.load`'s
             meaning (None: where they were saved; ``"meta"``: nothing is read).
+        storage_options: for URLs: endpoint, credentials, retries... (docs/remote.md).
 
     Returns:
         A :class:`CheckpointHandle` (a context manager).
@@ -92,6 +100,13 @@ def open(f: str | os.PathLike[str] | IO[bytes], map_location: Any = None) -> Che
         ...     w = ck["fc.weight"]
         ...     rows = ck.get_slice("fc.weight")[0:10]  # reads only those rows
     """
+    remote = _remote.source_for(f, storage_options, "open", False)
+    if remote is not None:
+        try:
+            return CheckpointHandle(cast(Any, remote), map_location)
+        except BaseException:
+            remote.close()
+            raise
     if _directory.is_directory_path(f):
         layout = _directory.resolve(f)
         if layout.weight_map is None:  # a directory of one weights file: that file

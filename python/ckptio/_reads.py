@@ -20,10 +20,12 @@ from __future__ import annotations
 import array
 from typing import Any
 
-from . import _staging
+from . import _core, _staging
 from ._files import Source, read_into, read_many
 
 __all__ = ["ReadBatch"]
+
+_NATIVE_SOURCES = (_core.io.File, _core.io.BufferSource)
 
 
 class ReadBatch:
@@ -109,10 +111,16 @@ class ReadBatch:
         targets, self._targets = self._targets, {}
         devices, self._devices = self._devices, []
         batches = [(source, triples) for source, triples in host.values() if len(triples)]
-        if len(batches) == 1:
-            read_into(*batches[0])
-        elif batches:
-            read_many(batches)
+        # A source of its own kind (a remote object: _remote) reads its share itself; the
+        # C++ sources (File, BufferSource) go in one plan.
+        native = [b for b in batches if isinstance(b[0], _NATIVE_SOURCES)]
+        for batch in batches:
+            if not isinstance(batch[0], _NATIVE_SOURCES):
+                read_into(*batch)
+        if len(native) == 1:
+            read_into(*native[0])
+        elif native:
+            read_many(native)
         for target, requests in targets.values():
             for source, group in _by_source(requests):
                 target.load(source, group)

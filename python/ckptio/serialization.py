@@ -13,11 +13,11 @@ import os
 import pickle
 import sys
 import warnings
-from typing import IO, Any, Mapping, Sequence, Union
+from typing import IO, Any, Mapping, Sequence, Union, cast
 
 import torch
 
-from . import _core, _directory, _safetensors
+from . import _core, _directory, _remote, _safetensors
 from ._archive import ArchiveReader, archive_name_for, check_version
 from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
@@ -184,6 +184,7 @@ def load(
     *,
     weights_only: bool | None = None,
     mmap: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     **pickle_load_args: Any,
 ) -> Any:
     """Loads an object saved with :func:`save` or :func:`torch.save`, as :func:`torch.load`.
@@ -206,7 +207,9 @@ def load(
             torch's weights-only loader refuses: no code from the file runs. False runs the
             full unpickler; only for files you trust.
         mmap: map the file and return tensors that view it (zero-copy, copy-on-write) instead
-            of reading it into memory. Needs a path.
+            of reading it into memory. Needs a local path.
+        storage_options: for ``s3://`` and ``http(s)://`` URLs: endpoint, credentials,
+            retries... (docs/remote.md); refused for anything else.
         **pickle_load_args: passed to the unpickler (e.g. ``encoding``) when
             ``weights_only=False``.
 
@@ -233,24 +236,27 @@ def load(
     if mmap is None:
         mmap = _default_mmap()
 
-    if _directory.is_directory_path(f):
+    remote = _remote.source_for(f, storage_options, "load", bool(mmap))
+    if remote is None and _directory.is_directory_path(f):
         return _load_directory(
             f, map_location, pickle_module, weights_only, bool(mmap), pickle_load_args
         )
     shared = bool(mmap) and _mmap_shared()
     start: int | None = None  # where a file object was read from, to hand it on to torch
-    if isinstance(f, (str, bytes, os.PathLike)):
+    if remote is None and isinstance(f, (str, bytes, os.PathLike)):
         path = os.fsdecode(f)
         # A MAP_SHARED mapping writes through to the file, so it needs a writable descriptor.
         mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
         file: _core.io.File | None = _core.io.File.open(path, mode)
         source: Any = file
-    else:
+    elif remote is None:
         if mmap:
             raise ValueError("f must be a file path in order to use the mmap argument")
         # An open regular file: parallel preads, no copy in memory; any other object (BytesIO,
         # gzip.open...) is read through its own read() (_files.py).
         source, file, start = open_source(f)
+    else:  # s3://, http(s):// (_remote): ranged GETs, never a mapping
+        source = file = cast(Any, remote)
     try:
         head = source.pread(0, min(9, source.size))
         if _safetensors.looks_like_safetensors(head, source.size):
@@ -260,7 +266,7 @@ def load(
         head = head[:4]
         if not _core.zip.looks_like_zip(head):
             return _load_legacy(
-                for_torch(f, start),
+                for_torch(f, start) if remote is None else _remote.whole_object(remote),
                 map_location,
                 pickle_module,
                 weights_only,
@@ -276,7 +282,7 @@ def load(
             if archive.has("data.pkl") and not archive.has("constants.pkl"):
                 pickles.append(archive.read("data.pkl"))
             return _load_with_torch(
-                for_torch(f, start),
+                for_torch(f, start) if remote is None else _remote.whole_object(remote),
                 map_location,
                 pickle_module,
                 weights_only,

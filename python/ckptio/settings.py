@@ -118,6 +118,11 @@ class Options:
     #: Most :func:`ckptio.async_save` calls in flight (each holds one staging buffer, a copy
     #: of its tensors); one more waits for the oldest. Env: ``CKPTIO_ASYNC_MAX_PENDING``.
     async_max_pending: int = 2
+    #: Most bytes of ranged GETs in flight at once from one remote source (``s3://``,
+    #: ``http(s)://``); with ``chunk_bytes`` it also sets how many GETs run concurrently
+    #: (``remote_inflight_bytes // chunk_bytes``, 2 to 64; docs/remote.md). Env:
+    #: ``CKPTIO_REMOTE_INFLIGHT_BYTES``.
+    remote_inflight_bytes: int = 128 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1:
@@ -141,6 +146,12 @@ class Options:
         t = self.recycle_idle_seconds
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1e9:
             raise ValueError(f"recycle_idle_seconds must be a number in [0, 1e9], got {t!r}")
+        n = self.remote_inflight_bytes
+        if not isinstance(n, int) or isinstance(n, bool) or n < self.chunk_bytes:
+            raise ValueError(
+                f"remote_inflight_bytes must be an int >= chunk_bytes ({self.chunk_bytes}), "
+                f"got {n!r}"
+            )
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
@@ -172,6 +183,7 @@ _ENV = {
     "staging_buffer_bytes": "CKPTIO_STAGING_BUFFER_BYTES",
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",
+    "remote_inflight_bytes": "CKPTIO_REMOTE_INFLIGHT_BYTES",
 }
 #: Former names of environment variables, read when the current name is not set.
 _ENV_ALIASES = {"durable": "CKPTIO_FSYNC"}

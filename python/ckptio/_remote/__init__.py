@@ -1,0 +1,102 @@
+"""Checkpoints in object storage: ``s3://bucket/key`` and ``http(s)://`` URLs as sources of
+the read engine (docs/remote.md).
+
+``import ckptio`` imports this package but none of the client libraries: botocore (S3) and
+urllib3 (HTTP) are imported when the first URL of their kind is opened, from the optional
+extras ``pip install 'ckptio[s3]'`` / ``'ckptio[http]'``.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping
+
+from ._source import RemoteSource
+
+__all__ = ["RemoteSource", "is_url", "open_source", "source_for", "whole_object"]
+
+_SCHEMES = ("s3://", "http://", "https://")
+#: storage_options every source takes: tries per request (transient faults only), the first
+#: backoff in seconds (doubled after each retry), bytes fetched from each end on opening.
+_SOURCE_OPTIONS = {"retries": 5, "retry_backoff": 0.2, "probe_bytes": 1 << 20}
+
+
+def is_url(f: object) -> bool:
+    """Whether `f` is a URL ckptio reads remotely (``s3://``, ``http://``, ``https://``)."""
+    return isinstance(f, str) and f.startswith(_SCHEMES)
+
+
+def source_for(
+    f: object, storage_options: Mapping[str, Any] | None, what: str, mmap: bool
+) -> RemoteSource | None:
+    """The opened remote source when `f` is a URL (None for anything else), for the entry
+    point `what` (load, open, load_into): refuses ``mmap=True``, model directories and
+    index files, and storage_options given with a local path."""
+    if not is_url(f):
+        if storage_options is not None:
+            raise ValueError(
+                f"{what}: storage_options applies to s3:// and http(s):// URLs, not to {f!r}"
+            )
+        return None
+    assert isinstance(f, str)
+    if mmap:
+        raise ValueError(
+            f"{f}: mmap=True needs a local file; a remote object is read into memory by "
+            "ranged GETs (load it without mmap)"
+        )
+    if f.endswith((".index.json", "/")):
+        raise NotImplementedError(
+            f"{f}: model directories and index files in object storage are not supported yet; "
+            "load each shard's URL"
+        )
+    return open_source(f, storage_options)
+
+
+def open_source(url: str, storage_options: Mapping[str, Any] | None = None) -> RemoteSource:
+    """Opens the object at `url` (one round trip: its size, ETag, first and last bytes).
+
+    `storage_options` (all optional): ``retries`` (5), ``retry_backoff`` (0.2 s),
+    ``probe_bytes`` (1 MiB); for ``s3://``: ``endpoint_url``, ``region_name``, ``anon``,
+    ``profile``, ``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``,
+    ``addressing_style``, ``connect_timeout``, ``read_timeout``, ``verify``; for ``http(s)://``:
+    ``headers``, ``connect_timeout``, ``read_timeout``, ``verify``. Unknown names raise
+    TypeError.
+    """
+    from ..settings import get_options
+
+    options = dict(storage_options or {})
+    common = {k: options.pop(k, v) for k, v in _SOURCE_OPTIONS.items()}
+    connections = max(2, get_options().remote_inflight_bytes // get_options().chunk_bytes)
+    if url.startswith("s3://"):
+        from . import _s3
+
+        _check_names(url, options, _s3.OPTIONS)
+        transport: Any = _s3.S3Transport(url, options, min(64, connections))
+    elif url.startswith(("http://", "https://")):
+        from . import _http
+
+        _check_names(url, options, _http.OPTIONS)
+        transport = _http.HTTPTransport(url, options, min(64, connections))
+    else:
+        raise ValueError(f"{url}: not a URL ckptio reads (s3://, http://, https://)")
+    return RemoteSource(
+        transport,
+        attempts=int(common["retries"]),
+        backoff=float(common["retry_backoff"]),
+        probe_bytes=int(common["probe_bytes"]),
+    )
+
+
+def whole_object(source: RemoteSource) -> io.BytesIO:
+    """The object's bytes as a file object (for torch's own loaders: legacy files,
+    TorchScript), read by the same concurrent GETs."""
+    return io.BytesIO(source.pread(0, source.size))
+
+
+def _check_names(url: str, options: dict[str, Any], known: frozenset[str]) -> None:
+    unknown = sorted(set(options) - known)
+    if unknown:
+        everything = sorted(known | set(_SOURCE_OPTIONS))
+        raise TypeError(
+            f"{url}: unknown storage_options {', '.join(unknown)}; known: {', '.join(everything)}"
+        )

@@ -1,0 +1,568 @@
+"""A remote object as a source of the read engine: concurrent ranged GETs written straight
+into the destinations' memory.
+
+A :class:`RemoteSource` has what every source has (``name``, ``size``, ``pread``,
+``read_into``), so :class:`ckptio._reads.ReadBatch`, the storage loader, ``open``'s handles,
+``load_into`` and the staging ring read it as they read a local file:
+
+* **Opening** costs one round trip: two GETs at once, the object's first ``probe_bytes``
+  (a safetensors header, torch.save's ``data.pkl``) and its last ones (a zip's end record and
+  central directory, ckptio's ``data.pkl``). Their ``Content-Range`` gives the size, their
+  ``ETag`` the version every later request asks for (``If-Match``).
+* **The zip container** is parsed by the same C++ reader as a local file's
+  (``_core.zip.read_zip_directory``), which takes a ``_core.io.File`` or ``BufferSource``, not
+  a Python object. :meth:`RemoteSource.zip_directory_source` gives it a ``BufferSource`` over
+  an anonymous mapping the size of the object (``MAP_NORESERVE``: pages never written take no
+  memory) holding the bytes it will read: the tail, the rest of the central directory if the
+  tail missed some, each record's local header and the metadata records, fetched in one more
+  round of concurrent GETs (:mod:`._zip` says where they lie). A byte the reader needs that
+  was not fetched reads as zero and fails its checks: a CheckpointError, never a wrong
+  offset. This keeps one validator for local and remote archives, with no C++ change; the
+  mapping is dropped once the directory is parsed, and what was fetched stays in a small
+  cache of regions that serves ``pread`` (data.pkl, version) and reads inside it.
+* **Data reads** (:meth:`RemoteSource.read_into`): the (offset, length, address) requests are
+  sorted, cut into pieces of at most ``chunk_bytes`` (the setting local reads use) and
+  neighbours less than ``COALESCE_GAP`` apart merged into one GET; each GET's body is read
+  from the socket into the destinations (``_core.io.raw_memoryview``), the gaps into a small
+  scratch buffer. GETs run on a pool of ``remote_inflight_bytes // chunk_bytes`` threads
+  with at most ``remote_inflight_bytes`` requested at once (settings).
+* **Faults**: a reset, a timeout, a 5xx or 429, a body cut short or of the wrong length is
+  retried with exponential backoff (``retries`` attempts in all, ``retry_backoff`` seconds
+  first, storage_options); then an OSError (EIO) names the URL, the byte range and the last
+  cause. 404 is FileNotFoundError, 401/403 PermissionError, an object whose ETag changed
+  (412 to If-Match, or a different ETag) OSError ESTALE, a server that answers a ranged GET
+  with 200 and the whole object OSError EIO at once (read the file locally). Nothing is
+  returned before every byte asked for has arrived.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures as cf
+import errno
+import mmap
+import random
+import threading
+import time
+from typing import Any, Callable, Sequence, TypeVar
+
+from .. import _core
+from ..errors import CheckpointError
+from ..settings import get_options
+from . import _zip
+from ._transport import (
+    Changed,
+    Forbidden,
+    NotFound,
+    RangeNotSatisfiable,
+    Reply,
+    Transient,
+    Transport,
+    Unexpected,
+)
+
+__all__ = ["COALESCE_GAP", "RemoteSource", "plan_gets"]
+
+#: Requests less than this apart are read by one GET (the gap read and dropped): a GET costs
+#: a round trip, worth far more than 64 KiB on any network.
+COALESCE_GAP = 64 << 10
+#: Header regions of the zip reader closer than this are fetched together; the gap grows
+#: until at most MAX_HEADER_GETS GETs remain (archives of very many small records).
+HEADER_GAP = 4096
+MAX_HEADER_GETS = 512
+#: Reads of at most this many bytes that miss the cache (pread) are kept in it.
+CACHE_PREAD_BYTES = 16 << 20
+
+T = TypeVar("T")
+
+
+class _Job:
+    """One GET: bytes [start, stop) of the object, read into `pieces` (offset, address,
+    length), sorted, non-overlapping, inside [start, stop)."""
+
+    __slots__ = ("pieces", "start", "stop")
+
+    def __init__(self, start: int, stop: int, pieces: list[tuple[int, int, int]]) -> None:
+        self.start, self.stop, self.pieces = start, stop, pieces
+
+
+def plan_gets(
+    requests: Sequence[tuple[int, int, int]], chunk_bytes: int, gap: int = COALESCE_GAP
+) -> list[_Job]:
+    """The GETs that read `requests` ((offset, length, address) each): pieces of at most
+    `chunk_bytes`, neighbours at most `gap` apart merged while the GET stays within
+    `chunk_bytes`. Overlapping requests get GETs of their own."""
+    pieces: list[tuple[int, int, int]] = []
+    for offset, length, address in sorted(requests):
+        for k in range(0, length, chunk_bytes):
+            pieces.append((offset + k, address + k, min(chunk_bytes, length - k)))
+    jobs: list[_Job] = []
+    for offset, address, length in pieces:
+        job = jobs[-1] if jobs else None
+        if (
+            job is not None
+            and job.stop <= offset <= job.stop + gap
+            and offset + length - job.start <= chunk_bytes
+        ):
+            job.pieces.append((offset, address, length))
+            job.stop = offset + length
+        else:
+            jobs.append(_Job(offset, offset + length, [(offset, address, length)]))
+    return jobs
+
+
+class _Regions:
+    """Bytes of the object already fetched: sorted, non-overlapping (start, bytes) regions."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._data: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def add(self, start: int, data: bytes) -> None:
+        if not data:
+            return
+        with self._lock:
+            stop = start + len(data)
+            i = bisect.bisect_left(self._starts, start)
+            if i > 0 and self._starts[i - 1] + len(self._data[i - 1]) >= start:
+                i -= 1
+            j = i
+            while j < len(self._starts) and self._starts[j] <= stop:
+                j += 1
+            if i == j:
+                self._starts.insert(i, start)
+                self._data.insert(i, bytes(data))
+                return
+            lo = min(start, self._starts[i])
+            hi = max(stop, self._starts[j - 1] + len(self._data[j - 1]))
+            merged = bytearray(hi - lo)
+            for s, d in zip(self._starts[i:j], self._data[i:j], strict=True):
+                merged[s - lo : s - lo + len(d)] = d
+            merged[start - lo : stop - lo] = data
+            self._starts[i:j] = [lo]
+            self._data[i:j] = [bytes(merged)]
+
+    def find(self, offset: int, length: int) -> memoryview | None:
+        """The cached bytes [offset, offset + length), or None unless all are cached."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, offset) - 1
+            if i < 0:
+                return None
+            start, data = self._starts[i], self._data[i]
+            if offset + length > start + len(data):
+                return None
+            return memoryview(data)[offset - start : offset - start + length]
+
+    def items(self) -> list[tuple[int, bytes]]:
+        with self._lock:
+            return list(zip(self._starts, self._data, strict=True))
+
+    def missing(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The (start, stop) of `ranges` not wholly cached."""
+        return [(a, b) for a, b in ranges if self.find(a, b - a) is None]
+
+
+class RemoteSource:
+    """An object in S3 or on an HTTP server, read by ranges (see the module docstring).
+
+    Args:
+        transport: the protocol (``_s3.S3Transport``, ``_http.HTTPTransport``).
+        attempts: tries per request before giving up (transient faults only).
+        backoff: seconds before the first retry, doubled after each (with jitter).
+        probe_bytes: bytes fetched from each end of the object when it is opened.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        attempts: int = 5,
+        backoff: float = 0.2,
+        probe_bytes: int = 1 << 20,
+    ) -> None:
+        self.name: str = transport.url
+        self.url: str = transport.url
+        self._transport = transport
+        self._attempts = max(1, attempts)
+        self._backoff = backoff
+        opts = get_options()
+        self._inflight_limit: int = opts.remote_inflight_bytes
+        workers = max(2, min(64, self._inflight_limit // opts.chunk_bytes))
+        self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="ckptio-remote")
+        self._budget = threading.Condition()
+        self._inflight = 0
+        self._regions = _Regions()
+        self._etag: str | None = None
+        self._size = -1
+        self._closed = False
+        try:
+            self._probe(probe_bytes)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the source protocol ------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def etag(self) -> str | None:
+        """The object's ETag when it was opened (every later GET asks for it)."""
+        return self._etag
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def pread(self, offset: int, n: int) -> bytes:
+        """Exactly `n` bytes at `offset` (CheckpointError past the end, as a file's pread)."""
+        self._check_range(offset, n)
+        cached = self._regions.find(offset, n)
+        if cached is not None:
+            return bytes(cached)
+        out = bytearray(n)
+        if n:
+            address = _address_of(out)
+            self._run(plan_gets([(offset, n, address)], get_options().chunk_bytes))
+        if n <= CACHE_PREAD_BYTES:
+            self._regions.add(offset, bytes(out))
+        return bytes(out)
+
+    def read_into(
+        self,
+        requests: Any,
+        threads: int,
+        chunk_bytes: int,
+        base: int = 0,
+        crc32: bool = False,
+    ) -> list[int] | None:
+        """Reads flat uint64 (offset, length, address) triples, each address relative to
+        `base`, into memory the caller keeps alive; returns each request's CRC-32 with
+        `crc32`. Every range is checked against the size before anything is read. `threads`
+        (a CPU count) does not bound the GETs: they mostly wait on the network, so their
+        concurrency is ``remote_inflight_bytes // chunk_bytes``."""
+        del threads
+        flat = memoryview(requests).cast("B").cast("Q")
+        if len(flat) % 3:
+            raise ValueError("read_into: requests must hold (offset, length, address) triples")
+        triples = [(flat[i], flat[i + 1], flat[i + 2] + base) for i in range(0, len(flat), 3)]
+        for offset, length, _ in triples:
+            self._check_range(offset, length)
+        remote = []
+        for offset, length, address in triples:
+            if not length:
+                continue
+            cached = self._regions.find(offset, length)
+            if cached is not None:
+                _core.io.raw_memoryview(address, length, readonly=False)[:] = cached
+            else:
+                remote.append((offset, length, address))
+        if remote:
+            self._run(plan_gets(remote, chunk_bytes))
+        if not crc32:
+            return None
+        return [
+            _core.zip.crc32(_core.io.raw_memoryview(address, length)) if length else 0
+            for _, length, address in triples
+        ]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+            close = getattr(self._transport, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> RemoteSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteSource({self.url!r}, size={self._size})"
+
+    # -- the zip container ----------------------------------------------------------------
+    def zip_directory_source(self) -> Any:
+        """A ``_core.io.BufferSource`` for ``_core.zip.read_zip_directory`` holding every byte
+        it reads of this archive (module docstring), fetched in at most two rounds of GETs
+        beyond the opening one."""
+        if self._size == 0:
+            return _core.io.BufferSource(b"", self.name)
+        tail_start = max(0, self._size - self._tail_bytes)
+        tail = self._regions.find(tail_start, self._size - tail_start)
+        cd_offset, cd_size = (0, 0)
+        if tail is not None:
+            cd_offset, cd_size = _zip.central_directory_span(bytes(tail), tail_start)
+        if 0 < cd_size and cd_offset + cd_size <= self._size:
+            directory = self._regions.find(cd_offset, cd_size)
+            raw = bytes(directory) if directory is not None else self.pread(cd_offset, cd_size)
+            regions = _zip.header_regions(_zip.entries(raw), cd_offset)
+            self._fetch_regions(_merge(regions))
+        sparse = mmap.mmap(
+            -1, self._size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
+        )
+        for start, data in self._regions.items():
+            sparse[start : start + len(data)] = data
+        return _core.io.BufferSource(memoryview(sparse), self.name)
+
+    def _fetch_regions(self, regions: list[tuple[int, int]]) -> None:
+        """Fetches and caches the (start, stop) regions not cached yet, concurrently."""
+        missing = self._regions.missing(regions)
+        if not missing:
+            return
+        buffers = [bytearray(b - a) for a, b in missing]
+        jobs = [
+            _Job(a, b, [(a, _address_of(buf), b - a)])
+            for (a, b), buf in zip(missing, buffers, strict=True)
+        ]
+        self._run(jobs)
+        for (a, _), buf in zip(missing, buffers, strict=True):
+            self._regions.add(a, bytes(buf))
+
+    # -- opening --------------------------------------------------------------------------
+    def _probe(self, probe_bytes: int) -> None:
+        """Size, ETag, head and tail in one round trip (two concurrent GETs)."""
+        head = self._pool.submit(
+            self._retrying,
+            "the first bytes",
+            lambda: self._probe_get(f"bytes=0-{probe_bytes - 1}", probe_bytes),
+        )
+        tail = self._pool.submit(
+            self._retrying,
+            "the last bytes",
+            lambda: self._probe_get(f"bytes=-{probe_bytes}", probe_bytes),
+        )
+        results = []
+        for future in (head, tail):
+            results.append(future.result())
+        (h_start, h_data, h_size, h_etag), (t_start, t_data, t_size, t_etag) = results
+        if h_size != t_size or (h_etag and t_etag and h_etag != t_etag):
+            raise OSError(
+                errno.ESTALE,
+                f"the object changed while it was opened (size {h_size} then {t_size}, ETag "
+                f"{h_etag} then {t_etag})",
+                self.url,
+            )
+        self._size = h_size
+        self._etag = h_etag or t_etag
+        self._tail_bytes = probe_bytes
+        self._regions.add(h_start, h_data)
+        self._regions.add(t_start, t_data)
+
+    def _probe_get(self, byte_range: str, probe_bytes: int) -> tuple[int, bytes, int, str | None]:
+        """(start, bytes, object size, ETag) of one opening GET."""
+        try:
+            reply = self._transport.get(byte_range, None)
+        except RangeNotSatisfiable:
+            return 0, b"", 0, None  # only an empty object has no byte 0
+        try:
+            if reply.status == 200:
+                # No Content-Range: the whole object. Fine while it is small; a large one
+                # would have to be downloaded whole for every range read.
+                size = reply.content_length
+                if size is None or size > probe_bytes:
+                    raise _RangeIgnored(
+                        f"the server answered a ranged GET ({byte_range}) with the whole "
+                        f"object (200, {size} bytes): it does not serve byte ranges; download "
+                        "the file and load it locally"
+                    )
+                data = bytearray(size)
+                self._read_exact(reply, memoryview(data), 0, size)
+                _expect_end(reply)
+                reply.release()
+                return 0, bytes(data), size, reply.etag
+            if reply.content_range is None or reply.content_range[2] is None:
+                raise Transient(f"a 206 answer without a usable Content-Range ({byte_range})")
+            first, last, total = reply.content_range
+            assert total is not None
+            length = last - first + 1
+            if reply.content_length is not None and reply.content_length != length:
+                raise Transient(
+                    f"Content-Length {reply.content_length} for bytes {first}-{last} "
+                    f"({length} bytes)"
+                )
+            data = bytearray(length)
+            self._read_exact(reply, memoryview(data), first, length)
+            reply.release()
+            return first, bytes(data), total, reply.etag
+        except BaseException:
+            reply.close()
+            raise
+
+    # -- reading ----------------------------------------------------------------------------
+    def _run(self, jobs: list[_Job]) -> None:
+        """Runs `jobs` on the pool and waits for every one; raises the error of the first
+        failed job in object order (so the message does not depend on scheduling)."""
+        if self._closed:
+            raise ValueError(f"{self.url}: read from a closed source")
+        if len(jobs) == 1:
+            self._retrying(_range_name(jobs[0]), lambda: self._get_job(jobs[0]))
+            return
+        futures = [
+            self._pool.submit(self._retrying, _range_name(job), _bind(self._get_job, job))
+            for job in jobs
+        ]
+        cf.wait(futures)
+        for future in futures:
+            error = future.exception()
+            if error is not None:
+                raise error
+
+    def _get_job(self, job: _Job) -> None:
+        length = job.stop - job.start
+        with self._budget:
+            while self._inflight and self._inflight + length > self._inflight_limit:
+                self._budget.wait()
+            self._inflight += length
+        try:
+            reply = self._transport.get(f"bytes={job.start}-{job.stop - 1}", self._if_match())
+            try:
+                self._check_reply(reply, job.start, job.stop)
+                at = job.start
+                for offset, address, n in job.pieces:
+                    if offset > at:
+                        self._skip(reply, offset - at, at)
+                    view = _core.io.raw_memoryview(address, n, readonly=False)
+                    self._read_exact(reply, view, offset, length)
+                    at = offset + n
+                if at < job.stop:
+                    self._skip(reply, job.stop - at, at)
+                reply.release()
+            except BaseException:
+                reply.close()
+                raise
+        finally:
+            with self._budget:
+                self._inflight -= length
+                self._budget.notify_all()
+
+    def _if_match(self) -> str | None:
+        etag = self._etag
+        return etag if etag and not etag.startswith("W/") else None  # weak: no If-Match
+
+    def _check_reply(self, reply: Reply, start: int, stop: int) -> None:
+        if reply.status != 206 or reply.content_range is None:
+            raise _RangeIgnored(
+                f"the server answered a GET of bytes {start}-{stop - 1} with "
+                f"{reply.status} and no Content-Range: it does not serve byte ranges; "
+                "download the file and load it locally"
+            )
+        if reply.etag and self._etag and reply.etag != self._etag:
+            raise Changed(f"ETag {self._etag} when opened, {reply.etag} now")
+        first, last, total = reply.content_range
+        if total is not None and total != self._size:
+            raise Changed(f"{self._size} bytes when opened, {total} now")
+        if (first, last + 1) != (start, stop):
+            raise Transient(f"the server sent bytes {first}-{last}")
+        if reply.content_length is not None and reply.content_length != stop - start:
+            raise Transient(
+                f"Content-Length {reply.content_length} for a range of {stop - start} bytes"
+            )
+
+    def _read_exact(self, reply: Reply, view: memoryview, offset: int, expected: int) -> None:
+        got = 0
+        while got < len(view):
+            try:
+                n = reply.readinto(view[got:])
+            except Exception as e:  # the body's I/O: resets, timeouts, IncompleteRead...
+                raise Transient(f"{type(e).__name__} while reading the body: {e}") from e
+            if not n:
+                raise Transient(
+                    f"the body ended {len(view) - got} bytes early (at offset {offset + got}; "
+                    f"{expected} bytes were announced)"
+                )
+            got += n
+
+    def _skip(self, reply: Reply, n: int, offset: int) -> None:
+        scratch = memoryview(bytearray(min(n, 1 << 16)))
+        while n:
+            step = min(n, len(scratch))
+            self._read_exact(reply, scratch[:step], offset, step)
+            n -= step
+            offset += step
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        """`attempt()`, retried on transient faults with backoff; the protocol's failures
+        become the errors the module docstring lists."""
+        delay = self._backoff
+        for i in range(1, self._attempts + 1):
+            try:
+                return attempt()
+            except Transient as e:
+                if i == self._attempts:
+                    raise OSError(
+                        errno.EIO, f"{what}: {e} (gave up after {i} attempts)", self.url
+                    ) from e
+                time.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+            except NotFound as e:
+                raise FileNotFoundError(errno.ENOENT, f"no such object ({e})", self.url) from e
+            except Forbidden as e:
+                raise PermissionError(errno.EACCES, f"access denied ({e})", self.url) from e
+            except Changed as e:
+                raise OSError(
+                    errno.ESTALE,
+                    f"{what}: the object changed while it was read ({e}); load it again",
+                    self.url,
+                ) from e
+            except _RangeIgnored as e:
+                raise OSError(errno.EIO, str(e), self.url) from e
+            except (Unexpected, RangeNotSatisfiable) as e:
+                raise OSError(errno.EIO, f"{what}: {e}", self.url) from e
+        raise AssertionError("unreachable")
+
+    def _check_range(self, offset: int, n: int) -> None:
+        if offset < 0 or n < 0 or offset + n > self._size:
+            raise CheckpointError(
+                f"{self.name}: truncated: wanted {n} bytes at offset {offset}, file has "
+                f"{self._size} bytes"
+            )
+
+
+class _RangeIgnored(Exception):
+    """A 200 with the whole object where a range was asked for: never retried."""
+
+
+def _expect_end(reply: Reply) -> None:
+    """The body must end here (a 200's Content-Length was honoured)."""
+    try:
+        extra = reply.readinto(memoryview(bytearray(1)))
+    except Exception as e:
+        raise Transient(f"{type(e).__name__} at the end of the body: {e}") from e
+    if extra:
+        raise Transient("the body is longer than its Content-Length")
+
+
+def _range_name(job: _Job) -> str:
+    return f"bytes {job.start}-{job.stop - 1}"
+
+
+def _bind(fn: Callable[[_Job], None], job: _Job) -> Callable[[], None]:
+    return lambda: fn(job)
+
+
+def _address_of(buffer: bytearray) -> int:
+    """The address of a bytearray's bytes (kept alive by the caller)."""
+    import ctypes
+
+    return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
+
+
+def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`regions` sorted and merged across gaps of HEADER_GAP, the gap grown until at most
+    MAX_HEADER_GETS remain."""
+    gap = HEADER_GAP
+    while True:
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(regions):
+            if merged and a <= merged[-1][1] + gap:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        if len(merged) <= MAX_HEADER_GETS or gap >= 1 << 20:
+            return merged
+        gap *= 4

@@ -1,0 +1,462 @@
+"""Checkpoints read from object storage (docs/remote.md): ``s3://`` against moto's standalone
+S3 server and ``http://`` against a Range-honouring HTTP server, both real servers on
+loopback (tests/_remote_servers.py), with a fault-injecting proxy in front of them.
+
+The oracle is stock torch / safetensors over the same bytes: ``torch.load`` of the file
+uploaded, ``safetensors.torch.load``.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+from safetensors import torch as safetensors_torch
+
+import ckptio
+from _remote_servers import FaultProxy, MotoS3, RangeServer
+
+BUCKET = "ckpt-bucket"
+#: fast retries for the fault tests (the defaults back off 0.2 s, doubled per try)
+FAST = {"retries": 4, "retry_backoff": 0.001}
+
+
+def _state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "emb.weight": torch.randn(300, 64, generator=g),
+        "layer.0.weight": torch.randn(128, 64, generator=g).to(torch.float16),
+        "layer.0.bias": torch.randn(128, generator=g),
+        "layer.1.weight": torch.randint(-100, 100, (64, 128), generator=g, dtype=torch.int8),
+        "step": torch.tensor(7),
+        "empty": torch.empty(0, 3),
+    }
+
+
+def _checkpoint(seed: int = 0) -> dict[str, Any]:
+    sd = _state_dict(seed)
+    view = sd["emb.weight"][10:20, 8:40]  # a view with an offset into another storage
+    return {"model": sd, "view": view, "epoch": 3, "name": "run-1", "lr": [0.1, 0.01]}
+
+
+def _bytes_of(obj: Any, how: str) -> bytes:
+    buf = io.BytesIO()
+    if how == "ckptio":
+        ckptio.save(obj, buf)
+    elif how == "torch":
+        torch.save(obj, buf)
+    else:
+        return safetensors_torch.save(obj, metadata={"format": "pt"})
+    return buf.getvalue()
+
+
+def _same(a: Any, b: Any, ordered: bool = True) -> None:
+    """Equal values, dtypes, shapes and strides, recursively (tensors compared bitwise); with
+    `ordered` False, dicts in any order (safetensors' own loader sorts names)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        assert (a.dtype, a.shape, a.stride(), a.device) == (b.dtype, b.shape, b.stride(), b.device)
+        if a.device.type != "meta":
+            assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
+        for k in a:
+            _same(a[k], b[k], ordered)
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            _same(x, y)
+    else:
+        assert a == b
+
+
+# ------------------------------------------------------------------------------- servers
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoS3]:
+    with MotoS3() as server:
+        server.client.create_bucket(Bucket=BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[RangeServer]:
+    with RangeServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def s3_env(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> MotoS3:
+    """The AWS configuration a user would set: keys and the endpoint in the environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    return moto
+
+
+class Store:
+    """One object store under test: puts bytes, gives their URL."""
+
+    def __init__(self, kind: str, moto: MotoS3 | None, http: RangeServer | None) -> None:
+        self.kind = kind
+        self._moto = moto
+        self._http = http
+
+    def put(self, name: str, data: bytes) -> str:
+        if self._moto is not None:
+            self._moto.client.put_object(Bucket=BUCKET, Key=name, Body=data)
+            return f"s3://{BUCKET}/{name}"
+        assert self._http is not None
+        self._http.objects["/" + name] = data
+        return f"{self._http.url}/{name}"
+
+
+@pytest.fixture(params=["s3", "http"])
+def store(request: pytest.FixtureRequest, http_server: RangeServer) -> Store:
+    if request.param == "s3":
+        return Store("s3", request.getfixturevalue("s3_env"), None)
+    return Store("http", None, http_server)
+
+
+# ----------------------------------------------------------------------------------- load
+@pytest.mark.parametrize("writer", ["ckptio", "torch"])
+def test_load_torch_zip_eager(store: Store, writer: str) -> None:
+    obj = _checkpoint()
+    data = _bytes_of(obj, writer)
+    url = store.put(f"load-{writer}.pt", data)
+    got = ckptio.load(url)
+    _same(got, torch.load(io.BytesIO(data)))
+    # the view still shares its storage with the tensor it views, as in torch
+    assert got["view"].untyped_storage().data_ptr() == got["model"]["emb.weight"].data_ptr()
+
+
+def test_load_safetensors_eager(store: Store) -> None:
+    sd = {k: v for k, v in _state_dict(1).items()}
+    data = _bytes_of(sd, "safetensors")
+    url = store.put("model.safetensors", data)
+    _same(ckptio.load(url), safetensors_torch.load(data), ordered=False)
+    with ckptio.open(url) as h:
+        assert h.metadata == {"format": "pt"}
+
+
+@pytest.mark.parametrize("fmt", ["ckptio", "safetensors"])
+def test_load_meta_reads_no_data(store: Store, http_server: RangeServer, fmt: str) -> None:
+    sd = {f"w{i}": torch.randn(256, 1024) for i in range(4)}  # 4 MiB
+    data = _bytes_of(sd, fmt)
+    url = store.put(f"meta.{fmt}", data)
+    got = ckptio.load(url, map_location="meta", storage_options={"probe_bytes": 65536})
+    _same(got, {k: v.to("meta") for k, v in sd.items()})
+    if store.kind == "http":  # header and container only: far less than the 4 MiB
+        last = [e for e in http_server.log if e.path == "/meta." + fmt]
+        assert sum(e.sent for e in last) < 300_000
+
+
+@pytest.fixture()
+def staged_cpu(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """map_location "cpu" takes the staged-device path (CUDA's on a GPU host): the CPU
+    stands in for the device, with a ring of host buffers. Returns the copiers made."""
+    from ckptio import _staging
+
+    copiers: list[Any] = []
+
+    def copier() -> Any:
+        copiers.append(_staging.TorchCopier(torch.device("cpu")))
+        return copiers[-1]
+
+    def target(location: str) -> Any:
+        return _staging.DeviceTarget(torch.device("cpu"), copier) if location == "cpu" else None
+
+    monkeypatch.setattr(_staging, "staging_target", target)
+    return copiers
+
+
+@pytest.mark.parametrize("fmt", ["ckptio", "torch", "safetensors"])
+def test_load_staged_device(store: Store, staged_cpu: list[Any], fmt: str) -> None:
+    """map_location to a staged device: storages stream from the GETs through the ring."""
+    sd = {f"w{i}": torch.randn(128, 512 + i) for i in range(5)}
+    data = _bytes_of(sd, fmt)
+    url = store.put(f"staged.{fmt}", data)
+    with ckptio.options(staging_buffer_bytes=1 << 18, staging_buffers=2):
+        got = ckptio.load(url, map_location="cpu")
+    _same(got, sd, ordered=fmt != "safetensors")
+    assert len(staged_cpu) == 1 and staged_cpu[0].allocated > 0
+
+
+def test_mmap_is_refused(http_server: RangeServer) -> None:
+    url = f"{http_server.url}/whatever.pt"
+    with pytest.raises(ValueError, match="mmap=True needs a local file"):
+        ckptio.load(url, mmap=True)
+
+
+def test_storage_options_need_a_url(tmp_path: Path) -> None:
+    ckptio.save({"a": torch.ones(2)}, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="storage_options applies to"):
+        ckptio.load(str(tmp_path / "a.pt"), storage_options={"anon": True})
+
+
+def test_unknown_storage_option(http_server: RangeServer) -> None:
+    http_server.objects["/x.pt"] = _bytes_of({"a": torch.ones(2)}, "ckptio")
+    with pytest.raises(TypeError, match="unknown storage_options nope"):
+        ckptio.load(f"{http_server.url}/x.pt", storage_options={"nope": 1})
+
+
+def test_import_does_not_load_client_libraries() -> None:
+    code = (
+        "import sys, ckptio; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('botocore', 'boto3', 'urllib3')])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------------- open
+def _data_gets(server: RangeServer | FaultProxy, path: str, since: int) -> list[Any]:
+    return [e for e in server.log[since:] if e.path == path and e.method == "GET"]
+
+
+def test_open_get_slice_reads_only_its_bytes(http_server: RangeServer) -> None:
+    """open reads the header once, then each read only the ranges it needs (bytes counted
+    at the server)."""
+    sd = {"big": torch.randn(1024, 1024), "small": torch.randn(16)}  # 4 MiB + 64 B
+    for fmt in ("ckptio", "safetensors"):
+        path = f"/slice.{fmt}"
+        http_server.objects[path] = data = _bytes_of(sd, fmt)
+        url = http_server.url + path
+        before = len(http_server.log)
+        with ckptio.open(url, storage_options={"probe_bytes": 65536}) as h:
+            opened = sum(e.sent for e in _data_gets(http_server, path, before))
+            assert opened < 200_000, opened  # two probes and the container
+            at = len(http_server.log)
+            rows = h.get_slice("big")[10:20]
+            assert torch.equal(rows, sd["big"][10:20])
+            gets = _data_gets(http_server, path, at)
+            assert sum(e.sent for e in gets) == 10 * 1024 * 4 and len(gets) == 1
+            at = len(http_server.log)
+            assert torch.equal(h["small"], sd["small"])
+            # 64 bytes, or none when they lie in a probed end (served from the cache)
+            assert sum(e.sent for e in _data_gets(http_server, path, at)) in (0, 64)
+            cols = h.get_slice("big")[:, 3:5]
+            assert torch.equal(cols, sd["big"][:, 3:5])
+            assert torch.equal(h["big"], sd["big"])
+            assert sorted(h.keys()) == sorted(sd)
+        assert len(data) > 4 << 20
+
+
+def test_open_s3_torch_file(store: Store) -> None:
+    obj = _checkpoint(2)
+    data = _bytes_of(obj, "torch")
+    url = store.put("open-torch.pt", data)
+    with ckptio.open(url) as h:
+        assert h.non_tensors["epoch"] == 3
+        _same(h["model.layer.0.weight"], obj["model"]["layer.0.weight"])
+        _same(h.get_slice("model.emb.weight")[5:9], obj["model"]["emb.weight"][5:9])
+
+
+@pytest.mark.parametrize("fmt", ["ckptio", "torch", "safetensors"])
+def test_open_staged_device(store: Store, staged_cpu: list[Any], fmt: str) -> None:
+    sd = {f"w{i}": torch.randn(64, 256 + i) for i in range(3)}
+    url = store.put(f"open-staged.{fmt}", _bytes_of(sd, fmt))
+    with ckptio.open(url, map_location="cpu") as h:
+        _same(h.get_tensors(), sd, ordered=False)
+        assert torch.equal(h.get_slice("w1")[2:7], sd["w1"][2:7])
+    assert staged_cpu and staged_cpu[0].allocated > 0
+
+
+# ------------------------------------------------------------------------------ load_into
+@pytest.mark.parametrize("fmt", ["ckptio", "torch", "safetensors"])
+def test_load_into(store: Store, fmt: str) -> None:
+    sd = _state_dict(3)
+    url = store.put(f"into.{fmt}", _bytes_of(sd, fmt))
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    pointers = {k: v.data_ptr() for k, v in target.items()}
+    missing, unexpected = ckptio.load_into(target, url)
+    assert (missing, unexpected) == ([], [])
+    _same(target, sd)
+    assert {k: v.data_ptr() for k, v in target.items()} == pointers  # in place
+
+
+def test_load_into_module(store: Store) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    source = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 8))
+    url = store.put("module.pt", _bytes_of(source.state_dict(), "torch"))
+    ckptio.load_into(model, url)
+    _same(model.state_dict(), source.state_dict())
+
+
+# --------------------------------------------------------------------------------- faults
+class Faulty:
+    """A store behind the fault proxy: `url` of an object uploaded through it, `options` to
+    reach it, `proxy` to inject faults, `change` to replace the object at the origin."""
+
+    def __init__(self, kind: str, moto: MotoS3 | None, http: RangeServer | None) -> None:
+        self.kind = kind
+        upstream = moto.endpoint if moto is not None else http.url  # type: ignore[union-attr]
+        self.proxy = FaultProxy(upstream.removeprefix("http://"))
+        self._moto, self._http = moto, http
+        self.options: dict[str, Any] = dict(FAST)
+        if moto is not None:
+            self.options["endpoint_url"] = self.proxy.url
+
+    def put(self, name: str, data: bytes) -> str:
+        if self._moto is not None:
+            self._moto.client.put_object(Bucket=BUCKET, Key=name, Body=data)
+            return f"s3://{BUCKET}/{name}"
+        assert self._http is not None
+        self._http.objects["/" + name] = data
+        return f"{self.proxy.url}/{name}"
+
+    def change(self, name: str, data: bytes) -> None:
+        self.put(name, data)
+
+
+@pytest.fixture(params=["s3", "http"])
+def faulty(request: pytest.FixtureRequest, http_server: RangeServer) -> Iterator[Faulty]:
+    if request.param == "s3":
+        f = Faulty("s3", request.getfixturevalue("s3_env"), None)
+    else:
+        f = Faulty("http", None, http_server)
+    try:
+        yield f
+    finally:
+        f.proxy.close()
+
+
+def _is_data_get(method: str, path: str, headers: dict) -> bool:
+    """A GET of the data: not one of the two opening probes (first and last bytes)."""
+    r = headers.get("Range", "")
+    return method == "GET" and r.startswith("bytes=") and not r.startswith(("bytes=0-", "bytes=-"))
+
+
+def _big_state_dict() -> dict[str, torch.Tensor]:
+    return {
+        f"w{i}": torch.randn(256, 1024, generator=torch.Generator().manual_seed(i))
+        for i in range(3)
+    }
+
+
+@pytest.mark.parametrize("missing", ["key", "bucket"])
+def test_missing_object(faulty: Faulty, missing: str) -> None:
+    if faulty.kind == "s3":
+        url = f"s3://{BUCKET}/no-such-key.pt" if missing == "key" else "s3://no-such-bucket/k.pt"
+    else:
+        url = f"{faulty.proxy.url}/no-such-{missing}.pt"
+    for call in (
+        lambda: ckptio.load(url, storage_options=faulty.options),
+        lambda: ckptio.open(url, storage_options=faulty.options),
+        lambda: ckptio.load_into({}, url, storage_options=faulty.options),
+    ):
+        with pytest.raises(FileNotFoundError) as info:
+            call()
+        assert info.value.errno == errno.ENOENT and info.value.filename == url
+        assert url in str(info.value)
+
+
+def test_forbidden(faulty: Faulty) -> None:
+    url = faulty.put("forbidden.pt", _bytes_of({"a": torch.ones(3)}, "ckptio"))
+    faulty.proxy.inject("403", times=10)
+    with pytest.raises(PermissionError) as info:
+        ckptio.load(url, storage_options=faulty.options)
+    assert info.value.errno == errno.EACCES and info.value.filename == url
+    assert len(faulty.proxy.log) <= 2  # not retried
+
+
+@pytest.mark.parametrize(
+    "fault", ["503", "500", "reset", "truncate", "long_length", "short_length"]
+)
+def test_transient_faults_are_retried(faulty: Faulty, fault: str) -> None:
+    """A burst of faults on the data GETs: retried, and the result is exact."""
+    sd = _big_state_dict()
+    url = faulty.put(f"retried-{fault}.pt", _bytes_of(sd, "ckptio"))
+    faulty.proxy.inject(fault, times=3, match=_is_data_get)
+    with ckptio.options(chunk_bytes=1 << 20):
+        got = ckptio.load(url, storage_options=faulty.options)
+    _same(got, sd)
+    assert sum(1 for e in faulty.proxy.log if e.status in (500, 503)) == (
+        3 if fault in ("500", "503") else 0
+    )
+
+
+@pytest.mark.parametrize("fault", ["503", "reset", "truncate", "long_length", "short_length"])
+def test_persistent_faults_name_url_and_range(faulty: Faulty, fault: str) -> None:
+    sd = _big_state_dict()
+    url = faulty.put(f"failing-{fault}.pt", _bytes_of(sd, "ckptio"))
+    faulty.proxy.inject(fault, times=1000, match=_is_data_get)
+    with pytest.raises(OSError) as info:
+        ckptio.load(url, storage_options=faulty.options)
+    e = info.value
+    assert type(e) is OSError and e.errno == errno.EIO and e.filename == url
+    assert "bytes " in e.strerror and f"after {FAST['retries']} attempts" in e.strerror
+
+
+def test_faults_while_opening_are_retried(faulty: Faulty) -> None:
+    sd = _big_state_dict()
+    url = faulty.put("probe-503.pt", _bytes_of(sd, "torch"))
+    faulty.proxy.inject("503", times=2)  # the first two GETs: the probes
+    faulty.proxy.inject("reset", times=1)
+    _same(ckptio.load(url, storage_options=faulty.options), sd)
+
+
+@pytest.mark.parametrize("fmt", ["ckptio", "safetensors"])
+def test_object_changed_during_read(faulty: Faulty, fmt: str) -> None:
+    """The object is replaced after open read its header: the next GET (If-Match the first
+    ETag) fails with ESTALE instead of returning bytes of another version."""
+    sd = _big_state_dict()
+    name = f"changing.{fmt}"
+    url = faulty.put(name, _bytes_of(sd, fmt))
+    with ckptio.open(url, storage_options=faulty.options) as h:
+        faulty.change(name, _bytes_of({k: v + 1 for k, v in sd.items()}, fmt))
+        with pytest.raises(OSError) as info:
+            h["w1"]
+    assert info.value.errno == errno.ESTALE and info.value.filename == url
+    assert "changed while it was read" in info.value.strerror
+
+
+def test_object_changed_between_probes(faulty: Faulty) -> None:
+    """Replaced between the two opening GETs (different ETags): refused too."""
+    url = faulty.put("changing-probe.pt", _bytes_of(_big_state_dict(), "ckptio"))
+    head_answered = threading.Event()
+
+    def after(method: str, path: str, headers: dict) -> None:
+        if headers.get("Range", "").startswith("bytes=0-"):
+            head_answered.set()
+
+    def before(method: str, path: str, headers: dict) -> None:
+        if headers.get("Range", "").startswith("bytes=-"):  # the tail probe, after the head
+            assert head_answered.wait(10)
+            faulty.change("changing-probe.pt", _bytes_of({"x": torch.ones(5)}, "ckptio"))
+
+    faulty.proxy.before, faulty.proxy.after = before, after
+    with pytest.raises(OSError) as info:
+        ckptio.load(url, storage_options=faulty.options)
+    assert info.value.errno == errno.ESTALE and info.value.filename == url
+    assert "changed while it was opened" in info.value.strerror
+
+
+def test_server_ignoring_range(faulty: Faulty) -> None:
+    """A ranged GET answered with 200 and the whole object: refused with a clear error
+    (reading by ranges would download the whole object per range)..."""
+    sd = _big_state_dict()
+    url = faulty.put("no-ranges.pt", _bytes_of(sd, "ckptio"))
+    faulty.proxy.inject("ignore_range", times=1000)
+    with pytest.raises(OSError, match="does not serve byte ranges") as info:
+        ckptio.load(url, storage_options=faulty.options)
+    assert info.value.errno == errno.EIO and info.value.filename == url
+
+
+def test_server_ignoring_range_small_object(faulty: Faulty) -> None:
+    """...unless the whole object fits in the opening GET: then that is all there is."""
+    sd = {"a": torch.arange(10.0), "b": torch.ones(3, 3, dtype=torch.int64)}
+    url = faulty.put("small-no-ranges.pt", _bytes_of(sd, "torch"))
+    faulty.proxy.inject("ignore_range", times=1000)
+    _same(ckptio.load(url, storage_options=faulty.options), sd)
