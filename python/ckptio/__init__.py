@@ -29,6 +29,7 @@ from typing import Any
 from ._async import SaveFuture, async_save, wait_all
 from ._load_into import IncompatibleKeys, load_into
 from ._open import CheckpointHandle, DirectoryHandle, TensorInfo, TensorSlice, open, rank_slice
+from ._verify import UnverifiedWarning
 from .errors import CheckpointError, UnsafeGlobalError
 from .patch import is_torch_patched, patch_torch, patched_torch, unpatch_torch
 from .serialization import load, save
@@ -44,6 +45,7 @@ __all__ = [
     "Options",
     "SaveFuture",
     "UnsafeGlobalError",
+    "UnverifiedWarning",
     "async_save",
     "dcp",
     "get_options",

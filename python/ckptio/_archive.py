@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from . import _core
+from . import _core, _verify
 from ._util import gc_paused
 from .errors import CheckpointError
 from .settings import get_options
@@ -47,12 +47,23 @@ class ArchiveReader:
     def __init__(self, source: Source) -> None:
         self.source = source
         self.name = source.name
+        opts = get_options()
+        #: With the ``verify`` setting on: the checker of the CRC-32s the records declare,
+        #: attached to `source` so that every read of it is checked (_verify.py); None when
+        #: verify is off or the file recorded no CRCs.
+        self.checker: _verify.RecordChecker | None = None
         # A remote source hands the C++ reader the bytes it reads as a BufferSource
         # (_remote/_source.py); payloads are still read from `source`.
         directory = getattr(source, "zip_directory_source", None)
         parsed = source if directory is None else directory()
         with gc_paused():  # 20,000 new tuples would otherwise trigger full collections
-            prefix, records = _core.zip.read_zip_directory(parsed, get_options().threads)
+            if opts.verify:
+                prefix, records, crcs = _core.zip.read_zip_directory(parsed, opts.threads, True)
+                self.checker = _verify.checker_for(self.name, prefix, records, crcs)
+                if self.checker is not None:
+                    _verify.attach(source, self.checker)
+            else:
+                prefix, records = _core.zip.read_zip_directory(parsed, opts.threads)
         self.prefix: str = prefix
         self.records: dict[str, tuple[int, int, int]] = records
 
@@ -75,7 +86,10 @@ class ArchiveReader:
 
     def read(self, name: str) -> bytes:
         rec = self.record(name)
-        return self.source.pread(rec.data_offset, rec.size)
+        data = self.source.pread(rec.data_offset, rec.size)
+        if self.checker is not None:
+            self.checker.check_bytes(name, data)
+        return data
 
 
 def archive_name_for(target: object) -> str:

@@ -31,6 +31,7 @@ import threading
 from typing import IO, Any, Callable, Iterator, Sequence
 
 from . import _core
+from ._verify import checker_of
 from .settings import Options, get_options
 
 __all__ = [
@@ -61,14 +62,32 @@ def read_into(source: Source, requests: Any, base: int = 0, opts: Options | None
     calling thread's settings)."""
     if len(requests):
         opts = opts or get_options()
-        source.read_into(requests, opts.threads, opts.chunk_bytes, base)
+        checker = checker_of(source)
+        if checker is None:
+            source.read_into(requests, opts.threads, opts.chunk_bytes, base)
+        else:  # verify: each request's CRC-32, computed as it is read (_verify.py)
+            crcs = source.read_into(requests, opts.threads, opts.chunk_bytes, base, True)
+            if checker.check_reads(requests, crcs):
+                checker.settle(source)
 
 
 def read_many(batches: Sequence[tuple[Source, Any]], opts: Options | None = None) -> None:
     """:func:`read_into` over several sources as one parallel plan: `batches` holds
     (source, triples) pairs, each source a ``_core.io.File`` or ``BufferSource``."""
     opts = opts or get_options()
-    _core.io.read_many([(s, r, 0) for s, r in batches], opts.threads, opts.chunk_bytes)
+    checkers = [checker_of(s) for s, _ in batches]
+    if not any(checkers):
+        _core.io.read_many([(s, r, 0) for s, r in batches], opts.threads, opts.chunk_bytes)
+        return
+    # verify: each request's CRC-32, computed as it is read (_verify.py)
+    crcs = _core.io.read_many([(s, r, 0) for s, r in batches], opts.threads, opts.chunk_bytes, True)
+    assert crcs is not None
+    at = 0
+    for (source, requests), checker in zip(batches, checkers, strict=True):
+        n = len(requests) // 3
+        if checker is not None and checker.check_reads(requests, crcs[at : at + n]):
+            checker.settle(source)
+        at += n
 
 
 _SEEKABLE_ADVICE = (

@@ -36,6 +36,7 @@ from ._reads import ReadBatch
 from ._unpickler import NeedsTensors, TensorSpec, unpickle_placeholders, unpickle_specs
 from ._util import contiguous_strides, gc_paused, walk_leaves
 from .errors import CheckpointError
+from .settings import get_options, options
 
 __all__ = ["IncompatibleKeys", "ReadItem", "load_into", "read_items"]
 
@@ -182,6 +183,7 @@ def load_into(
     f: FileLike,
     *,
     strict: bool = True,
+    verify: bool | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> IncompatibleKeys:
     """Loads the tensors of checkpoint `f` into the existing tensors of `target`, in place.
@@ -200,6 +202,9 @@ def load_into(
             ``http(s)://`` URL of one is read by ranged GETs (docs/remote.md).
         strict: as ``load_state_dict``'s: keys of the target missing from the file, or keys
             of the file absent from the target, raise. Shape or dtype mismatches always raise.
+        verify: check the stored CRC-32 of every record read (one read in part is read
+            again whole); None takes the ``verify`` setting (docs/verify.md). On a mismatch
+            the target may already hold some of the file's bytes.
         storage_options: for URLs: endpoint, credentials, retries... (docs/remote.md).
 
     Returns:
@@ -220,6 +225,9 @@ def load_into(
     Tensors are written without autograd's knowledge (as ``load_state_dict`` under
     ``no_grad``); do not load into tensors a pending backward pass still needs.
     """
+    if verify is not None and verify != get_options().verify:
+        with options(verify=bool(verify)):
+            return load_into(target, f, strict=strict, storage_options=storage_options)
     if isinstance(target, torch.nn.Module):
         target = target.state_dict(keep_vars=True)
     if not isinstance(target, (dict, list, tuple)):

@@ -19,7 +19,7 @@ from typing import IO, Any, Callable, Iterator, Mapping, Sequence, TypeVar, Unio
 
 import torch
 
-from . import _core, _directory, _remote, _safetensors
+from . import _core, _directory, _remote, _safetensors, _verify
 from ._archive import ArchiveReader, check_version
 from ._files import descriptor_file
 from ._placement import Placement
@@ -27,6 +27,7 @@ from ._reads import ReadBatch
 from ._unpickler import unpickle_placeholders
 from ._util import contiguous_strides, walk_leaves
 from .errors import CheckpointError
+from .settings import get_options, options
 
 __all__ = ["CheckpointHandle", "DirectoryHandle", "TensorInfo", "TensorSlice", "open", "rank_slice"]
 
@@ -74,6 +75,7 @@ def open(  # noqa: A001
     f: str | os.PathLike[str] | IO[bytes],
     map_location: Any = None,
     *,
+    verify: bool | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> CheckpointHandle:
     """Opens a checkpoint (torch zip or safetensors, told apart by their bytes) for lazy reads.
@@ -88,6 +90,9 @@ def open(  # noqa: A001
             when opened, then only the bytes each read needs (docs/remote.md).
         map_location: where tensors read through the handle go, with :func:`ckptio.load`'s
             meaning (None: where they were saved; ``"meta"``: nothing is read).
+        verify: check the stored CRC-32 of every record a read touches (a record read in
+            part is read again whole to check it); None takes the ``verify`` setting at
+            open time (docs/verify.md).
         storage_options: for URLs: endpoint, credentials, retries... (docs/remote.md).
 
     Returns:
@@ -100,6 +105,9 @@ def open(  # noqa: A001
         ...     w = ck["fc.weight"]
         ...     rows = ck.get_slice("fc.weight")[0:10]  # reads only those rows
     """
+    if verify is not None and verify != get_options().verify:
+        with options(verify=bool(verify)):
+            return open(f, map_location, storage_options=storage_options)
     remote = _remote.source_for(f, storage_options, "open", False)
     if remote is not None:
         try:
@@ -399,7 +407,11 @@ class CheckpointHandle(_ReadGate):
         places the storages as ckptio.load would (:class:`Placement`)."""
         batch = ReadBatch(self._file)
         buffers, staged = self._gather(plans, batch)
-        self._run(batch, staged)
+        try:
+            self._run(batch, staged)
+        except _verify.CorruptRecord as e:  # verify: name the tensors of the record
+            names = [i.name for i in self.infos() if "data/" + str(i.storage) == e.record]
+            raise (e.naming("tensor " + ", ".join(map(repr, names[:5]))) if names else e) from None
         return self._finish(plans, buffers)
 
     def _gather(

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _core, _staging
 from ._files import Source, read_into, read_many
+from ._verify import checker_of
 
 __all__ = ["ReadBatch"]
 
@@ -126,6 +127,12 @@ class ReadBatch:
                 target.load(source, group)
         for source, group in _by_source(devices):
             _staging.stream_to_device(source, group)
+        if targets or devices:
+            # verify: records streamed through a ring in pieces are checked once complete
+            for source, _ in _by_source([r for _, rs in targets.values() for r in rs] + devices):
+                checker = checker_of(source)
+                if checker is not None:
+                    checker.settle(source)
 
 
 def _by_source(

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 
 from . import _core
+from ._verify import checker_of
 from .settings import get_options
 
 __all__ = [
@@ -303,7 +304,13 @@ def _read_fill(source: Any, fill: Fill, slot: HostSlot, threads: int, chunk_byte
     requests = array.array("Q")
     for file_offset, nbytes, host_offset in fill.reads:
         requests.extend((file_offset, nbytes, slot.address + host_offset))
-    source.read_into(requests, threads, chunk_bytes)
+    checker = checker_of(source)
+    if checker is None:
+        source.read_into(requests, threads, chunk_bytes)
+    else:
+        # verify: the CRC-32 of each piece, computed on the pinned slot as it is read, before
+        # the copy to the device; a record's pieces are combined when the batch settles.
+        checker.check_reads(requests, source.read_into(requests, threads, chunk_bytes, 0, True))
 
 
 def _stream_in_here(

@@ -48,6 +48,7 @@ from ._placement import Placement
 from ._reads import ReadBatch
 from ._storage_types import typed_storage, typed_storage_direct
 from ._util import gc_paused, is_environment_error, torch_load_state
+from ._verify import checker_of
 from .errors import CheckpointError, UnsafeGlobalError, unsafe_globals_message
 from .settings import get_options
 
@@ -413,6 +414,10 @@ class StorageLoader:
     def _flush(self) -> None:
         self.wait_prefetch()
         self.reads.run()  # host memory in one batch; device memory through the load's rings
+        if self.mapping is not None:
+            checker = checker_of(self.archive.source)
+            if checker is not None:  # verify: every data record of the mapping, once
+                checker.check_mapping(self.mapping)
 
 
 def _no_slicer() -> None:

@@ -30,7 +30,7 @@ from typing import IO, Any, Sequence, Union
 
 import torch
 
-from . import _core, _staging
+from . import _core, _staging, _verify
 from ._align import ALIGNMENT
 from ._archive import head_records, tail_records
 from ._files import write_all
@@ -379,7 +379,7 @@ def write_torch_archive(
     specs, payloads = torch_records(
         pickle_bytes, storages, data_alignment=opts.data_alignment, byteorder=byteorder
     )
-    write_archive(destination, archive_name, specs, payloads, crc32=opts.crc32)
+    write_archive(destination, archive_name, specs, payloads, crc32=opts.write_crc32)
 
 
 def save_object(
@@ -407,7 +407,7 @@ def save_object(
     # Held here, not only inside dumps: the storages the writer is reading must outlive an
     # exception from the pickler until abandon() returns.
     storages: list[torch.UntypedStorage] = []
-    with RecordWriter(destination, archive_name, crc32=opts.crc32) as records:
+    with RecordWriter(destination, archive_name, crc32=opts.write_crc32) as records:
         head = head_records(opts.data_alignment, byteorder)
         for name, data in head:
             records.add(name, ALIGNMENT, data)
@@ -429,25 +429,44 @@ def save_object(
 
 # ------------------------------------------------------------------------- placed layouts
 def write_placed(
-    destination: Destination, placed: Sequence[tuple[int, Payload]], total_size: int
-) -> None:
+    destination: Destination,
+    placed: Sequence[tuple[int, Payload]],
+    total_size: int,
+    *,
+    crc32: bool = False,
+) -> int | None:
     """Writes a file laid out by the caller (no zip container: safetensors): each (file
     offset, payload) of `placed`, in file order and back to back from offset 0, `total_size`
     bytes in all. Into a File: one parallel write (device payloads through the ring), the
-    file preallocated when the options say so; into a file object: sequential writes."""
+    file preallocated when the options say so; into a file object: sequential writes.
+
+    With `crc32`, returns the CRC-32 of the whole file, combined from the CRCs of the
+    payloads computed as they are written (device payloads on the pinned slots): the digest
+    a manifest records (_verify.manifest_entry); else None."""
     if isinstance(destination, _core.io.File):
         if get_options().preallocate:
             destination.preallocate(total_size)
-        write_payloads_at(destination, [(i, o, p) for i, (o, p) in enumerate(placed)], crc32=False)
-        return
+        crcs = write_payloads_at(
+            destination, [(i, o, p) for i, (o, p) in enumerate(placed)], crc32=crc32
+        )
+        if not crc32:
+            return None
+        return _verify.combine((crcs.get(i, 0), payload_size(p)) for i, (_, p) in enumerate(placed))
     at = 0
+    crc = 0
     for offset, payload in placed:
         if offset != at:
             raise ValueError(f"write_placed: a payload at {offset}, expected {at}")
         size = payload_size(payload)
         if isinstance(payload, DevicePayload):
             host = payload.storage.cpu()
-            write_all(destination, host_view((host.data_ptr(), host.nbytes())))
+            view = host_view((host.data_ptr(), host.nbytes()))
         elif size:
-            write_all(destination, host_view(payload))
+            view = host_view(payload)
+        else:
+            continue
+        write_all(destination, view)
+        if crc32:
+            crc = _core.zip.crc32(view, crc)
         at += size
+    return crc if crc32 else None

@@ -897,12 +897,10 @@ def _batches(handle: Any, names: list[str]) -> list[list[str]]:
 
 # ----------------------------------------------------------------------------------- verify
 def _verify(args: argparse.Namespace) -> int:
-    from . import _core
-    from .errors import CheckpointError, UnsafeGlobalError
-
+    """verify: a file's structure and checksums (CRC-32 of torch zip records, a manifest of
+    whole-file digests beside a safetensors file), or a model directory's manifest and every
+    shard. The bytes are checked by the same C++ path as ``load(..., verify=True)``."""
     path = args.file
-    if os.path.isdir(path):
-        raise UsageError(f"{path} is a directory, not a checkpoint file")
     if not os.path.exists(path):
         raise UsageError(f"No such file or directory: {path}")
     checks: list[dict[str, Any]] = []
@@ -913,6 +911,25 @@ def _verify(args: argparse.Namespace) -> int:
         ok = ok and passed
         checks.append({"check": name, "ok": passed, "detail": detail})
 
+    if os.path.isdir(path) or path.endswith(".index.json"):
+        fmt = _verify_directory(path, record, not args.no_progress)
+    else:
+        fmt = _verify_file(path, record, not args.no_progress)
+    if args.json:
+        print(json.dumps({"file": path, "format": fmt, "ok": ok, "checks": checks}, indent=2))
+    else:
+        for c in checks:
+            print(f"{c['check']:<10} {'ok' if c['ok'] else 'FAILED':<7} {c['detail']}")
+        print(f"{path}: {'OK' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def _verify_file(path: str, record: Any, show_progress: bool) -> str:
+    """The checks of one checkpoint file, reported through `record`; returns its format."""
+    from . import _core
+    from ._verify import MANIFEST_SUFFIX
+    from .errors import CheckpointError, UnsafeGlobalError
+
     fmt = "unknown"
     try:
         kind, head = _source_format(path)
@@ -921,7 +938,7 @@ def _verify(args: argparse.Namespace) -> int:
             _verify_legacy(path, record)
         elif kind == "torchscript":
             fmt = kind
-            _verify_torchscript(path, record, not args.no_progress)
+            _verify_torchscript(path, record, show_progress)
         elif kind == "unknown":
             record("structure", False, _not_a_checkpoint(path, head))
         else:
@@ -933,7 +950,13 @@ def _verify(args: argparse.Namespace) -> int:
                         True,
                         f"{len(handle)} tensors tile the data section exactly",
                     )
-                    record("checksums", True, "none in the safetensors format")
+                    if not os.path.exists(path + MANIFEST_SUFFIX):
+                        record(
+                            "checksums",
+                            True,
+                            "none in the safetensors format (no "
+                            f"{os.path.basename(path)}{MANIFEST_SUFFIX} manifest)",
+                        )
                 else:
                     records = handle.archive.records
                     compressed = [n for n, (_, _, method) in records.items() if method != 0]
@@ -949,7 +972,7 @@ def _verify(args: argparse.Namespace) -> int:
                         f"storages, {len(handle.non_tensors)} non-tensor entries; every tensor "
                         "fits its storage",
                     )
-                    _check_crcs(path, handle.archive, record, not args.no_progress)
+                    _check_crcs(path, handle.archive, record, show_progress)
     except UnsafeGlobalError as e:
         fmt = "torch"
         from ._archive import ArchiveReader
@@ -963,16 +986,51 @@ def _verify(args: argparse.Namespace) -> int:
                     True,
                     f"not unpickled: it needs weights_only=False ({_describe(e)})",
                 )
-            _check_crcs(path, archive, record, not args.no_progress)
+            _check_crcs(path, archive, record, show_progress)
     except CheckpointError as e:
         record("structure", False, _describe(e))
-    if args.json:
-        print(json.dumps({"file": path, "format": fmt, "ok": ok, "checks": checks}, indent=2))
+    if os.path.exists(path + MANIFEST_SUFFIX):
+        _check_manifest(path, record)
+    return fmt
+
+
+def _verify_directory(path: str, record: Any, show_progress: bool) -> str:
+    """verify for a model directory (or its index): its manifest, if it has one, then every
+    shard as a file, each check's detail prefixed by the shard's name."""
+    from . import _directory
+    from ._verify import MANIFEST_NAME
+    from .errors import CheckpointError
+
+    try:
+        layout = _directory.resolve(path)
+    except CheckpointError as e:
+        record("structure", False, _describe(e))
+        return "directory"
+    if os.path.exists(os.path.join(layout.root, MANIFEST_NAME)):
+        _check_manifest(layout.root, record)
     else:
-        for c in checks:
-            print(f"{c['check']:<10} {'ok' if c['ok'] else 'FAILED':<7} {c['detail']}")
-        print(f"{path}: {'OK' if ok else 'FAILED'}")
-    return 0 if ok else 1
+        record("manifest", True, f"none ({MANIFEST_NAME} absent: whole files not checked)")
+    for shard in layout.shards:
+
+        def shard_record(name: str, passed: bool, detail: str, shard: str = shard) -> None:
+            record(name, passed, f"{shard}: {detail}")
+
+        _verify_file(layout.path(shard), shard_record, show_progress)
+    return "directory"
+
+
+def _check_manifest(path: str, record: Any) -> None:
+    """The manifest check of a directory or a file (_verify.check_manifest)."""
+    from ._verify import check_manifest, manifest_path
+    from .errors import CheckpointError
+
+    name = os.path.basename(manifest_path(path))
+    try:
+        n = check_manifest(path)
+    except CheckpointError as e:
+        record("manifest", False, _describe(e))
+    else:
+        record("manifest", True, f"size and CRC-32 of {n} files match {name}")
 
 
 #: The first two pickles of a legacy file: torch's magic number and protocol version.
@@ -1079,52 +1137,28 @@ def _check_opcodes(archive: Any, record: Any) -> bool:
 
 
 def _check_crcs(path: str, archive: Any, record: Any, show_progress: bool) -> None:
-    """Compares the CRC-32 each zip entry declares with its bytes. A file whose non-empty
-    records all declare 0 has no CRCs (ckptio's default), which is not a failure."""
+    """Compares the CRC-32 each zip entry declares with its bytes, read in parallel by the
+    C++ core (the checker of ``load(..., verify=True)``). A file whose non-empty records all
+    declare 0 recorded no CRCs (ckptio's default), which is not a failure."""
     from . import _core
+    from ._verify import RecordChecker, recorded
 
-    try:
-        with zipfile.ZipFile(path) as z:
-            declared = {i.filename: i.CRC for i in z.infolist()}
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        record("checksums", False, f"cannot read the zip directory: {e}")
+    source = archive.source
+    prefix, records, crcs = _core.zip.read_zip_directory(source, 1, True)
+    if not recorded(records, crcs):
+        record("checksums", True, "not recorded (all zero: written without write_crc32)")
         return
-    entries = [(archive.prefix + n, archive.record(n)) for n in archive.records]
-    if all(declared.get(full, 0) == 0 for full, r in entries if r.size):
-        record("checksums", True, "not recorded (all zero: written without crc32)")
-        return
-    progress = _Progress(sum(r.size for _, r in entries), "checking CRCs", show_progress)
-    mismatched = []
+    checker = RecordChecker(path, prefix, records, crcs)
+    progress = _Progress(checker.data_bytes, "checking CRCs", show_progress)
     try:
-        with _core.io.File.open(path, _core.io.FileMode.READ) as f:
-            for full, r in entries:
-                crc = 0
-                offset = r.data_offset
-                end = r.data_offset + r.size
-                while offset < end:
-                    n = min(16 << 20, end - offset)
-                    crc = _crc(f.pread(offset, n), crc)
-                    offset += n
-                    progress.update(n)
-                if crc != declared.get(full, 0):
-                    mismatched.append(full)
+        mismatched = [prefix + n for n in checker.check_all(source, progress.update)]
     finally:
         progress.close()
     if mismatched:
         shown = ", ".join(mismatched[:5]) + (" ..." if len(mismatched) > 5 else "")
         record("checksums", False, f"CRC-32 mismatch in {len(mismatched)} records: {shown}")
     else:
-        record("checksums", True, f"CRC-32 of all {len(entries)} records match")
-
-
-def _crc(data: bytes, value: int) -> int:
-    from . import _core
-
-    if _core.zip.crc32_available():
-        return int(_core.zip.crc32(data, value))
-    import zlib
-
-    return zlib.crc32(data, value)
+        record("checksums", True, f"CRC-32 of all {checker.record_count} records match")
 
 
 if __name__ == "__main__":  # pragma: no cover

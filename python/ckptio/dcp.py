@@ -65,6 +65,7 @@ from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
 from ._writer import tensor_payload, write_archive
 from .errors import CheckpointError
+from .settings import get_options
 
 __all__ = ["Reader", "StorageInfo", "Writer"]
 
@@ -200,7 +201,9 @@ class Writer(_DirectoryCheckpoint, StorageWriter, BlockingAsyncStager):
         with _core.io.File.open(
             os.path.join(self.path, relative), _core.io.FileMode.CREATE
         ) as file:
-            offsets = write_archive(file, "archive", specs, payloads, crc32=False)
+            offsets = write_archive(
+                file, "archive", specs, payloads, crc32=get_options().write_crc32
+            )
             if self.durable:
                 file.sync()
         del keep_alive

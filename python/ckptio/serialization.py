@@ -17,7 +17,7 @@ from typing import IO, Any, Mapping, Sequence, Union, cast
 
 import torch
 
-from . import _core, _directory, _remote, _safetensors
+from . import _core, _directory, _remote, _safetensors, _verify
 from ._archive import ArchiveReader, archive_name_for, check_version
 from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
@@ -34,7 +34,7 @@ from ._unpickler import (
 from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
 from ._writer import save_object
 from .errors import CheckpointError
-from .settings import get_options
+from .settings import get_options, options
 
 __all__ = ["load", "save"]
 
@@ -185,6 +185,7 @@ def load(
     weights_only: bool | None = None,
     mmap: bool | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    verify: bool | None = None,
     **pickle_load_args: Any,
 ) -> Any:
     """Loads an object saved with :func:`save` or :func:`torch.save`, as :func:`torch.load`.
@@ -210,6 +211,10 @@ def load(
             of reading it into memory. Needs a local path.
         storage_options: for ``s3://`` and ``http(s)://`` URLs: endpoint, credentials,
             retries... (docs/remote.md); refused for anything else.
+        verify: check every record's stored CRC-32 against the bytes read (with ``mmap``,
+            every page of the data records is read); None takes the ``verify`` setting. A
+            mismatch raises CheckpointError naming the file and the tensors; a file that
+            recorded no CRCs loads with an ``UnverifiedWarning`` (docs/verify.md).
         **pickle_load_args: passed to the unpickler (e.g. ``encoding``) when
             ``weights_only=False``.
 
@@ -223,6 +228,17 @@ def load(
         >>> sd = ckptio.load("model.pt", map_location="cpu")
         >>> sd = ckptio.load("model.pt", mmap=True)  # zero-copy
     """
+    if verify is not None and verify != get_options().verify:
+        with options(verify=bool(verify)):
+            return load(
+                f,
+                map_location,
+                pickle_module,
+                weights_only=weights_only,
+                mmap=mmap,
+                storage_options=storage_options,
+                **pickle_load_args,
+            )
     weights_only = _resolve_weights_only(weights_only, pickle_module)
     if weights_only:
         if pickle_module is not None:
@@ -310,6 +326,7 @@ def _unpickle(
     pickle_load_args: dict[str, Any],
 ) -> Any:
     loader = StorageLoader(archive, map_location, mapping)
+    result: Any = None
     try:
         # Meta tensors hold no data to check (torch.load's check fails on them).
         with torch_load_state(map_location, validate=not loader.is_meta):
@@ -317,6 +334,8 @@ def _unpickle(
                 archive, loader, weights_only, pickle_module, pickle_load_args
             )
             loader.flush()
+    except _verify.CorruptRecord as e:
+        raise _verify.name_tensors(e, result, loader.loaded) from None
     finally:
         loader.join_prefetch()  # a failed load leaves no read running
     return result
