@@ -102,6 +102,29 @@ def test_dcp_writer_files_carry_crcs(tmp_path: Path) -> None:
             assert any(i.CRC for i in z.infolist() if i.file_size)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:torch.distributed is (disabled, )?unavailable or uninitialized:UserWarning"
+)
+def test_dcp_reader_checks(tmp_path: Path) -> None:
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    state = {"w": torch.randn(BIG), "b": torch.randn(10)}
+    with ckptio.options(write_crc32=True):
+        dcp.save(state, storage_writer=ckptio.dcp.Writer(tmp_path / "d"))
+    target = {"w": torch.empty(BIG), "b": torch.empty(10)}
+    dcp.load(target, storage_reader=ckptio.dcp.Reader(tmp_path / "d", verify=True))
+    assert torch.equal(target["w"], state["w"])
+    (f,) = [p for p in (tmp_path / "d").iterdir() if p.suffix == ".ckptio"]
+    _flip(f, state["w"], at=5)
+    # torch's loader wraps what a reader raises in a CheckpointException, message and all
+    failed = (ckptio.CheckpointError, dcp.api.CheckpointException)
+    with pytest.raises(failed, match=rf"{f}: record .* fails its CRC-32 check"):
+        dcp.load(target, storage_reader=ckptio.dcp.Reader(tmp_path / "d", verify=True))
+    with ckptio.options(verify=True):  # the setting
+        with pytest.raises(failed, match="fails its CRC-32 check"):
+            dcp.load(target, storage_reader=ckptio.dcp.Reader(tmp_path / "d"))
+    dcp.load(target, storage_reader=ckptio.dcp.Reader(tmp_path / "d"))  # unverified
+
+
 # ------------------------------------------------------------------------- verifying reads
 @pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])
 def test_intact_file_verifies(saved: Path, mmap: bool) -> None:

@@ -59,13 +59,14 @@ from torch.futures import Future
 
 from . import _core, serialization
 from ._align import ALIGNMENT
+from ._archive import ArchiveReader
 from ._files import atomic_file, write_bytes
 from ._reads import ReadBatch
 from ._unpickler import needs_dict_memo
 from ._util import contiguous_strides
 from ._writer import tensor_payload, write_archive
 from .errors import CheckpointError
-from .settings import get_options
+from .settings import get_options, options
 
 __all__ = ["Reader", "StorageInfo", "Writer"]
 
@@ -246,16 +247,21 @@ class Reader(_DirectoryCheckpoint, StorageReader):
             hand the planner a re-encoding of the result, so the planner's own
             ``torch.load(weights_only=False)`` never sees bytes from the file. False passes
             the stored bytes through unchanged: only for checkpoints you trust.
+        verify: check the stored CRC-32 of every record read (files written with
+            ``write_crc32``; docs/verify.md); None takes the ``verify`` setting at each read.
 
     Example::
 
         >>> dcp.load(state_dict, storage_reader=ckptio.dcp.Reader("ckpt/step100"))
     """
 
-    def __init__(self, path: str | os.PathLike, *, weights_only: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike, *, weights_only: bool = True, verify: bool | None = None
+    ) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.weights_only = weights_only
+        self.verify = verify
         self.storage_data: dict[MetadataIndex, StorageInfo] = {}
         self.load_id = str(uuid.uuid4())
         self.rank: int | None = None
@@ -331,6 +337,11 @@ class Reader(_DirectoryCheckpoint, StorageReader):
 
     def _read_file(self, path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         with _core.io.File.open(path, _core.io.FileMode.READ) as file:
+            if get_options().verify if self.verify is None else self.verify:
+                # The CRC-32s its records declare, attached to the file: every read below
+                # is checked (_verify.py).
+                with options(verify=True):
+                    ArchiveReader(file)
             size = file.size
             batch = ReadBatch(file)
             pending: list[tuple[ReadItem, torch.Tensor, torch.Tensor | None]] = []
