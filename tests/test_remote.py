@@ -460,3 +460,37 @@ def test_server_ignoring_range_small_object(faulty: Faulty) -> None:
     url = faulty.put("small-no-ranges.pt", _bytes_of(sd, "torch"))
     faulty.proxy.inject("ignore_range", times=1000)
     _same(ckptio.load(url, storage_options=faulty.options), sd)
+
+
+# ------------------------------------------------------------------------------- planning
+def test_plan_gets_covers_every_byte_once() -> None:
+    """Every requested byte is read once, into its own address, by GETs of at most
+    chunk_bytes; neighbours within the gap share GETs, far ones do not."""
+    import random
+
+    from ckptio._remote._source import plan_gets
+
+    rng = random.Random(1)
+    for _ in range(500):
+        requests, at, address = [], rng.randint(0, 100), 1 << 30
+        for _ in range(rng.randint(1, 10)):
+            at += rng.choice([0, 1, 50, 70_000, rng.randint(0, 300)])
+            length = rng.randint(0, 400)
+            requests.append((at, length, address))
+            address += length + 7
+            at += length if rng.random() < 0.8 else -rng.randint(0, length)  # some overlap
+        chunk = rng.choice([16, 100, 4096])
+        covered: dict[int, int] = {}
+        for job in plan_gets(requests, chunk, gap=rng.choice([0, 64, 65536])):
+            assert 0 < job.stop - job.start <= chunk
+            previous = job.start
+            for offset, addr, n in job.pieces:
+                assert n > 0 and previous <= offset and offset + n <= job.stop
+                previous = offset + n
+                for k in range(n):
+                    assert addr + k not in covered
+                    covered[addr + k] = offset + k
+        assert covered == {a + k: o + k for o, n, a in requests for k in range(n)}
+    assert len(plan_gets([(0, 10, 0), (20, 10, 100)], 1 << 20)) == 1  # 10 bytes apart: one
+    assert len(plan_gets([(0, 10, 0), (1 << 20, 10, 100)], 1 << 21)) == 2  # 1 MiB apart: two
+    assert len(plan_gets([(0, 100 << 20, 0)], 8 << 20)) == 13  # 100 MiB in 13 GETs

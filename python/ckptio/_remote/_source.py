@@ -66,9 +66,11 @@ __all__ = ["COALESCE_GAP", "RemoteSource", "plan_gets"]
 #: Requests less than this apart are read by one GET (the gap read and dropped): a GET costs
 #: a round trip, worth far more than 64 KiB on any network.
 COALESCE_GAP = 64 << 10
-#: Header regions of the zip reader closer than this are fetched together; the gap grows
-#: until at most MAX_HEADER_GETS GETs remain (archives of very many small records).
-HEADER_GAP = 4096
+#: Header regions of the zip reader closer than this are fetched together (the payload
+#: bytes between them stay in the cache, and the loads that read them next copy them from
+#: there): the small records of a checkpoint, lying side by side, come in one GET with their
+#: headers. The gap grows until at most MAX_HEADER_GETS GETs remain.
+HEADER_GAP = 1 << 20
 MAX_HEADER_GETS = 512
 #: Reads of at most this many bytes that miss the cache (pread) are kept in it.
 CACHE_PREAD_BYTES = 16 << 20
@@ -89,25 +91,43 @@ class _Job:
 def plan_gets(
     requests: Sequence[tuple[int, int, int]], chunk_bytes: int, gap: int = COALESCE_GAP
 ) -> list[_Job]:
-    """The GETs that read `requests` ((offset, length, address) each): pieces of at most
-    `chunk_bytes`, neighbours at most `gap` apart merged while the GET stays within
-    `chunk_bytes`. Overlapping requests get GETs of their own."""
-    pieces: list[tuple[int, int, int]] = []
+    """The GETs that read `requests` ((offset, length, address) each): requests at most
+    `gap` apart form one run (an overlapping request starts a run of its own), and each run
+    is cut into the fewest GETs of at most `chunk_bytes`, of equal size, wherever the cuts
+    fall (a request cut in two goes to two GETs)."""
+    runs: list[_Job] = []
     for offset, length, address in sorted(requests):
-        for k in range(0, length, chunk_bytes):
-            pieces.append((offset + k, address + k, min(chunk_bytes, length - k)))
-    jobs: list[_Job] = []
-    for offset, address, length in pieces:
-        job = jobs[-1] if jobs else None
-        if (
-            job is not None
-            and job.stop <= offset <= job.stop + gap
-            and offset + length - job.start <= chunk_bytes
-        ):
-            job.pieces.append((offset, address, length))
-            job.stop = offset + length
+        if not length:
+            continue
+        run = runs[-1] if runs else None
+        if run is not None and run.stop <= offset <= run.stop + gap:
+            run.pieces.append((offset, address, length))
+            run.stop = offset + length
         else:
-            jobs.append(_Job(offset, offset + length, [(offset, address, length)]))
+            runs.append(_Job(offset, offset + length, [(offset, address, length)]))
+    jobs: list[_Job] = []
+    for run in runs:
+        count = -(-(run.stop - run.start) // chunk_bytes)
+        if count == 1:
+            jobs.append(run)
+            continue
+        step = -(-(run.stop - run.start) // count)
+        cuts = [run.start + i * step for i in range(1, count)] + [run.stop]
+        pieces: list[tuple[int, int, int]] = []
+        i = 0
+        for offset, address, length in run.pieces:
+            while length:
+                n = min(length, cuts[i] - offset)
+                if n > 0:
+                    pieces.append((offset, address, n))
+                    offset, address, length = offset + n, address + n, length - n
+                if offset >= cuts[i]:
+                    if pieces:
+                        jobs.append(_Job(pieces[0][0], pieces[-1][0] + pieces[-1][2], pieces))
+                    pieces = []
+                    i += 1
+        if pieces:
+            jobs.append(_Job(pieces[0][0], pieces[-1][0] + pieces[-1][2], pieces))
     return jobs
 
 
@@ -563,6 +583,6 @@ def _merge(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
                 merged[-1] = (merged[-1][0], max(merged[-1][1], b))
             else:
                 merged.append((a, b))
-        if len(merged) <= MAX_HEADER_GETS or gap >= 1 << 20:
+        if len(merged) <= MAX_HEADER_GETS or gap >= 16 << 20:
             return merged
         gap *= 4
