@@ -529,3 +529,93 @@ def test_remote_objects_are_checked_too(saved: Path) -> None:
         with ckptio.open(f"{server.url}/bad.pt", verify=True) as h:
             with pytest.raises(ckptio.CheckpointError, match=r"bad.pt.*'big'.*CRC-32"):
                 h.get_slice("big")[0:10]
+
+
+# ------------------------------------------------------------ manifests checked by loads
+def _manifest_for(directory: Path, names: list[str], name: str = _verify.MANIFEST_NAME) -> None:
+    entries = [_verify.manifest_entry(n, *_verify.file_crc32(directory / n)) for n in names]
+    _verify.write_manifest(directory, entries, name=name)
+
+
+def _flip_at(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("mmap", [False, True], ids=["eager", "mmap"])
+def test_safetensors_file_checked_against_its_manifest(tmp_path: Path, mmap: bool) -> None:
+    f = tmp_path / "m.safetensors"
+    sd = {"a": torch.randn(BIG), "b": torch.randn(7)}
+    ckptio.save(sd, f, format="safetensors")
+    with pytest.warns(ckptio.UnverifiedWarning, match="no manifest"):
+        ckptio.load(f, mmap=mmap, verify=True)
+    _manifest_for(tmp_path, [f.name], name=f.name + _verify.MANIFEST_SUFFIX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ckptio.load(f, mmap=mmap, verify=True)
+    assert torch.equal(out["a"], sd["a"])
+    _flip(f, sd["a"], at=11)
+    with pytest.raises(
+        ckptio.CheckpointError, match=r"m.safetensors: fails the CRC-32 its manifest"
+    ):
+        ckptio.load(f, mmap=mmap, verify=True)
+    ckptio.load(f, mmap=mmap)  # unverified
+
+
+def test_a_safetensors_header_byte_is_covered_too(tmp_path: Path) -> None:
+    """Bytes no tensor read covers (the header) are read for the check."""
+    f = tmp_path / "m.safetensors"
+    ckptio.save({"a": torch.randn(100)}, f, format="safetensors", metadata={"note": "aaaa"})
+    _manifest_for(tmp_path, [f.name], name=f.name + _verify.MANIFEST_SUFFIX)
+    data = f.read_bytes()
+    f.write_bytes(data.replace(b'"aaaa"', b'"aaab"'))  # still a valid header
+    with ckptio.open(f) as h:
+        assert h.metadata == {"note": "aaab"}
+    with pytest.raises(ckptio.CheckpointError, match="fails the CRC-32 its manifest"):
+        ckptio.load(f, verify=True)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_checked_against_its_manifest(tmp_path: Path, fmt: str) -> None:
+    d = tmp_path / "model"
+    sd = {f"layer{i}.weight": torch.randn(20_000) for i in range(4)}
+    ckptio.save(sd, d, max_shard_size=100_000, format=fmt)
+    shards = sorted(p.name for p in d.iterdir() if not p.name.endswith(".json"))
+    assert len(shards) > 1
+    if fmt == "safetensors":
+        with pytest.warns(ckptio.UnverifiedWarning, match="does not list it"):
+            ckptio.load(d, verify=True)
+    _manifest_for(d, shards)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the manifest covers shards without record CRCs too
+        out = ckptio.load(d, verify=True)
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
+    with ckptio.open(d / shards[1]) as h:
+        name = h.keys()[0]
+    _flip(d / shards[1], sd[name], at=2)
+    with pytest.raises(ckptio.CheckpointError, match=rf"{shards[1]}: fails the CRC-32"):
+        ckptio.load(d, verify=True)
+    ckptio.load(d)
+
+
+def test_legacy_files_warn(tmp_path: Path) -> None:
+    path = tmp_path / "old.pt"
+    torch.save({"a": torch.ones(3)}, path, _use_new_zipfile_serialization=False)
+    with pytest.warns(ckptio.UnverifiedWarning, match="legacy"):
+        ckptio.load(path, verify=True)
+
+
+def test_safetensors_manifest_through_the_ring(
+    tmp_path: Path, staged_cpu: list[SimulatedCopier]
+) -> None:
+    """The pieces the ring's fills read (on the pinned slots) make up the file's CRC."""
+    f = tmp_path / "m.safetensors"
+    sd = {"a": torch.randn(BIG), "b": torch.randn(9)}
+    ckptio.save(sd, f, format="safetensors")
+    _manifest_for(tmp_path, [f.name], name=f.name + _verify.MANIFEST_SUFFIX)
+    out = ckptio.load(f, verify=True)
+    assert torch.equal(out["a"], sd["a"]) and staged_cpu
+    _flip(f, sd["a"], at=4 * (BIG - 2))
+    with pytest.raises(ckptio.CheckpointError, match="fails the CRC-32 its manifest"):
+        ckptio.load(f, verify=True)

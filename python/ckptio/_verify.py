@@ -90,6 +90,7 @@ _FORMAT = "ckptio.manifest"
 _VERSION = 1
 _ALGORITHM = "crc32"
 _PROGRESS_STEP = 256 << 20
+_WHOLE_FILE = "the whole file"
 
 
 class UnverifiedWarning(UserWarning):
@@ -110,6 +111,11 @@ class CorruptRecord(CheckpointError):
         super().__init__(self._message())
 
     def _message(self) -> str:
+        if self.what == _WHOLE_FILE:
+            return (
+                f"{self.file}: fails the CRC-32 its manifest lists for '{self.record}': stored "
+                f"{self.stored:08x}, read {self.found:08x}; the file is corrupt"
+            )
         of = f" ({self.what})" if self.what else ""
         return (
             f"{self.file}: record '{self.record}'{of} fails its CRC-32 check: stored "
@@ -316,6 +322,96 @@ def _tiled_crc(pieces: list[tuple[int, int, int]], size: int) -> int | None:
     return crc if at == size else None
 
 
+class FileChecker:
+    """The whole-file CRC-32 a manifest lists for one file, checked from the reads of it.
+
+    Every piece a load reads is kept as (offset, length, CRC-32 computed as it was read);
+    :meth:`finish` reads only what no read covered (a safetensors header, padding, tensors a
+    load skipped), combines everything in file order and compares. A mapped load checksums
+    the whole mapping instead (:meth:`check_mapping`). Has :class:`RecordChecker`'s reading
+    interface, so every read path feeds it the same way."""
+
+    def __init__(self, file: str, name: str, size: int, crc: int) -> None:
+        self.file = file
+        self.name = name
+        self.size = size
+        self.crc = crc
+        self._lock = threading.Lock()
+        self._pieces: list[tuple[int, int, int]] = []
+        self._done = False
+
+    def check_reads(self, requests: Sequence[int], crcs: Sequence[int] | None) -> bool:
+        """Keeps the CRC of every (offset, length, address) request read; checked by
+        :meth:`finish`. Returns False: nothing to settle before then."""
+        if crcs is None:
+            raise RuntimeError("a verified read returned no CRC-32s")
+        pieces = [
+            (o, n, c) for o, n, c in zip(requests[0::3], requests[1::3], crcs, strict=True) if n
+        ]
+        with self._lock:
+            self._pieces += pieces
+        return False
+
+    def add_piece(self, offset: int, length: int, crc: int) -> None:
+        if length:
+            with self._lock:
+                self._pieces.append((offset, length, crc))
+
+    def settle(self, source: Any) -> None:
+        """Nothing until :meth:`finish`: a file is checked whole, once its reads are done."""
+
+    def check_mapping(self, mapping: Any) -> None:
+        """Checksums the whole file through its mapping (touching every page), once."""
+        if self._done:
+            return
+        opts = get_options()
+        ranges = array.array("Q", (0, self.size))
+        self._compare(_core.zip.crc32_ranges(mapping, ranges, opts.threads, opts.chunk_bytes)[0])
+
+    def finish(self, source: Any) -> None:
+        """Checks the file: the CRCs of the pieces read, and of what they left out (read
+        now, through small buffers), combined in file order against the manifest's."""
+        if self._done:
+            return
+        if source.size != self.size:
+            raise CheckpointError(
+                f"{self.file}: {source.size} bytes where the manifest says {self.size}; the "
+                "file is truncated or was replaced"
+            )
+        with self._lock:
+            pieces, self._pieces = sorted(set(self._pieces)), []
+        segments: list[tuple[int, int, int | None]] = []
+        at = 0
+        for start, length, crc in pieces:
+            if start < at:
+                if start + length <= at:
+                    continue  # inside bytes already covered (read twice)
+                segments = [(0, self.size, None)]  # pieces overlap unevenly: read it all
+                at = self.size
+                break
+            if start > at:
+                segments.append((at, start - at, None))
+            segments.append((start, length, crc))
+            at = start + length
+        if at < self.size:
+            segments.append((at, self.size - at, None))
+        gaps = array.array("Q")
+        for start, length, piece in segments:
+            if piece is None:
+                gaps.extend((start, length))
+        found = iter(_checksum_ranges(source, gaps) if len(gaps) else [])
+        total = 0
+        for _, length, piece in segments:
+            value = next(found) if piece is None else piece
+            total = _core.zip.crc32_combine(total, value, length)
+        self._compare(total)
+
+    def _compare(self, found: int) -> None:
+        self._done = True
+        if found != self.crc:
+            raise CorruptRecord(self.file, self.name, self.crc, found, _WHOLE_FILE)
+
+
 def recorded(records: Mapping[str, tuple[int, int, int]], crcs: Mapping[str, int]) -> bool:
     """Whether an archive recorded CRC-32s: some non-empty record declares one that is not
     0. (All zero is what a writer without CRCs leaves; with CRCs, each non-empty record has
@@ -339,18 +435,18 @@ def checker_for(
     return RecordChecker(file, prefix, records, crcs)
 
 
-_checkers: weakref.WeakKeyDictionary[Any, RecordChecker] = weakref.WeakKeyDictionary()
+_checkers: weakref.WeakKeyDictionary[Any, RecordChecker | FileChecker] = weakref.WeakKeyDictionary()
 _checkers_lock = threading.Lock()
 
 
-def attach(source: Any, checker: RecordChecker) -> None:
+def attach(source: Any, checker: RecordChecker | FileChecker) -> None:
     """Makes every read of `source` (a ``_core.io.File`` or ``BufferSource``) check its
     bytes with `checker`, for as long as the source lives."""
     with _checkers_lock:
         _checkers[source] = checker
 
 
-def checker_of(source: Any) -> RecordChecker | None:
+def checker_of(source: Any) -> RecordChecker | FileChecker | None:
     """The checker attached to `source`, if any (a dictionary lookup: what a read costs
     when ``verify`` is off)."""
     if not _checkers:
@@ -483,8 +579,33 @@ def check_manifest(path: str | os.PathLike[str]) -> int:
                 "truncated or was replaced"
             )
         if found != stored:
-            raise CorruptRecord(file, name, stored, found, "the whole file")
+            raise CorruptRecord(file, name, stored, found, _WHOLE_FILE)
     return len(listed)
+
+
+def listed_in_manifest(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]] | None:
+    """{file name: (size, crc32)} of the manifest of `path` (a directory, or a file with
+    its ``<file>.ckptio.manifest.json`` beside it), or None when it has none."""
+    manifest = manifest_path(path)
+    return read_manifest(manifest) if os.path.exists(manifest) else None
+
+
+def attach_file_checker(
+    source: Any, name: str, listed: Mapping[str, tuple[int, int]] | None
+) -> FileChecker | None:
+    """Attaches to `source` the checker of the whole-file CRC-32 that `listed` (a manifest)
+    gives the file `name`, if it lists it; returns it (call its ``finish`` after the load)."""
+    if not listed or name not in listed:
+        return None
+    size, crc = listed[name]
+    checker = FileChecker(source.name, name, size, crc)
+    attach(source, checker)
+    return checker
+
+
+def warn_unverified(file: str, why: str) -> None:
+    """The :class:`UnverifiedWarning` of a file ``verify`` could not check."""
+    warnings.warn(f"{file}: {why}; loaded unchecked", UnverifiedWarning, stacklevel=3)
 
 
 def _check_name(name: Any) -> None:

@@ -278,9 +278,15 @@ def load(
         if _safetensors.looks_like_safetensors(head, source.size):
             # safetensors holds no code: weights_only and pickle arguments have nothing to do.
             mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
-            return _safetensors.load(source, map_location, mapping)
+            checker = _safetensors_checker(f, source, remote is None)
+            tensors = _safetensors.load(source, map_location, mapping)
+            if checker is not None:
+                checker.finish(source)  # the whole file against its manifest
+            return tensors
         head = head[:4]
         if not _core.zip.looks_like_zip(head):
+            if get_options().verify:
+                _verify.warn_unverified(source.name, "a legacy (pre-1.6) file has no checksums")
             return _load_legacy(
                 for_torch(f, start) if remote is None else _remote.whole_object(remote),
                 map_location,
@@ -315,6 +321,26 @@ def load(
     finally:
         if file is not None:
             file.close()
+
+
+def _safetensors_checker(f: Any, source: Any, local: bool) -> _verify.FileChecker | None:
+    """With ``verify`` on: the checker of a safetensors file's whole-file CRC-32 from the
+    manifest beside it (``<file>.ckptio.manifest.json``), attached to `source`; None, with
+    an UnverifiedWarning, when no manifest lists it (the format has no checksums)."""
+    if not get_options().verify:
+        return None
+    checker = None
+    if local and isinstance(f, (str, bytes, os.PathLike)):
+        path = os.fsdecode(f)
+        listed = _verify.listed_in_manifest(path)
+        checker = _verify.attach_file_checker(source, os.path.basename(path), listed)
+    if checker is None:
+        _verify.warn_unverified(
+            source.name,
+            "a safetensors file has no checksums and no manifest "
+            f"(<file>{_verify.MANIFEST_SUFFIX}) lists it",
+        )
+    return checker
 
 
 def _unpickle(
@@ -398,16 +424,33 @@ def _load_directory(
     files: list[_core.io.File] = []
     loaders: list[StorageLoader] = []
     held: list[tuple[str, Mapping[str, Any]]] = []
+    # verify: the directory's manifest (ckptio.manifest.json) checks each file it lists whole,
+    # from the reads of it; other files are checked by their records' CRC-32s, if any.
+    verify = get_options().verify
+    listed = _verify.listed_in_manifest(layout.root) if verify else None
+    whole_files: list[tuple[_verify.FileChecker, _core.io.File]] = []
     try:
         with torch_load_state(map_location, validate=not placement.is_meta):
             for shard in layout.shards:
                 path = layout.path(shard)
                 file = _core.io.File.open(path, mode)
                 files.append(file)
+                whole = _verify.attach_file_checker(file, shard, listed) if verify else None
+                if whole is not None:
+                    whole_files.append((whole, file))
                 mapping = _core.io.Mapping(file, shared) if mmap else None
                 head = file.pread(0, min(9, file.size))
-                archive = ArchiveReader(file) if _core.zip.looks_like_zip(head[:4]) else None
+                archive = None
+                if _core.zip.looks_like_zip(head[:4]):
+                    with options(verify=verify and whole is None):
+                        archive = ArchiveReader(file)  # its records' CRCs, if not the file's
                 if _safetensors.looks_like_safetensors(head, file.size):
+                    if verify and whole is None:
+                        _verify.warn_unverified(
+                            path,
+                            "a safetensors shard has no checksums and the directory's "
+                            f"{_verify.MANIFEST_NAME} does not list it",
+                        )
                     header = _safetensors.read_header(file)
                     records = _safetensors.SafetensorsRecords(file, header)
                     loaders.append(StorageLoader(records, map_location, mapping, placement))
@@ -435,6 +478,8 @@ def _load_directory(
                 loader.wait_prefetch()
                 reads.absorb(loader.reads)
             reads.run()  # every shard's storages, one plan
+            for whole, file in whole_files:
+                whole.finish(file)  # each file listed in the manifest, whole
     finally:
         for loader in loaders:
             loader.join_prefetch()  # a failed load leaves no read running
