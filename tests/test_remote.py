@@ -23,6 +23,11 @@ from safetensors import torch as safetensors_torch
 import ckptio
 from _remote_servers import FaultProxy, MotoS3, RangeServer
 
+# The servers and clients come from requirements-dev.txt (make test); the compat environments
+# of make test-compat (requirements-compat.txt: torch's dependencies and the tests' core set)
+# have neither, and this file tests ckptio's own I/O, not torch's.
+pytest.importorskip("moto", reason="moto[server] and boto3 are in requirements-dev.txt")
+
 BUCKET = "ckpt-bucket"
 #: fast retries for the fault tests (the defaults back off 0.2 s, doubled per try)
 FAST = {"retries": 4, "retry_backoff": 0.001}
@@ -494,3 +499,17 @@ def test_plan_gets_covers_every_byte_once() -> None:
     assert len(plan_gets([(0, 10, 0), (20, 10, 100)], 1 << 20)) == 1  # 10 bytes apart: one
     assert len(plan_gets([(0, 10, 0), (1 << 20, 10, 100)], 1 << 21)) == 2  # 1 MiB apart: two
     assert len(plan_gets([(0, 100 << 20, 0)], 8 << 20)) == 13  # 100 MiB in 13 GETs
+
+
+def test_legacy_torch_file(store: Store) -> None:
+    """A pre-zip torch file at a URL: read whole, handed to torch, as a file object."""
+    obj = {"w": torch.randn(4, 5), "n": 3}
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    url = store.put("legacy.pt", buf.getvalue())
+    _same(ckptio.load(url), torch.load(io.BytesIO(buf.getvalue())))
+
+
+def test_remote_directory_not_supported_yet(http_server: RangeServer) -> None:
+    with pytest.raises(NotImplementedError, match="not supported yet"):
+        ckptio.load(f"{http_server.url}/llm/model.safetensors.index.json")
