@@ -228,7 +228,7 @@ GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
             _file(None, b"\0" * 8, raw=b'{"a": {"dtype": "F32", "shape": [2], "data_o'),
             "not valid JSON",
         ),
-        (_file(None, raw=b'{"a": 1, "a": 2}'), "duplicate key"),
+        (_file(None, raw=b'{"a": 1, "a": 2}'), "the key 'a' appears twice"),
         (_file(None, raw=b"{\xff\xfe}"), "not valid JSON"),
         (_file({"a": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8), "dtype"),
         (_file({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8), "shape"),
