@@ -148,11 +148,19 @@ class RecordChecker:
             for name, (offset, size, _) in records.items()
             if size
         }
-        self._starts = sorted(self._by_offset)
+        self._sorted: list[int] | None = None  # record offsets in file order, when needed
         self._lock = threading.Lock()
         # record offset -> [(start within the record, length, crc)] of partial reads
         self._pieces: dict[int, list[tuple[int, int, int]]] = {}
         self._mapping_checked = False
+
+    @property
+    def _starts(self) -> list[int]:
+        # Sorted only for partial reads, mappings and ckptio verify: a load that reads whole
+        # records never pays for sorting 20,000 offsets.
+        if self._sorted is None:
+            self._sorted = sorted(self._by_offset)
+        return self._sorted
 
     # -- what is read -----------------------------------------------------------------------
     def check_reads(self, requests: Sequence[int], crcs: Sequence[int] | None) -> bool:
