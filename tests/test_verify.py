@@ -619,3 +619,31 @@ def test_safetensors_manifest_through_the_ring(
     _flip(f, sd["a"], at=4 * (BIG - 2))
     with pytest.raises(ckptio.CheckpointError, match="fails the CRC-32 its manifest"):
         ckptio.load(f, verify=True)
+
+
+@pytest.mark.parametrize("kind", ["bytesio", "file"])
+def test_file_objects_are_checked(saved: Path, kind: str) -> None:
+    def load() -> Any:
+        if kind == "bytesio":
+            return ckptio.load(io.BytesIO(saved.read_bytes()), verify=True)
+        with open(saved, "rb") as f:
+            return ckptio.load(f, verify=True)
+
+    assert torch.equal(load()["big"], _state()["big"])
+    _flip(saved, _state()["big"], at=33)
+    with pytest.raises(ckptio.CheckpointError, match=r"'big'.*CRC-32"):
+        load()
+
+
+def test_directory_torch_shards_record_crcs(tmp_path: Path) -> None:
+    d = tmp_path / "model"
+    with ckptio.options(write_crc32=True):
+        ckptio.save({f"w{i}": torch.randn(20_000) for i in range(4)}, d, max_shard_size=100_000)
+    shards = [p for p in d.iterdir() if not p.name.endswith(".json")]
+    assert len(shards) > 1
+    for p in shards:
+        with zipfile.ZipFile(p) as z:
+            assert z.testzip() is None and any(i.CRC for i in z.infolist())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckptio.load(d, verify=True)
