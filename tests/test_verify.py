@@ -647,3 +647,12 @@ def test_directory_torch_shards_record_crcs(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ckptio.load(d, verify=True)
+
+
+def test_corrupt_record_pickles() -> None:
+    import pickle
+
+    e = _verify.CorruptRecord("f.pt", "data/3", 1, 2, "tensor 'w'")
+    back = pickle.loads(pickle.dumps(e))
+    assert isinstance(back, ckptio.CheckpointError) and str(back) == str(e)
+    assert (back.file, back.record, back.stored, back.found) == ("f.pt", "data/3", 1, 2)

@@ -122,6 +122,10 @@ class CorruptRecord(CheckpointError):
             f"{self.stored:08x}, read {self.found:08x}; the file is corrupt"
         )
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Rebuilt from its fields, not its message (a process pool pickles errors).
+        return (CorruptRecord, (self.file, self.record, self.stored, self.found, self.what))
+
     def naming(self, what: str) -> CorruptRecord:
         """The same error naming what the record holds (tensors)."""
         return CorruptRecord(self.file, self.record, self.stored, self.found, what)
