@@ -161,7 +161,7 @@ def test_corrupt_and_odd_inputs(tmp_path: Path, files: dict[str, Path]) -> None:
     assert_usage_error(run("inspect", garbage), "garbage.pt", "neither")
     assert_usage_error(run("convert", garbage, tmp_path / "o.safetensors"), "garbage.pt")
     (tmp_path / "empty").mkdir()
-    assert_usage_error(run("inspect", tmp_path / "empty"), "empty: not a model directory")
+    assert_usage_error(run("inspect", tmp_path / "empty"), "not a model directory")
     assert_usage_error(run("convert", files["ours"], tmp_path / "out.xyz"), "--to")
     assert not (tmp_path / "out.xyz").exists()
 

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -733,3 +734,45 @@ def test_a_model_round_trips_through_a_directory(tmp_path: Path) -> None:
         fresh = make_model(seed=3)
         ckptio.load_into(fresh, d, strict=False)
         assert_same(model.state_dict(), fresh.state_dict())
+
+
+# ------------------------------------------------------------------------------- manifests
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_manifest_written_on_request_and_checked(tmp_path: Path, fmt: str) -> None:
+    """save(..., manifest=True) lists every file of the directory (shards and index) with its
+    size and CRC-32; a verified load and `ckptio verify` pass, and fail naming the shard once
+    one byte of it changes. huggingface_hub still reads the directory."""
+    from ckptio import _verify
+    from ckptio.cli import main as cli
+
+    sd = {f"w{i}": torch.randn(40, 30 + i) for i in range(6)}
+    d = tmp_path / "m"
+    ckptio.save(sd, d, max_shard_size=12_000, format=fmt, manifest=True)
+    listed = json.loads((d / _verify.MANIFEST_NAME).read_text())["files"]
+    on_disk = sorted(n for n in os.listdir(d) if n != _verify.MANIFEST_NAME)
+    assert sorted(listed) == on_disk and len(on_disk) > 3
+    for name, entry in listed.items():
+        data = (d / name).read_bytes()
+        assert entry["size"] == len(data)
+        assert entry["crc32"] == f"{zlib.crc32(data):08x}"
+    got = ckptio.load(d, verify=True)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    assert cli(["verify", str(d)]) == 0
+    model = nn.ParameterDict({k: nn.Parameter(torch.zeros_like(v)) for k, v in sd.items()})
+    load_torch_model(model, d, safe=fmt == "safetensors")  # the manifest is no obstacle
+    assert all(torch.equal(model[k], v) for k, v in sd.items())
+    shard = next(n for n in on_disk if not n.endswith(".json"))
+    raw = bytearray((d / shard).read_bytes())
+    raw[-3] ^= 0x10  # a byte of the last tensor's data
+    (d / shard).write_bytes(bytes(raw))
+    with pytest.raises(ckptio.CheckpointError, match=shard):
+        ckptio.load(d, verify=True)
+    assert cli(["verify", str(d)]) == 1
+    # Saved again over it (the manifest is one of the directory's own files): valid again.
+    ckptio.save(sd, d, max_shard_size=12_000, format=fmt, manifest=True)
+    ckptio.load(d, verify=True)
+
+
+def test_manifest_needs_a_directory_save(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="manifest applies to a directory save"):
+        ckptio.save({"a": torch.ones(2)}, tmp_path / "a.pt", manifest=True)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import _core, _safetensors
+from . import _core, _safetensors, _verify
 from ._files import atomic_file, stale_temp_names, temp_file_name, write_bytes, write_to
 
 __all__ = [
@@ -63,6 +63,7 @@ _BINARY_UNITS = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10}
 _CHECKPOINT_FILE = re.compile(
     r"(?:model(?:-\d{5}-of-\d{5})?\.safetensors|pytorch_model(?:-\d{5}-of-\d{5})?\.bin)"
     r"(?:\.index\.json)?"
+    r"|" + re.escape(_verify.MANIFEST_NAME)
 )
 
 
@@ -347,6 +348,7 @@ def save_directory(
     metadata: Mapping[str, str] | None,
     clone_shared: bool,
     durable: bool,
+    manifest: bool,
     save_torch_shard: Callable[[dict[str, torch.Tensor], str], None],
 ) -> None:
     """Saves `state_dict` as a model directory at `path` (see :func:`plan_directory`).
@@ -360,6 +362,10 @@ def save_directory(
     renames `path` does not exist. An exception removes the temporary directory and leaves
     `path` as it was; a kill leaves the temporary directory, which the next save to `path`
     removes once its writer is dead.
+
+    With `manifest`, :data:`_verify.MANIFEST_NAME` lists the size and CRC-32 of every file
+    written (shards and index), computed from the complete files in the temporary directory
+    (still in the page cache) before the swap.
 
     `save_torch_shard(tensors, file)` writes one torch-format shard (serialization.save with the
     caller's pickling arguments). `clone_shared` must be False (it is a file save's option).
@@ -405,6 +411,12 @@ def save_directory(
         if plan.index_name is not None:
             with atomic_file(os.path.join(tmp, plan.index_name), durable) as index:
                 write_bytes(index, plan.index_bytes())
+        if manifest:
+            names = [*plan.shards, *([plan.index_name] if plan.index_name else [])]
+            entries = [
+                _verify.manifest_entry(n, *_verify.file_crc32(os.path.join(tmp, n))) for n in names
+            ]
+            _verify.write_manifest(tmp, entries)
         if mode is not None:
             os.chmod(tmp, mode)  # a replaced directory keeps its permissions
         old = _swap_into_place(tmp, target, exists=mode is not None)

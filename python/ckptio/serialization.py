@@ -59,6 +59,7 @@ def save(
     metadata: Mapping[str, str] | None = None,
     clone_shared: bool = False,
     max_shard_size: int | str | None = None,
+    manifest: bool = False,
 ) -> None:
     """Saves `obj` to `f` exactly as :func:`torch.save` would, only faster.
 
@@ -88,6 +89,9 @@ def save(
             appears (or replaces an earlier checkpoint directory) atomically. Without
             max_shard_size an existing directory is refused (IsADirectoryError), as by
             torch.save. See docs/directories.md.
+        manifest: a directory save only: also write ``ckptio.manifest.json``, the size and
+            CRC-32 of every file of the directory, which ``load(..., verify=True)`` and
+            ``ckptio verify`` check (docs/verify.md).
 
     Example::
 
@@ -104,6 +108,7 @@ def save(
             metadata,
             clone_shared,
             get_options().durable,
+            manifest,
             lambda shard, path: save(
                 shard,
                 path,
@@ -114,6 +119,11 @@ def save(
             ),
         )
         return
+    if manifest:
+        raise ValueError(
+            "manifest applies to a directory save (max_shard_size given); a torch file carries "
+            "its records' CRC-32s (settings write_crc32)"
+        )
     if format == "safetensors":
         _save_safetensors(obj, f, metadata, clone_shared)
         return
