@@ -6,9 +6,9 @@
 An LLM-shaped fp16 state dict of about ``--gb`` GB is saved as huggingface_hub's layout
 (``model-0000i-of-0000n.safetensors`` + index, and ``pytorch_model-...bin`` + index) in each
 shard count. Every sample is the FIRST load of a fresh Python process (imports excluded),
-followed by a touch of every page, page cache warm; candidates are interleaved round by round
-and each result is checked against a per-tensor digest of the state dict. Medians of
-``--rounds`` processes.
+followed by a touch of every page, page cache warm; candidates run in a new (seeded) random
+order each round, and each result is checked against a per-tensor digest of the state dict.
+Medians of ``--rounds`` processes.
 
 Candidates, on the same file list. Eager loads (every tensor in the process's own memory):
   ckptio.load(dir)                          one read plan over every shard
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -250,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", default="4,16")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dir", default=None, help="where the directories go (default: a temp dir)")
+    ap.add_argument(
+        "--formats",
+        default="safetensors,torch",
+        help="directory formats to measure (default both); slices need safetensors",
+    )
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args(argv)
@@ -267,25 +273,34 @@ def main(argv: list[str] | None = None) -> int:
         for n in [int(x) for x in args.shards.split(",")]:
             shard_bytes = -(-total // n) + (1 << 20)
             dirs = {}
-            for fmt in ("safetensors", "torch"):
+            formats = args.formats.split(",")
+            for fmt in formats:
                 d = os.path.join(root, f"{fmt}-{n}")
                 ckptio.save(sd, d, max_shard_size=shard_bytes, format=fmt)
                 dirs[fmt] = d
-            written = [x for x in os.listdir(dirs["safetensors"]) if x.endswith(".safetensors")]
+            written = [x for x in os.listdir(next(iter(dirs.values()))) if "-of-" in x]
             print(f"{n} shards requested: {len(written)} written", flush=True)
-            plan = [(fmt, c) for fmt, names in PLAN.items() for c in names if _available(c) is None]
-            slices = [(w, c) for w in (2, 4) for c in SLICERS]
+            plan = [
+                (fmt, c)
+                for fmt, names in PLAN.items()
+                if fmt in formats
+                for c in names
+                if _available(c) is None
+            ]
+            slices = [(w, c) for w in (2, 4) for c in SLICERS if "safetensors" in formats]
             times: dict[tuple[str, str, int], list[float]] = {}
+            samples = [(fmt, c, 0) for fmt, c in plan] + [("safetensors", c, w) for w, c in slices]
+            shuffle = random.Random(n)
             for r in range(args.rounds):
-                order = plan[r % len(plan) :] + plan[: r % len(plan)]
-                for fmt, c in order:
-                    got = _sample(c, dirs[fmt], 0)
-                    if got["digest"] != expected:
+                # A new order each round (seeded): a process runs after whatever ran before it,
+                # and one that leaves the machine busy (freeing GBs, the VM's balloon taking
+                # memory back) must not always slow the same candidate.
+                order = shuffle.sample(samples, len(samples))
+                for fmt, c, w in order:
+                    got = _sample(c, dirs[fmt], w)
+                    if w == 0 and got["digest"] != expected:
                         raise RuntimeError(f"{c} on {dirs[fmt]} returned different tensors")
-                    times.setdefault((fmt, c, 0), []).append(got["seconds"])
-                for w, c in slices:
-                    got = _sample(c, dirs["safetensors"], w)
-                    times.setdefault(("safetensors", c, w), []).append(got["seconds"])
+                    times.setdefault((fmt, c, w), []).append(got["seconds"])
                 print(f"  round {r + 1}/{args.rounds} done", flush=True)
             for (fmt, c, w), ts in times.items():
                 rows.append(
