@@ -455,3 +455,22 @@ def cpu_ring(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     monkeypatch.setattr(_staging, "copier_for", copier_for)
     return made
+
+
+@pytest.fixture()
+def staged_cpu(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """map_location "cpu" takes the staged-device path (CUDA's on a GPU host): the CPU
+    stands in for the device, with a ring of host buffers. Returns the copiers made."""
+    from ckptio import _staging
+
+    copiers: list[Any] = []
+
+    def copier() -> Any:
+        copiers.append(_staging.TorchCopier(torch.device("cpu")))
+        return copiers[-1]
+
+    def target(location: str) -> Any:
+        return _staging.DeviceTarget(torch.device("cpu"), copier) if location == "cpu" else None
+
+    monkeypatch.setattr(_staging, "staging_target", target)
+    return copiers

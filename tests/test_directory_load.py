@@ -136,22 +136,11 @@ def test_mixed_formats_in_one_directory(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", ["load", "open"])
 def test_staged_device_load_shares_one_ring(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+    tmp_path: Path, staged_cpu: list[Any], how: str
 ) -> None:
     """A staged map_location (CUDA on a GPU host; the CPU stands in): every shard's storages
     go through one staging target, so one ring for the whole directory."""
-    from ckptio import _staging
-
-    copiers: list[Any] = []
-
-    def copier() -> Any:
-        copiers.append(_staging.TorchCopier(torch.device("cpu")))
-        return copiers[-1]
-
-    def target(location: str) -> Any:
-        return _staging.DeviceTarget(torch.device("cpu"), copier) if location == "cpu" else None
-
-    monkeypatch.setattr(_staging, "staging_target", target)
+    copiers = staged_cpu
     sd = {f"w{i}": torch.randn(64, 1024 + i) for i in range(6)}
     d = _hub_dir(tmp_path, sd, safe=False, shard=300_000)
     if how == "load":

@@ -165,25 +165,6 @@ def test_load_meta_reads_no_data(store: Store, http_server: RangeServer, fmt: st
         assert sum(e.sent for e in last) < 300_000
 
 
-@pytest.fixture()
-def staged_cpu(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """map_location "cpu" takes the staged-device path (CUDA's on a GPU host): the CPU
-    stands in for the device, with a ring of host buffers. Returns the copiers made."""
-    from ckptio import _staging
-
-    copiers: list[Any] = []
-
-    def copier() -> Any:
-        copiers.append(_staging.TorchCopier(torch.device("cpu")))
-        return copiers[-1]
-
-    def target(location: str) -> Any:
-        return _staging.DeviceTarget(torch.device("cpu"), copier) if location == "cpu" else None
-
-    monkeypatch.setattr(_staging, "staging_target", target)
-    return copiers
-
-
 @pytest.mark.parametrize("fmt", ["ckptio", "torch", "safetensors"])
 def test_load_staged_device(store: Store, staged_cpu: list[Any], fmt: str) -> None:
     """map_location to a staged device: storages stream from the GETs through the ring."""
