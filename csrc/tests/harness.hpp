@@ -80,6 +80,14 @@ class TempDir {
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 std::vector<std::uint8_t> pattern(std::size_t n, std::uint64_t seed);
 
+/// Whether the page holding `offset` of the file at `path` is in the page cache, asked with
+/// mincore on a fresh mapping, which (unlike File::cached's one-byte read) starts no readahead.
+bool page_cached(const std::string& path, std::uint64_t offset);
+
+/// Writes back and drops the file's pages from the page cache; false when the kernel keeps
+/// them (tmpfs), so a test of the cold path has nothing to test.
+bool evict(const std::string& path);
+
 }  // namespace harness
 
 #define HARNESS_CAT2(a, b) a##b

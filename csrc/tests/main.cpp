@@ -1,5 +1,9 @@
 // Runs every registered test (or those whose name contains argv[1]).
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -52,6 +56,36 @@ std::vector<std::uint8_t> pattern(std::size_t n, std::uint64_t seed) {
     out[i] = static_cast<std::uint8_t>(x >> 24);
   }
   return out;
+}
+
+bool page_cached(const std::string& path, std::uint64_t offset) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::system_error(errno, std::generic_category(), "open " + path);
+  struct stat st {};
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  bool resident = true;  // cannot tell: the caller's cold test is skipped
+  if (::fstat(fd, &st) == 0 && offset < static_cast<std::uint64_t>(st.st_size)) {
+    const std::uint64_t start = offset / page * page;
+    void* map = ::mmap(nullptr, page, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(start));
+    if (map != MAP_FAILED) {
+      unsigned char vec = 0;
+      if (::mincore(map, page, &vec) == 0) resident = (vec & 1) != 0;
+      ::munmap(map, page);
+    }
+  }
+  ::close(fd);
+  return resident;
+}
+
+bool evict(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::system_error(errno, std::generic_category(), "open " + path);
+  struct stat st {};
+  const bool sized = ::fstat(fd, &st) == 0;
+  (void)::fdatasync(fd);
+  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+  return sized && !page_cached(path, static_cast<std::uint64_t>(st.st_size) / 2);
 }
 
 }  // namespace harness

@@ -765,18 +765,6 @@ TEST(zip_local_headers_read_in_parallel_give_the_same_directory_and_the_same_err
   }
 }
 
-namespace {
-
-// Drops the file's pages from the page cache; false when the kernel keeps them (tmpfs).
-bool evict(const std::string& path) {
-  const ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
-  f.sync();
-  (void)::posix_fadvise(f.fd(), 0, 0, POSIX_FADV_DONTNEED);
-  return !f.cached(f.size() / 2);
-}
-
-}  // namespace
-
 TEST(zip_a_cold_file_reads_its_local_headers_concurrently_with_the_same_result) {
   // 600 records 8 KiB apart. With the file out of the page cache the headers are read by
   // threads of their own; the directory and the first error in file order are the same.
@@ -796,10 +784,10 @@ TEST(zip_a_cold_file_reads_its_local_headers_concurrently_with_the_same_result) 
   ckptio::MemorySource warm(bytes.data(), bytes.size(), "warm.pt");
   CHECK(warm.cached(0));  // memory: always
   const ZipDirectory expected = ckptio::read_zip_directory(warm);
-  if (!evict(path)) return;  // a file system that keeps every page: nothing to test here
+  const ArchiveLayout layout = ckptio::plan_archive("archive", specs_of(records));
+  if (!harness::evict(path)) return;  // a file system that keeps every page: nothing to test
   {
     const ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
-    CHECK(!f.cached(bytes.size() / 2));
     const ZipDirectory cold = ckptio::read_zip_directory(f);
     bool same = cold.entries.size() == expected.entries.size();
     for (std::size_t i = 0; same && i < expected.entries.size(); ++i) {
@@ -808,9 +796,8 @@ TEST(zip_a_cold_file_reads_its_local_headers_concurrently_with_the_same_result) 
              cold.entries[i].size == expected.entries[i].size;
     }
     CHECK(same);
-    CHECK(f.cached(bytes.size() / 2));  // read now
+    CHECK(harness::page_cached(path, layout.records[300].header_offset));  // read now
   }
-  const ArchiveLayout layout = ckptio::plan_archive("archive", specs_of(records));
   bytes[static_cast<std::size_t>(layout.records[500].header_offset)] = 'X';
   bytes[static_cast<std::size_t>(layout.records[90].header_offset)] = 'X';
   {
@@ -818,7 +805,7 @@ TEST(zip_a_cold_file_reads_its_local_headers_concurrently_with_the_same_result) 
     f.write_all(bytes.data(), bytes.size(), 0);
   }
   for (int round = 0; round < 5; ++round) {
-    if (!evict(path)) return;
+    if (!harness::evict(path)) return;
     std::string message;
     try {
       ckptio::read_zip_directory(ckptio::File::open(path, ckptio::File::Mode::kRead));

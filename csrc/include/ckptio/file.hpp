@@ -46,7 +46,9 @@ class File final : public ByteSource {
   void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override;
 
   /// A one-byte preadv2(RWF_NOWAIT): false when the byte's page is not in the page cache.
-  /// True where the kernel or file system cannot say (no RWF_NOWAIT, an error).
+  /// True where the kernel or file system cannot say (no RWF_NOWAIT, an error). A miss
+  /// starts the kernel's readahead of that page (the probe asks only, it does not wait), so
+  /// a second probe soon after may answer true: ask once, then act on the answer.
   bool cached(std::uint64_t offset) const override;
 
   /// pwrite loop: writes all `n` bytes at `offset` or throws IoError.
