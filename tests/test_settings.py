@@ -57,6 +57,7 @@ def test_environment_variables() -> None:
             "CKPTIO_WRITE_CHUNK_BYTES": "0x100000",
             "CKPTIO_RECYCLE_IDLE_SECONDS": "2.5",
             "CKPTIO_REMOTE_INFLIGHT_BYTES": "0x4000000",
+            "CKPTIO_REMOTE_CACHE_DIR": "/var/cache/ckptio",
         }
     )
     assert proc.returncode == 0, proc.stderr
@@ -78,6 +79,7 @@ def test_environment_variables() -> None:
         "staging_buffers": 2,
         "async_max_pending": 3,
         "remote_inflight_bytes": 64 << 20,
+        "remote_cache_dir": "/var/cache/ckptio",
     }
 
 
@@ -103,6 +105,7 @@ def test_environment_defaults() -> None:
         "staging_buffers": 4,
         "async_max_pending": 2,
         "remote_inflight_bytes": 128 << 20,
+        "remote_cache_dir": None,
     }
 
 

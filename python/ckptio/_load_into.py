@@ -185,6 +185,7 @@ def load_into(
     strict: bool = True,
     verify: bool | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> IncompatibleKeys:
     """Loads the tensors of checkpoint `f` into the existing tensors of `target`, in place.
 
@@ -206,6 +207,9 @@ def load_into(
             again whole); None takes the ``verify`` setting (docs/verify.md). On a mismatch
             the target may already hold some of the file's bytes.
         storage_options: for URLs: endpoint, credentials, retries... (docs/remote.md).
+        cache_dir: for URLs: a directory keeping a local copy of the object, validated
+            by its ETag and size on every load (a hit reads the local file); None takes
+            the ``remote_cache_dir`` setting (docs/remote.md).
 
     Returns:
         ``IncompatibleKeys(missing_keys, unexpected_keys)``, as ``load_state_dict``. Values of
@@ -227,13 +231,18 @@ def load_into(
     """
     if verify is not None and verify != get_options().verify:
         with options(verify=bool(verify)):
-            return load_into(target, f, strict=strict, storage_options=storage_options)
+            return load_into(
+                target, f, strict=strict, storage_options=storage_options, cache_dir=cache_dir
+            )
     if isinstance(target, torch.nn.Module):
         target = target.state_dict(keep_vars=True)
     if not isinstance(target, (dict, list, tuple)):
         raise TypeError(
             f"target must be a state dict (dict of tensors) or an nn.Module, got {type(target)!r}"
         )
+    from ._remote._cache import resolve as _cached
+
+    f, storage_options = _cached(f, storage_options, cache_dir, "load_into", False)
     remote = _remote.source_for(f, storage_options, "load_into", False)
     layout = _directory.resolve(f) if not remote and _directory.is_directory_path(f) else None
     shards = [f] if layout is None else [layout.path(shard) for shard in layout.shards]

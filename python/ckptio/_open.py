@@ -77,6 +77,7 @@ def open(  # noqa: A001
     *,
     verify: bool | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> CheckpointHandle:
     """Opens a checkpoint (torch zip or safetensors, told apart by their bytes) for lazy reads.
 
@@ -94,6 +95,9 @@ def open(  # noqa: A001
             part is read again whole to check it); None takes the ``verify`` setting at
             open time (docs/verify.md).
         storage_options: for URLs: endpoint, credentials, retries... (docs/remote.md).
+        cache_dir: for URLs: a directory keeping a local copy of the object, validated
+            by its ETag and size on every load (a hit reads the local file); None takes
+            the ``remote_cache_dir`` setting (docs/remote.md).
 
     Returns:
         A :class:`CheckpointHandle` (a context manager).
@@ -107,7 +111,10 @@ def open(  # noqa: A001
     """
     if verify is not None and verify != get_options().verify:
         with options(verify=bool(verify)):
-            return open(f, map_location, storage_options=storage_options)
+            return open(f, map_location, storage_options=storage_options, cache_dir=cache_dir)
+    from ._remote._cache import resolve as _cached
+
+    f, storage_options = _cached(f, storage_options, cache_dir, "open", False)
     remote = _remote.source_for(f, storage_options, "open", False)
     if remote is not None:
         try:

@@ -196,6 +196,7 @@ def load(
     mmap: bool | None = None,
     storage_options: Mapping[str, Any] | None = None,
     verify: bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     **pickle_load_args: Any,
 ) -> Any:
     """Loads an object saved with :func:`save` or :func:`torch.save`, as :func:`torch.load`.
@@ -221,6 +222,9 @@ def load(
             of reading it into memory. Needs a local path.
         storage_options: for ``s3://`` and ``http(s)://`` URLs: endpoint, credentials,
             retries... (docs/remote.md); refused for anything else.
+        cache_dir: for URLs: a directory keeping a local copy of the object, validated
+            by its ETag and size on every load (a hit reads the local file, and ``mmap``
+            works); None takes the ``remote_cache_dir`` setting (docs/remote.md).
         verify: check every record's stored CRC-32 against the bytes read (with ``mmap``,
             every page of the data records is read); None takes the ``verify`` setting. A
             mismatch raises CheckpointError naming the file and the tensors; a file that
@@ -247,6 +251,7 @@ def load(
                 weights_only=weights_only,
                 mmap=mmap,
                 storage_options=storage_options,
+                cache_dir=cache_dir,
                 **pickle_load_args,
             )
     weights_only = _resolve_weights_only(weights_only, pickle_module)
@@ -262,6 +267,9 @@ def load(
     if mmap is None:
         mmap = _default_mmap()
 
+    from ._remote._cache import resolve as _cached
+
+    f, storage_options = _cached(f, storage_options, cache_dir, "load", bool(mmap))
     remote = _remote.source_for(f, storage_options, "load", bool(mmap))
     if remote is None and _directory.is_directory_path(f):
         return _load_directory(

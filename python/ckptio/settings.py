@@ -133,6 +133,11 @@ class Options:
     #: (``remote_inflight_bytes // chunk_bytes``, 2 to 64; docs/remote.md). Env:
     #: ``CKPTIO_REMOTE_INFLIGHT_BYTES``.
     remote_inflight_bytes: int = 128 << 20
+    #: A directory where loads of ``s3://`` and ``http(s)://`` URLs keep a local copy of each
+    #: object, validated by its ETag and size on every load (a hit reads the local file);
+    #: None: no cache. ``load(..., cache_dir=...)`` overrides it per call (docs/remote.md).
+    #: Env: ``CKPTIO_REMOTE_CACHE_DIR`` (empty: none).
+    remote_cache_dir: str | None = None
 
     @property
     def crc32(self) -> bool:
@@ -167,6 +172,11 @@ class Options:
                 f"remote_inflight_bytes must be an int >= chunk_bytes ({self.chunk_bytes}), "
                 f"got {n!r}"
             )
+        d = self.remote_cache_dir
+        if d is not None:
+            if not isinstance(d, (str, os.PathLike)) or not os.fspath(d):
+                raise ValueError(f"remote_cache_dir must be a path or None, got {d!r}")
+            object.__setattr__(self, "remote_cache_dir", os.fsdecode(os.fspath(d)))
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
@@ -201,7 +211,10 @@ _ENV = {
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",
     "remote_inflight_bytes": "CKPTIO_REMOTE_INFLIGHT_BYTES",
+    "remote_cache_dir": "CKPTIO_REMOTE_CACHE_DIR",
 }
+#: The type of settings whose default (None) does not tell it.
+_KINDS: dict[str, type] = {"remote_cache_dir": str}
 #: Former names of environment variables, read when the current name is not set.
 _ENV_ALIASES = {"durable": "CKPTIO_FSYNC", "write_crc32": "CKPTIO_CRC32"}
 #: Former option names, accepted by set_options() and options().
@@ -211,6 +224,8 @@ _FALSE = {"0", "false", "no", "off", "n", ""}
 
 
 def _parse_env(var: str, raw: str, kind: type) -> Any:
+    if kind is str:
+        return raw or None
     if kind is bool:
         low = raw.strip().lower()
         if low in _TRUE:
@@ -238,7 +253,8 @@ def _from_environment() -> Options:
             var = _ENV_ALIASES[name]
             raw = os.environ.get(var)
         if raw is not None:
-            values[name] = _parse_env(var, raw, type(getattr(defaults, name)))
+            kind = _KINDS.get(name, type(getattr(defaults, name)))
+            values[name] = _parse_env(var, raw, kind)
     return dataclasses.replace(defaults, **values)
 
 
