@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import subprocess
 import sys
 import threading
@@ -491,6 +492,110 @@ def test_legacy_torch_file(store: Store) -> None:
     _same(ckptio.load(url), torch.load(io.BytesIO(buf.getvalue())))
 
 
-def test_remote_directory_not_supported_yet(http_server: RangeServer) -> None:
-    with pytest.raises(NotImplementedError, match="not supported yet"):
-        ckptio.load(f"{http_server.url}/llm/model.safetensors.index.json")
+# ---------------------------------------------------------------------- model directories
+def _sharded_state_dict() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    sd = {f"layers.{i}.weight": torch.randn(96, 64, generator=g) for i in range(6)}
+    sd["layers.0.bias"] = torch.randn(96, generator=g).to(torch.bfloat16)
+    sd["scale"] = torch.tensor(0.5)
+    return sd
+
+
+def _put_directory(store: Store, tmp_path: Path, prefix: str, fmt: str) -> dict[str, str]:
+    """Saves a model directory of several shards (ckptio's writer: huggingface_hub's layout,
+    tests/test_shard_save.py) and uploads every file under `prefix`/; {file name: URL}."""
+    local = tmp_path / prefix
+    ckptio.save(_sharded_state_dict(), local, max_shard_size=30_000, format=fmt)
+    return {p.name: store.put(f"{prefix}/{p.name}", p.read_bytes()) for p in local.iterdir()}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_by_index_and_directory_url(store: Store, tmp_path: Path, fmt: str) -> None:
+    urls = _put_directory(store, tmp_path, f"dir-{fmt}", fmt)
+    assert sum(n.endswith((".safetensors", ".bin")) for n in urls) >= 4
+    index = next(u for n, u in urls.items() if n.endswith(".index.json"))
+    sd = _sharded_state_dict()
+    _same(ckptio.load(index), sd)
+    # the directory's URL: S3 lists the prefix, HTTP is asked for the usual index names
+    _same(ckptio.load(index[: index.rindex("/") + 1]), sd)
+    _same(ckptio.load(index, map_location="meta"), {k: v.to("meta") for k, v in sd.items()})
+
+
+def test_directory_url_staged_device_one_ring(
+    store: Store, tmp_path: Path, staged_cpu: list[Any]
+) -> None:
+    urls = _put_directory(store, tmp_path, "dir-staged", "safetensors")
+    index = next(u for n, u in urls.items() if n.endswith(".index.json"))
+    _same(ckptio.load(index, map_location="cpu"), _sharded_state_dict())
+    assert len(staged_cpu) == 1  # one placement for every shard
+
+
+def test_directory_url_open_and_slices(store: Store, tmp_path: Path) -> None:
+    urls = _put_directory(store, tmp_path, "dir-open", "safetensors")
+    index = next(u for n, u in urls.items() if n.endswith(".index.json"))
+    sd = _sharded_state_dict()
+    with ckptio.open(index) as h:
+        assert h.keys() == list(sd)
+        assert torch.equal(h["layers.3.weight"], sd["layers.3.weight"])
+        parts = h.get_slices(lambda name, shape: slice(0, 10) if len(shape) == 2 else None)
+        assert set(parts) == {k for k, v in sd.items() if v.dim() == 2}
+        for name, part in parts.items():
+            assert torch.equal(part, sd[name][0:10])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_url_load_into(store: Store, tmp_path: Path, fmt: str) -> None:
+    urls = _put_directory(store, tmp_path, f"dir-into-{fmt}", fmt)
+    index = next(u for n, u in urls.items() if n.endswith(".index.json"))
+    sd = _sharded_state_dict()
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    assert ckptio.load_into(target, index) == ([], [])
+    _same(target, sd)
+
+
+def test_directory_url_missing_shard(store: Store, tmp_path: Path) -> None:
+    local = tmp_path / "dir-missing"
+    ckptio.save(_sharded_state_dict(), local, max_shard_size=30_000, format="safetensors")
+    files = sorted(p.name for p in local.iterdir())
+    gone = next(n for n in files if n.endswith(".safetensors"))
+    urls = {n: store.put(f"dir-missing/{n}", (local / n).read_bytes()) for n in files if n != gone}
+    index = next(u for n, u in urls.items() if n.endswith(".index.json"))
+    for call in (ckptio.load, lambda u: ckptio.load_into({}, u, strict=False)):
+        with pytest.raises(ckptio.CheckpointError, match=f"shard '{gone}' is missing"):
+            call(index)
+    with ckptio.open(index) as h:
+        with pytest.raises(ckptio.CheckpointError, match=f"shard '{gone}' is missing"):
+            h.get_tensors()
+
+
+@pytest.mark.parametrize("shard", ["../escape.safetensors", "%2e%2e/x.safetensors", "s3:x"])
+def test_directory_url_index_cannot_leave_its_directory(store: Store, shard: str) -> None:
+    index = {"metadata": {}, "weight_map": {"w": shard}}
+    url = store.put("dir-escape/model.safetensors.index.json", json.dumps(index).encode())
+    with pytest.raises(ckptio.CheckpointError, match="not a file name inside"):
+        ckptio.load(url)
+
+
+def test_directory_url_without_a_model(store: Store) -> None:
+    store.put("dir-empty/readme.txt", b"nothing here")
+    url = store.put("dir-empty/notes.md", b"nor here")
+    directory = url[: url.rindex("/") + 1]
+    # S3 lists the prefix and finds no weights (torch.load's error for a directory, saying
+    # what was looked for); HTTP has no listing and finds none of the usual names.
+    error = IsADirectoryError if store.kind == "s3" else FileNotFoundError
+    with pytest.raises(error, match="not a model directory"):
+        ckptio.load(directory)
+
+
+def test_directory_url_mmap_refused(http_server: RangeServer) -> None:
+    with pytest.raises(ValueError, match="mmap=True needs a local file"):
+        ckptio.load(f"{http_server.url}/llm/model.safetensors.index.json", mmap=True)
+
+
+def test_directory_url_single_weights_file(store: Store) -> None:
+    sd = _state_dict(5)
+    url = store.put("dir-single/model.safetensors", _bytes_of(sd, "safetensors"))
+    directory = url[: url.rindex("/") + 1]
+    _same(ckptio.load(directory), sd, ordered=False)
+    with ckptio.open(directory) as h:
+        assert sorted(h.keys()) == sorted(sd)

@@ -19,6 +19,7 @@ Nothing is returned, partially or otherwise, before all of it holds.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import errno
 import os
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Mapping, TypeGuard
 
 import torch
 
+from . import _core, _remote
 from ._shard_writer import INDEX_SUFFIX, SAFETENSORS_PATTERN, TORCH_PATTERN
 from ._util import DuplicateKeyError, json_without_duplicates
 from .errors import CheckpointError
@@ -41,69 +43,171 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 @dataclass(frozen=True)
 class Layout:
-    """What a model directory holds."""
+    """What a model directory holds. `root` is a local directory or the URL of one (``s3://``,
+    ``http(s)://``, ending with ``/``)."""
 
     root: str  # the directory
-    index: str | None  # path of the index, None for a lone weights file
+    index: str | None  # path (or URL) of the index, None for a lone weights file
     shards: list[str]  # shard file names relative to root, in the index's order
     weight_map: dict[str, str] | None  # tensor name -> shard file name (None: no index)
     total_size: int | None
+    storage_options: Mapping[str, Any] | None = None  # a remote directory's (docs/remote.md)
 
     def path(self, shard: str) -> str:
-        return os.path.join(self.root, shard)
+        return self.root + shard if self.remote else os.path.join(self.root, shard)
 
     @property
     def name(self) -> str:
         return self.index or self.root
 
+    @property
+    def remote(self) -> bool:
+        return _remote.is_url(self.root)
+
+    def open(self, shard: str, mode: Any = None) -> Any:
+        """Shard `shard` as a source: a ``_core.io.File`` (`mode`, default read-only) or, in
+        object storage, a ``_remote.RemoteSource``, where a shard the index names that is not
+        there is a CheckpointError naming both (as :func:`resolve` finds a local one)."""
+        if not self.remote:
+            return _core.io.File.open(self.path(shard), mode or _core.io.FileMode.READ)
+        try:
+            return _remote.open_source(self.path(shard), self.storage_options)
+        except FileNotFoundError:
+            if self.index is None:
+                raise
+            raise CheckpointError(
+                f"{self.index}: shard {shard!r} is missing from {self.root}"
+            ) from None
+
+    def open_all(self, mode: Any = None) -> list[Any]:
+        """Every shard, opened as :meth:`open` does, in the index's order; remote ones
+        concurrently (each opening is a round trip). On an error none stays open."""
+        if not self.remote or len(self.shards) < 2:
+            opened: list[Any] = []
+            try:
+                for shard in self.shards:
+                    opened.append(self.open(shard, mode))
+            except BaseException:
+                for source in opened:
+                    source.close()
+                raise
+            return opened
+        with cf.ThreadPoolExecutor(min(16, len(self.shards))) as pool:
+            futures = [pool.submit(self.open, shard) for shard in self.shards]
+            cf.wait(futures)
+        failed = [f for f in futures if f.exception() is not None]
+        if failed:
+            for f in futures:
+                if f.exception() is None:
+                    f.result().close()
+            failed[0].result()  # the first failure in the index's order
+        return [f.result() for f in futures]
+
 
 def is_directory_path(f: Any) -> TypeGuard[str | bytes | os.PathLike[str]]:
-    """True if `f` names a model directory or an index file, which :func:`resolve` reads."""
+    """True if `f` names a model directory or an index file (a local path, or a URL ending
+    with ``/`` or ``.index.json``), which :func:`resolve` reads."""
+    if _remote.is_url(f):
+        return _remote.is_directory_url(f)
     if not isinstance(f, (str, bytes, os.PathLike)):
         return False
     path = os.fsdecode(f)
     return path.endswith(INDEX_SUFFIX) or os.path.isdir(path)
 
 
-def resolve(f: str | bytes | os.PathLike[str]) -> Layout:
-    """The layout of the directory or index file `f`, checked: the index parses, names only
-    files inside the directory, and every one exists."""
+def resolve(
+    f: str | bytes | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> Layout:
+    """The layout of the directory or index file `f` (a path or a URL), checked: the index
+    parses, names only files inside the directory, and (locally) every one exists; a remote
+    shard's absence is found when it is opened."""
+    if _remote.is_url(f):
+        return _resolve_url(str(f), storage_options)
+    if storage_options is not None:
+        raise ValueError(f"storage_options applies to s3:// and http(s):// URLs, not to {f!r}")
     path = os.fsdecode(f)
     if not os.path.isdir(path):
-        return _read_index(path)
-    names = sorted(os.listdir(path))
+        with open(path, "rb") as file:
+            raw = file.read(MAX_INDEX_BYTES + 1)
+        return _parse_index(path, os.path.dirname(os.path.abspath(path)), raw, None)
+    names = [n for n in sorted(os.listdir(path)) if os.path.isfile(os.path.join(path, n))]
+    index, single = _choose(path, names)
+    if index is not None:
+        return resolve(os.path.join(path, index))
+    return Layout(path, None, [single], None, None)
+
+
+def _resolve_url(url: str, storage_options: Mapping[str, Any] | None) -> Layout:
+    """:func:`resolve` for a directory URL (``.../``) or an index's URL: an S3 directory is
+    listed; an HTTP one, which has no listing, is asked for the index names and weights files
+    transformers writes, in its order of preference."""
+    if url.endswith(INDEX_SUFFIX):
+        try:
+            raw = _remote.read_whole(url, storage_options, MAX_INDEX_BYTES)
+        except ValueError:
+            raise CheckpointError(f"{url}: an index larger than {MAX_INDEX_BYTES} bytes") from None
+        return _parse_index(url, url[: url.rindex("/") + 1], raw, storage_options)
+    names = _remote.list_names(url, storage_options)
+    if names is None:  # HTTP: the first of the usual names that exists
+        for candidate in [s + INDEX_SUFFIX for s in _SINGLE_FILES] + list(_SINGLE_FILES):
+            try:
+                _remote.open_source(url + candidate, storage_options).close()
+            except FileNotFoundError:
+                continue
+            names = [candidate]
+            break
+        else:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                "not a model directory: none of "
+                + ", ".join([s + INDEX_SUFFIX for s in _SINGLE_FILES] + list(_SINGLE_FILES))
+                + " is there (an HTTP server lists no directory: pass the index's or the "
+                "file's URL)",
+                url,
+            )
+    index, single = _choose(url, names)
+    if index is not None:
+        return _resolve_url(url + index, storage_options)
+    return Layout(url, None, [single], None, None, storage_options)
+
+
+def _choose(root: str, names: list[str]) -> tuple[str | None, str]:
+    """(index, "") or (None, weights file): what to read of the directory `root` holding
+    the files `names` (sorted): its one index (safetensors' preferred), else its one weights
+    file (transformers' names preferred)."""
     indexes = [n for n in names if n.endswith(INDEX_SUFFIX) and not n.startswith(".")]
     for kind in (".safetensors" + INDEX_SUFFIX, INDEX_SUFFIX):
         found = [n for n in indexes if n.endswith(kind)]
         preferred = [n for n in found if n in {s + INDEX_SUFFIX for s in _SINGLE_FILES}]
         if len(preferred) == 1 or len(found) == 1:
-            return _read_index(os.path.join(path, (preferred or found)[0]))
+            return (preferred or found)[0], ""
         if found:
             raise CheckpointError(
-                f"{path}: the directory has several indexes ({', '.join(found)}); pass the "
+                f"{root}: the directory has several indexes ({', '.join(found)}); pass the "
                 "path of the one to load"
             )
     weights = [n for n in names if n.endswith(_WEIGHT_SUFFIXES) and not n.startswith(".")]
     single = [n for n in _SINGLE_FILES if n in weights] or weights
     if len(single) == 1 or (single and single[0] in _SINGLE_FILES):
-        return Layout(path, None, [single[0]], None, None)
+        return None, single[0]
     if not weights:
         # What torch.load raises for any directory, with what ckptio looked for.
         raise IsADirectoryError(
             errno.EISDIR,
             f"Is a directory, and not a model directory: no *{INDEX_SUFFIX} index and no "
             f"weights file ({', '.join('*' + s for s in _WEIGHT_SUFFIXES)})",
-            path,
+            root,
         )
     raise CheckpointError(
-        f"{path}: the directory has no index and several weights files "
+        f"{root}: the directory has no index and several weights files "
         f"({', '.join(weights[:8])}{' ...' if len(weights) > 8 else ''}); pass one of them"
     )
 
 
-def _read_index(path: str) -> Layout:
-    with open(path, "rb") as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
+def _parse_index(
+    path: str, root: str, raw: bytes, storage_options: Mapping[str, Any] | None
+) -> Layout:
+    """The layout the index `path` (its bytes `raw`, in the directory `root`) describes."""
     if len(raw) > MAX_INDEX_BYTES:
         raise CheckpointError(f"{path}: an index larger than {MAX_INDEX_BYTES} bytes")
     try:
@@ -123,19 +227,21 @@ def _read_index(path: str) -> Layout:
         total = int(total)
     if total is not None and (type(total) is not int or total < 0):
         raise CheckpointError(f"{path}: metadata.total_size is {total!r}, not a byte count")
-    root = os.path.dirname(os.path.abspath(path))
     shards: dict[str, None] = {}
     for shard in weight_map.values():
         shards.setdefault(shard, None)
+    remote = _remote.is_url(root)
     for shard in shards:
         parts = shard.replace("\\", "/").split("/")
-        if not shard or os.path.isabs(shard) or ".." in parts:
+        # In a URL, also no scheme, query, fragment or escape that could leave the directory.
+        odd = remote and (":" in parts[0] or any(c in shard for c in "?#%"))
+        if not shard or os.path.isabs(shard) or ".." in parts or odd:
             raise CheckpointError(
                 f"{path}: shard {shard!r} is not a file name inside the index's directory"
             )
-        if not os.path.isfile(os.path.join(root, shard)):
+        if not remote and not os.path.isfile(os.path.join(root, shard)):
             raise CheckpointError(f"{path}: shard {shard!r} is missing from {root}")
-    return Layout(root, path, list(shards), weight_map, total)
+    return Layout(root, path, list(shards), weight_map, total, storage_options)
 
 
 def shard_tensors(layout: Layout, shard: str, loaded: Any) -> Mapping[str, Any]:

@@ -244,16 +244,21 @@ def load_into(
 
     f, storage_options = _cached(f, storage_options, cache_dir, "load_into", False)
     remote = _remote.source_for(f, storage_options, "load_into", False)
-    layout = _directory.resolve(f) if not remote and _directory.is_directory_path(f) else None
-    shards = [f] if layout is None else [layout.path(shard) for shard in layout.shards]
+    layout = None
+    if remote is None and _directory.is_directory_path(f):
+        layout = _directory.resolve(f, storage_options)
     opened: list[tuple[Any, Any]] = []
     if remote is not None:
         opened.append((remote, remote))
+    shards: list[Any] = [f] if layout is None else list(layout.shards)
     try:
         srcs: list[tuple[Any, dict[Path, TensorSpec | str]]] = []  # per file
         with gc_paused():  # many small objects, no cycles
             for i, shard in enumerate(shards):
-                if remote is None:
+                if layout is not None:
+                    file = layout.open(shard)
+                    opened.append((file, file))
+                elif remote is None:
                     opened.append(_open(shard))
                 source = opened[-1][0]
                 tensors = _file_specs(source)

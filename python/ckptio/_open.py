@@ -123,9 +123,13 @@ def open(  # noqa: A001
             remote.close()
             raise
     if _directory.is_directory_path(f):
-        layout = _directory.resolve(f)
+        layout = _directory.resolve(f, storage_options)
         if layout.weight_map is None:  # a directory of one weights file: that file
-            return open(layout.path(layout.shards[0]), map_location)
+            return open(
+                layout.path(layout.shards[0]),
+                map_location,
+                storage_options=layout.storage_options,
+            )
         return DirectoryHandle(layout, map_location)  # type: ignore[return-value]
     if isinstance(f, (str, bytes, os.PathLike)):
         file = _core.io.File.open(os.fsdecode(f), _core.io.FileMode.READ)
@@ -652,8 +656,7 @@ class DirectoryHandle(_ReadGate):
                 raise ValueError(f"{self.name}: read from a closed checkpoint handle")
             handle = self._shards.get(name)
             if handle is None:
-                path = self.layout.path(name)
-                file = _core.io.File.open(path, _core.io.FileMode.READ)
+                file = self.layout.open(name)
                 try:
                     handle = CheckpointHandle(file, self.map_location, self._placement)
                     _directory.check_shard_names(self.layout, name, handle.keys())

@@ -273,7 +273,12 @@ def load(
     remote = _remote.source_for(f, storage_options, "load", bool(mmap))
     if remote is None and _directory.is_directory_path(f):
         return _load_directory(
-            f, map_location, pickle_module, weights_only, bool(mmap), pickle_load_args
+            _directory.resolve(f, storage_options),
+            map_location,
+            pickle_module,
+            weights_only,
+            bool(mmap),
+            pickle_load_args,
         )
     shared = bool(mmap) and _mmap_shared()
     start: int | None = None  # where a file object was read from, to hand it on to torch
@@ -421,7 +426,7 @@ def _unpickle_pending(
 
 
 def _load_directory(
-    f: str | bytes | os.PathLike[str],
+    layout: _directory.Layout,
     map_location: Any,
     pickle_module: Any,
     weights_only: bool,
@@ -435,24 +440,22 @@ def _load_directory(
     over every file, device memory through one staging target per device. Shards ckptio
     hands to torch (legacy, TorchScript, byte-swapped) are loaded whole on their own.
     """
-    layout = _directory.resolve(f)
     shared = mmap and _mmap_shared()
     mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
     placement = Placement(map_location, layout.name)
-    files: list[_core.io.File] = []
+    files: list[Any] = []  # File, or RemoteSource in object storage
     loaders: list[StorageLoader] = []
     held: list[tuple[str, Mapping[str, Any]]] = []
     # verify: the directory's manifest (ckptio.manifest.json) checks each file it lists whole,
     # from the reads of it; other files are checked by their records' CRC-32s, if any.
     verify = get_options().verify
-    listed = _verify.listed_in_manifest(layout.root) if verify else None
+    listed = _verify.listed_in_manifest(layout.root) if verify and not layout.remote else None
     whole_files: list[tuple[_verify.FileChecker, _core.io.File]] = []
     try:
         with torch_load_state(map_location, validate=not placement.is_meta):
-            for shard in layout.shards:
+            files = layout.open_all(mode)
+            for shard, file in zip(layout.shards, files, strict=True):
                 path = layout.path(shard)
-                file = _core.io.File.open(path, mode)
-                files.append(file)
                 whole = _verify.attach_file_checker(file, shard, listed) if verify else None
                 if whole is not None:
                     whole_files.append((whole, file))
@@ -486,6 +489,7 @@ def _load_directory(
                         pickle_module,
                         weights_only=weights_only,
                         mmap=mmap,
+                        storage_options=layout.storage_options,
                         **pickle_load_args,
                     )
                 tensors = _directory.shard_tensors(layout, shard, tensors)

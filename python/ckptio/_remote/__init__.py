@@ -9,11 +9,20 @@ extras ``pip install 'ckptio[s3]'`` / ``'ckptio[http]'``.
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from ._source import RemoteSource
 
-__all__ = ["RemoteSource", "is_url", "open_source", "source_for", "whole_object"]
+__all__ = [
+    "RemoteSource",
+    "is_directory_url",
+    "is_url",
+    "list_names",
+    "open_source",
+    "read_whole",
+    "source_for",
+    "whole_object",
+]
 
 _SCHEMES = ("s3://", "http://", "https://")
 #: storage_options every source takes: tries per request (transient faults only), the first
@@ -30,8 +39,9 @@ def source_for(
     f: object, storage_options: Mapping[str, Any] | None, what: str, mmap: bool
 ) -> RemoteSource | None:
     """The opened remote source when `f` is a URL (None for anything else), for the entry
-    point `what` (load, open, load_into): refuses ``mmap=True``, model directories and
-    index files, and storage_options given with a local path."""
+    point `what` (load, open, load_into); None too for the URL of a model directory or index
+    (``_directory`` reads those). Refuses ``mmap=True``, and storage_options given with a
+    local path."""
     if not is_url(f):
         if storage_options is not None:
             raise ValueError(
@@ -44,12 +54,36 @@ def source_for(
             f"{f}: mmap=True needs a local file; a remote object is read into memory by "
             "ranged GETs (load it without mmap)"
         )
-    if f.endswith((".index.json", "/")):
-        raise NotImplementedError(
-            f"{f}: model directories and index files in object storage are not supported yet; "
-            "load each shard's URL"
-        )
+    if is_directory_url(f):
+        return None  # a model directory: _directory reads its index, then each shard's URL
     return open_source(f, storage_options)
+
+
+def is_directory_url(f: object) -> bool:
+    """Whether `f` is the URL of a model directory (ends with ``/``) or of its index
+    (``*.index.json``), which ``_directory`` resolves."""
+    return is_url(f) and cast(str, f).endswith(("/", ".index.json"))
+
+
+def list_names(url: str, storage_options: Mapping[str, Any] | None) -> list[str] | None:
+    """The names of the objects directly in the directory URL `url` (``s3://bucket/dir/``),
+    or None for HTTP, which has no listing."""
+    if not url.startswith("s3://"):
+        return None
+    from . import _s3
+
+    options = dict(storage_options or {})
+    common = {k: options.pop(k, v) for k, v in _SOURCE_OPTIONS.items()}
+    _check_names(url, options, _s3.OPTIONS)
+    return _s3.list_names(url, options, int(common["retries"]), float(common["retry_backoff"]))
+
+
+def read_whole(url: str, storage_options: Mapping[str, Any] | None, limit: int) -> bytes:
+    """The bytes of the (small) object at `url`; ValueError when it holds more than `limit`."""
+    with open_source(url, storage_options) as source:
+        if source.size > limit:
+            raise ValueError(f"{url}: {source.size} bytes, more than the {limit} read here")
+        return source.pread(0, source.size)
 
 
 def open_source(url: str, storage_options: Mapping[str, Any] | None = None) -> RemoteSource:

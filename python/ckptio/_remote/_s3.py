@@ -20,7 +20,7 @@ from ._transport import (
     raw_body,
 )
 
-__all__ = ["S3Transport", "split_s3_url"]
+__all__ = ["S3Transport", "call", "list_names", "split_s3_url"]
 
 #: storage_options an S3 source takes (all optional); anything else is refused by name.
 OPTIONS = frozenset(
@@ -99,9 +99,6 @@ class S3Transport:
         self.url = url
         self._bucket, self._key = split_s3_url(url)
         self._client = client_for(options, connections)
-        import botocore.exceptions
-
-        self._errors = botocore.exceptions
 
     def get(self, byte_range: str | None, if_match: str | None) -> Reply:
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
@@ -109,18 +106,7 @@ class S3Transport:
             kwargs["Range"] = byte_range
         if if_match is not None:
             kwargs["IfMatch"] = if_match
-        errors = self._errors
-        try:
-            response = self._client.get_object(**kwargs)
-        except errors.ClientError as e:
-            _raise_for(e)
-        except errors.NoCredentialsError as e:
-            raise Forbidden(
-                f"{e} (set AWS credentials, or storage_options={{'anon': True}} for a public "
-                "bucket)"
-            ) from e
-        except (errors.BotoCoreError, OSError) as e:
-            raise Transient(f"{type(e).__name__}: {e}") from e
+        response = call(self._client.get_object, **kwargs)
         meta = response.get("ResponseMetadata", {})
         body = response["Body"]
         raw = getattr(body, "_raw_stream", None)
@@ -141,6 +127,49 @@ class S3Transport:
 
     def close(self) -> None:
         """Nothing to do: the client and its connection pool serve every source."""
+
+
+def call(method: Any, **kwargs: Any) -> Any:
+    """``method(**kwargs)`` (a botocore client's operation), its failures raised as
+    ``_transport``'s kinds (NotFound, Forbidden, Transient...)."""
+    import botocore.exceptions as errors
+
+    try:
+        return method(**kwargs)
+    except errors.ClientError as e:
+        _raise_for(e)
+    except errors.NoCredentialsError as e:
+        raise Forbidden(
+            f"{e} (set AWS credentials, or storage_options={{'anon': True}} for a public bucket)"
+        ) from e
+    except (errors.BotoCoreError, OSError) as e:
+        raise Transient(f"{type(e).__name__}: {e}") from e
+
+
+def list_names(url: str, options: dict[str, Any], attempts: int, backoff: float) -> list[str]:
+    """The names of the objects directly under the prefix `url` (``s3://bucket/dir/``),
+    relative to it, in key order (ListObjectsV2, page by page, each retried)."""
+    from ._source import retrying
+
+    bucket, _, prefix = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{url}: an S3 directory URL names a bucket: s3://bucket/dir/")
+    client = client_for(options, 2)
+    names: list[str] = []
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+    while True:
+        page = retrying(
+            url,
+            "listing the directory",
+            lambda: call(client.list_objects_v2, **kwargs),
+            attempts,
+            backoff,
+        )
+        names += [item["Key"][len(prefix) :] for item in page.get("Contents", ())]
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return names
+        kwargs["ContinuationToken"] = token
 
 
 def _raise_for(error: Any) -> None:

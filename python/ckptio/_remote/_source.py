@@ -506,34 +506,7 @@ class RemoteSource:
             offset += step
 
     def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
-        """`attempt()`, retried on transient faults with backoff; the protocol's failures
-        become the errors the module docstring lists."""
-        delay = self._backoff
-        for i in range(1, self._attempts + 1):
-            try:
-                return attempt()
-            except Transient as e:
-                if i == self._attempts:
-                    raise OSError(
-                        errno.EIO, f"{what}: {e} (gave up after {i} attempts)", self.url
-                    ) from e
-                time.sleep(delay * (0.5 + random.random()))
-                delay *= 2
-            except NotFound as e:
-                raise FileNotFoundError(errno.ENOENT, f"no such object ({e})", self.url) from e
-            except Forbidden as e:
-                raise PermissionError(errno.EACCES, f"access denied ({e})", self.url) from e
-            except Changed as e:
-                raise OSError(
-                    errno.ESTALE,
-                    f"{what}: the object changed while it was read ({e}); load it again",
-                    self.url,
-                ) from e
-            except _RangeIgnored as e:
-                raise OSError(errno.EIO, str(e), self.url) from e
-            except (Unexpected, RangeNotSatisfiable) as e:
-                raise OSError(errno.EIO, f"{what}: {e}", self.url) from e
-        raise AssertionError("unreachable")
+        return retrying(self.url, what, attempt, self._attempts, self._backoff)
 
     def _check_range(self, offset: int, n: int) -> None:
         if offset < 0 or n < 0 or offset + n > self._size:
@@ -541,6 +514,36 @@ class RemoteSource:
                 f"{self.name}: truncated: wanted {n} bytes at offset {offset}, file has "
                 f"{self._size} bytes"
             )
+
+
+def retrying(url: str, what: str, attempt: Callable[[], T], attempts: int, backoff: float) -> T:
+    """`attempt()` (one request about `url`), tried up to `attempts` times on transient
+    faults with exponential backoff from `backoff` seconds (with jitter); the protocol's
+    failures become the errors the module docstring lists."""
+    delay = backoff
+    for i in range(1, attempts + 1):
+        try:
+            return attempt()
+        except Transient as e:
+            if i == attempts:
+                raise OSError(errno.EIO, f"{what}: {e} (gave up after {i} attempts)", url) from e
+            time.sleep(delay * (0.5 + random.random()))
+            delay *= 2
+        except NotFound as e:
+            raise FileNotFoundError(errno.ENOENT, f"no such object ({e})", url) from e
+        except Forbidden as e:
+            raise PermissionError(errno.EACCES, f"access denied ({e})", url) from e
+        except Changed as e:
+            raise OSError(
+                errno.ESTALE,
+                f"{what}: the object changed while it was read ({e}); load it again",
+                url,
+            ) from e
+        except _RangeIgnored as e:
+            raise OSError(errno.EIO, str(e), url) from e
+        except (Unexpected, RangeNotSatisfiable) as e:
+            raise OSError(errno.EIO, f"{what}: {e}", url) from e
+    raise AssertionError("unreachable")
 
 
 class _RangeIgnored(Exception):
