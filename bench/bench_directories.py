@@ -8,7 +8,11 @@ An LLM-shaped fp16 state dict of about ``--gb`` GB is saved as huggingface_hub's
 shard count. Every sample is the FIRST load of a fresh Python process (imports excluded),
 followed by a touch of every page, page cache warm; candidates run in a new (seeded) random
 order each round, and each result is checked against a per-tensor digest of the state dict.
-Medians of ``--rounds`` processes.
+Medians of ``--rounds`` processes. Before each sample the machine settles: the run waits
+until the memory the previous process freed is available again (``MemAvailable`` stops
+rising), so no candidate pays for its predecessor's teardown. The shard size is chosen so the
+hub's split rule gives exactly the shard counts asked for. ``--json`` is rewritten after
+every round, so an interrupted run keeps what it measured.
 
 Candidates, on the same file list. Eager loads (every tensor in the process's own memory):
   ckptio.load(dir)                          one read plan over every shard
@@ -224,6 +228,45 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the run
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def settle(limit_s: float = 10.0) -> float:
+    """Waits until available memory stops rising (the last process's pages returned, and on
+    a VM the balloon settled): three polls 0.2 s apart within 16 MiB of each other. Returns
+    the seconds waited."""
+    t0 = time.perf_counter()
+    seen = [_mem_available()]
+    while time.perf_counter() - t0 < limit_s:
+        time.sleep(0.2)
+        seen.append(_mem_available())
+        if len(seen) >= 3 and max(seen[-3:]) - min(seen[-3:]) < 16 << 20:
+            break
+    return time.perf_counter() - t0
+
+
+def shard_size_for(sd: dict[str, torch.Tensor], n: int, fmt: str) -> int:
+    """The smallest max_shard_size (to 1 MiB) for which huggingface_hub's split rule, as
+    ckptio's directory save applies it, writes exactly `n` shards (or the closest count)."""
+    from ckptio._shard_writer import plan_directory
+
+    total = sum(t.nbytes for t in sd.values())
+    size = -(-total // n)
+    best = size
+    while size <= total:
+        count = len(plan_directory(sd, size, fmt).shards)
+        if count <= n:
+            return size if count == n else best
+        best = size
+        size += 1 << 20
+    return best
+
+
 def _sample(candidate: str, d: str, world: int) -> dict[str, Any]:
     spec = json.dumps({"candidate": candidate, "dir": d, "world": world})
     done = subprocess.run(
@@ -271,12 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         for n in [int(x) for x in args.shards.split(",")]:
-            shard_bytes = -(-total // n) + (1 << 20)
             dirs = {}
             formats = args.formats.split(",")
             for fmt in formats:
                 d = os.path.join(root, f"{fmt}-{n}")
-                ckptio.save(sd, d, max_shard_size=shard_bytes, format=fmt)
+                ckptio.save(sd, d, max_shard_size=shard_size_for(sd, n, fmt), format=fmt)
                 dirs[fmt] = d
             written = [x for x in os.listdir(next(iter(dirs.values()))) if "-of-" in x]
             print(f"{n} shards requested: {len(written)} written", flush=True)
@@ -297,22 +339,15 @@ def main(argv: list[str] | None = None) -> int:
                 # memory back) must not always slow the same candidate.
                 order = shuffle.sample(samples, len(samples))
                 for fmt, c, w in order:
+                    settle()
                     got = _sample(c, dirs[fmt], w)
                     if w == 0 and got["digest"] != expected:
                         raise RuntimeError(f"{c} on {dirs[fmt]} returned different tensors")
                     times.setdefault((fmt, c, w), []).append(got["seconds"])
                 print(f"  round {r + 1}/{args.rounds} done", flush=True)
-            for (fmt, c, w), ts in times.items():
-                rows.append(
-                    {
-                        "shards": len(written),
-                        "format": fmt,
-                        "candidate": c,
-                        "ranks": w,
-                        "median_s": statistics.median(ts),
-                        "samples": ts,
-                    }
-                )
+                if args.json:
+                    _write_json(args.json, total, rows + _rows(times, len(written)))
+            rows += _rows(times, len(written))
             for d in dirs.values():
                 shutil.rmtree(d)
     finally:
@@ -321,12 +356,42 @@ def main(argv: list[str] | None = None) -> int:
     table = _markdown(rows, total)
     print(table)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"total_bytes": total, "rows": rows}, f, indent=1)
+        _write_json(args.json, total, rows)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table)
     return 0
+
+
+def _rows(times: dict[tuple[str, str, int], list[float]], shards: int) -> list[dict[str, Any]]:
+    """One row per candidate, sorted: format, eager before zero-copy, ranks, then candidate
+    (ckptio first)."""
+    out = [
+        {
+            "shards": shards,
+            "format": fmt,
+            "candidate": c,
+            "ranks": w,
+            "median_s": statistics.median(ts),
+            "samples": ts,
+        }
+        for (fmt, c, w), ts in times.items()
+    ]
+    return sorted(
+        out,
+        key=lambda r: (
+            r["format"] != "safetensors",
+            r["ranks"],
+            "mmap" in r["candidate"] or "views" in r["candidate"],
+            not r["candidate"].startswith("ckptio"),
+            r["candidate"],
+        ),
+    )
+
+
+def _write_json(path: str, total: int, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        json.dump({"total_bytes": total, "rows": rows}, f, indent=1)
 
 
 def _markdown(rows: list[dict[str, Any]], total: int) -> str:
@@ -334,8 +399,8 @@ def _markdown(rows: list[dict[str, Any]], total: int) -> str:
         f"State dict {total / 1e9:.2f} GB fp16; first load+touch of a fresh process, page cache "
         "warm, median of each candidate's processes.",
         "",
-        "| shards | format | candidate | what | median | vs ckptio |",
-        "|---:|---|---|---|---:|---:|",
+        "| shards | format | candidate | what | median | vs ckptio | samples (s) |",
+        "|---:|---|---|---|---:|---:|---|",
     ]
     for r in rows:
         mmap = "mmap" in r["candidate"]
@@ -351,7 +416,8 @@ def _markdown(rows: list[dict[str, Any]], total: int) -> str:
         what = f"rank 0 of {r['ranks']} (rows)" if r["ranks"] else "whole directory"
         lines.append(
             f"| {r['shards']} | {r['format']} | {r['candidate']} | {what} | "
-            f"{r['median_s']:.3f} s | {r['median_s'] / base:.2f}x |"
+            f"{r['median_s']:.3f} s | {r['median_s'] / base:.2f}x | "
+            f"{', '.join(f'{t:.2f}' for t in r['samples'])} |"
         )
     return "\n".join(lines) + "\n"
 
