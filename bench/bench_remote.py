@@ -10,10 +10,17 @@ as a ckptio torch file and as a safetensors file, then times, each in a new proc
   Run:ai streamer           runai_model_streamer's SafetensorsStreamer on the s3:// URL
   store raw limit           parallel ranged GETs (botocore, 8 MiB) into one preallocated
                             buffer: what the store can serve, no parsing
+  ckptio cache fill         ckptio.load(url, cache_dir=<empty directory>): the object
+                            streamed into the local cache, then loaded from there
+  ckptio cache hit          ckptio.load(url, cache_dir=<warm directory>): one 1-byte GET
+                            validates the entry, then a local load of it
+  ckptio local file         ckptio.load of the same bytes in a local file (the cache hit's
+                            yardstick: the file and the entry are both in the page cache)
 
 Every loader's result is checked against a digest of the state dict (the raw read against
 the object's bytes). Times are the median of ``--rounds`` fresh processes; throughput is
-the file's bytes over that time, and each row's ratio is against the raw limit.
+the file's bytes over that time, and each row's ratio is against the raw limit (the cache
+hit's is also given against the local file).
 
 Usage::
 
@@ -63,6 +70,20 @@ def _ckptio(url: str, options: dict[str, Any]) -> dict[str, Any]:
     import ckptio
 
     return ckptio.load(url, storage_options=options)
+
+
+def _ckptio_cached(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    import ckptio
+
+    options = dict(options)
+    cache_dir = options.pop("cache_dir")
+    return ckptio.load(url, storage_options=options, cache_dir=cache_dir)
+
+
+def _ckptio_local(path: str, options: dict[str, Any]) -> dict[str, Any]:
+    import ckptio
+
+    return ckptio.load(path)
 
 
 def _boto3_torch(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +144,9 @@ LOADERS: dict[str, Callable[[str, dict[str, Any]], Any]] = {
     "boto3 download_file + torch.load": _boto3_torch,
     "Run:ai streamer (s3)": _runai,
     "store raw limit (ranged GETs)": _raw,
+    "ckptio cache fill (torch zip)": _ckptio_cached,
+    "ckptio cache hit (torch zip)": _ckptio_cached,
+    "ckptio local file (torch zip)": _ckptio_local,
 }
 
 
@@ -174,6 +198,7 @@ def main() -> None:
     import ckptio
 
     server = None
+    scratch = tempfile.TemporaryDirectory(prefix="bench-remote-")
     endpoint = args.endpoint
     if endpoint is None:
         import logging
@@ -212,6 +237,9 @@ def main() -> None:
         client.put_object(Bucket=BUCKET, Key="model.pt", Body=torch_bytes)
         client.put_object(Bucket=BUCKET, Key="model.safetensors", Body=safe_bytes)
         del sd, buf
+        local_path = os.path.join(scratch.name, "model.pt")
+        with open(local_path, "wb") as fh:
+            fh.write(torch_bytes)
         pt_url, st_url = f"s3://{BUCKET}/model.pt", f"s3://{BUCKET}/model.safetensors"
         raw_digest = hashlib.sha256(torch_bytes).hexdigest()
         cases = [
@@ -220,18 +248,33 @@ def main() -> None:
             ("ckptio (safetensors)", st_url, expected, len(safe_bytes)),
             ("boto3 download_file + torch.load", pt_url, expected, len(torch_bytes)),
             ("Run:ai streamer (s3)", st_url, expected, len(safe_bytes)),
+            ("ckptio cache fill (torch zip)", pt_url, expected, len(torch_bytes)),
+            ("ckptio local file (torch zip)", local_path, expected, len(torch_bytes)),
+            ("ckptio cache hit (torch zip)", pt_url, expected, len(torch_bytes)),
         ]
         options = {"endpoint_url": endpoint}
+        warm_cache = os.path.join(scratch.name, "warm-cache")
+        out = _run_child(  # fills the warm cache (not timed)
+            "ckptio cache fill (torch zip)", pt_url, {**options, "cache_dir": warm_cache}, env
+        )
+        if out.get("digest") != expected:
+            print(f"  filling the cache failed: {out.get('error', 'wrong result')}")
         print(
             f"store: {'moto on loopback' if server else endpoint}; file: "
             f"{len(torch_bytes) / 1e6:.0f} MB (torch zip), {len(safe_bytes) / 1e6:.0f} MB "
             f"(safetensors); median of {args.rounds} fresh processes"
         )
         raw_rate = None
+        local_time = None
         for name, url, want, nbytes in cases:
             times, error = [], None
-            for _ in range(args.rounds):
-                out = _run_child(name, url, options, env)
+            for i in range(args.rounds):
+                child_options: dict[str, Any] = options
+                if "cache fill" in name:  # an empty cache each time
+                    child_options = {**options, "cache_dir": os.path.join(scratch.name, f"c{i}")}
+                elif "cache hit" in name:
+                    child_options = {**options, "cache_dir": warm_cache}
+                out = _run_child(name, url, child_options, env)
                 if "error" in out:
                     error = out["error"]
                     break
@@ -245,10 +288,16 @@ def main() -> None:
             t = statistics.median(times)
             rate = nbytes / t / 1e6
             raw_rate = raw_rate or rate
-            print(f"  {name:34s} {t:7.3f} s  {rate:7.1f} MB/s  {rate / raw_rate:5.2f}x raw")
+            line = f"  {name:34s} {t:7.3f} s  {rate:7.1f} MB/s  {rate / raw_rate:5.2f}x raw"
+            if "local file" in name:
+                local_time = t
+            elif "cache hit" in name and local_time:
+                line += f"  {t / local_time:5.2f}x the local file's time"
+            print(line)
     finally:
         if server is not None:
             server.stop()
+        scratch.cleanup()
 
 
 if __name__ == "__main__":
