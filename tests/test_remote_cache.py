@@ -326,6 +326,17 @@ def test_weak_etag_is_not_cached(http_server: RangeServer, tmp_path: Path) -> No
     assert [p.suffix for p in tmp_path.iterdir()] == [".lock"]
 
 
+def test_unwritable_cache_loads_from_the_store(store: Store, tmp_path: Path) -> None:
+    """The cache's file system failing (here: its path runs through a regular file) is
+    not the load's failure: a warning, and the object from the store."""
+    sd = _state_dict(12)
+    url = store.put("unwritable.pt", _bytes_of(sd, "ckptio"))
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.warns(UserWarning, match="not cached"):
+        got = ckptio.load(url, storage_options=store.options, cache_dir=tmp_path / "file" / "c")
+    _same(got, sd)
+
+
 def test_object_changed_during_fill(store: Store, tmp_path: Path) -> None:
     """Replaced after the fill opened it: a data GET fails If-Match: ESTALE, no entry."""
     name = "changing.pt"

@@ -6,9 +6,9 @@ normalized URL (:func:`entry_key`):
 
 * ``<key>.data``: the object's bytes, read-only (0444; it is replaced, never written in
   place, so a mapping of it or a file open on it keeps the version it opened);
-* ``<key>.json``: the sidecar: URL, endpoint, size, ETag, and the data file's inode, size
-  and mtime when it was published (a data file that is not the one the sidecar describes,
-  or that changed since, is no entry);
+* ``<key>.json``: the sidecar: URL (without its query), endpoint, size, ETag, and the data
+  file's inode, size and mtime when it was published (a data file that is not the one the
+  sidecar describes, or that changed since, is no entry);
 * ``<key>.lock``: an empty file whose ``flock`` serializes the fills of that key (it stays).
 
 **A load** of a URL with a cache directory: with an entry, one GET of the object's first
@@ -33,6 +33,8 @@ key removes (``_files.stale_temp_names``'s rule: a temporary of a dead process o
 source's ESTALE error, the temporary removed, no entry. An object without a strong ETag
 (none, or a weak ``W/`` one) cannot be validated: it is loaded remotely, not cached, with a
 warning. An object gone from the store (404) is FileNotFoundError, whatever the cache holds.
+A cache directory that cannot be written (a full disk, a read-only file system) does not
+fail the load: it is read from the store, with a warning.
 """
 
 from __future__ import annotations
@@ -97,7 +99,15 @@ def resolve(
             f"{f}: a MAP_SHARED mapping (torch.serialization.set_default_mmap_options) of a "
             "cached object would write into the cache: load it with MAP_PRIVATE or without mmap"
         )
-    path = Cache(os.fsdecode(os.fspath(cache_dir))).local_path(f, storage_options)
+    try:
+        path = Cache(os.fsdecode(os.fspath(cache_dir))).local_path(f, storage_options)
+    except OSError as e:
+        if e.filename == f:
+            raise  # the store's error (every one names the URL)
+        # The cache's own file system failed (a full disk, a read-only directory...): the
+        # load goes on from the store, as it would without a cache.
+        warnings.warn(f"{f}: not cached ({e}); loaded from the store", stacklevel=3)
+        return f, storage_options
     if path is None:
         return f, storage_options
     return path, None
@@ -244,7 +254,7 @@ class Cache:
             raise
         meta = {
             "version": LAYOUT_VERSION,
-            "url": url,
+            "url": url.split("?", 1)[0],  # a query may hold a signature
             "endpoint": _endpoint(url, storage_options),
             "size": source.size,
             "etag": source.etag,
