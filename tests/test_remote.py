@@ -587,9 +587,37 @@ def test_directory_url_without_a_model(store: Store) -> None:
         ckptio.load(directory)
 
 
-def test_directory_url_mmap_refused(http_server: RangeServer) -> None:
-    with pytest.raises(ValueError, match="mmap=True needs a local file"):
-        ckptio.load(f"{http_server.url}/llm/model.safetensors.index.json", mmap=True)
+def test_directory_url_mmap_needs_a_cache(store: Store, tmp_path: Path) -> None:
+    urls = _put_directory(store, tmp_path, "dir-mmap", "safetensors")
+    directory = next(iter(urls.values())).rsplit("/", 1)[0] + "/"
+    with pytest.raises(ValueError, match="mmap=True needs local files"):
+        ckptio.load(directory, mmap=True)
+    # with a local cache, the shards' cached copies are mapped
+    _same(ckptio.load(directory, mmap=True, cache_dir=tmp_path / "cache"), _sharded_state_dict())
+
+
+def test_directory_url_cached_shards(store: Store, tmp_path: Path) -> None:
+    """With cache_dir, every shard is cached as an object: a second load transfers no shard
+    bytes (each is validated by the cache's small request), and open/load_into use it too."""
+    urls = _put_directory(store, tmp_path, "dir-cache", "torch")
+    index = next(u for n, u in urls.items() if n.endswith(".index.json"))
+    cache = tmp_path / "cache"
+    sd = _sharded_state_dict()
+    _same(ckptio.load(index, cache_dir=cache), sd)
+    cached = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size > 20_000]
+    assert len(cached) == sum(n.endswith(".bin") for n in urls)
+    with ckptio.open(index, cache_dir=cache) as h:
+        assert torch.equal(h["layers.5.weight"], sd["layers.5.weight"])
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    assert ckptio.load_into(target, index, cache_dir=cache) == ([], [])
+    _same(target, sd)
+    if store.kind == "http":
+        server = store._http
+        assert server is not None
+        before = len(server.log)
+        _same(ckptio.load(index, cache_dir=cache), sd)
+        shard_bytes = sum(e.sent for e in server.log[before:] if e.path.endswith(".bin"))
+        assert shard_bytes <= 4 * sum(n.endswith(".bin") for n in urls)  # validations only
 
 
 def test_directory_url_single_weights_file(store: Store) -> None:

@@ -20,6 +20,7 @@ Nothing is returned, partially or otherwise, before all of it holds.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class Layout:
     weight_map: dict[str, str] | None  # tensor name -> shard file name (None: no index)
     total_size: int | None
     storage_options: Mapping[str, Any] | None = None  # a remote directory's (docs/remote.md)
+    cache_dir: str | os.PathLike[str] | None = None  # its shards' local cache (None: setting)
 
     def path(self, shard: str) -> str:
         return self.root + shard if self.remote else os.path.join(self.root, shard)
@@ -66,12 +68,20 @@ class Layout:
 
     def open(self, shard: str, mode: Any = None) -> Any:
         """Shard `shard` as a source: a ``_core.io.File`` (`mode`, default read-only) or, in
-        object storage, a ``_remote.RemoteSource``, where a shard the index names that is not
-        there is a CheckpointError naming both (as :func:`resolve` finds a local one)."""
+        object storage, a ``_remote.RemoteSource`` (or, with a local cache in force, the File
+        of its cached copy), where a shard the index names that is not there is a
+        CheckpointError naming both (as :func:`resolve` finds a local one)."""
+        mode = mode or _core.io.FileMode.READ
         if not self.remote:
-            return _core.io.File.open(self.path(shard), mode or _core.io.FileMode.READ)
+            return _core.io.File.open(self.path(shard), mode)
+        from ._remote._cache import resolve as cached
+
+        url = self.path(shard)
         try:
-            return _remote.open_source(self.path(shard), self.storage_options)
+            local, _ = cached(url, self.storage_options, self.cache_dir, "load", False)
+            if local != url:
+                return _core.io.File.open(local, mode)
+            return _remote.open_source(url, self.storage_options)
         except FileNotFoundError:
             if self.index is None:
                 raise
@@ -116,15 +126,20 @@ def is_directory_path(f: Any) -> TypeGuard[str | bytes | os.PathLike[str]]:
 
 
 def resolve(
-    f: str | bytes | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    f: str | bytes | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Layout:
     """The layout of the directory or index file `f` (a path or a URL), checked: the index
     parses, names only files inside the directory, and (locally) every one exists; a remote
-    shard's absence is found when it is opened."""
+    shard's absence is found when it is opened. `storage_options` and `cache_dir` apply to
+    URLs only (docs/remote.md)."""
     if _remote.is_url(f):
-        return _resolve_url(str(f), storage_options)
-    if storage_options is not None:
-        raise ValueError(f"storage_options applies to s3:// and http(s):// URLs, not to {f!r}")
+        return dataclasses.replace(_resolve_url(str(f), storage_options), cache_dir=cache_dir)
+    if storage_options is not None or cache_dir is not None:
+        raise ValueError(
+            f"storage_options and cache_dir apply to s3:// and http(s):// URLs, not to {f!r}"
+        )
     path = os.fsdecode(f)
     if not os.path.isdir(path):
         with open(path, "rb") as file:

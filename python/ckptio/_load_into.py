@@ -246,7 +246,7 @@ def load_into(
     remote = _remote.source_for(f, storage_options, "load_into", False)
     layout = None
     if remote is None and _directory.is_directory_path(f):
-        layout = _directory.resolve(f, storage_options)
+        layout = _directory.resolve(f, storage_options, cache_dir)
     opened: list[tuple[Any, Any]] = []
     if remote is not None:
         opened.append((remote, remote))

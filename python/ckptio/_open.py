@@ -123,12 +123,13 @@ def open(  # noqa: A001
             remote.close()
             raise
     if _directory.is_directory_path(f):
-        layout = _directory.resolve(f, storage_options)
+        layout = _directory.resolve(f, storage_options, cache_dir)
         if layout.weight_map is None:  # a directory of one weights file: that file
             return open(
                 layout.path(layout.shards[0]),
                 map_location,
                 storage_options=layout.storage_options,
+                cache_dir=cache_dir,
             )
         return DirectoryHandle(layout, map_location)  # type: ignore[return-value]
     if isinstance(f, (str, bytes, os.PathLike)):

@@ -273,7 +273,7 @@ def load(
     remote = _remote.source_for(f, storage_options, "load", bool(mmap))
     if remote is None and _directory.is_directory_path(f):
         return _load_directory(
-            _directory.resolve(f, storage_options),
+            _directory.resolve(f, storage_options, cache_dir),
             map_location,
             pickle_module,
             weights_only,
@@ -454,6 +454,11 @@ def _load_directory(
     try:
         with torch_load_state(map_location, validate=not placement.is_meta):
             files = layout.open_all(mode)
+            if mmap and not all(isinstance(file, _core.io.File) for file in files):
+                raise ValueError(
+                    f"{layout.name}: mmap=True needs local files; the shards of a remote "
+                    "directory are mapped from a local cache (cache_dir=, docs/remote.md)"
+                )
             for shard, file in zip(layout.shards, files, strict=True):
                 path = layout.path(shard)
                 whole = _verify.attach_file_checker(file, shard, listed) if verify else None
@@ -490,6 +495,7 @@ def _load_directory(
                         weights_only=weights_only,
                         mmap=mmap,
                         storage_options=layout.storage_options,
+                        cache_dir=layout.cache_dir,
                         **pickle_load_args,
                     )
                 tensors = _directory.shard_tensors(layout, shard, tensors)

@@ -49,13 +49,13 @@ def source_for(
             )
         return None
     assert isinstance(f, str)
+    if is_directory_url(f):
+        return None  # a model directory: _directory reads its index, then each shard's URL
     if mmap:
         raise ValueError(
             f"{f}: mmap=True needs a local file; a remote object is read into memory by "
             "ranged GETs (load it without mmap)"
         )
-    if is_directory_url(f):
-        return None  # a model directory: _directory reads its index, then each shard's URL
     return open_source(f, storage_options)
 
 
