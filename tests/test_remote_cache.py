@@ -238,6 +238,21 @@ def test_open_load_into_and_mmap(store: Store, tmp_path: Path) -> None:
     assert [e.sent for e in gets if e.range == "bytes=0-0"] == [1, 1, 1]
 
 
+def test_verify_goes_through_the_cache(store: Store, tmp_path: Path) -> None:
+    """load(verify=...) re-enters load with the setting changed: cache_dir goes along."""
+    sd = _state_dict(13)
+    with ckptio.options(write_crc32=True):
+        data = _bytes_of(sd, "ckptio")
+    url = store.put("verified.pt", data)
+    for _ in range(2):
+        _same(ckptio.load(url, verify=True, storage_options=store.options, cache_dir=tmp_path), sd)
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    ckptio.load_into(target, url, verify=True, storage_options=store.options, cache_dir=tmp_path)
+    _same(target, sd)
+    assert _one_entry(tmp_path).read_bytes() == data
+    assert [e.range for e in store.gets("verified.pt")].count("bytes=0-0") == 2
+
+
 def test_map_shared_is_refused(store: Store, tmp_path: Path) -> None:
     import mmap
 
