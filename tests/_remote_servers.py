@@ -220,6 +220,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         elif action == "short_length" and len(payload) > 1:
             declared = len(payload) // 2
             sent = payload[:declared]
+        elif action == "status_200" and status == 206:
+            status, reason = 200, "OK"  # the Content-Range stays: which bytes they are
         self.send_response(status, reason)
         for k, v in response_headers:
             if k.lower() not in ("content-length", "transfer-encoding", "connection"):
@@ -250,7 +252,9 @@ class FaultProxy(_Base):
     connection closes; ``"long_length"``: a Content-Length 100 bytes longer than the body,
     then the connection closes; ``"short_length"``: a Content-Length half the body's, and
     only that much of it; ``"ignore_range"``: the Range header dropped (the store answers
-    200 with the whole object). ``before(method, path, headers)`` and ``after(...)``, when
+    200 with the whole object); ``"status_200"``: a 206 answer sent as 200, its
+    Content-Range kept (as some stores answer). ``before(method, path, headers)`` and
+    ``after(...)``, when
     set, run before a request is forwarded and once its answer is in.
     """
 

@@ -380,9 +380,10 @@ class RemoteSource:
         except RangeNotSatisfiable:
             return 0, b"", 0, None  # only an empty object has no byte 0
         try:
-            if reply.status == 200:
+            if reply.content_range is None and reply.status == 200:
                 # No Content-Range: the whole object. Fine while it is small; a large one
-                # would have to be downloaded whole for every range read.
+                # would have to be downloaded whole for every range read. (A Content-Range
+                # says which bytes came, whatever the status: some stores send 200 with it.)
                 size = reply.content_length
                 if size is None or size > probe_bytes:
                     raise _RangeIgnored(
@@ -465,7 +466,8 @@ class RemoteSource:
         return etag if etag and not etag.startswith("W/") else None  # weak: no If-Match
 
     def _check_reply(self, reply: Reply, start: int, stop: int) -> None:
-        if reply.status != 206 or reply.content_range is None:
+        # The Content-Range says which bytes came (a 206; some stores answer 200 with one).
+        if reply.content_range is None:
             raise _RangeIgnored(
                 f"the server answered a GET of bytes {start}-{stop - 1} with "
                 f"{reply.status} and no Content-Range: it does not serve byte ranges; "
