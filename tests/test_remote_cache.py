@@ -438,6 +438,35 @@ def test_concurrent_fills(store: Store, tmp_path: Path) -> None:
     assert sum(e.sent for e in gets if e.range != "bytes=0-0") == len(data)  # one download
 
 
+def test_concurrent_fills_in_threads(store: Store, tmp_path: Path) -> None:
+    """Threads of one process filling one key: the lock is per open file (flock), so they
+    serialize as processes do: one download, every thread right."""
+    sd = _state_dict(14, rows=1024)
+    data = _bytes_of(sd, "ckptio")
+    url = store.put("threads.pt", data)
+    barrier = threading.Barrier(4)
+    results: list[Any] = [None] * 4
+
+    def load(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = ckptio.load(url, storage_options=store.options, cache_dir=tmp_path)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            results[i] = e
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got in results:
+        assert isinstance(got, dict), got
+        _same(got, sd)
+    assert _one_entry(tmp_path).read_bytes() == data
+    gets = store.gets("threads.pt")
+    assert sum(e.sent for e in gets if e.range != "bytes=0-0") == len(data)
+
+
 def test_killed_fill(store: Store, tmp_path: Path) -> None:
     """A fill killed (SIGKILL) midway leaves its temporary; the next load removes it, fills
     and loads the right tensors."""
