@@ -41,6 +41,7 @@ def test_environment_variables() -> None:
     proc = _child_options(
         {
             "CKPTIO_THREADS": "3",
+            "CKPTIO_REMOTE_PART_BYTES": "0x1000000",
             "CKPTIO_CHUNK_BYTES": "0x100000",
             "CKPTIO_DATA_ALIGNMENT": "512",
             "CKPTIO_CRC32": "yes",  # the former name of CKPTIO_WRITE_CRC32
@@ -63,6 +64,7 @@ def test_environment_variables() -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
         "threads": 3,
+        "remote_part_bytes": 16 << 20,
         "chunk_bytes": 1 << 20,
         "write_chunk_bytes": 1 << 20,
         "data_alignment": 512,
@@ -90,6 +92,7 @@ def test_environment_defaults() -> None:
     assert opts["threads"] >= 1
     assert {k: v for k, v in opts.items() if k != "threads"} == {
         "chunk_bytes": 8 << 20,
+        "remote_part_bytes": 8 << 20,
         "write_chunk_bytes": 64 << 20,
         "data_alignment": 4096,
         "write_crc32": False,

@@ -25,7 +25,7 @@ import pickle
 import sys
 import threading
 import warnings
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Mapping, Union
 
 import torch
 
@@ -33,6 +33,7 @@ from . import _core
 from ._archive import archive_name_for
 from ._files import is_path, write_to
 from ._pickler import dumps
+from ._remote import _upload
 from ._staging import completion_event
 from ._writer import write_torch_archive
 from .serialization import DEFAULT_PROTOCOL, save
@@ -227,6 +228,8 @@ def async_save(
     pickle_protocol: int = DEFAULT_PROTOCOL,
     _use_new_zipfile_serialization: bool = True,
     _disable_byteorder_record: bool = False,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> SaveFuture:
     """Saves `obj` to `f` like :func:`ckptio.save`, writing in a background thread.
 
@@ -236,7 +239,9 @@ def async_save(
 
     Args:
         obj, f, pickle_module, pickle_protocol: as :func:`ckptio.save`. A file object must not
-            be used by the caller until the future is done.
+            be used by the caller until the future is done. An ``s3://bucket/key`` URL is
+            uploaded in the background (docs/remote.md, "Saving").
+        storage_options: for an ``s3://`` URL, as :func:`ckptio.save`.
 
     Returns:
         A :class:`concurrent.futures.Future` whose ``result()`` is None once the file is
@@ -254,11 +259,14 @@ def async_save(
         >>> optimizer.step()  # modifies the parameters: the file keeps the old values
         >>> fut.result()      # raises if the write failed
     """
+    upload = _upload.upload_for(f, storage_options, "async_save")
     if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     opts = get_options()
     limit = opts.async_max_pending
     key: object = os.path.realpath(os.fsdecode(f)) if is_path(f) else id(f)  # type: ignore[arg-type]
+    if upload is not None:
+        key = upload.url
     target = os.fsdecode(f) if is_path(f) else repr(f)  # type: ignore[arg-type]
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
@@ -274,6 +282,7 @@ def async_save(
             pickle_protocol,
             _use_new_zipfile_serialization=_use_new_zipfile_serialization,
             _disable_byteorder_record=_disable_byteorder_record,
+            storage_options=storage_options,
         )
         future.set_result(None)
         return future
@@ -305,16 +314,16 @@ def async_save(
     name = archive_name_for(f)
     byteorder = None if _disable_byteorder_record else sys.byteorder
 
+    def archive(target: Any) -> None:
+        write_torch_archive(target, name, pickle_bytes, payloads, byteorder=byteorder)
+
     def write() -> None:
         try:
             with options(**_as_changes(opts)):
-                write_to(
-                    f,
-                    lambda target: write_torch_archive(
-                        target, name, pickle_bytes, payloads, byteorder=byteorder
-                    ),
-                    opts.durable,
-                )
+                if upload is None:
+                    write_to(f, archive, opts.durable)
+                else:
+                    upload.write(archive)
         finally:
             _scheduler.release(buffer, limit)
 

@@ -23,6 +23,7 @@ from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
 from ._placement import Placement
 from ._reads import ReadBatch
+from ._remote import _upload
 from ._shard_writer import save_directory
 from ._unpickler import (
     StorageLoader,
@@ -60,6 +61,7 @@ def save(
     clone_shared: bool = False,
     max_shard_size: int | str | None = None,
     manifest: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Saves `obj` to `f` exactly as :func:`torch.save` would, only faster.
 
@@ -70,7 +72,9 @@ def save(
 
     Args:
         obj: anything torch.save accepts (state dicts, optimizer states, nested containers...).
-        f: a path (str or os.PathLike) or a writable binary file object.
+        f: a path (str or os.PathLike), a writable binary file object, or an
+            ``s3://bucket/key`` URL: a multipart upload whose parts stream from the writer,
+            the object appearing only once complete (docs/remote.md, "Saving").
         pickle_module: module providing ``Pickler`` (as torch.save).
         pickle_protocol: pickle protocol; torch's default 2 keeps weights-only loading working.
         format: ``"torch"`` (torch's zip format) or ``"safetensors"``: `obj` must then be a
@@ -92,6 +96,8 @@ def save(
         manifest: a directory save only: also write ``ckptio.manifest.json``, the size and
             CRC-32 of every file of the directory, which ``load(..., verify=True)`` and
             ``ckptio verify`` check (docs/verify.md).
+        storage_options: for an ``s3://`` URL: endpoint, credentials, retries... as for
+            :func:`load` (docs/remote.md).
 
     Example::
 
@@ -99,6 +105,12 @@ def save(
         >>> model.load_state_dict(ckptio.load("model.pt"))
         >>> ckptio.save(model.state_dict(), "llm", max_shard_size="5GB", format="safetensors")
     """
+    if max_shard_size is not None and _remote.is_url(f):
+        raise NotImplementedError(
+            f"{f}: saving a model directory to object storage is not supported yet; save "
+            "each shard's URL"
+        )
+    upload = _upload.upload_for(f, storage_options, "save")
     if max_shard_size is not None:
         save_directory(
             obj,
@@ -125,7 +137,7 @@ def save(
             "its records' CRC-32s (settings write_crc32)"
         )
     if format == "safetensors":
-        _save_safetensors(obj, f, metadata, clone_shared)
+        _save_safetensors(obj, f, metadata, clone_shared, upload)
         return
     if format != "torch":
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
@@ -135,37 +147,56 @@ def save(
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
         # The legacy (pre-1.6) format has no layout to parallelize, and skip_data() writes
         # headers without payloads: torch writes both.
-        torch_save(
-            obj,
-            f,
-            pickle_module,
-            pickle_protocol,
-            _use_new_zipfile_serialization=_use_new_zipfile_serialization,
-            _disable_byteorder_record=_disable_byteorder_record,
-        )
+        def save_with_torch(target: Any) -> None:
+            torch_save(
+                obj,
+                target,
+                pickle_module,
+                pickle_protocol,
+                _use_new_zipfile_serialization=_use_new_zipfile_serialization,
+                _disable_byteorder_record=_disable_byteorder_record,
+            )
+
+        if upload is None:
+            save_with_torch(f)
+        else:
+            upload.write(save_with_torch)
         return
     if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     byteorder = None if _disable_byteorder_record else sys.byteorder
     name = archive_name_for(f)
     # Into a File (a path's temporary file), storages go out while the pickler runs; CUDA
-    # ones through the staging ring. Into a file object, once the pickle is complete.
-    write_to(
+    # ones through the staging ring. Into a file object (an upload's too), once the pickle is
+    # complete.
+    _write(
         f,
+        upload,
         lambda target: save_object(
             target, name, obj, pickle_module, pickle_protocol, byteorder=byteorder
         ),
-        get_options().durable,
     )
 
 
+def _write(f: FileLike, upload: _upload.Upload | None, write: Any) -> None:
+    """`write(destination)` into `f` (_files.write_to), or into the upload to `f`'s URL."""
+    if upload is None:
+        write_to(f, write, get_options().durable)
+    else:
+        upload.write(write)
+
+
 def _save_safetensors(
-    obj: Any, f: FileLike, metadata: Mapping[str, str] | None, clone_shared: bool
+    obj: Any,
+    f: FileLike,
+    metadata: Mapping[str, str] | None,
+    clone_shared: bool,
+    upload: _upload.Upload | None = None,
 ) -> None:
     if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     layout = _safetensors.plan(obj, metadata, clone_shared)
-    write_to(f, lambda target: _safetensors.write(target, layout), get_options().durable)
+    _write(f, upload, lambda target: _safetensors.write(target, layout))
 
 
 # ------------------------------------------------------------------------------------- load

@@ -62,6 +62,11 @@ def _default_huge_pages() -> bool:
     return not _host_takes_back_free_memory()
 
 
+#: S3's smallest part of a multipart upload (all but the last): the least value of
+#: ``remote_part_bytes`` (tests lower it against a server that allows smaller parts).
+MIN_REMOTE_PART_BYTES = 5 << 20
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
     """The knobs. Values are validated by :func:`set_options` and :func:`options`."""
@@ -133,6 +138,11 @@ class Options:
     #: (``remote_inflight_bytes // chunk_bytes``, 2 to 64; docs/remote.md). Env:
     #: ``CKPTIO_REMOTE_INFLIGHT_BYTES``.
     remote_inflight_bytes: int = 128 << 20
+    #: Bytes of one part of a save to ``s3://`` (a multipart upload; at least 5 MiB, S3's
+    #: smallest part, at most 5 GiB); the size doubles after every 1,000 parts, so any object
+    #: fits in S3's 10,000. Parts being sent hold at most ``remote_inflight_bytes`` (at least
+    #: one part); docs/remote.md. Env: ``CKPTIO_REMOTE_PART_BYTES``.
+    remote_part_bytes: int = 8 << 20
     #: A directory where loads of ``s3://`` and ``http(s)://`` URLs keep a local copy of each
     #: object, validated by its ETag and size on every load (a hit reads the local file);
     #: None: no cache. ``load(..., cache_dir=...)`` overrides it per call (docs/remote.md).
@@ -177,6 +187,15 @@ class Options:
             if not isinstance(d, (str, os.PathLike)) or not os.fspath(d):
                 raise ValueError(f"remote_cache_dir must be a path or None, got {d!r}")
             object.__setattr__(self, "remote_cache_dir", os.fsdecode(os.fspath(d)))
+        n = self.remote_part_bytes
+        if (
+            not isinstance(n, int)
+            or isinstance(n, bool)
+            or not MIN_REMOTE_PART_BYTES <= n <= 5 << 30
+        ):
+            raise ValueError(
+                f"remote_part_bytes must be an int in [{MIN_REMOTE_PART_BYTES}, 5 GiB], got {n!r}"
+            )
         n = self.staging_buffers
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1024:
             raise ValueError(f"staging_buffers must be an int in [1, 1024], got {n!r}")
@@ -211,6 +230,7 @@ _ENV = {
     "staging_buffers": "CKPTIO_STAGING_BUFFERS",
     "async_max_pending": "CKPTIO_ASYNC_MAX_PENDING",
     "remote_inflight_bytes": "CKPTIO_REMOTE_INFLIGHT_BYTES",
+    "remote_part_bytes": "CKPTIO_REMOTE_PART_BYTES",
     "remote_cache_dir": "CKPTIO_REMOTE_CACHE_DIR",
 }
 #: The type of settings whose default (None) does not tell it.
