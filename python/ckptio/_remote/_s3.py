@@ -5,6 +5,7 @@ retries are off: the source retries every request the same way, body included.""
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -53,9 +54,12 @@ def split_s3_url(url: str) -> tuple[str, str]:
 
 
 def client_for(options: dict[str, Any], connections: int) -> Any:
-    """A botocore S3 client for `options`, made once per process and set of options (making
-    one loads botocore's service model: about 0.1 s)."""
-    key = (tuple(sorted((k, repr(v)) for k, v in options.items())), connections)
+    """A botocore S3 client for `options`, made once per process, set of options and AWS
+    environment (making one loads botocore's service model: about 0.1 s). The ``AWS_*``
+    variables are part of the key: a client resolves the endpoint, region and credentials
+    they name when it is made, so one made before they changed would still use the old."""
+    environment = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = (tuple(sorted((k, repr(v)) for k, v in options.items())), connections, environment)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
