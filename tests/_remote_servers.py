@@ -203,6 +203,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(payload)
             owner.record(Logged(self.command, self.path, requested, int(action), 0))
             return
+        if action == "drop":  # no answer: the request was read, the connection is reset
+            owner.record(Logged(self.command, self.path, requested, 0, 0))
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            return
         if action == "ignore_range":
             headers.pop("Range", None)
         status, reason, response_headers, payload = owner.forward(
@@ -253,7 +258,8 @@ class FaultProxy(_Base):
     then the connection closes; ``"short_length"``: a Content-Length half the body's, and
     only that much of it; ``"ignore_range"``: the Range header dropped (the store answers
     200 with the whole object); ``"status_200"``: a 206 answer sent as 200, its
-    Content-Range kept (as some stores answer). ``before(method, path, headers)`` and
+    Content-Range kept (as some stores answer); ``"drop"``: the request read and not
+    forwarded, the connection reset without an answer. ``before(method, path, headers)`` and
     ``after(...)``, when
     set, run before a request is forwarded and once its answer is in.
     """

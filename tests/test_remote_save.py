@@ -361,6 +361,42 @@ def test_part_faults_are_retried(
     assert _uploads(s3) == []
 
 
+def test_dropped_connections_are_retried(s3: MotoS3, proxy: FaultProxy, tmp_path: Path) -> None:
+    """A connection reset before any answer (to an UploadPart and to the
+    CompleteMultipartUpload): retried, the object exact."""
+    proxy.inject("drop", times=2, match=_is_part)
+    proxy.inject("drop", times=1, match=lambda m, p, h: m == "POST" and "uploadId=" in p)
+    sd = _state_dict(12, rows=200)
+    ckptio.save(
+        sd, f"s3://{BUCKET}/dropped.pt", storage_options={**FAST, "endpoint_url": proxy.url}
+    )
+    assert _stored(s3, "dropped.pt")[0] == _local_bytes(tmp_path, "dropped.pt", sd)
+    assert sum(1 for e in proxy.log if e.status == 0) == 3
+    assert _uploads(s3) == []
+
+
+def test_failed_abort_is_noted(s3: MotoS3, proxy: FaultProxy) -> None:
+    """The abort fails too: the first error is raised, with a note naming the upload left
+    behind."""
+    proxy.inject("503", times=1000, match=_is_part)
+    proxy.inject("503", times=1000, match=lambda m, p, h: m == "DELETE")
+    url = f"s3://{BUCKET}/abort-fails.pt"
+    try:
+        with pytest.raises(OSError) as info:
+            ckptio.save(
+                _state_dict(rows=200), url, storage_options={**FAST, "endpoint_url": proxy.url}
+            )
+        assert info.value.filename == url and "part " in info.value.strerror
+        (note,) = info.value.__notes__
+        (upload,) = _uploads(s3)
+        assert upload["UploadId"] in note and "could not be aborted" in note
+    finally:
+        for upload in _uploads(s3):
+            s3.client.abort_multipart_upload(
+                Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"]
+            )
+
+
 def test_small_object_faults_are_retried(s3: MotoS3, proxy: FaultProxy) -> None:
     proxy.inject("503", times=2, match=lambda m, p, h: m == "PUT")
     sd = {"a": torch.arange(10.0)}
