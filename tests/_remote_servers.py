@@ -227,6 +227,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             sent = payload[:declared]
         elif action == "status_200" and status == 206:
             status, reason = 200, "OK"  # the Content-Range stays: which bytes they are
+        elif action == "empty_etag":
+            response_headers = [
+                (k, '""' if k.lower() == "etag" else v) for k, v in response_headers
+            ]
         self.send_response(status, reason)
         for k, v in response_headers:
             if k.lower() not in ("content-length", "transfer-encoding", "connection"):
@@ -258,9 +262,10 @@ class FaultProxy(_Base):
     then the connection closes; ``"short_length"``: a Content-Length half the body's, and
     only that much of it; ``"ignore_range"``: the Range header dropped (the store answers
     200 with the whole object); ``"status_200"``: a 206 answer sent as 200, its
-    Content-Range kept (as some stores answer); ``"drop"``: the request read and not
-    forwarded, the connection reset without an answer. ``before(method, path, headers)`` and
-    ``after(...)``, when
+    Content-Range kept (as some stores answer); ``"empty_etag"``: the answer's ETag
+    replaced by ``""`` (rclone's serve s3 with its ETag hash off); ``"drop"``: the request
+    read and not forwarded, the connection reset without an answer.
+    ``before(method, path, headers)`` and ``after(...)``, when
     set, run before a request is forwarded and once its answer is in.
     """
 

@@ -180,7 +180,7 @@ def test_load_staged_device(store: Store, staged_cpu: list[Any], fmt: str) -> No
 
 def test_mmap_is_refused(http_server: RangeServer) -> None:
     url = f"{http_server.url}/whatever.pt"
-    with pytest.raises(ValueError, match="mmap=True needs a local file"):
+    with pytest.raises(ValueError, match="mmap=True needs a local file.*cache_dir="):
         ckptio.load(url, mmap=True)
 
 
@@ -453,6 +453,21 @@ def test_ranges_answered_with_200_and_content_range(faulty: Faulty, fmt: str) ->
     with ckptio.open(url, storage_options=faulty.options) as h:
         name = next(iter(sd))
         assert torch.equal(h.get_slice(name)[1:3], sd[name][1:3])
+
+
+def test_empty_etag_is_no_version(faulty: Faulty, tmp_path: Path) -> None:
+    """An ETag of "" names no version: the load works without If-Match, and the local
+    cache, which could not tell a replaced object from the cached one, does not keep it."""
+    sd = _big_state_dict()
+    url = faulty.put("empty-etag.pt", _bytes_of(sd, "ckptio"))
+    faulty.proxy.inject("empty_etag", times=10_000)
+    source = ckptio._remote.open_source(url, faulty.options)
+    with source:
+        assert source.etag is None
+    _same(ckptio.load(url, storage_options=faulty.options), sd)
+    with pytest.warns(UserWarning, match="no strong ETag"):
+        _same(ckptio.load(url, storage_options=faulty.options, cache_dir=tmp_path), sd)
+    assert not [p for p in tmp_path.rglob("*.data")]
 
 
 def test_server_ignoring_range_small_object(faulty: Faulty) -> None:

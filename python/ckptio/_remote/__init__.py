@@ -54,7 +54,7 @@ def source_for(
     if mmap:
         raise ValueError(
             f"{f}: mmap=True needs a local file; a remote object is read into memory by "
-            "ranged GETs (load it without mmap)"
+            "ranged GETs (load it without mmap, or with cache_dir= to map a local copy)"
         )
     return open_source(f, storage_options)
 

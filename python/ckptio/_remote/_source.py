@@ -368,7 +368,10 @@ class RemoteSource:
                 self.url,
             )
         self._size = h_size
-        self._etag = h_etag or t_etag
+        # An empty ETag ("", as rclone's serve s3 sends with --etag-hash off) names no
+        # version: nothing to ask for with If-Match, nothing for a cache to validate by.
+        etag = h_etag or t_etag
+        self._etag = etag if etag and etag.strip('"') else None
         self._tail_bytes = probe_bytes
         self._regions.add(h_start, h_data)
         self._regions.add(t_start, t_data)
