@@ -210,6 +210,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         if action == "ignore_range":
             headers.pop("Range", None)
+        if action == "suffix_416" and (requested or "").startswith("bytes=-"):
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            owner.record(Logged(self.command, self.path, requested, 416, 0))
+            return
         status, reason, response_headers, payload = owner.forward(
             self.command, self.path, headers, request_body
         )
@@ -263,8 +269,9 @@ class FaultProxy(_Base):
     only that much of it; ``"ignore_range"``: the Range header dropped (the store answers
     200 with the whole object); ``"status_200"``: a 206 answer sent as 200, its
     Content-Range kept (as some stores answer); ``"empty_etag"``: the answer's ETag
-    replaced by ``""`` (rclone's serve s3 with its ETag hash off); ``"drop"``: the request
-    read and not forwarded, the connection reset without an answer.
+    replaced by ``""`` (rclone's serve s3 with its ETag hash off); ``"suffix_416"``: a
+    suffix range (``bytes=-N``) answered 416 (rclone's, when N exceeds the object);
+    ``"drop"``: the request read and not forwarded, the connection reset without an answer.
     ``before(method, path, headers)`` and ``after(...)``, when
     set, run before a request is forwarded and once its answer is in.
     """

@@ -470,6 +470,18 @@ def test_empty_etag_is_no_version(faulty: Faulty, tmp_path: Path) -> None:
     assert not [p for p in tmp_path.rglob("*.data")]
 
 
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_suffix_range_refused(faulty: Faulty, size: str) -> None:
+    """A 416 to the opening suffix range (a server refusing bytes=-N longer than the object)
+    is not an empty object: a small one is what the first GET brought, a larger one's last
+    bytes are asked for by offsets."""
+    sd = {"w": torch.arange(100.0)} if size == "small" else _big_state_dict()
+    url = faulty.put(f"suffix-{size}.pt", _bytes_of(sd, "ckptio"))
+    faulty.proxy.inject("suffix_416", times=10_000)
+    options = {**faulty.options, "probe_bytes": 65536}
+    _same(ckptio.load(url, storage_options=options), sd)
+
+
 def test_server_ignoring_range_small_object(faulty: Faulty) -> None:
     """...unless the whole object fits in the opening GET: then that is all there is."""
     sd = {"a": torch.arange(10.0), "b": torch.ones(3, 3, dtype=torch.int64)}

@@ -360,6 +360,17 @@ class RemoteSource:
         for future in (head, tail):
             results.append(future.result())
         (h_start, h_data, h_size, h_etag), (t_start, t_data, t_size, t_etag) = results
+        if h_size and not t_size and t_etag is None:
+            # A 416 to the suffix range of an object that has bytes: some servers (rclone's
+            # serve s3) refuse a suffix longer than the object instead of sending it whole.
+            if len(h_data) == h_size:
+                t_start, t_data, t_size, t_etag = h_start, h_data, h_size, h_etag
+            else:  # ask for the same bytes by offsets: one more round trip, on those only
+                first = max(0, h_size - probe_bytes)
+                t_start, t_data, t_size, t_etag = self._retrying(
+                    "the last bytes",
+                    lambda: self._probe_get(f"bytes={first}-{h_size - 1}", probe_bytes),
+                )
         if h_size != t_size or (h_etag and t_etag and h_etag != t_etag):
             raise OSError(
                 errno.ESTALE,
