@@ -174,6 +174,19 @@ def test_miss_then_hit(store: Store, tmp_path: Path, fmt: str) -> None:
     assert _one_entry(cache) == entry
 
 
+def test_hit_when_ranges_are_answered_200(store: Store, tmp_path: Path) -> None:
+    """A store that answers ranged GETs with 200 and a Content-Range (rclone's serve s3):
+    the validating GET still tells the size and ETag, so the second load is a hit."""
+    sd = _state_dict(4)
+    url = store.put("hit200.pt", _bytes_of(sd, "ckptio"))
+    store.proxy.inject("status_200", times=10_000)
+    _same(ckptio.load(url, storage_options=store.options, cache_dir=tmp_path), sd)
+    since = len(store.proxy.log)
+    _same(ckptio.load(url, storage_options=store.options, cache_dir=tmp_path), sd)
+    hit = store.requests("hit200.pt", since)
+    assert [(e.method, e.range, e.status, e.sent) for e in hit] == [("GET", "bytes=0-0", 200, 1)]
+
+
 def test_replaced_object_is_refilled(store: Store, tmp_path: Path) -> None:
     old, new = _state_dict(1), _state_dict(2, rows=300)
     url = store.put("replaced.pt", _bytes_of(old, "ckptio"))

@@ -72,9 +72,7 @@ def list_names(url: str, storage_options: Mapping[str, Any] | None) -> list[str]
         return None
     from . import _s3
 
-    options = dict(storage_options or {})
-    common = {k: options.pop(k, v) for k, v in _SOURCE_OPTIONS.items()}
-    _check_names(url, options, _s3.OPTIONS)
+    options, common = split_options(url, storage_options)
     return _s3.list_names(url, options, int(common["retries"]), float(common["retry_backoff"]))
 
 
@@ -98,21 +96,9 @@ def open_source(url: str, storage_options: Mapping[str, Any] | None = None) -> R
     """
     from ..settings import get_options
 
-    options = dict(storage_options or {})
-    common = {k: options.pop(k, v) for k, v in _SOURCE_OPTIONS.items()}
+    options, common = split_options(url, storage_options)
     connections = max(2, get_options().remote_inflight_bytes // get_options().chunk_bytes)
-    if url.startswith("s3://"):
-        from . import _s3
-
-        _check_names(url, options, _s3.OPTIONS)
-        transport: Any = _s3.S3Transport(url, options, min(64, connections))
-    elif url.startswith(("http://", "https://")):
-        from . import _http
-
-        _check_names(url, options, _http.OPTIONS)
-        transport = _http.HTTPTransport(url, options, min(64, connections))
-    else:
-        raise ValueError(f"{url}: not a URL ckptio reads (s3://, http://, https://)")
+    transport = transport_for(url, options, min(64, connections))
     return RemoteSource(
         transport,
         attempts=int(common["retries"]),
@@ -127,10 +113,39 @@ def whole_object(source: RemoteSource) -> io.BytesIO:
     return io.BytesIO(source.pread(0, source.size))
 
 
-def _check_names(url: str, options: dict[str, Any], known: frozenset[str]) -> None:
-    unknown = sorted(set(options) - known)
+def split_options(
+    url: str, storage_options: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the protocol's options, the options every source takes, defaults filled in) of
+    `storage_options` for `url`; an unknown name raises TypeError listing the known ones."""
+    options = dict(storage_options or {})
+    common = {k: options.pop(k, v) for k, v in _SOURCE_OPTIONS.items()}
+    unknown = sorted(set(options) - _protocol(url).OPTIONS)
     if unknown:
-        everything = sorted(known | set(_SOURCE_OPTIONS))
+        everything = sorted(_protocol(url).OPTIONS | set(_SOURCE_OPTIONS))
         raise TypeError(
             f"{url}: unknown storage_options {', '.join(unknown)}; known: {', '.join(everything)}"
         )
+    return options, common
+
+
+def transport_for(url: str, options: dict[str, Any], connections: int) -> Any:
+    """The transport (``_s3.S3Transport``, ``_http.HTTPTransport``) of `url`, with the
+    protocol's `options` (:func:`split_options`), pooling up to `connections`."""
+    module = _protocol(url)
+    if module.__name__.endswith("_s3"):
+        return module.S3Transport(url, options, connections)
+    return module.HTTPTransport(url, options, connections)
+
+
+def _protocol(url: str) -> Any:
+    """The module of `url`'s protocol (imported on first use: botocore, urllib3)."""
+    if url.startswith("s3://"):
+        from . import _s3
+
+        return _s3
+    if url.startswith(("http://", "https://")):
+        from . import _http
+
+        return _http
+    raise ValueError(f"{url}: not a URL ckptio reads (s3://, http://, https://)")

@@ -54,7 +54,7 @@ def upload_for(f: object, storage_options: Mapping[str, Any] | None, what: str) 
     """Where the entry point `what` (save, async_save) writes `f`: an :class:`Upload` for an
     ``s3://`` URL (its storage_options checked, its client made), None for anything else.
     Refuses ``http(s)://`` URLs and storage_options given with a local destination."""
-    from . import _SOURCE_OPTIONS, _check_names, _s3, is_url
+    from . import _s3, is_url, split_options
 
     if not is_url(f):
         if storage_options is not None:
@@ -69,9 +69,7 @@ def upload_for(f: object, storage_options: Mapping[str, Any] | None, what: str) 
     _s3.split_s3_url(f)
     if f.endswith("/"):
         raise ValueError(f"{f}: {what} needs an object key, not a prefix ending with '/'")
-    options = dict(storage_options or {})
-    common = {k: options.pop(k, v) for k, v in _SOURCE_OPTIONS.items()}
-    _check_names(f, options, _s3.OPTIONS)
+    options, common = split_options(f, storage_options)
     return Upload(f, options, int(common["retries"]), float(common["retry_backoff"]))
 
 
