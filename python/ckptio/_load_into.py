@@ -240,9 +240,22 @@ def load_into(
         raise TypeError(
             f"target must be a state dict (dict of tensors) or an nn.Module, got {type(target)!r}"
         )
-    from ._remote._cache import resolve as _cached
+    from ._remote import _cache
 
-    f, storage_options = _cached(f, storage_options, cache_dir, "load_into", False)
+    hit = _cache.optimistic(f, storage_options, cache_dir, False)
+    if hit is not None:  # the cached copy, read in while a thread checks it is current
+        try:
+            keys, error = load_into(target, hit.path, strict=strict), None
+        except Exception as e:
+            keys, error = None, e
+        if hit.valid():
+            if error is not None:
+                raise error
+            return keys  # type: ignore[return-value]
+        # stale: refilled below, and read in over what was written
+    f, storage_options = _cache.resolve(
+        f, storage_options, cache_dir, "load_into", False, hit.current if hit else None
+    )
     remote = _remote.source_for(f, storage_options, "load_into", False)
     layout = None
     if remote is None and _directory.is_directory_path(f):

@@ -18,6 +18,7 @@ decided beforehand, in one place (:class:`_placement.Placement`):
 from __future__ import annotations
 
 import array
+import concurrent.futures as cf
 from typing import Any
 
 from . import _core, _staging
@@ -27,6 +28,8 @@ from ._verify import checker_of
 __all__ = ["ReadBatch"]
 
 _NATIVE_SOURCES = (_core.io.File, _core.io.BufferSource)
+#: Remote objects read at once by one batch (each with its own GETs in flight).
+_REMOTE_AT_ONCE = 4
 
 
 class ReadBatch:
@@ -115,9 +118,15 @@ class ReadBatch:
         # A source of its own kind (a remote object: _remote) reads its share itself; the
         # C++ sources (File, BufferSource) go in one plan.
         native = [b for b in batches if isinstance(b[0], _NATIVE_SOURCES)]
-        for batch in batches:
-            if not isinstance(batch[0], _NATIVE_SOURCES):
-                read_into(*batch)
+        remote = [b for b in batches if not isinstance(b[0], _NATIVE_SOURCES)]
+        if len(remote) == 1:
+            read_into(*remote[0])
+        elif remote:
+            # Several remote objects (a directory's shards): read side by side, each by its
+            # own concurrent GETs, so one object's last GETs do not leave the link idle.
+            with cf.ThreadPoolExecutor(min(len(remote), _REMOTE_AT_ONCE)) as pool:
+                for future in [pool.submit(read_into, *batch) for batch in remote]:
+                    future.result()  # the first failure in the batch's order
         if len(native) == 1:
             read_into(*native[0])
         elif native:

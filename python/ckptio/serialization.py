@@ -285,6 +285,25 @@ def load(
                 cache_dir=cache_dir,
                 **pickle_load_args,
             )
+    from ._remote import _cache
+
+    hit = _cache.optimistic(
+        f, storage_options, cache_dir, bool(_default_mmap() if mmap is None else mmap)
+    )
+    if hit is not None:  # a cached copy, loaded while a thread checks it is current
+        try:
+            result, error = (
+                load(hit.path, map_location, pickle_module, weights_only=weights_only,
+                     mmap=mmap, **pickle_load_args),
+                None,
+            )  # fmt: skip
+        except Exception as e:
+            result, error = None, e
+        if hit.valid():
+            if error is not None:
+                raise error
+            return result
+        del result, error  # stale: refilled below, then loaded
     weights_only = _resolve_weights_only(weights_only, pickle_module)
     if weights_only:
         if pickle_module is not None:
@@ -298,9 +317,9 @@ def load(
     if mmap is None:
         mmap = _default_mmap()
 
-    from ._remote._cache import resolve as _cached
-
-    f, storage_options = _cached(f, storage_options, cache_dir, "load", bool(mmap))
+    f, storage_options = _cache.resolve(
+        f, storage_options, cache_dir, "load", bool(mmap), hit.current if hit else None
+    )
     remote = _remote.source_for(f, storage_options, "load", bool(mmap))
     if remote is None and _directory.is_directory_path(f):
         return _load_directory(

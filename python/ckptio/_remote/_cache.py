@@ -11,9 +11,11 @@ normalized URL (:func:`entry_key`):
   sidecar describes, or that changed since, is no entry);
 * ``<key>.lock``: an empty file whose ``flock`` serializes the fills of that key (it stays).
 
-**A load** of a URL with a cache directory: with an entry, one GET of the object's first
-byte gives its current size (``Content-Range``) and ETag; both match the sidecar: a hit, and
-the load runs on the local file as any local load. Otherwise (no entry, a stale or corrupted
+**A load** of a URL with a cache directory: with an entry, ``load`` and ``load_into`` read
+its data file at once while a thread validates it (:func:`optimistic`, :class:`Hit`), and
+keep the result only if the entry is current (``open`` validates first). The validation is
+one GET of the object's first byte: its ``Content-Range`` gives the current size, and with
+the ETag both match the sidecar: a hit, the local file's load is the result. Otherwise (no entry, a stale or corrupted
 one) the process takes the key's lock (waiting while another process fills it), looks again
 (another process may have just filled it: then a hit), and fills: it opens the object as a
 :class:`RemoteSource` (the usual opening round trip), streams it with the source's parallel
@@ -48,6 +50,7 @@ import hashlib
 import json
 import mmap as _mmap
 import os
+import threading
 import urllib.parse
 import warnings
 from typing import Any, Iterator, Mapping
@@ -63,7 +66,7 @@ from ._transport import (
     Unexpected,
 )
 
-__all__ = ["Cache", "entry_key", "resolve"]
+__all__ = ["Cache", "Hit", "entry_key", "optimistic", "resolve"]
 
 #: Bumped when the layout changes: entries of another version are other keys.
 LAYOUT_VERSION = 1
@@ -75,12 +78,14 @@ def resolve(
     cache_dir: Any,
     what: str,
     mmap: bool,
+    current: tuple[int, str] | None = None,
 ) -> tuple[Any, Mapping[str, Any] | None]:
     """(f, storage_options) for the entry point `what` (load, open, load_into) to read: when
     `f` is an object's URL and a cache directory is in force (`cache_dir`, else the
     ``remote_cache_dir`` setting), the path of its validated local copy and None; otherwise
     both unchanged. `cache_dir` with anything but a URL raises ValueError, as
-    storage_options does."""
+    storage_options does. `current`: the object's (size, ETag) as just asked (a stale
+    :class:`Hit`'s), so it is not asked again."""
     from . import is_url
 
     if cache_dir is None:
@@ -100,7 +105,7 @@ def resolve(
             "cached object would write into the cache: load it with MAP_PRIVATE or without mmap"
         )
     try:
-        path = Cache(os.fsdecode(os.fspath(cache_dir))).local_path(f, storage_options)
+        path = Cache(os.fsdecode(os.fspath(cache_dir))).local_path(f, storage_options, current)
     except OSError as e:
         if e.filename == f:
             raise  # the store's error (every one names the URL)
@@ -111,6 +116,57 @@ def resolve(
     if path is None:
         return f, storage_options
     return path, None
+
+
+class Hit:
+    """A cache entry loaded before it is validated (:func:`optimistic`): `path` is its data
+    file; :meth:`valid` waits for the validating GET, run meanwhile in a thread, and says
+    whether the object is still the one cached (False also when the GET failed: the caller
+    then takes the usual path, which validates again and raises the store's error)."""
+
+    def __init__(self, path: str, url: str, options: Mapping[str, Any] | None, entry: dict):
+        self.path = path
+        #: the object's (size, ETag) now, once validated (None: the GET told neither)
+        self.current: tuple[int, str] | None = None
+        self._answer: list[bool] = []
+        self._thread = threading.Thread(
+            target=self._validate, args=(url, options, entry), name="ckptio-cache-check"
+        )
+        self._thread.start()
+
+    def _validate(self, url: str, options: Mapping[str, Any] | None, entry: dict) -> None:
+        try:
+            self.current = current = _current_version(url, options)
+            self._answer.append(current is not None and _matches(entry, current))
+        except Exception:
+            self._answer.append(False)
+
+    def valid(self) -> bool:
+        self._thread.join()
+        return bool(self._answer and self._answer[0])
+
+
+def optimistic(
+    f: Any, storage_options: Mapping[str, Any] | None, cache_dir: Any, mmap: bool
+) -> Hit | None:
+    """A :class:`Hit` when `f` is an object's URL with an entry in the cache in force: the
+    caller loads its local file while the entry is validated, and keeps the result only if
+    :meth:`Hit.valid` (a hit then costs the local load, not the load plus a round trip and,
+    in a fresh process, the client's set-up). None otherwise: :func:`resolve` decides."""
+    from . import is_url
+
+    directory = cache_dir if cache_dir is not None else get_options().remote_cache_dir
+    if not is_url(f) or directory is None:
+        return None
+    assert isinstance(f, str)
+    if f.endswith(("/", ".index.json")) or (mmap and _mmap_shared()):
+        return None
+    cache = Cache(os.fsdecode(os.fspath(directory)))
+    key = entry_key(f, storage_options)
+    entry = cache.entry(key)
+    if entry is None:
+        return None
+    return Hit(cache.paths(key)[0], f, storage_options, entry)
 
 
 def entry_key(url: str, storage_options: Mapping[str, Any] | None) -> str:
@@ -164,17 +220,22 @@ class Cache:
         base = os.path.join(self.directory, key)
         return base + ".data", base + ".json", base + ".lock"
 
-    def local_path(self, url: str, storage_options: Mapping[str, Any] | None) -> str | None:
+    def local_path(
+        self,
+        url: str,
+        storage_options: Mapping[str, Any] | None,
+        known: tuple[int, str] | None = None,
+    ) -> str | None:
         """The path of the validated (or just filled) local copy of `url`; None for an
         object that cannot be cached (no strong ETag: loaded remotely)."""
         from . import open_source
 
         key = entry_key(url, storage_options)
         data_path, meta_path, lock_path = self.paths(key)
-        current: tuple[int, str] | None = None
+        current: tuple[int, str] | None = known
         entry = self.entry(key)
         if entry is not None:
-            current = _current_version(url, storage_options)
+            current = current or _current_version(url, storage_options)
             if current is not None and _matches(entry, current):
                 return data_path  # a hit
         os.makedirs(self.directory, exist_ok=True)
