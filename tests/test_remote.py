@@ -240,6 +240,24 @@ def test_open_get_slice_reads_only_its_bytes(http_server: RangeServer) -> None:
         assert len(data) > 4 << 20
 
 
+def test_eager_load_merges_small_and_large_reads(http_server: RangeServer) -> None:
+    """Small tensors between large ones are read in the same plan as their neighbours: the
+    GETs of an eager load are about the object's size over chunk_bytes, not one per small
+    tensor (each GET costs a round trip and a request's CPU)."""
+    sd = {}
+    for i in range(24):
+        sd[f"l{i:02d}.a"] = torch.randn(320, 1024)  # 1.25 MiB: a storage of its own
+        sd[f"l{i:02d}.b"] = torch.randn(64)  # 256 B, next to it in the file
+    data = _bytes_of(sd, "safetensors")
+    http_server.objects["/merge.safetensors"] = data
+    before = len(http_server.log)
+    with ckptio.options(chunk_bytes=4 << 20):
+        out = ckptio.load(f"{http_server.url}/merge.safetensors")
+    _same(out, sd, ordered=False)
+    gets = _data_gets(http_server, "/merge.safetensors", before)
+    assert len(gets) <= 2 + -(-len(data) // (4 << 20)) + 1, [g.range for g in gets]
+
+
 def test_open_s3_torch_file(store: Store) -> None:
     obj = _checkpoint(2)
     data = _bytes_of(obj, "torch")

@@ -341,7 +341,11 @@ class StorageLoader:
             if arena is None:
                 arena, self._arena_offsets, requests = _plan_arena(self.archive)
                 self._arena = arena
-                if self.deferred and get_options().overlap_reads:
+                # A remote object's small records are read with the big ones instead: one
+                # plan merges neighbours into few large GETs, where a batch of their own
+                # would cost a GET (a round trip, a request's CPU) for nearly each.
+                local = isinstance(self.archive.source, (_core.io.File, _core.io.BufferSource))
+                if self.deferred and get_options().overlap_reads and local:
                     self._start_prefetch(arena, requests)
                     self._arm_slicer(arena, self._arena_offsets)
             offset = self._arena_offsets[key]
