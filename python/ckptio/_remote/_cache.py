@@ -16,8 +16,9 @@ its data file at once while a thread validates it (:func:`optimistic`, :class:`H
 keep the result only if the entry is current (``open`` validates first). The validation is
 one GET of the object's first byte: its ``Content-Range`` gives the current size, and with
 the ETag both match the sidecar: a hit, the local file's load is the result. Otherwise (no
-entry, a stale or corrupted one) the process takes the key's lock (waiting while another process fills it), looks again
-(another process may have just filled it: then a hit), and fills: it opens the object as a
+entry, a stale or corrupted one) the process takes the key's lock (waiting while another
+process fills it), looks again (another process may have just filled it: then a hit), and
+fills: it opens the object as a
 :class:`RemoteSource` (the usual opening round trip), streams it with the source's parallel
 ranged GETs (each with ``If-Match``: the ETag it opened) into a temporary file in the cache
 directory mapped into memory (``posix_fallocate`` first: a full disk is an OSError, never a
