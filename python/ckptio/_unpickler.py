@@ -344,8 +344,10 @@ class StorageLoader:
                 # A remote object's small records are read with the big ones instead: one
                 # plan merges neighbours into few large GETs, where a batch of their own
                 # would cost a GET (a round trip, a request's CPU) for nearly each.
-                local = isinstance(self.archive.source, (_core.io.File, _core.io.BufferSource))
-                if self.deferred and get_options().overlap_reads and local:
+                from ._remote import RemoteSource
+
+                remote = isinstance(self.archive.source, RemoteSource)
+                if self.deferred and get_options().overlap_reads and not remote:
                     self._start_prefetch(arena, requests)
                     self._arm_slicer(arena, self._arena_offsets)
             offset = self._arena_offsets[key]
