@@ -16,7 +16,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["FaultProxy", "Logged", "MotoS3", "RangeServer"]
 
@@ -457,3 +457,18 @@ class RcloneS3:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def aws_environment(monkeypatch: Any, endpoint: str | None = None) -> None:
+    """The AWS configuration a user would set, through `monkeypatch`: keys ("testing", which
+    moto and RcloneS3 take) and region in the environment, the endpoint in
+    ``AWS_ENDPOINT_URL`` when given, and nothing else that would redirect a client."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    if endpoint is None:
+        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    else:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)

@@ -22,7 +22,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 import ckptio
-from _remote_servers import FaultProxy, MotoS3, RangeServer
+from _remote_servers import FaultProxy, MotoS3, RangeServer, aws_environment
 
 # The servers and clients come from requirements-dev.txt (make test); the compat environments
 # of make test-compat (requirements-compat.txt: torch's dependencies and the tests' core set)
@@ -100,12 +100,7 @@ def http_server() -> Iterator[RangeServer]:
 @pytest.fixture()
 def s3_env(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> MotoS3:
     """The AWS configuration a user would set: keys and the endpoint in the environment."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
+    aws_environment(monkeypatch, moto.endpoint)
     return moto
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 import ckptio
-from _remote_servers import FaultProxy, MotoS3, RangeServer
+from _remote_servers import FaultProxy, MotoS3, RangeServer, aws_environment
 from ckptio import settings
 from ckptio._remote import _cache
 
@@ -78,11 +78,7 @@ def http_server() -> Iterator[RangeServer]:
 
 @pytest.fixture()
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
+    aws_environment(monkeypatch)
 
 
 class Store:

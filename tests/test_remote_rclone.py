@@ -19,7 +19,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 import ckptio
-from _remote_servers import RcloneS3, rclone_binary
+from _remote_servers import RcloneS3, aws_environment, rclone_binary
 
 pytest.importorskip("botocore", reason="botocore is in requirements-dev.txt")
 if rclone_binary() is None:
@@ -37,11 +37,7 @@ def rclone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3]:
 
 @pytest.fixture()
 def options(rclone: RcloneS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", RcloneS3.KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", RcloneS3.SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
+    aws_environment(monkeypatch)  # its keys are RcloneS3's
     return {"endpoint_url": rclone.endpoint, "addressing_style": "path"}
 
 

@@ -21,7 +21,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 import ckptio
-from _remote_servers import FaultProxy, MotoS3
+from _remote_servers import FaultProxy, MotoS3, aws_environment
 from ckptio import _safetensors, settings
 from ckptio._remote import _upload
 
@@ -49,12 +49,7 @@ def moto() -> Iterator[MotoS3]:
 def s3(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoS3]:
     """moto, configured as a user would (keys and endpoint in the environment), with parts
     of PART bytes allowed (by moto and by the remote_part_bytes setting) and in force."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto.endpoint)
-    for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(var, raising=False)
+    aws_environment(monkeypatch, moto.endpoint)
     from moto.s3 import models as moto_models
 
     monkeypatch.setattr(moto_models, "S3_UPLOAD_PART_MIN_SIZE", PART)
