@@ -25,13 +25,15 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 @dataclass
 class Logged:
-    """One request a server answered: method, path, Range header, status, body bytes sent."""
+    """One request a server answered: method, path, Range header, status, body bytes sent,
+    and the client's User-Agent (the fault proxy's log)."""
 
     method: str
     path: str
     range: Optional[str]
     status: int
     sent: int
+    agent: str = ""
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -194,6 +196,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items()}
         action = owner.take(self.command, self.path, headers)
         requested = headers.get("Range")
+        agent = headers.get("User-Agent", "")
         if action in ("503", "500", "403", "404"):
             payload = b"<Error><Code>Injected</Code><Message>fault</Message></Error>"
             self.send_response(int(action))
@@ -201,7 +204,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Type", "application/xml")
             self.end_headers()
             self.wfile.write(payload)
-            owner.record(Logged(self.command, self.path, requested, int(action), 0))
+            owner.record(Logged(self.command, self.path, requested, int(action), 0, agent))
             return
         if action == "drop":  # no answer: the request was read, the connection is reset
             owner.record(Logged(self.command, self.path, requested, 0, 0))
@@ -245,7 +248,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if close:
             self.send_header("Connection", "close")
         self.end_headers()
-        owner.record(Logged(self.command, self.path, requested, status, len(sent)))
+        owner.record(Logged(self.command, self.path, requested, status, len(sent), agent))
         if self.command != "HEAD":
             self.wfile.write(sent)
         self.wfile.flush()

@@ -22,7 +22,7 @@ import torch
 from safetensors import torch as safetensors_torch
 
 import ckptio
-from _remote_servers import FaultProxy, MotoS3, RangeServer, aws_environment
+from _remote_servers import FaultProxy, Logged, MotoS3, RangeServer, aws_environment
 
 # The servers and clients come from requirements-dev.txt (make test); the compat environments
 # of make test-compat (requirements-compat.txt: torch's dependencies and the tests' core set)
@@ -368,7 +368,76 @@ def test_forbidden(faulty: Faulty) -> None:
     with pytest.raises(PermissionError) as info:
         ckptio.load(url, storage_options=faulty.options)
     assert info.value.errno == errno.EACCES and info.value.filename == url
-    assert len(faulty.proxy.log) <= 2  # not retried
+    # Not retried: each opening GET (head and tail) is sent once; over S3 twice, signed by
+    # ckptio, then by botocore, which reads S3's error.
+    assert len(faulty.proxy.log) <= (4 if faulty.kind == "s3" else 2)
+
+
+def _by_botocore(entry: Logged) -> bool:
+    """Whether botocore sent the request (its User-Agent names it; the signed GETs' is
+    urllib3's)."""
+    return "botocore" in entry.agent.lower()
+
+
+def test_s3_gets_are_signed_by_botocore_and_sent_without_its_client(s3_env: MotoS3) -> None:
+    """Every GET of a load, the opening ones included, goes out as a SigV4-signed urllib3
+    request to the URL botocore resolves (moto checks the signature), not through
+    botocore's per-request machinery."""
+    proxy = FaultProxy(s3_env.endpoint.removeprefix("http://"))
+    try:
+        sd = {f"t{i}": torch.randn(300_000) for i in range(4)}
+        s3_env.client.put_object(Bucket=BUCKET, Key="signed.pt", Body=_bytes_of(sd, "ckptio"))
+        options = {**FAST, "endpoint_url": proxy.url}
+        with ckptio.settings.options(chunk_bytes=1 << 20, remote_inflight_bytes=4 << 20):
+            out = ckptio.load(f"s3://{BUCKET}/signed.pt", storage_options=options)
+        _same(sd, out)
+        gets = [e for e in proxy.log if e.method == "GET"]
+        assert len(gets) > 4 and all(e.status in (200, 206) for e in gets)
+        assert not any(_by_botocore(e) for e in gets), [e.agent for e in gets]
+    finally:
+        proxy.close()
+
+
+def test_s3_signed_gets_fall_back_to_botocore_on_an_error_answer(s3_env: MotoS3) -> None:
+    """A GET the store answers with an error (a 403 here; a redirect to the bucket's region,
+    a 400...) is sent again through botocore, which reads S3's error; the object's later GETs
+    go through botocore too, and the load succeeds."""
+    proxy = FaultProxy(s3_env.endpoint.removeprefix("http://"))
+    try:
+        sd = {f"t{i}": torch.randn(300_000) for i in range(3)}
+        s3_env.client.put_object(Bucket=BUCKET, Key="fallback.pt", Body=_bytes_of(sd, "ckptio"))
+        proxy.inject("403", times=1)
+        options = {**FAST, "endpoint_url": proxy.url}
+        with ckptio.settings.options(chunk_bytes=1 << 20, remote_inflight_bytes=4 << 20):
+            out = ckptio.load(f"s3://{BUCKET}/fallback.pt", storage_options=options)
+        _same(sd, out)
+        gets = [e for e in proxy.log if e.method == "GET"]
+        assert [e.status for e in gets].count(403) == 1
+        assert not _by_botocore(next(e for e in gets if e.status == 403))
+        assert any(_by_botocore(e) and e.status in (200, 206) for e in gets)
+    finally:
+        proxy.close()
+
+
+def test_s3_signed_gets_are_off_where_a_proxy_is_configured(
+    s3_env: MotoS3, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore honours the proxy variables and the signed GETs' urllib3 pool would not: with
+    one set, every GET goes through botocore (here NO_PROXY exempts the loopback store)."""
+    proxy = FaultProxy(s3_env.endpoint.removeprefix("http://"))
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    try:
+        sd = {"a": torch.arange(10_000)}
+        s3_env.client.put_object(Bucket=BUCKET, Key="proxied.pt", Body=_bytes_of(sd, "ckptio"))
+        out = ckptio.load(
+            f"s3://{BUCKET}/proxied.pt", storage_options={**FAST, "endpoint_url": proxy.url}
+        )
+        _same(sd, out)
+        gets = [e for e in proxy.log if e.method == "GET"]
+        assert gets and all(_by_botocore(e) for e in gets)
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize(

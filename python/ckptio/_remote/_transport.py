@@ -22,6 +22,7 @@ __all__ = [
     "Transient",
     "Transport",
     "Unexpected",
+    "Unreachable",
     "parse_content_range",
 ]
 
@@ -45,6 +46,10 @@ class RangeNotSatisfiable(Exception):
 class Transient(Exception):
     """A failure worth retrying: 5xx, 429, a reset or refused connection, a timeout, a body
     cut short."""
+
+
+class Unreachable(Transient):
+    """A request that got no answer: refused, reset or timed-out connection, a TLS failure."""
 
 
 class Unexpected(Exception):
