@@ -170,6 +170,52 @@ def test_miss_then_hit(store: Store, tmp_path: Path, fmt: str) -> None:
     assert _one_entry(cache) == entry
 
 
+def test_s3_hit_is_validated_without_a_client(
+    moto: MotoS3, aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3 entry records where its signed GETs went (URL and region, no credentials). A
+    hit in a process with no botocore client validates there, signed with the credentials
+    botocore's chain gives now, and makes no client (about 0.1 s of a hit's time); an answer
+    other than a clear one there is asked again through a client; a replaced object is
+    still seen."""
+    from ckptio._remote import _s3
+
+    store = Store("s3", moto, None)
+    try:
+        sd = _state_dict(5)
+        url = store.put("noclient.pt", _bytes_of(sd, "ckptio"))
+        _same(ckptio.load(url, storage_options=store.options, cache_dir=tmp_path), sd)
+        sidecar = _one_entry(tmp_path).with_suffix(".json")
+        meta = json.loads(sidecar.read_text())
+        assert meta["signed_get"] == {
+            "url": f"{store.proxy.url}/{BUCKET}/noclient.pt",
+            "region": "us-east-1",
+        }
+        assert "testing" not in sidecar.read_text()  # the keys, neither one
+
+        monkeypatch.setattr(_s3, "_clients", {})  # a fresh process
+        since = len(store.proxy.log)
+        _same(ckptio.load(url, storage_options=store.options, cache_dir=tmp_path), sd)
+        assert _s3._clients == {}
+        hit = store.requests("noclient.pt", since)
+        assert [(e.range, e.status) for e in hit] == [("bytes=0-0", 206)]
+        assert "botocore" not in hit[0].agent.lower()
+
+        store.proxy.inject("403", times=1)  # the client-less GET refused: a client asks
+        since = len(store.proxy.log)
+        _same(ckptio.load(url, storage_options=store.options, cache_dir=tmp_path), sd)
+        hit = store.requests("noclient.pt", since)
+        assert [(e.range, e.status) for e in hit] == [("bytes=0-0", 403), ("bytes=0-0", 206)]
+        assert _s3._clients  # the second GET was the client's (signed at the URL it resolves)
+
+        monkeypatch.setattr(_s3, "_clients", {})
+        new = _state_dict(6, rows=300)
+        store.change("noclient.pt", _bytes_of(new, "ckptio"))
+        _same(ckptio.load(url, storage_options=store.options, cache_dir=tmp_path), new)
+    finally:
+        store.proxy.close()
+
+
 def test_hit_when_ranges_are_answered_200(store: Store, tmp_path: Path) -> None:
     """A store that answers ranged GETs with 200 and a Content-Range (rclone's serve s3):
     the validating GET still tells the size and ETag, so the second load is a hit."""

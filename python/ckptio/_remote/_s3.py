@@ -92,7 +92,6 @@ def _client_for(options: dict[str, Any], connections: int) -> _Client:
 def _make_client(options: dict[str, Any], connections: int) -> _Client:
     try:
         import botocore.config
-        import botocore.credentials
         import botocore.session
         from botocore import UNSIGNED
     except ImportError as e:
@@ -118,19 +117,7 @@ def _make_client(options: dict[str, Any], connections: int) -> _Client:
         config=config,
     )
     # The credentials the client signs with, as create_client chose them.
-    if options.get("anon"):
-        credentials = None
-    elif options.get("aws_access_key_id") and options.get("aws_secret_access_key"):
-        credentials = botocore.credentials.Credentials(
-            options["aws_access_key_id"],
-            options["aws_secret_access_key"],
-            options.get("aws_session_token"),
-        )
-    else:
-        try:
-            credentials = session.get_credentials()
-        except Exception:  # botocore raises its own for a broken profile: the client will too
-            credentials = None
+    credentials = None if options.get("anon") else _credentials(options, session)
     return _Client(client, credentials)
 
 
@@ -160,6 +147,13 @@ class S3Transport:
                 pass  # botocore reads S3's error (its code, a region redirect...)
             self._signed = None  # this object's GETs go through botocore from now on
         return self._botocore_get(byte_range, if_match)
+
+    @property
+    def signed_get(self) -> dict[str, Any] | None:
+        """The signed GETs' URL and signing region (``{"url", "region"}``; region None:
+        unsigned, anonymous), while they are in use; no credentials."""
+        signed = self._signed
+        return None if signed is None else {"url": signed.url, "region": signed.region}
 
     def _botocore_get(self, byte_range: str | None, if_match: str | None) -> Reply:
         kwargs: dict[str, Any] = {"Bucket": self._bucket, "Key": self._key}
@@ -192,6 +186,41 @@ class S3Transport:
 
 #: the query parameters of a SigV2 presigned URL
 _QUERY_AUTH = frozenset({"AWSAccessKeyId", "Signature", "Expires"})
+
+
+def _credentials(options: dict[str, Any], session: Any = None) -> Any:
+    """The credentials a client made with `options` signs with: the options' keys, else
+    botocore's chain (of `session`, or of a new one for the options' profile); None when
+    there are none."""
+    import botocore.credentials
+    import botocore.session
+
+    if options.get("aws_access_key_id") and options.get("aws_secret_access_key"):
+        return botocore.credentials.Credentials(
+            options["aws_access_key_id"],
+            options["aws_secret_access_key"],
+            options.get("aws_session_token"),
+        )
+    try:
+        if session is None:
+            session = botocore.session.Session(profile=options.get("profile"))
+        return session.get_credentials()
+    except Exception:  # botocore raises its own for a broken profile: a client will too
+        return None
+
+
+def _pool_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The urllib3 pool settings botocore would use for `options`."""
+    verify = options.get("verify")
+    if verify is None:
+        verify = os.environ.get("AWS_CA_BUNDLE") or True
+    return {
+        "verify": verify,
+        "connect_timeout": options.get("connect_timeout", 10),
+        "read_timeout": options.get("read_timeout", 60),
+    }
+
+
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY")
 
 
@@ -209,7 +238,34 @@ class _SignedGets:
     def __init__(self, http: Any, credentials: Any, region: str | None) -> None:
         self._http = http
         self._credentials = credentials
-        self._region = region
+        self.region = region
+        self.url: str = http.url
+
+    @classmethod
+    def without_client(cls, target: dict[str, Any], options: dict[str, Any]) -> _SignedGets | None:
+        """The signed GETs of a URL and region a client resolved before (`target`, from
+        :attr:`S3Transport.signed_get`), with the credentials botocore's chain (or the
+        options) gives now, without making a client (about 0.1 s): a cache validates its
+        entry with one such GET. None where a client is needed (see :meth:`open`)."""
+        if options.get("proxies") or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+            return None
+        url, region = target.get("url"), target.get("region")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            return None
+        if region is None:
+            if not options.get("anon"):
+                return None
+            credentials = None
+        elif not isinstance(region, str) or options.get("anon"):
+            return None
+        else:
+            credentials = _credentials(options)
+            if credentials is None:
+                return None
+        from ._http import HTTPTransport
+
+        http = HTTPTransport(url, _pool_options(options), 1, redirect=False)
+        return cls(http, credentials, region)
 
     @classmethod
     def open(
@@ -242,21 +298,11 @@ class _SignedGets:
             return None
         rest = urllib.parse.urlencode([(k, v) for k, v in query if k not in auth])
         url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, rest, ""))
-        verify = options.get("verify")
-        if verify is None:
-            verify = os.environ.get("AWS_CA_BUNDLE") or True
         from ._http import HTTPTransport, make_pool
 
         with _clients_lock:
             if entry.pool is None:
-                entry.pool = make_pool(
-                    {
-                        "verify": verify,
-                        "connect_timeout": options.get("connect_timeout", 10),
-                        "read_timeout": options.get("read_timeout", 60),
-                    },
-                    connections,
-                )
+                entry.pool = make_pool(_pool_options(options), connections)
         # A redirect is S3 naming the bucket's region: botocore follows it.
         http = HTTPTransport(url, {}, connections, redirect=False, pool=entry.pool)
         return cls(http, credentials, region)
@@ -273,9 +319,13 @@ class _SignedGets:
 
             request = AWSRequest(method="GET", url=self._http.url, headers=headers)
             frozen = self._credentials.get_frozen_credentials()
-            S3SigV4Auth(frozen, "s3", self._region).add_auth(request)
+            S3SigV4Auth(frozen, "s3", self.region).add_auth(request)
             headers = dict(request.headers.items())
         return self._http.send(headers)
+
+    def close(self) -> None:
+        """Closes the connections of a pool of its own (:meth:`without_client`)."""
+        self._http.close()
 
 
 def call(method: Any, **kwargs: Any) -> Any:

@@ -236,6 +236,12 @@ class RemoteSource:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def signed_get(self) -> dict[str, Any] | None:
+        """Where the transport sends its signed GETs, for a cache to validate by without a
+        client (``_s3.S3Transport.signed_get``); None for other transports."""
+        return getattr(self._transport, "signed_get", None)
+
     def pread(self, offset: int, n: int) -> bytes:
         """Exactly `n` bytes at `offset` (CheckpointError past the end, as a file's pread)."""
         self._check_range(offset, n)
