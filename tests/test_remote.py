@@ -11,9 +11,11 @@ from __future__ import annotations
 import errno
 import io
 import json
+import struct
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -200,6 +202,81 @@ def test_import_does_not_load_client_libraries() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------ predicted local headers
+def _big_storages() -> dict[str, torch.Tensor]:
+    """Storages 2.4 MB apart: their local headers lie farther apart than one GET of the
+    container round spans, so fetching them would take GETs of their own."""
+    g = torch.Generator().manual_seed(3)
+    return {f"w{i}": torch.randn(600_000, generator=g) for i in range(6)}
+
+
+@pytest.mark.parametrize("how", ["ckptio", "torch"])
+def test_eager_load_fetches_no_local_header_on_its_own(http_server: RangeServer, how: str) -> None:
+    """A torch archive laid out as torch's and ckptio's writers lay one out: the storages'
+    local headers are predicted, and each comes with its payload's GET (and is checked
+    there), so after the two opening GETs every GET carries payload."""
+    sd = _big_storages()
+    data = _bytes_of(sd, how)
+    http_server.objects["/predicted.pt"] = data
+    since = len(http_server.log)
+    _same(ckptio.load(f"{http_server.url}/predicted.pt"), sd)
+    gets = _data_gets(http_server, "/predicted.pt", since)
+    assert len(gets) > 2 and all(e.sent >= 1 << 20 for e in gets[2:]), [e.range for e in gets]
+    assert sum(e.sent for e in gets) <= len(data) + (2 << 20)
+
+
+def _shift_payload(data: bytes, name: str, by: int) -> bytes:
+    """`data` (a ckptio archive) with record `name`'s local extra field `by` bytes shorter,
+    its payload moved up as much, `by` zero bytes after it: every header at the same offset,
+    a valid archive, one local header no writer would write."""
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    h = info.header_offset
+    n, m = struct.unpack_from("<HH", data, h + 26)
+    extra_at = h + 30 + n
+    assert data[extra_at : extra_at + 2] == b"FB"
+    (pad,) = struct.unpack_from("<H", data, extra_at + 2)
+    assert m == 4 + pad and pad >= by
+    start, size = extra_at + m, info.compress_size
+    header = bytearray(data[h:extra_at])
+    struct.pack_into("<H", header, 28, m - by)
+    extra = b"FB" + struct.pack("<H", pad - by) + b"Z" * (pad - by)
+    moved = bytes(header) + extra + data[start : start + size] + bytes(by)
+    return data[:h] + moved + data[start + size :]
+
+
+def test_a_wrong_prediction_is_caught_and_the_archive_read_again(
+    http_server: RangeServer,
+) -> None:
+    """An archive whose headers all lie where the writer puts them, but one storage's local
+    header is not the writer's (a shorter extra field, the payload moved): the prediction
+    is caught by its check, and the load is done again with the headers fetched. Same
+    tensors as torch.load of the same bytes."""
+    sd = _big_storages()
+    data = _shift_payload(_bytes_of(sd, "ckptio"), "archive/data/2", 64)
+    _same(torch.load(io.BytesIO(data), weights_only=True), sd)  # the oracle: a valid file
+    http_server.objects["/mispredicted.pt"] = data
+    since = len(http_server.log)
+    _same(ckptio.load(f"{http_server.url}/mispredicted.pt"), sd)
+    gets = _data_gets(http_server, "/mispredicted.pt", since)
+    assert any(e.sent < 1 << 10 for e in gets[2:])  # the headers, fetched the second time
+
+
+def test_a_local_header_naming_another_record_is_refused_when_predicted(
+    http_server: RangeServer, tmp_path: Path
+) -> None:
+    """A storage's local header that names another record fails the prediction's check,
+    then the zip reader's, as a local file's does: CheckpointError, no result."""
+    data = bytearray(_bytes_of(_big_storages(), "ckptio"))
+    h = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("archive/data/4").header_offset
+    data[h + 30 + len("archive/data/")] ^= 0x01  # "4" -> "5"
+    (tmp_path / "bad.pt").write_bytes(data)
+    with pytest.raises(ckptio.CheckpointError, match="names a different record"):
+        ckptio.load(tmp_path / "bad.pt")
+    http_server.objects["/bad.pt"] = bytes(data)
+    with pytest.raises(ckptio.CheckpointError, match="names a different record"):
+        ckptio.load(f"{http_server.url}/bad.pt")
 
 
 # ----------------------------------------------------------------------------------- open

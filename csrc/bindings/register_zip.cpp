@@ -89,6 +89,13 @@ void register_zip(py::module_& m) {
                                for (const auto& r : l.records) out.push_back(r.data_offset);
                                return out;
                              })
+      .def_property_readonly("header_offsets",
+                             [](const ArchiveLayout& l) {
+                               std::vector<std::uint64_t> out;
+                               out.reserve(l.records.size());
+                               for (const auto& r : l.records) out.push_back(r.header_offset);
+                               return out;
+                             })
       .def("__len__", [](const ArchiveLayout& l) { return l.records.size(); })
       .def("local_header",
            [](const ArchiveLayout& l, std::size_t i) {

@@ -13,7 +13,7 @@ import os
 import pickle
 import sys
 import warnings
-from typing import IO, Any, Mapping, Sequence, Union, cast
+from typing import IO, Any, Callable, Mapping, Sequence, Union, cast
 
 import torch
 
@@ -370,6 +370,8 @@ def load(
                 source.pread(0, source.size),
                 pickle_load_args,
             )
+        if remote is not None:
+            remote.predict_headers = True  # checked before the result is kept (_unpickle_remote)
         archive = ArchiveReader(source)
         if _needs_torch(archive):
             # _load_with_torch checks data.pkl first.
@@ -387,6 +389,9 @@ def load(
                 pickles,
             )
         check_version(archive)
+        if remote is not None:
+            args = (map_location, None, weights_only, pickle_module, pickle_load_args)
+            return _unpickle_remote(archive, remote, lambda a: _unpickle(a, *args))
         mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
         return _unpickle(
             archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
@@ -394,6 +399,32 @@ def load(
     finally:
         if file is not None:
             file.close()
+
+
+def _unpickle_remote(
+    archive: ArchiveReader, remote: Any, unpickle: Callable[[ArchiveReader], Any]
+) -> Any:
+    """``unpickle(archive)`` of a remote archive whose storages' local headers were
+    predicted, not fetched (_remote/_source.py): the result is kept only once every
+    prediction is checked against the real header; if one was wrong, the result (or the
+    error it led to) is dropped and the archive read again with its headers fetched."""
+    try:
+        result = unpickle(archive)
+    except Exception as error:
+        try:
+            remote.check_predictions()
+        except _remote.Mispredicted:
+            pass
+        else:
+            raise error
+    else:
+        try:
+            remote.check_predictions()
+            return result
+        except _remote.Mispredicted:
+            del result
+    remote.forget_predictions()
+    return unpickle(ArchiveReader(remote))
 
 
 def _safetensors_checker(f: Any, source: Any, local: bool) -> _verify.FileChecker | None:

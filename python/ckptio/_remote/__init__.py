@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 from typing import Any, Mapping, cast
 
-from ._source import RemoteSource
+from ._source import Mispredicted, RemoteSource
 
 __all__ = [
+    "Mispredicted",
     "RemoteSource",
     "is_directory_url",
     "is_url",

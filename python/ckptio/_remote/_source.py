@@ -20,6 +20,13 @@ A :class:`RemoteSource` has what every source has (``name``, ``size``, ``pread``
   offset. This keeps one validator for local and remote archives, with no C++ change; the
   mapping is dropped once the directory is parsed, and what was fetched stays in a small
   cache of regions that serves ``pread`` (data.pkl, version) and reads inside it.
+  With :attr:`RemoteSource.predict_headers` (an eager ``load`` sets it), the storages' local
+  headers are not fetched in that round when the archive is laid out as torch's (and
+  ckptio's) writer lays one out (:func:`._zip.predict_storage_headers`): the reader gets the
+  predicted ones, each payload's GET also fetches the real header before it (contiguous,
+  so the same GET), and :meth:`RemoteSource.check_predictions` compares every one before the
+  load returns; a mismatch raises :class:`Mispredicted` and the caller loads again with the
+  headers fetched (never a tensor read from a wrong offset).
 * **Data reads** (:meth:`RemoteSource.read_into`): the (offset, length, address) requests are
   sorted, cut into pieces of at most ``chunk_bytes`` (the setting local reads use) and
   neighbours less than ``COALESCE_GAP`` apart merged into one GET; each GET's body is read
@@ -183,6 +190,11 @@ class _Regions:
         return [(a, b) for a, b in ranges if self.find(a, b - a) is None]
 
 
+class Mispredicted(Exception):
+    """A storage's real local header differs from its prediction: the load that used it is
+    dropped and done again with the headers fetched."""
+
+
 class RemoteSource:
     """An object in S3 or on an HTTP server, read by ranges (see the module docstring).
 
@@ -213,6 +225,11 @@ class RemoteSource:
         self._budget = threading.Condition()
         self._inflight = 0
         self._regions = _Regions()
+        #: predict the storages' local headers (module docstring) in zip_directory_source
+        self.predict_headers = False
+        #: the predictions not yet checked, by the payload's offset
+        self._predicted: dict[int, _zip.Prediction] = {}
+        self._mispredicted: str | None = None
         self._etag: str | None = None
         self._size = -1
         self._closed = False
@@ -285,7 +302,9 @@ class RemoteSource:
                 _core.io.raw_memoryview(address, length, readonly=False)[:] = cached
             else:
                 remote.append((offset, length, address))
-        if remote:
+        if self._predicted:
+            self._check_predictions_in(triples, remote)
+        elif remote:
             self._run(plan_gets(remote, chunk_bytes))
         if not crc32:
             return None
@@ -293,6 +312,64 @@ class RemoteSource:
             _core.zip.crc32(_core.io.raw_memoryview(address, length)) if length else 0
             for _, length, address in triples
         ]
+
+    def _check_predictions_in(
+        self, triples: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]
+    ) -> None:
+        """Reads `remote` (the triples not served from the cache) with, for each predicted
+        header just before a payload read from its start, that header too (the same GET:
+        the gap between them is the padding), then checks every prediction whose header the
+        reads covered, from the bytes read."""
+        chunk = get_options().chunk_bytes
+        headers: list[tuple[_zip.Prediction, bytearray]] = []
+        extra = []
+        for offset, length, _ in remote:
+            p = self._predicted.get(offset)
+            if p is not None and length:
+                buf = bytearray(len(p.header))
+                headers.append((p, buf))
+                extra.append((p.header_offset, len(buf), _address_of(buf)))
+        if remote:
+            self._run(plan_gets(remote + extra, chunk))
+        for p, buf in headers:
+            self._settle(p, buf)
+        if not self._predicted:
+            return
+        # Headers inside a range read (small records read as one span): from that memory.
+        spans = sorted((o, o + n, a) for o, n, a in triples if n)
+        starts = [o for o, _, _ in spans]
+        for p in list(self._predicted.values()):
+            i = bisect.bisect_right(starts, p.header_offset) - 1
+            if i >= 0:
+                start, stop, address = spans[i]
+                if p.header_offset + len(p.header) <= stop:
+                    real = _core.io.raw_memoryview(address + p.header_offset - start, len(p.header))
+                    self._settle(p, bytes(real))
+
+    def _settle(self, p: _zip.Prediction, real: bytes | bytearray) -> None:
+        """Marks prediction `p` checked against `real`, its header's bytes."""
+        if self._predicted.pop(p.data_offset, None) is not None and not p.matches(real):
+            self._mispredicted = self._mispredicted or (
+                f"the local header at offset {p.header_offset} is not the predicted one"
+            )
+
+    def check_predictions(self) -> None:
+        """Checks every predicted local header not checked yet (fetching the missing ones in
+        one round): raises :class:`Mispredicted` if any prediction was wrong."""
+        pending = list(self._predicted.values())
+        if pending:
+            self._fetch_regions(_merge([(p.header_offset, p.data_offset) for p in pending]))
+            for p in pending:
+                found = self._regions.find(p.header_offset, len(p.header))
+                self._settle(p, bytes(found) if found is not None else b"")
+        if self._mispredicted is not None:
+            raise Mispredicted(f"{self.url}: {self._mispredicted}")
+
+    def forget_predictions(self) -> None:
+        """Drops every prediction: the next zip_directory_source fetches the real headers."""
+        self.predict_headers = False
+        self._predicted.clear()
+        self._mispredicted = None
 
     def close(self) -> None:
         if not self._closed:
@@ -323,17 +400,44 @@ class RemoteSource:
         cd_offset, cd_size = (0, 0)
         if tail is not None:
             cd_offset, cd_size = _zip.central_directory_span(bytes(tail), tail_start)
+        predicted: dict[str, _zip.Prediction] = {}
         if 0 < cd_size and cd_offset + cd_size <= self._size:
             directory = self._regions.find(cd_offset, cd_size)
             raw = bytes(directory) if directory is not None else self.pread(cd_offset, cd_size)
-            regions = _zip.header_regions(_zip.entries(raw), cd_offset)
-            self._fetch_regions(_merge(regions))
+            records = _zip.entries(raw)
+            storages = frozenset(e.name for e in records if _zip.is_storage(e.name))
+            skip = storages if self.predict_headers else frozenset()
+            self._fetch_regions(_merge(_zip.header_regions(records, cd_offset, skip)))
+            if skip:
+                predicted = self._predict(records, cd_offset) or {}
+                if len(predicted) != len(storages):  # not the writer's layout: fetch them
+                    predicted = {}
+                    self._fetch_regions(_merge(_zip.header_regions(records, cd_offset)))
         sparse = mmap.mmap(
             -1, self._size, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_NORESERVE", 0)
         )
         for start, data in self._regions.items():
             sparse[start : start + len(data)] = data
+        for p in predicted.values():
+            sparse[p.header_offset : p.header_offset + len(p.header)] = p.header
+        self._predicted = {p.data_offset: p for p in predicted.values()}
         return _core.io.BufferSource(memoryview(sparse), self.name)
+
+    def _predict(self, records: list[_zip.Entry], end: int) -> dict[str, _zip.Prediction] | None:
+        """The storages' predicted headers (module docstring), the ``.storage_alignment``
+        record read from the fetched bytes."""
+        alignment = None
+        for e in records:
+            if e.name.endswith("/.storage_alignment") and e.size <= 16:
+                head = self._regions.find(e.header_offset, 30)
+                if head is not None:
+                    n, m = (
+                        int.from_bytes(head[26:28], "little"),
+                        int.from_bytes(head[28:30], "little"),
+                    )
+                    found = self._regions.find(e.header_offset + 30 + n + m, e.size)
+                    alignment = _zip.storage_alignment(bytes(found) if found is not None else None)
+        return _zip.predict_storage_headers(records, end, alignment)
 
     def _fetch_regions(self, regions: list[tuple[int, int]]) -> None:
         """Fetches and caches the (start, stop) regions not cached yet, concurrently."""

@@ -15,7 +15,16 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-__all__ = ["Entry", "central_directory_span", "entries", "header_regions"]
+__all__ = [
+    "Entry",
+    "Prediction",
+    "central_directory_span",
+    "entries",
+    "header_regions",
+    "is_storage",
+    "predict_storage_headers",
+    "storage_alignment",
+]
 
 _EOCD = b"PK\x05\x06"
 _ZIP64_LOCATOR = b"PK\x06\x07"
@@ -88,20 +97,23 @@ def _zip64_fields(extra: bytes, usize: int, size: int, offset: int) -> tuple[int
     return size, offset
 
 
-def header_regions(records: list[Entry], end: int) -> list[tuple[int, int]]:
+def header_regions(
+    records: list[Entry], end: int, skip: frozenset[str] = frozenset()
+) -> list[tuple[int, int]]:
     """The (start, stop) byte ranges the zip reader reads before any payload: each record's
     local header (30 bytes + its name: the reader takes the extra field's length, not its
     bytes), and the whole span of each metadata record (everything but ``<prefix>/data/*``,
     the storages), which the loader reads next. `end` is where the central directory
-    starts: nothing at or past it is asked for here."""
+    starts: nothing at or past it is asked for here. Records named in `skip` (whose headers
+    are predicted) are left out."""
     by_offset = sorted(records, key=lambda e: e.header_offset)
     regions = []
     for i, e in enumerate(by_offset):
         start = e.header_offset
-        if not 0 <= start < end:
+        if not 0 <= start < end or e.name in skip:
             continue
         stop = start + _LOCAL_HEADER_SIZE + len(e.name.encode())
-        if not _is_storage(e.name):
+        if not is_storage(e.name):
             # Its payload follows its header and an extra field of unknown length: take
             # everything up to the next record (bounded by the largest extra field).
             limit = by_offset[i + 1].header_offset if i + 1 < len(by_offset) else end
@@ -110,6 +122,96 @@ def header_regions(records: list[Entry], end: int) -> list[tuple[int, int]]:
     return regions
 
 
-def _is_storage(name: str) -> bool:
+def is_storage(name: str) -> bool:
+    """Whether record `name` is a storage (``<prefix>/data/*``), not metadata."""
     rel = name.split("/", 1)[1] if "/" in name else name
     return rel.startswith("data/")
+
+
+class Prediction(NamedTuple):
+    """The local header a storage record is predicted to have: at `header_offset`, the
+    `header` bytes the zip reader reads (signature, name and extra lengths, name; every other
+    field zero), followed by `extra` bytes of extra field, then the payload."""
+
+    header_offset: int
+    header: bytes
+    extra: int
+
+    @property
+    def data_offset(self) -> int:
+        return self.header_offset + len(self.header) + self.extra
+
+    def matches(self, real: bytes | bytearray | memoryview) -> bool:
+        """Whether `real`, the object's bytes at `header_offset`, has the fields the zip
+        reader checks as predicted (signature, name length and name, extra length): then the
+        reader finds the payload where the prediction put it."""
+        h = self.header
+        return len(real) >= len(h) and (
+            real[:4] == h[:4] and real[26:30] == h[26:30] and real[30 : len(h)] == h[30:]
+        )
+
+
+#: the alignment torch's writer gives every record unless told otherwise, and ckptio its
+#: metadata records
+_DEFAULT_ALIGNMENT = 64
+
+
+def predict_storage_headers(
+    records: list[Entry], end: int, storage_alignment: int | None
+) -> dict[str, Prediction] | None:
+    """The local headers of the storage records (``<prefix>/data/*``) of an archive laid out
+    as torch's writer lays one out (and ckptio's, byte for byte: ``_core.zip.plan_archive``),
+    or None for any other layout. Metadata records are aligned to 64 bytes (ckptio) or as
+    the storages (torch); storages to `storage_alignment` (the ``.storage_alignment``
+    record's value) or 64. A candidate layout is taken only if it puts every record's
+    header at the offset the central directory gives and the central directory at `end`:
+    each padding is then the writer's. The reads of the payloads check each prediction
+    (:meth:`Prediction.matches`) before a load returns."""
+    from .. import _core
+
+    by_offset = sorted(records, key=lambda e: e.header_offset)
+    if not by_offset or by_offset[0].header_offset != 0 or "/" not in by_offset[0].name:
+        return None
+    prefix = by_offset[0].name.split("/", 1)[0]
+    if not all(e.name.startswith(prefix + "/") for e in by_offset):
+        return None
+    storage = [is_storage(e.name) for e in by_offset]
+    if not any(storage):
+        return None
+    names = [e.name[len(prefix) + 1 :] for e in by_offset]
+    actual = [e.header_offset for e in by_offset]
+    alignments = [a for a in (storage_alignment, _DEFAULT_ALIGNMENT) if a]
+    candidates = [(m, a) for a in alignments for m in (_DEFAULT_ALIGNMENT, a)]
+    for meta, data in dict.fromkeys(candidates):
+        specs = [
+            (name, e.size, data if stored else meta)
+            for name, e, stored in zip(names, by_offset, storage, strict=True)
+        ]
+        try:
+            layout = _core.zip.plan_archive(prefix, specs)
+        except Exception:  # a name or alignment the writer refuses: not its layout
+            continue
+        if layout.central_directory_offset != end or layout.header_offsets != actual:
+            continue
+        out: dict[str, Prediction] = {}
+        for e, stored, data_offset in zip(by_offset, storage, layout.data_offsets, strict=True):
+            if not stored:
+                continue
+            name = e.name.encode()
+            extra = data_offset - e.header_offset - _LOCAL_HEADER_SIZE - len(name)
+            if not 0 <= extra <= _MAX_LOCAL_EXTRA:
+                return None
+            header = struct.pack("<4s22xHH", b"PK\x03\x04", len(name), extra) + name
+            out[e.name] = Prediction(e.header_offset, header, extra)
+        return out
+    return None
+
+
+def storage_alignment(raw: bytes | None) -> int | None:
+    """The value of a ``.storage_alignment`` record's payload, when it is one (a power of
+    two up to 64 KiB)."""
+    try:
+        value = int((raw or b"").strip() or b"0")
+    except ValueError:
+        return None
+    return value if 0 < value <= 1 << 16 and value & (value - 1) == 0 else None
