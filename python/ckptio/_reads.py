@@ -29,7 +29,7 @@ __all__ = ["ReadBatch"]
 
 _NATIVE_SOURCES = (_core.io.File, _core.io.BufferSource)
 #: Remote objects read at once by one batch (each with its own GETs in flight).
-_REMOTE_AT_ONCE = 4
+REMOTE_AT_ONCE = 4
 
 
 class ReadBatch:
@@ -124,7 +124,7 @@ class ReadBatch:
         elif remote:
             # Several remote objects (a directory's shards): read side by side, each by its
             # own concurrent GETs, so one object's last GETs do not leave the link idle.
-            with cf.ThreadPoolExecutor(min(len(remote), _REMOTE_AT_ONCE)) as pool:
+            with cf.ThreadPoolExecutor(min(len(remote), REMOTE_AT_ONCE)) as pool:
                 for future in [pool.submit(read_into, *batch) for batch in remote]:
                     future.result()  # the first failure in the batch's order
         if len(native) == 1:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 from typing import Any, Mapping, cast
 
-from ._source import Mispredicted, RemoteSource
+from ._source import Mispredicted, RemoteSource, connections
 
 __all__ = [
     "Mispredicted",
     "RemoteSource",
+    "connections",
     "is_directory_url",
     "is_url",
     "list_names",
@@ -95,11 +96,8 @@ def open_source(url: str, storage_options: Mapping[str, Any] | None = None) -> R
     ``headers``, ``connect_timeout``, ``read_timeout``, ``verify``. Unknown names raise
     TypeError.
     """
-    from ..settings import get_options
-
     options, common = split_options(url, storage_options)
-    connections = max(2, get_options().remote_inflight_bytes // get_options().chunk_bytes)
-    transport = transport_for(url, options, min(64, connections))
+    transport = transport_for(url, options, connections())
     return RemoteSource(
         transport,
         attempts=int(common["retries"]),

@@ -401,7 +401,7 @@ def _current_version(
     object, which raises the store's error if there is one). An S3 entry filled with signed
     GETs is asked at their URL first, without making a client (about 0.1 s of a hit's
     time); anything but a clear answer there asks again through the client."""
-    from . import split_options, transport_for
+    from . import connections, split_options, transport_for
 
     options, _ = split_options(url, storage_options)
     target = (entry or {}).get("signed_get")
@@ -416,10 +416,8 @@ def _current_version(
                 signed.close()
             if current is not None:
                 return current
-    opts = get_options()
-    connections = min(64, max(2, opts.remote_inflight_bytes // opts.chunk_bytes))
     # S3: the reads' pool size, so the same options share one cached client with them.
-    transport = transport_for(url, options, connections if url.startswith("s3://") else 1)
+    transport = transport_for(url, options, connections() if url.startswith("s3://") else 1)
     try:
         return _first_byte(transport)
     finally:

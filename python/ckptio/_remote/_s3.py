@@ -302,7 +302,12 @@ class _SignedGets:
 
         with _clients_lock:
             if entry.pool is None:
-                entry.pool = make_pool(_pool_options(options), connections)
+                # Kept-alive connections for every GET in flight: a batch reads up to
+                # REMOTE_AT_ONCE objects at once (a directory's shards), each with
+                # `connections` GETs; fewer would close one after each GET beyond them.
+                from .._reads import REMOTE_AT_ONCE
+
+                entry.pool = make_pool(_pool_options(options), connections * REMOTE_AT_ONCE)
         # A redirect is S3 naming the bucket's region: botocore follows it.
         http = HTTPTransport(url, {}, connections, redirect=False, pool=entry.pool)
         return cls(http, credentials, region)
@@ -353,7 +358,10 @@ def list_names(url: str, options: dict[str, Any], attempts: int, backoff: float)
     bucket, _, prefix = url[len("s3://") :].partition("/")
     if not bucket:
         raise ValueError(f"{url}: an S3 directory URL names a bucket: s3://bucket/dir/")
-    client = client_for(options, 2)
+    from ._source import connections
+
+    # The reads' pool size: the shards' reads then share this client (made once: 0.1 s).
+    client = client_for(options, connections())
     names: list[str] = []
     kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
     while True:

@@ -190,6 +190,14 @@ class _Regions:
         return [(a, b) for a, b in ranges if self.find(a, b - a) is None]
 
 
+def connections() -> int:
+    """The GETs one source keeps in flight (``remote_inflight_bytes // chunk_bytes``, 2 to
+    64): its thread count, and the connection pool size of every request maker of the same
+    options, so that they share one cached S3 client."""
+    opts = get_options()
+    return max(2, min(64, opts.remote_inflight_bytes // opts.chunk_bytes))
+
+
 class Mispredicted(Exception):
     """A storage's real local header differs from its prediction: the load that used it is
     dropped and done again with the headers fetched."""
@@ -220,8 +228,7 @@ class RemoteSource:
         self._backoff = backoff
         opts = get_options()
         self._inflight_limit: int = opts.remote_inflight_bytes
-        workers = max(2, min(64, self._inflight_limit // opts.chunk_bytes))
-        self._pool = cf.ThreadPoolExecutor(workers, thread_name_prefix="ckptio-remote")
+        self._pool = cf.ThreadPoolExecutor(connections(), thread_name_prefix="ckptio-remote")
         self._budget = threading.Condition()
         self._inflight = 0
         self._regions = _Regions()

@@ -33,6 +33,7 @@ import threading
 from typing import Any, Callable, Mapping
 
 from ..settings import Options, get_options
+from ._source import connections
 
 __all__ = ["MAX_PARTS", "PARTS_PER_SIZE", "PartWriter", "Upload", "part_size", "upload_for"]
 
@@ -87,11 +88,8 @@ class Upload:
         opts = get_options()
         # The reads' connection count (the same options share one client and its pool), or
         # the parts' if more can be in flight.
-        inflight = opts.remote_inflight_bytes
-        connections = min(
-            64, max(2, inflight // opts.chunk_bytes, inflight // opts.remote_part_bytes)
-        )
-        self.client = _s3.client_for(options, connections)
+        parts = opts.remote_inflight_bytes // opts.remote_part_bytes
+        self.client = _s3.client_for(options, min(64, max(connections(), parts)))
 
     def write(self, write: Callable[[Any], object]) -> None:
         """`write(file object)`, its bytes uploaded to the URL; the object appears once
