@@ -216,6 +216,37 @@ def test_s3_hit_is_validated_without_a_client(
         store.proxy.close()
 
 
+def test_s3_hit_without_a_client_takes_a_profiles_keys(
+    moto: MotoS3, aws_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a profile in storage_options, the client-less validation signs with that
+    profile's keys (botocore's chain for it), not with the environment's, as a client
+    would; without one, with the environment's (the chain's first link)."""
+    from ckptio._remote import _s3
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text("[ckpt]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-the-profiles")
+    store = Store("s3", moto, None)
+    try:
+        sd = _state_dict(7)
+        url = store.put("profile.pt", _bytes_of(sd, "ckptio"))
+        options = {**store.options, "profile": "ckpt"}
+        cache = tmp_path / "cache"
+        _same(ckptio.load(url, storage_options=options, cache_dir=cache), sd)
+        monkeypatch.setattr(_s3, "_clients", {})
+        since = len(store.proxy.log)
+        _same(ckptio.load(url, storage_options=options, cache_dir=cache), sd)
+        assert _s3._clients == {}
+        hit = store.requests("profile.pt", since)
+        assert [(e.range, e.status) for e in hit] == [("bytes=0-0", 206)]
+        assert _s3._credentials({"profile": "ckpt"}).access_key == "testing"
+        assert _s3._credentials({}).access_key == "not-the-profiles"
+    finally:
+        store.proxy.close()
+
+
 def test_hit_when_ranges_are_answered_200(store: Store, tmp_path: Path) -> None:
     """A store that answers ranged GETs with 200 and a Content-Range (rclone's serve s3):
     the validating GET still tells the size and ETag, so the second load is a hit."""
