@@ -230,6 +230,11 @@ def _pool_options(options: dict[str, Any]) -> dict[str, Any]:
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY")
 
 
+def _proxied() -> bool:
+    """Whether the environment names a proxy, which botocore honours and urllib3 does not."""
+    return any(os.environ.get(v) for v in _PROXY_VARIABLES)
+
+
 class _SignedGets:
     """One object's GETs without botocore's per-request work (serializing the call, the
     endpoint rules, its event hooks, parsing the answer: 1.7 ms of CPU a GET here, against
@@ -253,7 +258,7 @@ class _SignedGets:
         :attr:`S3Transport.signed_get`), with the credentials botocore's chain (or the
         options) gives now, without making a client (about 0.1 s): a cache validates its
         entry with one such GET. None where a client is needed (see :meth:`open`)."""
-        if options.get("proxies") or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        if _proxied():
             return None
         url, region = target.get("url"), target.get("region")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
@@ -277,7 +282,9 @@ class _SignedGets:
     def open(
         cls, entry: _Client, bucket: str, key: str, options: dict[str, Any], connections: int
     ) -> _SignedGets | None:
-        if options.get("proxies") or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        """The signed GETs of `bucket`/`key` for the client of `entry`; None where they
+        would not be sent as the client sends its requests (class docstring)."""
+        if _proxied():
             return None
         try:
             presigned = entry.client.generate_presigned_url(
