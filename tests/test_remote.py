@@ -458,8 +458,8 @@ def _by_botocore(entry: Logged) -> bool:
 
 def test_s3_gets_are_signed_by_botocore_and_sent_without_its_client(s3_env: MotoS3) -> None:
     """Every GET of a load, the opening ones included, goes out as a SigV4-signed urllib3
-    request to the URL botocore resolves (moto checks the signature), not through
-    botocore's per-request machinery."""
+    request to the URL botocore resolves, not through botocore's per-request machinery
+    (test_remote_rclone.py runs them against a store that checks every signature)."""
     proxy = FaultProxy(s3_env.endpoint.removeprefix("http://"))
     try:
         sd = {f"t{i}": torch.randn(300_000) for i in range(4)}
