@@ -43,6 +43,15 @@ py::tuple directory_tuple(const ZipDirectory& dir, bool with_crcs) {
   return py::make_tuple(dir.prefix, records);
 }
 
+/// One offset of every planned record (`member`: data_offset or header_offset), in order.
+std::vector<std::uint64_t> record_offsets(const ArchiveLayout& l,
+                                          std::uint64_t PlannedRecord::*member) {
+  std::vector<std::uint64_t> out;
+  out.reserve(l.records.size());
+  for (const auto& r : l.records) out.push_back(r.*member);
+  return out;
+}
+
 }  // namespace
 
 void register_zip(py::module_& m) {
@@ -84,17 +93,11 @@ void register_zip(py::module_& m) {
                              [](const ArchiveLayout& l) { return l.central_directory_offset; })
       .def_property_readonly("data_offsets",
                              [](const ArchiveLayout& l) {
-                               std::vector<std::uint64_t> out;
-                               out.reserve(l.records.size());
-                               for (const auto& r : l.records) out.push_back(r.data_offset);
-                               return out;
+                               return record_offsets(l, &PlannedRecord::data_offset);
                              })
       .def_property_readonly("header_offsets",
                              [](const ArchiveLayout& l) {
-                               std::vector<std::uint64_t> out;
-                               out.reserve(l.records.size());
-                               for (const auto& r : l.records) out.push_back(r.header_offset);
-                               return out;
+                               return record_offsets(l, &PlannedRecord::header_offset);
                              })
       .def("__len__", [](const ArchiveLayout& l) { return l.records.size(); })
       .def("local_header",

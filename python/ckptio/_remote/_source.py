@@ -310,7 +310,7 @@ class RemoteSource:
             else:
                 remote.append((offset, length, address))
         if self._predicted:
-            self._check_predictions_in(triples, remote)
+            self._check_predictions_in(triples, remote, chunk_bytes)
         elif remote:
             self._run(plan_gets(remote, chunk_bytes))
         if not crc32:
@@ -321,13 +321,15 @@ class RemoteSource:
         ]
 
     def _check_predictions_in(
-        self, triples: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]
+        self,
+        triples: list[tuple[int, int, int]],
+        remote: list[tuple[int, int, int]],
+        chunk_bytes: int,
     ) -> None:
         """Reads `remote` (the triples not served from the cache) with, for each predicted
         header just before a payload read from its start, that header too (the same GET:
         the gap between them is the padding), then checks every prediction whose header the
         reads covered, from the bytes read."""
-        chunk = get_options().chunk_bytes
         headers: list[tuple[_zip.Prediction, bytearray]] = []
         extra = []
         for offset, length, _ in remote:
@@ -337,7 +339,7 @@ class RemoteSource:
                 headers.append((p, buf))
                 extra.append((p.header_offset, len(buf), _address_of(buf)))
         if remote:
-            self._run(plan_gets(remote + extra, chunk))
+            self._run(plan_gets(remote + extra, chunk_bytes))
         for p, buf in headers:
             self._settle(p, buf)
         if not self._predicted:
