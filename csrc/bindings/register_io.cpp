@@ -115,12 +115,16 @@ py::object read_many(const py::sequence& batches, std::size_t threads, std::size
   return crc_list(crc32 ? &crcs : nullptr);
 }
 
-void write_from(const File& file, const py::buffer& requests, std::size_t threads,
-                std::size_t chunk_bytes) {
+py::object write_from(const File& file, const py::buffer& requests, std::size_t threads,
+                      std::size_t chunk_bytes, bool crc32) {
   std::vector<WriteRequest> batch = parse_write_requests(requests);
-  py::gil_scoped_release nogil;
-  auto pool = shared_pool(threads);
-  write_ranges(file, batch, *pool, chunk_bytes);
+  std::vector<std::uint32_t> crcs;
+  {
+    py::gil_scoped_release nogil;
+    auto pool = shared_pool(threads);
+    write_ranges(file, batch, *pool, chunk_bytes, crc32 ? &crcs : nullptr);
+  }
+  return crc_list(crc32 ? &crcs : nullptr);
 }
 
 }  // namespace
@@ -161,9 +165,11 @@ void register_io(py::module_& m) {
            "CRC-32 of each (offset, length) pair of a flat uint64 buffer, read in parallel "
            "through small buffers (nothing kept).")
       .def("write_from", &write_from, py::arg("requests"), py::arg("threads"),
-           py::arg("chunk_bytes"),
+           py::arg("chunk_bytes"), py::arg("crc32") = false,
            "Parallel writes; requests is a flat uint64 buffer of (offset, length, address) "
-           "triples (the caller keeps the memory alive for the call).")
+           "triples (the caller keeps the memory alive for the call). With crc32, returns the "
+           "CRC-32 of each request, computed by the writing threads piece by piece and "
+           "combined; else None.")
       .def("preallocate", &File::preallocate, py::arg("size"), py::arg("start") = 0,
            py::call_guard<py::gil_scoped_release>(),
            "Reserves size bytes of disk (a full disk fails here, not mid-write).")

@@ -127,18 +127,21 @@ void register_zip(py::module_& m) {
 
   py::class_<ArchiveWriter>(m, "ArchiveWriter")
       .def(py::init([](const File& file, const std::string& archive_name, std::size_t threads,
-                       std::size_t chunk_bytes, bool crc32, bool preallocate) {
+                       std::size_t chunk_bytes, bool crc32, bool preallocate, bool file_crc32) {
              WriteOptions options;
              options.threads = threads;
              options.chunk_bytes = chunk_bytes;
              options.crc32 = crc32;
              options.preallocate = preallocate;
+             options.file_crc32 = file_crc32;
              return new ArchiveWriter(file, archive_name, options);
            }),
            py::arg("file"), py::arg("archive_name"), py::arg("threads"), py::arg("chunk_bytes"),
-           py::arg("crc32"), py::arg("preallocate"), py::keep_alive<1, 2>(),
+           py::arg("crc32"), py::arg("preallocate"), py::arg("file_crc32") = false,
+           py::keep_alive<1, 2>(),
            "Writes a torch archive into `file` (new and empty) while records are added: "
-           "threads - 1 workers write the records already added; finish() joins them.")
+           "threads - 1 workers write the records already added; finish() joins them. With "
+           "file_crc32, file_crc32() gives the whole file's CRC-32 once finished.")
       .def(
           "add",
           [](ArchiveWriter& w, const std::string& name, std::uint32_t alignment,
@@ -178,6 +181,9 @@ void register_zip(py::module_& m) {
           py::arg("reserved_crcs") = std::vector<std::pair<std::size_t, std::uint32_t>>{},
           "Waits for the writes, then writes the central directory. `reserved_crcs`: (index, "
           "crc) of reserved records (crc32 only). Returns each record's CRC (0s without crc32).")
+      .def("file_crc32", &ArchiveWriter::file_crc32,
+           "The CRC-32 of the whole file, combined from the CRCs of the bytes written (every "
+           "payload's computed by the workers as it went out); after finish(), file_crc32 only.")
       .def(
           "abandon",
           [](ArchiveWriter& w) {

@@ -22,6 +22,12 @@ void put_crc(std::uint8_t* descriptor, std::uint32_t crc) {
   for (int i = 0; i < 4; ++i) descriptor[4 + i] = static_cast<std::uint8_t>(crc >> (8 * i));
 }
 
+// `crc` extended by the CRC-32 of the `size` bytes at `data`, which follow it in the file.
+std::uint32_t extend(std::uint32_t crc, const void* data, std::uint64_t size) {
+  if (size == 0) return crc;
+  return crc32_combine(crc, crc32_update(0, data, static_cast<std::size_t>(size)), size);
+}
+
 }  // namespace
 
 ArchiveWriter::ArchiveWriter(const File& file, std::string archive_name,
@@ -30,7 +36,7 @@ ArchiveWriter::ArchiveWriter(const File& file, std::string archive_name,
   check_archive_name(archive_name_);
   if (options_.chunk_bytes == 0) throw InvalidArgument("ArchiveWriter: chunk_bytes must be positive");
   if (options_.threads == 0) throw InvalidArgument("ArchiveWriter: threads must be positive");
-  if (options_.crc32 && !crc32_available()) {
+  if ((options_.crc32 || options_.file_crc32) && !crc32_available()) {
     throw InvalidArgument("ckptio was built without zlib; CRC-32 is unavailable");
   }
   workers_.reserve(options_.threads - 1);
@@ -86,7 +92,10 @@ std::size_t ArchiveWriter::add_record(const std::string& name, std::uint32_t ali
     const std::vector<std::uint8_t> d = data_descriptor(r.plan, 0);
     std::copy(d.begin(), d.end(), r.descriptor.begin());
   }
-  const bool crc = options_.crc32 && size != 0;
+  // `crc`: the payload is checksummed as it is written; `record`: its CRC goes into the
+  // descriptor (else 0, and the descriptor goes out with the payload).
+  const bool crc = (options_.crc32 || options_.file_crc32) && size != 0;
+  const bool record = options_.crc32 && size != 0;
   const Segment header{r.plan.local_header.data(), r.plan.local_header.size()};
   const Segment padding{padding_bytes(), r.plan.padding};
   const Segment descriptor{r.descriptor.data(), r.plan.descriptor_size};
@@ -94,7 +103,7 @@ std::size_t ArchiveWriter::add_record(const std::string& name, std::uint32_t ali
   if (reserved) {
     push(Unit{r.plan.header_offset, {header, padding}, 2, header.size + padding.size});
     if (r.plan.descriptor_size != 0) {
-      if (crc) {
+      if (record) {
         r.descriptor_at_finish = true;
       } else {
         push(Unit{r.plan.descriptor_offset, {descriptor}, 1, descriptor.size});
@@ -111,7 +120,7 @@ std::size_t ArchiveWriter::add_record(const std::string& name, std::uint32_t ali
       u.bytes += size + descriptor.size;
       u.record = &r;
       u.crc_out = &r.crc;
-      u.fill_descriptor = crc;
+      u.fill_descriptor = record;
     }
     push(u);
   } else {
@@ -135,14 +144,14 @@ std::size_t ArchiveWriter::add_record(const std::string& name, std::uint32_t ali
       }
       u.segments[u.count++] = Segment{bytes + at, len};
       u.bytes += len;
-      if (i + 1 == pieces && !crc) {
+      if (i + 1 == pieces && !record) {
         u.segments[u.count++] = descriptor;
         u.bytes += descriptor.size;
       }
       u.record = &r;
       push(u);
     }
-    r.descriptor_at_finish = crc;
+    r.descriptor_at_finish = record;
   }
   return records_.size() - 1;
 }
@@ -268,9 +277,10 @@ std::vector<std::uint32_t> ArchiveWriter::finish(
       throw InvalidArgument("ArchiveWriter::finish: record " + std::to_string(index) +
                             " is not a reserved record");
     }
-    if (options_.crc32) records_[index].crc = crc;
+    if (options_.crc32 || options_.file_crc32) records_[index].crc = crc;
   }
   std::vector<std::uint32_t> crcs(n, 0);
+  std::uint32_t file_crc = 0;
   ArchiveLayout layout;
   layout.records.reserve(n);
   for (std::size_t i = 0; i < n; ++i) {
@@ -284,10 +294,21 @@ std::vector<std::uint32_t> ArchiveWriter::finish(
       }
       r.crc = crc;
     }
-    crcs[i] = r.crc;
+    if (options_.crc32) crcs[i] = r.crc;
     if (r.descriptor_at_finish) {
       const std::vector<std::uint8_t> d = data_descriptor(r.plan, r.crc);
       file_.write_all(d.data(), d.size(), r.plan.descriptor_offset);
+    }
+    if (options_.file_crc32) {
+      // The record's bytes in file order: header, padding, payload, descriptor.
+      const PlannedRecord& p = r.plan;
+      file_crc = extend(file_crc, p.local_header.data(), p.local_header.size());
+      file_crc = extend(file_crc, padding_bytes(), p.padding);
+      if (p.size != 0) file_crc = crc32_combine(file_crc, r.crc, p.size);
+      if (p.descriptor_size != 0) {
+        const std::vector<std::uint8_t> d = data_descriptor(p, crcs[i]);
+        file_crc = extend(file_crc, d.data(), d.size());
+      }
     }
     layout.records.push_back(std::move(r.plan));
   }
@@ -297,8 +318,16 @@ std::vector<std::uint32_t> ArchiveWriter::finish(
   const std::vector<std::uint8_t> cd = central_directory(layout, crcs);
   file_.write_all(cd.data(), cd.size(), end_);
   if (reserved_ > layout.total_size) file_.truncate(layout.total_size);
+  if (options_.file_crc32) file_crc_ = extend(file_crc, cd.data(), cd.size());
   finished_ = true;
   return crcs;
+}
+
+std::uint32_t ArchiveWriter::file_crc32() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!options_.file_crc32) throw InvalidArgument("ArchiveWriter: file_crc32 was not requested");
+  if (!finished_) throw InvalidArgument("ArchiveWriter: file_crc32 before finish");
+  return file_crc_;
 }
 
 void ArchiveWriter::abandon() noexcept {

@@ -82,11 +82,13 @@ Bytes build(const std::string& archive, const std::vector<Record>& records, bool
 }
 
 // Writes `records` through an ArchiveWriter; records whose index is in `reserved` are
-// reserved and then written by the caller, as a device payload is. Returns the CRCs.
+// reserved and then written by the caller, as a device payload is. Returns the CRCs; with
+// options.file_crc32, the whole file's goes to *file_crc.
 std::vector<std::uint32_t> write_with(const ckptio::File& f, const std::string& archive,
                                       const std::vector<Record>& records,
                                       const ckptio::WriteOptions& options,
-                                      const std::vector<std::size_t>& reserved = {}) {
+                                      const std::vector<std::size_t>& reserved = {},
+                                      std::uint32_t* file_crc = nullptr) {
   ckptio::ArchiveWriter writer(f, archive, options);
   for (std::size_t i = 0; i < records.size(); ++i) {
     const auto& r = records[i];
@@ -99,9 +101,13 @@ std::vector<std::uint32_t> write_with(const ckptio::File& f, const std::string& 
   for (std::size_t i : reserved) {
     const auto& payload = records[i].payload;
     f.write_all(payload.data(), payload.size(), writer.data_offset(i));
-    if (options.crc32) crcs.emplace_back(i, ckptio::crc32_update(0, payload.data(), payload.size()));
+    if (options.crc32 || options.file_crc32) {
+      crcs.emplace_back(i, ckptio::crc32_update(0, payload.data(), payload.size()));
+    }
   }
-  return writer.finish(crcs);
+  std::vector<std::uint32_t> out = writer.finish(crcs);
+  if (options.file_crc32) *file_crc = writer.file_crc32();
+  return out;
 }
 
 ZipDirectory parse(const Bytes& bytes) {
@@ -237,20 +243,26 @@ TEST(zip_archive_writer_then_read_round_trips) {
   harness::TempDir dir;
   const auto records = small_records();
   const ArchiveLayout layout = ckptio::plan_archive("ckpt", specs_of(records));
-  for (bool crc : {false, true}) {
-    if (crc && !ckptio::crc32_available()) continue;
+  for (int mode = 0; mode < 4; ++mode) {
+    // CRCs recorded or not, the whole file's CRC-32 asked for or not.
+    const bool crc = mode & 1;
+    const bool file_crc = mode & 2;
+    if ((crc || file_crc) && !ckptio::crc32_available()) continue;
     for (std::size_t threads : {std::size_t{1}, std::size_t{3}}) {
       // Record 1 is reserved and written by the caller; chunk_bytes of 1000 splits the larger
       // payloads into pieces and groups the small records into shared writes.
-      const std::string path = dir.file("t" + std::to_string(threads) + (crc ? "crc.pt" : ".pt"));
+      const std::string path =
+          dir.file("t" + std::to_string(threads) + "-" + std::to_string(mode) + ".pt");
       std::vector<std::uint32_t> crcs;
+      std::uint32_t whole_crc = 0;
       {
         ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kCreate);
         ckptio::WriteOptions options;
         options.threads = threads;
         options.crc32 = crc;
+        options.file_crc32 = file_crc;
         options.chunk_bytes = 1000;
-        crcs = write_with(f, "ckpt", records, options, {1});
+        crcs = write_with(f, "ckpt", records, options, {1}, &whole_crc);
       }
       ckptio::File f = ckptio::File::open(path, ckptio::File::Mode::kRead);
       CHECK_EQ(f.size(), layout.total_size);
@@ -282,6 +294,8 @@ TEST(zip_archive_writer_then_read_round_trips) {
       Bytes whole(static_cast<std::size_t>(f.size()));
       f.read_exact(whole.data(), whole.size(), 0);
       CHECK(whole == build("ckpt", records, crc));
+      // The CRC combined from the writes is the one of the bytes on disk.
+      if (file_crc) CHECK_EQ(whole_crc, ckptio::crc32_update(0, whole.data(), whole.size()));
     }
   }
 }

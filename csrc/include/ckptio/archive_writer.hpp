@@ -32,6 +32,10 @@ struct WriteOptions {
   std::size_t threads = 1;
   std::size_t chunk_bytes = std::size_t{8} << 20;  ///< most bytes per write call
   bool crc32 = false;       ///< false writes 0 in every CRC field (torch ignores them)
+  /// Also compute the CRC-32 of the whole file (file_crc32()), from the buffers as they are
+  /// written: each payload's CRC (computed by the workers whether or not crc32 records it),
+  /// combined with the CRCs of the headers, padding, descriptors and central directory.
+  bool file_crc32 = false;
   bool preallocate = true;  ///< reserve disk space ahead of the writes
 };
 
@@ -65,6 +69,8 @@ class ArchiveWriter {
   /// CRCs (zeros when crc32 is off). Rethrows the first write error.
   std::vector<std::uint32_t> finish(
       const std::vector<std::pair<std::size_t, std::uint32_t>>& reserved_crcs = {});
+  /// The CRC-32 of the whole file written, once finish() has returned (file_crc32 only).
+  std::uint32_t file_crc32() const;
   /// Stops: no new write starts, and returns once the writes in flight have ended, so that
   /// the payloads may be freed. The file is left incomplete. Idempotent; never throws.
   void abandon() noexcept;
@@ -117,6 +123,7 @@ class ArchiveWriter {
   bool closing_ = false;
   bool stopped_ = false;        // abandoned or failed: write nothing more
   bool finished_ = false;
+  std::uint32_t file_crc_ = 0;  // finish()'s, with options_.file_crc32
   std::exception_ptr error_;
   std::vector<std::thread> workers_;
 };
