@@ -593,11 +593,11 @@ def test_an_exception_mid_save_keeps_the_previous_directory(
     real_write = ckptio._safetensors.write
     written: list[Any] = []
 
-    def write_then_fail(target: Any, plan: Any) -> None:
+    def write_then_fail(target: Any, plan: Any, **kwargs: Any) -> Any:
         written.append(plan)
         if len(written) == 2:
             raise OSError(28, "No space left on device")
-        real_write(target, plan)
+        return real_write(target, plan, **kwargs)
 
     monkeypatch.setattr(ckptio._safetensors, "write", write_then_fail)
     with pytest.raises(OSError, match="No space left"):
@@ -637,11 +637,11 @@ KILL_SCRIPT = textwrap.dedent(
         kwargs["pickle_module"] = types.SimpleNamespace(Pickler=Pickler)
     elif where == "mid-shards":
         real = ckptio._safetensors.write
-        def write(target, plan):
+        def write(target, plan, **kwargs):
             made.append(1)
             if len(made) == 3:
                 die()
-            real(target, plan)
+            return real(target, plan, **kwargs)
         ckptio._safetensors.write = write
     elif where == "after-swap":
         _shard_writer.shutil.rmtree = die  # the old directory is about to be removed

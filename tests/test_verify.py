@@ -19,6 +19,8 @@ from _simulated_copier import SimulatedCopier
 from ckptio import _core, _staging, _verify
 from ckptio._staging import DeviceTarget
 
+from conftest import same_values
+
 BIG = 300_000  # float32 elements: a 1.2 MB storage, read on its own (not the small block)
 
 
@@ -437,13 +439,151 @@ def test_write_placed_returns_the_files_crc(
         assert isinstance(payloads[1], _writer.DevicePayload)
     path = tmp_path / "f.bin"
     with _core.io.File.open(str(path), _core.io.FileMode.CREATE) as f:
-        crc = _writer.write_placed(f, placed, at, crc32=True)
+        crc = _writer.write_placed(f, placed, at, file_crc32=True)
     assert crc == zlib.crc32(path.read_bytes())
     buf = io.BytesIO()
-    assert _writer.write_placed(buf, placed, at, crc32=True) == crc
+    assert _writer.write_placed(buf, placed, at, file_crc32=True) == crc
     assert buf.getvalue() == path.read_bytes()
     with _core.io.File.open(str(tmp_path / "g.bin"), _core.io.FileMode.CREATE) as f:
         assert _writer.write_placed(f, placed, at) is None
+
+
+@pytest.mark.parametrize("destination", ["file", "bytesio"])
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "ring"])
+@pytest.mark.parametrize("record_crcs", [False, True], ids=["zeros", "record-crcs"])
+def test_torch_archive_writer_returns_the_files_crc(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    destination: str,
+    staged: bool,
+    record_crcs: bool,
+) -> None:
+    """The CRC-32 of a whole torch archive that its writer combines from the regions it
+    writes (local headers, padding, payloads split into pieces or grouped, descriptors with
+    or without record CRCs, central directory, end records) is zlib's CRC-32 of the file:
+    into a File (storages written while pickling, or reserved and streamed through the ring)
+    and into a file object."""
+    import pickle
+    import sys
+
+    from ckptio import _writer
+
+    if staged:
+        monkeypatch.setattr(_staging, "copier_for", lambda d: _staging.TorchCopier(d))
+    state = _state()
+
+    def save(file_crc32: bool) -> tuple[int | None, bytes]:
+        args = ("archive", state, pickle, 2)
+        with ckptio.options(write_crc32=record_crcs, write_chunk_bytes=256 << 10):
+            if destination == "bytesio":
+                buf = io.BytesIO()
+                crc = _writer.save_object(
+                    buf, *args, byteorder=sys.byteorder, file_crc32=file_crc32
+                )
+                return crc, buf.getvalue()
+            path = tmp_path / "a.pt"
+            with _core.io.File.open(str(path), _core.io.FileMode.CREATE) as f:
+                crc = _writer.save_object(f, *args, byteorder=sys.byteorder, file_crc32=file_crc32)
+            return crc, path.read_bytes()
+
+    crc, data = save(file_crc32=True)
+    assert crc == zlib.crc32(data)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert any(i.CRC for i in z.infolist()) == record_crcs
+        if record_crcs:
+            assert z.testzip() is None
+    out = torch.load(io.BytesIO(data))
+    assert torch.equal(out["big"], state["big"]) and out["epoch"] == 3
+    assert save(file_crc32=False)[0] is None
+
+
+def _edge_tensors() -> dict[str, torch.Tensor]:
+    """A state dict for several shards at the edges of what the formats store: empty, 0-d,
+    non-contiguous, narrow and wide dtypes."""
+    g = torch.Generator().manual_seed(7)
+    return {
+        "big": torch.randn(70_000, generator=g),  # a shard of its own
+        "empty": torch.zeros(0),
+        "scalar": torch.tensor(2.5),
+        "transposed": torch.randn(64, 48, generator=g).t(),
+        "bf16": torch.randn(3000, generator=g).to(torch.bfloat16),
+        "fp8": torch.randn(5000, generator=g).to(torch.float8_e4m3fn),
+        "bool": torch.rand(333, generator=g) > 0.5,
+        "complex": torch.randn(2000, dtype=torch.complex64, generator=g),
+        "int64": torch.arange(10_000),
+    }
+
+
+def _check_listed(d: Path) -> dict[str, tuple[int, int]]:
+    """The manifest of directory `d`, checked against the files on disk: every file but the
+    manifest listed, each with its size and zlib's CRC-32."""
+    listed = _verify.read_manifest(d / _verify.MANIFEST_NAME)
+    assert sorted(listed) == sorted(p.name for p in d.iterdir() if p.name != _verify.MANIFEST_NAME)
+    for name, (size, crc) in listed.items():
+        data = (d / name).read_bytes()
+        assert (size, crc) == (len(data), zlib.crc32(data)), name
+    return listed
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "ring"])
+@pytest.mark.parametrize("record_crcs", [False, True], ids=["zeros", "record-crcs"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_manifest_crcs_come_from_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, record_crcs: bool, staged: bool
+) -> None:
+    """save(..., manifest=True) lists the CRC-32 each writer computed from the buffers it
+    wrote (the index's from its bytes): no file is read back, and each is zlib's CRC-32 of
+    the file on disk, with its size. A verified load passes, and fails once a byte changes
+    that only the manifest covers (a torch shard's padding) or a tensor's byte."""
+    if staged:
+        monkeypatch.setattr(_staging, "copier_for", lambda d: _staging.TorchCopier(d))
+
+    def read_back(path: Any) -> tuple[int, int]:
+        raise AssertionError(f"the save read {path} back")
+
+    monkeypatch.setattr(_verify, "file_crc32", read_back)
+    sd = _edge_tensors()
+    d = tmp_path / "model"
+    with ckptio.options(write_crc32=record_crcs, write_chunk_bytes=64 << 10):
+        ckptio.save(sd, d, max_shard_size=60_000, format=fmt, manifest=True)
+    monkeypatch.undo()
+    listed = _check_listed(d)
+    shards = sorted(n for n in listed if not n.endswith(".json"))
+    assert len(shards) >= 3 and len(listed) == len(shards) + 1  # and the index
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ckptio.load(d, verify=True)
+    assert sorted(out) == sorted(sd)
+    assert all(same_values(out[k], v) for k, v in sd.items())
+    big = next(n for n in shards if (d / n).stat().st_size > 280_000)
+    raw = bytearray((d / big).read_bytes())
+    if fmt == "torch":
+        at = raw.index(b"ZZZZ")  # padding of the FB extra field: no record CRC covers it
+    else:
+        at = raw.index(sd["big"].numpy().tobytes()[:64]) + 100
+    raw[at] ^= 0x01
+    (d / big).write_bytes(bytes(raw))
+    with pytest.raises(ckptio.CheckpointError, match=rf"{big}: fails the CRC-32 its manifest"):
+        ckptio.load(d, verify=True)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_manifest_of_one_shard_and_of_nothing(tmp_path: Path, fmt: str) -> None:
+    """One shard (no index) and an empty state dict (one empty shard) are listed too."""
+    for name, sd in [("one", {"w": torch.randn(10)}), ("none", {})]:
+        d = tmp_path / name
+        ckptio.save(sd, d, max_shard_size="1GB", format=fmt, manifest=True)
+        assert len(_check_listed(d)) == 1
+        assert _verify.check_manifest(d) == 1
+
+
+def test_directory_manifest_of_legacy_torch_shards(tmp_path: Path) -> None:
+    """Shards in torch's legacy format, which torch writes, are read back for their CRCs."""
+    d = tmp_path / "model"
+    sd = {f"w{i}": torch.randn(5000) for i in range(3)}
+    ckptio.save(sd, d, _use_new_zipfile_serialization=False, max_shard_size=25_000, manifest=True)
+    assert len(_check_listed(d)) == 4
+    assert _verify.check_manifest(d) == 4
 
 
 # ------------------------------------------------------------------------------ the command

@@ -28,11 +28,13 @@ import socket
 import stat
 import tempfile
 import threading
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 from . import _core
 from ._verify import checker_of
 from .settings import Options, get_options
+
+_T = TypeVar("_T")
 
 __all__ = [
     "Source",
@@ -208,26 +210,25 @@ def is_path(f: object) -> bool:
     return isinstance(f, (str, bytes, os.PathLike))
 
 
-def write_to(f: Any, write: Callable[[Any], object], durable: bool) -> None:
+def write_to(f: Any, write: Callable[[Any], _T], durable: bool) -> _T:
     """Runs `write` on its destination: for a path, a _core.io.File over a temporary file that
     replaces the target atomically once `write` returns (:func:`atomic_file`), or, for a
     device, FIFO or socket, a file object opened on it, as torch.save would write it; else on
-    the writable file object `f`, flushed after."""
+    the writable file object `f`, flushed after. Returns what `write` returns."""
     if not is_path(f):
-        write(f)
+        result = write(f)
         flush = getattr(f, "flush", None)
         if callable(flush):
             flush()
-        return
+        return result
     path = os.fsdecode(f)
     target, mode = _replaceable_target(path)
     if mode is not None and not stat.S_ISREG(mode):
         # A device, FIFO or socket: write into it as torch.save would, never replace it.
         with open(target, "wb") as fh:
-            write(fh)
-        return
+            return write(fh)
     with _atomic_file(path, target, mode, durable) as file:
-        write(file)
+        return write(file)
 
 
 @contextlib.contextmanager

@@ -423,10 +423,11 @@ def _shared_groups(tensors: Mapping[str, torch.Tensor]) -> list[list[str]]:
     return groups
 
 
-def write(target: _core.io.File | IO[bytes], p: Plan) -> None:
+def write(target: _core.io.File | IO[bytes], p: Plan, *, file_crc32: bool = False) -> int | None:
     """Writes a planned file through the save pipeline: parallel pwrite into a _core.io.File
     (one batch, GIL released; CUDA tensors through the pinned ring), sequential writes into a
-    file object."""
+    file object. With `file_crc32`, returns the CRC-32 of the whole file, computed from the
+    buffers as they are written (_writer.write_placed); else None."""
     placed: list[tuple[int, Any]] = [(0, p.header)]
     copiers: dict[torch.device, Any] = {}
     held = []
@@ -434,5 +435,6 @@ def write(target: _core.io.File | IO[bytes], p: Plan) -> None:
         payload, kept = tensor_payload(t, copiers)
         held.append(kept)
         placed.append((offset, payload))
-    write_placed(target, placed, p.total_size)
+    crc = write_placed(target, placed, p.total_size, file_crc32=file_crc32)
     del held  # alive until written
+    return crc

@@ -349,7 +349,7 @@ def save_directory(
     clone_shared: bool,
     durable: bool,
     manifest: bool,
-    save_torch_shard: Callable[[dict[str, torch.Tensor], str], None],
+    save_torch_shard: Callable[[dict[str, torch.Tensor], str, bool], int | None],
 ) -> None:
     """Saves `state_dict` as a model directory at `path` (see :func:`plan_directory`).
 
@@ -364,11 +364,15 @@ def save_directory(
     removes once its writer is dead.
 
     With `manifest`, :data:`_verify.MANIFEST_NAME` lists the size and CRC-32 of every file
-    written (shards and index), computed from the complete files in the temporary directory
-    (still in the page cache) before the swap.
+    written (shards and index), written into the temporary directory before the swap. Each
+    CRC comes from the write itself (the writers combine the CRCs of the buffers they write,
+    :class:`_writer.RecordWriter`, :func:`_writer.write_placed`; the index's from its bytes):
+    no file is read back, except a torch shard in the legacy format, which torch writes.
 
-    `save_torch_shard(tensors, file)` writes one torch-format shard (serialization.save with the
-    caller's pickling arguments). `clone_shared` must be False (it is a file save's option).
+    `save_torch_shard(tensors, file, file_crc32)` writes one torch-format shard (serialization's
+    torch save with the caller's pickling arguments) and, when `file_crc32` is true, returns
+    the file's CRC-32 computed as it was written (None when it cannot: torch's legacy format).
+    `clone_shared` must be False (it is a file save's option).
 
     Refuses, before writing anything: a `path` that exists and is not a directory
     (NotADirectoryError), a directory holding anything but the shards and index files a
@@ -401,21 +405,30 @@ def save_directory(
     except OSError as e:  # report the caller's path, not the temporary name
         raise type(e)(e.errno, e.strerror, shown) from None
     try:
+        entries = []  # the manifest's, file by file
         for name, tensors in plan.shards.items():
             file = os.path.join(tmp, name)
             if plan.format == "safetensors":
-                layout = layouts[name]
-                write_to(file, functools.partial(_write_safetensors, layout=layout), durable)
+                write = functools.partial(
+                    _write_safetensors, layout=layouts[name], file_crc32=manifest
+                )
+                crc = write_to(file, write, durable)
             else:
-                save_torch_shard(tensors, file)
+                crc = save_torch_shard(tensors, file, manifest)
+            if manifest:
+                if crc is None:  # written by torch (legacy format): read it back
+                    entries.append(_verify.manifest_entry(name, *_verify.file_crc32(file)))
+                else:
+                    entries.append(_verify.manifest_entry(name, os.path.getsize(file), crc))
         if plan.index_name is not None:
+            data = plan.index_bytes()
             with atomic_file(os.path.join(tmp, plan.index_name), durable) as index:
-                write_bytes(index, plan.index_bytes())
+                write_bytes(index, data)
+            if manifest:
+                entries.append(
+                    _verify.manifest_entry(plan.index_name, len(data), _core.zip.crc32(data))
+                )
         if manifest:
-            names = [*plan.shards, *([plan.index_name] if plan.index_name else [])]
-            entries = [
-                _verify.manifest_entry(n, *_verify.file_crc32(os.path.join(tmp, n))) for n in names
-            ]
             _verify.write_manifest(tmp, entries)
         if mode is not None:
             os.chmod(tmp, mode)  # a replaced directory keeps its permissions
@@ -429,8 +442,8 @@ def save_directory(
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_safetensors(target: Any, layout: _safetensors.Plan) -> None:
-    _safetensors.write(target, layout)
+def _write_safetensors(target: Any, layout: _safetensors.Plan, file_crc32: bool) -> int | None:
+    return _safetensors.write(target, layout, file_crc32=file_crc32)
 
 
 def _directory_target(path: str) -> tuple[str, int | None]:

@@ -40,8 +40,9 @@ buffers being written. Names: :data:`MANIFEST_NAME` in a model directory,
 The contract for writers (the directory save, ``_shard_writer``):
 
 1. for each file written, call :func:`manifest_entry` with its name, size and the CRC-32 of
-   its bytes: either from the pieces written in file order (:func:`combine`, e.g. what
-   ``_writer.write_placed(..., crc32=True)`` returns) or, for a file already on disk,
+   its bytes: either from the pieces written in file order (what the writers return with
+   ``file_crc32=True``: ``_writer.write_placed``, ``_writer.save_object``; or
+   :func:`combine`) or, for a file another writer made (torch's legacy format),
    :func:`file_crc32`;
 2. once every file is complete, :func:`write_manifest` (directory, entries) writes the
    manifest atomically, in the same temporary directory as the files, before it is swapped

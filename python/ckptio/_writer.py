@@ -162,11 +162,14 @@ def write_payloads_at(
     """Writes each (key, file offset, payload) of `placed`: DevicePayloads stream through
     their copier's ring (one pass per copier), host payloads go out in one parallel write.
     The payloads of records an archive writer reserved (ArchiveWriter.reserve) are written
-    this way. With `crc32`, returns the CRC-32 of each key's payload."""
+    this way. With `crc32`, returns the CRC-32 of each key's payload, computed from the
+    buffers as they are written (host payloads by the writing threads, piece by piece;
+    device payloads on the pinned slots)."""
     opts = get_options()
     crcs: dict[Any, int] = {}
     by_copier: dict[int, tuple[_staging.Copier, list[tuple[int, int, Any]]]] = {}
     host = array.array("Q")
+    host_keys: list[Any] = []  # the key of each request of `host`
     keepalive: list[Any] = []  # writable copies of bytes payloads, alive until the write
     for key, offset, p in placed:
         if isinstance(p, DevicePayload):
@@ -185,8 +188,9 @@ def write_payloads_at(
             address = ctypes.addressof((ctypes.c_char * size).from_buffer(copy)) if size else 0
         if size:
             host.extend((offset, size, address))
-        if crc32:
-            crcs[key] = _core.zip.crc32(_core.io.raw_memoryview(address, size)) if size else 0
+            host_keys.append(key)
+        elif crc32:
+            crcs[key] = 0
     buffer_bytes, buffers, threads, chunk = _staging.ring_knobs()
     for copier, requests in by_copier.values():
         fills = _staging.plan_fills(requests, buffer_bytes)
@@ -207,7 +211,9 @@ def write_payloads_at(
             )
         )
     if len(host):
-        file.write_from(host, opts.threads, opts.write_chunk_bytes)
+        found = file.write_from(host, opts.threads, opts.write_chunk_bytes, crc32)
+        if found is not None:
+            crcs.update(zip(host_keys, found, strict=True))
     del keepalive
     return crcs
 
@@ -222,14 +228,25 @@ class RecordWriter:
     alive until :meth:`finish` or :meth:`abandon` returns) and device payloads are reserved,
     then streamed out by :meth:`finish`. Into a file object, records are written in file
     order by :meth:`finish`. Used as a context manager, an exception abandons the archive.
+
+    `crc32` records each record's CRC-32 in the archive (else zeros). `file_crc32` asks for
+    the CRC-32 of the whole file (:attr:`file_crc`, set by :meth:`finish`), combined from the
+    CRCs of every byte region written (headers, padding, payloads computed by the writing
+    threads as they go out, descriptors, central directory), whether or not `crc32` records
+    them: the digest a manifest lists (_verify.manifest_entry), with no second pass.
     """
 
-    def __init__(self, destination: Destination, archive_name: str, *, crc32: bool) -> None:
-        if crc32 and not _core.zip.crc32_available():
-            raise RuntimeError("ckptio was built without zlib: crc32=True is unavailable")
+    def __init__(
+        self, destination: Destination, archive_name: str, *, crc32: bool, file_crc32: bool = False
+    ) -> None:
+        if (crc32 or file_crc32) and not _core.zip.crc32_available():
+            raise RuntimeError("ckptio was built without zlib: CRC-32 is unavailable")
         self.destination = destination
         self.archive_name = archive_name
         self.crc32 = crc32
+        self.file_crc32 = file_crc32
+        #: The whole file's CRC-32 once :meth:`finish` has returned (`file_crc32` only).
+        self.file_crc: int | None = None
         self._writer: _core.zip.ArchiveWriter | None = None
         self._reserved: list[tuple[int, Payload]] = []
         self._specs: list[tuple[str, int, int]] = []  # (name, size, alignment), in order
@@ -243,6 +260,7 @@ class RecordWriter:
                 opts.write_chunk_bytes,
                 crc32,
                 opts.preallocate,
+                file_crc32,
             )
 
     @property
@@ -263,6 +281,12 @@ class RecordWriter:
             writer.add(name, alignment, payload[0], payload[1])
         else:
             writer.add_bytes(name, alignment, payload)
+
+    def add_all(self, specs: Sequence[tuple[str, int, int]], payloads: Sequence[Payload]) -> None:
+        """Adds records whose payloads all exist: (name, size, alignment) specs, one payload
+        each."""
+        for (name, size, alignment), p in zip(specs, payloads, strict=True):
+            self.add(name, alignment, p, size)
 
     def sink(self, alignment: int, direct: frozenset[str]) -> tuple[Any, int, frozenset[str]]:
         """The pickler's sink (_pickler.dumps): each storage it finds becomes the next record
@@ -289,9 +313,15 @@ class RecordWriter:
         if writer is None:
             return self._write_sequentially()
         placed = [(i, writer.data_offset(i), p) for i, p in self._reserved]
-        crcs = write_payloads_at(self.destination, placed, crc32=self.crc32)  # type: ignore[arg-type]
+        crcs = write_payloads_at(
+            self.destination,  # type: ignore[arg-type]
+            placed,
+            crc32=self.crc32 or self.file_crc32,
+        )
         offsets = [writer.data_offset(i) for i in range(len(writer))]
         writer.finish(sorted(crcs.items()))
+        if self.file_crc32:
+            self.file_crc = writer.file_crc32()
         return offsets
 
     def abandon(self) -> None:
@@ -303,18 +333,28 @@ class RecordWriter:
         target: Any = self.destination
         layout = _core.zip.plan_archive(self.archive_name, self._specs)
         crcs = []
+        file_crc = 0
+
+        def put(data: bytes | memoryview) -> None:
+            nonlocal file_crc
+            write_all(target, data)
+            if self.file_crc32:
+                file_crc = _core.zip.crc32(data, file_crc)
+
         for i, payload in enumerate(self._payloads):
             if isinstance(payload, DevicePayload):
                 host = payload.storage.cpu()  # one storage on the host at a time
                 view = host_view((host.data_ptr(), host.nbytes()))
             else:
                 view = host_view(payload)
-            write_all(target, layout.local_header(i))
-            write_all(target, view)
+            put(layout.local_header(i))
+            put(view)
             crc = _core.zip.crc32(view) if self.crc32 else 0
             crcs.append(crc)
-            write_all(target, layout.data_descriptor(i, crc))
-        write_all(target, layout.central_directory(crcs))
+            put(layout.data_descriptor(i, crc))
+        put(layout.central_directory(crcs))
+        if self.file_crc32:
+            self.file_crc = file_crc
         return list(layout.data_offsets)
 
     def __enter__(self) -> RecordWriter:
@@ -336,8 +376,7 @@ def write_archive(
     """Writes an archive of records whose payloads all exist ((name, size, alignment) specs,
     one payload each) into a File or a file object; returns each record's data offset."""
     with RecordWriter(destination, archive_name, crc32=crc32) as records:
-        for (name, size, alignment), p in zip(specs, payloads, strict=True):
-            records.add(name, alignment, p, size)
+        records.add_all(specs, payloads)
         return records.finish()
 
 
@@ -372,14 +411,21 @@ def write_torch_archive(
     storages: Sequence[Payload],
     *,
     byteorder: str | None = sys.byteorder,
-) -> None:
+    file_crc32: bool = False,
+) -> int | None:
     """Writes the torch archive of a pickle and the payloads of its storages (in key order)
-    under the calling thread's options (data_alignment, crc32)."""
+    under the calling thread's options (data_alignment, crc32). With `file_crc32`, returns the
+    CRC-32 of the whole file, computed as it is written (:class:`RecordWriter`); else None."""
     opts = get_options()
     specs, payloads = torch_records(
         pickle_bytes, storages, data_alignment=opts.data_alignment, byteorder=byteorder
     )
-    write_archive(destination, archive_name, specs, payloads, crc32=opts.write_crc32)
+    with RecordWriter(
+        destination, archive_name, crc32=opts.write_crc32, file_crc32=file_crc32
+    ) as records:
+        records.add_all(specs, payloads)
+        records.finish()
+        return records.file_crc
 
 
 def save_object(
@@ -390,24 +436,35 @@ def save_object(
     protocol: int,
     *,
     byteorder: str | None,
-) -> None:
+    file_crc32: bool = False,
+) -> int | None:
     """Pickles `obj` into a new torch archive in `destination`, as torch.save would.
 
     Into a File, each CPU storage is written while the pickler goes on (the ArchiveWriter's
     workers); storages elsewhere (a GPU's) are reserved, then streamed out through the
     staging ring once the pickle is complete. Into a file object, the archive is written
-    once the pickle is complete, one storage at a time."""
+    once the pickle is complete, one storage at a time. With `file_crc32`, returns the
+    CRC-32 of the whole file, computed as it is written (:class:`RecordWriter`); else None."""
     opts = get_options()
     if not isinstance(destination, _core.io.File):
         pickle_bytes, found = dumps(obj, pickle_module, protocol)
         payloads, keepalive = storage_payloads(found)
-        write_torch_archive(destination, archive_name, pickle_bytes, payloads, byteorder=byteorder)
+        crc = write_torch_archive(
+            destination,
+            archive_name,
+            pickle_bytes,
+            payloads,
+            byteorder=byteorder,
+            file_crc32=file_crc32,
+        )
         del keepalive  # payload addresses stayed valid until here
-        return
+        return crc
     # Held here, not only inside dumps: the storages the writer is reading must outlive an
     # exception from the pickler until abandon() returns.
     storages: list[torch.UntypedStorage] = []
-    with RecordWriter(destination, archive_name, crc32=opts.write_crc32) as records:
+    with RecordWriter(
+        destination, archive_name, crc32=opts.write_crc32, file_crc32=file_crc32
+    ) as records:
         head = head_records(opts.data_alignment, byteorder)
         for name, data in head:
             records.add(name, ALIGNMENT, data)
@@ -425,6 +482,7 @@ def save_object(
             records.add(name, ALIGNMENT, data)
         records.finish()
         del keepalive  # host copies of storages on devices without a ring
+        return records.file_crc
 
 
 # ------------------------------------------------------------------------- placed layouts
@@ -433,23 +491,23 @@ def write_placed(
     placed: Sequence[tuple[int, Payload]],
     total_size: int,
     *,
-    crc32: bool = False,
+    file_crc32: bool = False,
 ) -> int | None:
     """Writes a file laid out by the caller (no zip container: safetensors): each (file
     offset, payload) of `placed`, in file order and back to back from offset 0, `total_size`
     bytes in all. Into a File: one parallel write (device payloads through the ring), the
     file preallocated when the options say so; into a file object: sequential writes.
 
-    With `crc32`, returns the CRC-32 of the whole file, combined from the CRCs of the
-    payloads computed as they are written (device payloads on the pinned slots): the digest
-    a manifest records (_verify.manifest_entry); else None."""
+    With `file_crc32`, returns the CRC-32 of the whole file, combined from the CRCs of the
+    payloads computed as they are written (:func:`write_payloads_at`): the digest a manifest
+    records (_verify.manifest_entry); else None."""
     if isinstance(destination, _core.io.File):
         if get_options().preallocate:
             destination.preallocate(total_size)
         crcs = write_payloads_at(
-            destination, [(i, o, p) for i, (o, p) in enumerate(placed)], crc32=crc32
+            destination, [(i, o, p) for i, (o, p) in enumerate(placed)], crc32=file_crc32
         )
-        if not crc32:
+        if not file_crc32:
             return None
         return _verify.combine((crcs.get(i, 0), payload_size(p)) for i, (_, p) in enumerate(placed))
     at = 0
@@ -466,7 +524,7 @@ def write_placed(
         else:
             continue
         write_all(destination, view)
-        if crc32:
+        if file_crc32:
             crc = _core.zip.crc32(view, crc)
         at += size
-    return crc if crc32 else None
+    return crc if file_crc32 else None

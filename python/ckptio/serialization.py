@@ -13,7 +13,7 @@ import os
 import pickle
 import sys
 import warnings
-from typing import IO, Any, Callable, Mapping, Sequence, Union, cast
+from typing import IO, Any, Callable, Mapping, Sequence, TypeVar, Union, cast
 
 import torch
 
@@ -40,6 +40,7 @@ from .settings import get_options, options
 __all__ = ["load", "save"]
 
 FileLike = Union[str, os.PathLike, IO[bytes]]
+_T = TypeVar("_T")
 DEFAULT_PROTOCOL = 2
 # torch's own functions, captured before ckptio.patch_torch() can replace them: what ckptio
 # hands over to torch must never come back to ckptio.
@@ -121,13 +122,15 @@ def save(
             clone_shared,
             get_options().durable,
             manifest,
-            lambda shard, path: save(
+            lambda shard, path, file_crc32: _save_torch(
                 shard,
                 path,
+                None,
                 pickle_module,
                 pickle_protocol,
                 _use_new_zipfile_serialization,
                 _disable_byteorder_record,
+                file_crc32=file_crc32,
             ),
         )
         return
@@ -143,6 +146,31 @@ def save(
         raise ValueError(f"format must be 'torch' or 'safetensors', got {format!r}")
     if metadata is not None or clone_shared:
         raise ValueError("metadata and clone_shared apply only to format='safetensors'")
+    _save_torch(
+        obj,
+        f,
+        upload,
+        pickle_module,
+        pickle_protocol,
+        _use_new_zipfile_serialization,
+        _disable_byteorder_record,
+    )
+
+
+def _save_torch(
+    obj: object,
+    f: FileLike,
+    upload: _upload.Upload | None,
+    pickle_module: Any,
+    pickle_protocol: int,
+    _use_new_zipfile_serialization: bool,
+    _disable_byteorder_record: bool,
+    *,
+    file_crc32: bool = False,
+) -> int | None:
+    """save() of the torch format. With `file_crc32`, returns the CRC-32 of the whole file,
+    computed as it is written (_writer.save_object); None when torch writes the file (the
+    legacy format, skip_data()) or into an upload."""
     tls = getattr(torch.serialization, "_serialization_tls", None)
     if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
         # The legacy (pre-1.6) format has no layout to parallelize, and skip_data() writes
@@ -161,7 +189,7 @@ def save(
             save_with_torch(f)
         else:
             upload.write(save_with_torch)
-        return
+        return None
     if not is_path(f) and not callable(getattr(f, "write", None)):
         raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     byteorder = None if _disable_byteorder_record else sys.byteorder
@@ -169,21 +197,28 @@ def save(
     # Into a File (a path's temporary file), storages go out while the pickler runs; CUDA
     # ones through the staging ring. Into a file object (an upload's too), once the pickle is
     # complete.
-    _write(
+    return _write(
         f,
         upload,
         lambda target: save_object(
-            target, name, obj, pickle_module, pickle_protocol, byteorder=byteorder
+            target,
+            name,
+            obj,
+            pickle_module,
+            pickle_protocol,
+            byteorder=byteorder,
+            file_crc32=file_crc32,
         ),
     )
 
 
-def _write(f: FileLike, upload: _upload.Upload | None, write: Any) -> None:
-    """`write(destination)` into `f` (_files.write_to), or into the upload to `f`'s URL."""
+def _write(f: FileLike, upload: _upload.Upload | None, write: Callable[[Any], _T]) -> _T | None:
+    """`write(destination)` into `f` (_files.write_to), returning what it returns, or into
+    the upload to `f`'s URL (None)."""
     if upload is None:
-        write_to(f, write, get_options().durable)
-    else:
-        upload.write(write)
+        return write_to(f, write, get_options().durable)
+    upload.write(write)
+    return None
 
 
 def _save_safetensors(
