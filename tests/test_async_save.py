@@ -3,8 +3,10 @@ result(), bounded reusable staging buffers, pending saves finished at interprete
 
 from __future__ import annotations
 
+import copy
 import errno
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -21,7 +23,13 @@ import torch
 import ckptio
 from ckptio import _async as async_module
 
-from conftest import assert_same, assert_same_sharing, make_model, trained_optimizer
+from conftest import (
+    assert_same,
+    assert_same_sharing,
+    make_model,
+    same_values,
+    trained_optimizer,
+)
 
 
 def _payload() -> dict[str, Any]:
@@ -321,3 +329,295 @@ def test_a_save_that_cannot_be_scheduled_releases_its_slot(
                 ckptio.async_save({"w": torch.ones(3)}, tmp_path / "ckpt.pt")
     assert ckptio.wait_all(5)
     assert async_module._scheduler._in_flight == 0
+
+
+# ------------------------------------------------------------------------ model directories
+def _directory_state() -> dict[str, torch.Tensor]:
+    """Tied, non-contiguous, 0-d and empty tensors, some 2 KB: several shards at 2000 bytes."""
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(32, 16, generator=g)
+    return {
+        "embed.weight": emb,
+        "layers.0.weight": torch.randn(16, 16, generator=g),
+        "layers.1.weight": torch.randn(30, 20, generator=g).t(),  # non-contiguous
+        "step": torch.tensor(7),
+        "scale": torch.tensor(0.5),
+        "empty": torch.empty(0),
+        "empty2d": torch.zeros(0, 3),
+        "lm_head.weight": emb,  # tied: kept once (safetensors), shared in one shard (torch)
+        "norm.weight": torch.randn(16, generator=g).half(),
+    }
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+class DirectoryGate:
+    """Holds every background directory write until opened, recording the order they start."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.open = threading.Event()
+        self.started: list[str] = []
+        real = async_module.save_directory
+
+        def gated(state_dict: Any, path: Any, *args: Any) -> None:
+            self.started.append(Path(path).name)
+            assert self.open.wait(60), "the gate was never opened"
+            real(state_dict, path, *args)
+
+        monkeypatch.setattr(async_module, "save_directory", gated)
+
+
+@pytest.fixture
+def directory_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[DirectoryGate]:
+    g = DirectoryGate(monkeypatch)
+    try:
+        yield g
+    finally:
+        g.open.set()
+        assert ckptio.wait_all(60)
+
+
+INDEX = {"safetensors": "model.safetensors.index.json", "torch": "pytorch_model.bin.index.json"}
+
+
+@pytest.mark.parametrize("limit", [2000, "5GB"], ids=["sharded", "one-shard"])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_is_what_save_writes(tmp_path: Path, fmt: str, limit: Any) -> None:
+    """The same files as save, byte for byte (shards and index: tied tensors kept once, as
+    save keeps them), which ckptio and huggingface_hub's loader read as the state dict."""
+    pytest.importorskip("huggingface_hub")
+    from test_shard_save import hub_read  # the oracle's reader of a directory
+
+    sd = _directory_state()
+    metadata = {"origin": "test"} if fmt == "safetensors" else None
+    ckptio.save(sd, tmp_path / "sync", max_shard_size=limit, format=fmt, metadata=metadata)
+    future = ckptio.async_save(
+        sd, tmp_path / "async", max_shard_size=limit, format=fmt, metadata=metadata
+    )
+    assert future.result(timeout=60) is None
+    expected = _files(tmp_path / "sync")
+    assert _files(tmp_path / "async") == expected
+    assert sorted(os.listdir(tmp_path)) == ["async", "sync"]  # no temporary directory left
+    if limit == 2000:
+        assert len(expected) > 3
+        weight_map = json.loads(expected[INDEX[fmt]])["weight_map"]
+        assert ("lm_head.weight" in weight_map) == (fmt == "torch")  # safetensors: kept once
+    else:
+        assert len(expected) == 1
+    kept = {k: v for k, v in sd.items() if fmt == "torch" or k != "lm_head.weight"}
+    got = ckptio.load(tmp_path / "async")
+    theirs = hub_read(tmp_path / "async")
+    assert sorted(got) == sorted(theirs) == sorted(kept)
+    for k, v in kept.items():
+        assert same_values(got[k], v) and same_values(theirs[k], v), k
+    if fmt == "torch":  # the tied pair still shares one storage
+        assert got["lm_head.weight"].untyped_storage().data_ptr() == (
+            got["embed.weight"].untyped_storage().data_ptr()
+        )
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_holds_the_values_at_the_call(
+    tmp_path: Path, fmt: str, directory_gate: DirectoryGate
+) -> None:
+    """The tensors are modified in place (and freed) right after async_save returns, before
+    the write starts: the directory holds the values of the call."""
+    sd = _directory_state()
+    expected = copy.deepcopy(sd)  # keeps the tie and the strides
+    ckptio.save(expected, tmp_path / "sync", max_shard_size=2000, format=fmt)
+    future = ckptio.async_save(sd, tmp_path / "async", max_shard_size=2000, format=fmt)
+    for v in sd.values():
+        v.add_(1)
+    sd["layers.0.weight"].set_(torch.zeros(2))  # another storage now
+    sd.clear()
+    assert not future.done()
+    directory_gate.open.set()
+    future.result(timeout=60)
+    assert _files(tmp_path / "async") == _files(tmp_path / "sync")
+    got = ckptio.load(tmp_path / "async")
+    assert all(same_values(got[k], expected[k]) for k in got)
+
+
+def test_directory_saves_to_one_directory_complete_in_call_order(
+    tmp_path: Path, directory_gate: DirectoryGate
+) -> None:
+    d = tmp_path / "d"
+    first_state = {"w": torch.zeros(600), "v": torch.zeros(600)}
+    second_state = {"w": torch.ones(600), "v": torch.ones(600)}
+    with ckptio.options(async_max_pending=4):
+        first = ckptio.async_save(first_state, d, max_shard_size=2000)
+        second = ckptio.async_save(second_state, f"{d}/", max_shard_size=2000)  # same realpath
+        other = ckptio.async_save(first_state, tmp_path / "other", max_shard_size=2000)
+    deadline = time.monotonic() + 30
+    while len(directory_gate.started) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert sorted(directory_gate.started) == ["d", "other"]  # the second save to d waits
+    assert not second.done()
+    directory_gate.open.set()
+    for f in (first, second, other):
+        f.result(timeout=60)
+    assert directory_gate.started.count("d") == 2
+    got = ckptio.load(d)
+    assert torch.equal(got["w"], torch.ones(600)) and torch.equal(got["v"], torch.ones(600))
+    assert async_module._scheduler._in_flight == 0  # every staging buffer went back
+
+
+def test_directory_saves_in_flight_are_bounded(
+    tmp_path: Path, directory_gate: DirectoryGate
+) -> None:
+    with ckptio.options(async_max_pending=1):
+        first = ckptio.async_save({"w": torch.ones(10)}, tmp_path / "a", max_shard_size="1GB")
+        returned = threading.Event()
+
+        def second_call() -> None:
+            with ckptio.options(async_max_pending=1):
+                ckptio.async_save({"w": torch.ones(10)}, tmp_path / "b", max_shard_size="1GB")
+            returned.set()
+
+        t = threading.Thread(target=second_call)
+        t.start()
+        assert not returned.wait(0.3), "a second save started while the first was in flight"
+        directory_gate.open.set()
+        first.result(timeout=60)
+        t.join(60)
+        assert returned.is_set()
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_directory_manifest(tmp_path: Path, fmt: str) -> None:
+    from ckptio import _verify
+
+    sd = {f"w{i}": torch.randn(40, 30 + i) for i in range(6)}
+    future = ckptio.async_save(sd, tmp_path / "m", max_shard_size=12_000, format=fmt, manifest=True)
+    future.result(timeout=60)
+    listed = json.loads((tmp_path / "m" / _verify.MANIFEST_NAME).read_text())["files"]
+    assert sorted(listed) == sorted(n for n in _files(tmp_path / "m") if n != _verify.MANIFEST_NAME)
+    got = ckptio.load(tmp_path / "m", verify=True)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+def test_directory_refusals_raise_at_the_call(tmp_path: Path) -> None:
+    """What save refuses before writing raises from async_save itself, with save's errors;
+    nothing is written and nothing stays in flight."""
+    d = tmp_path / "d"
+    sd = {"w": torch.ones(2)}
+    cases: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"obj": {"w": torch.ones(2), "step": 3}}, TypeError, r"'step' \(int\)"),
+        ({"obj": [torch.ones(1)]}, TypeError, "flat dict of str -> torch.Tensor, got list"),
+        ({"format": "npz"}, ValueError, "format must be 'torch' or 'safetensors'"),
+        ({"format": "safetensors", "clone_shared": True}, ValueError, "clone_shared does not"),
+        ({"metadata": {"a": "b"}}, ValueError, "metadata applies only to format='safetensors'"),
+        ({"format": "safetensors", "metadata": {"total_size": "1"}}, ValueError, "'total_size'"),
+        ({"max_shard_size": "5G"}, ValueError, "has no known unit"),
+        ({"max_shard_size": 0}, ValueError, "at least 1 byte"),
+        ({"f": "s3://bucket/dir"}, NotImplementedError, "not supported yet"),
+        ({"f": io.BytesIO()}, TypeError, "f must be a path"),
+        (
+            {"obj": {"c": torch.ones(2, dtype=torch.complex128)}, "format": "safetensors"},
+            ValueError,
+            "which safetensors cannot store",
+        ),
+        (
+            {"obj": dict(zip("ab", torch.ones(8).chunk(2), strict=True)), "format": "safetensors"},
+            ValueError,
+            "view only part of their storage",
+        ),
+    ]
+    for case, error, fragment in cases:
+        args = {"obj": sd, "f": d, "max_shard_size": "1GB", **case}
+        with pytest.raises(error, match=fragment):
+            ckptio.async_save(args.pop("obj"), args.pop("f"), **args)
+    with pytest.raises(ValueError, match="manifest applies to a directory save"):
+        ckptio.async_save(sd, tmp_path / "a.pt", manifest=True)
+    assert ckptio.wait_all(60)
+    assert os.listdir(tmp_path) == []
+    assert async_module._scheduler._in_flight == 0
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_a_failed_directory_write_keeps_the_previous_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    d = tmp_path / "d"
+    ckptio.save(_directory_state(), d, max_shard_size=2000, format=fmt)
+    before = _files(d)
+    calls: list[int] = []
+    # The second shard's write fails: safetensors shards are written by save_directory, torch
+    # shards from the pickles async_save made.
+    if fmt == "safetensors":
+        module, name = ckptio._safetensors, "write"
+    else:
+        module, name = async_module, "write_torch_archive"
+    real = getattr(module, name)
+
+    def write_then_fail(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, write_then_fail)
+    state = {k: v + 1 for k, v in _directory_state().items()}
+    future = ckptio.async_save(state, d, max_shard_size=2000, format=fmt)
+    with pytest.raises(OSError, match="No space left"):
+        future.result(timeout=60)
+    assert len(calls) == 2
+    assert _files(d) == before
+    assert os.listdir(tmp_path) == ["d"]  # the temporary directory is gone
+    assert async_module._scheduler._in_flight == 0
+    monkeypatch.setattr(module, name, real)  # the next save goes through
+    ckptio.async_save(state, d, max_shard_size=2000, format=fmt).result(timeout=60)
+    assert torch.equal(ckptio.load(d)["layers.0.weight"], state["layers.0.weight"])
+
+
+def test_a_safetensors_file_is_written_from_a_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without max_shard_size, format='safetensors' writes one file, byte for byte save's, of
+    the values at the call (the tensors are zeroed before the write may start)."""
+    opened = threading.Event()
+    real_save = async_module.save
+
+    def gated(*args: Any, **kwargs: Any) -> None:
+        assert opened.wait(60), "the gate was never opened"
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(async_module, "save", gated)
+    sd = {k: v.contiguous() for k, v in _directory_state().items() if k != "lm_head.weight"}
+    (tmp_path / "sync").mkdir()
+    ckptio.save(sd, tmp_path / "sync" / "m.safetensors", format="safetensors", metadata={"a": "b"})
+    future = ckptio.async_save(
+        sd, tmp_path / "m.safetensors", format="safetensors", metadata={"a": "b"}
+    )
+    for v in sd.values():
+        v.zero_()
+    opened.set()
+    future.result(timeout=60)
+    assert (tmp_path / "m.safetensors").read_bytes() == (
+        tmp_path / "sync" / "m.safetensors"
+    ).read_bytes()
+    w = torch.ones(4)
+    with pytest.raises(ValueError, match="share memory"):
+        ckptio.async_save({"a": w, "b": w}, tmp_path / "tied.safetensors", format="safetensors")
+    assert not (tmp_path / "tied.safetensors").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_cuda_directory_is_staged_in_pinned_memory(
+    tmp_path: Path, fmt: str, directory_gate: DirectoryGate
+) -> None:
+    sd = {k: v.cuda() for k, v in _directory_state().items()}
+    sd["lm_head.weight"] = sd["embed.weight"]
+    ckptio.save(sd, tmp_path / "sync", max_shard_size=2000, format=fmt)
+    future = ckptio.async_save(sd, tmp_path / "async", max_shard_size=2000, format=fmt)
+    for v in sd.values():
+        v.zero_()
+    directory_gate.open.set()
+    future.result(timeout=60)
+    assert _files(tmp_path / "async") == _files(tmp_path / "sync")
+    assert any(b.pinned for b in async_module._scheduler._idle)

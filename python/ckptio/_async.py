@@ -6,7 +6,9 @@ storage lives on a GPU, plain host memory otherwise. GPU copies are issued on ea
 current stream (after the kernels already queued there, so their results are what is saved);
 the call then waits for an event recorded after them, not for the whole device, so the
 training job's other streams keep running. A background thread then writes the
-file exactly as :func:`ckptio.save` would (the C++ writer releases the GIL). Staging buffers
+file exactly as :func:`ckptio.save` would (the C++ writer releases the GIL). A model directory
+(``max_shard_size``) and a safetensors file are written from the state dict rebuilt over the
+staged copies (tensors that shared a storage share its copy), by save's own writers. Staging buffers
 are reused between saves; at most ``async_max_pending`` saves are in flight, and the buffers
 kept between saves never outnumber that bound.
 
@@ -29,11 +31,12 @@ from typing import IO, Any, Callable, Mapping, Union
 
 import torch
 
-from . import _core
+from . import _core, _safetensors
 from ._archive import archive_name_for
 from ._files import is_path, write_to
 from ._pickler import dumps
-from ._remote import _upload
+from ._remote import _upload, is_url
+from ._shard_writer import parse_size, plan_directory, save_directory
 from ._staging import completion_event
 from ._writer import write_torch_archive
 from .serialization import DEFAULT_PROTOCOL, save
@@ -89,6 +92,14 @@ class _StagingBuffer:
         with warnings.catch_warnings():  # the buffer is writable; torch warns regardless
             warnings.simplefilter("ignore")
             return torch.frombuffer(self.memory, dtype=torch.uint8, count=n, offset=offset)
+
+    def storage(self, offset: int, n: int) -> torch.UntypedStorage:
+        """A storage of exactly the `n` bytes at `offset` (not the whole buffer's storage, as
+        a view of :attr:`memory` would have), which keeps the buffer's memory alive."""
+        if self.pinned:
+            region = self.memory.numpy()[offset : offset + n]
+            return torch.from_numpy(region).untyped_storage()
+        return self.view(offset, n).untyped_storage()
 
 
 class _Scheduler:
@@ -229,6 +240,11 @@ def async_save(
     _use_new_zipfile_serialization: bool = True,
     _disable_byteorder_record: bool = False,
     *,
+    format: str = "torch",
+    metadata: Mapping[str, str] | None = None,
+    clone_shared: bool = False,
+    max_shard_size: int | str | None = None,
+    manifest: bool = False,
     storage_options: Mapping[str, Any] | None = None,
 ) -> SaveFuture:
     """Saves `obj` to `f` like :func:`ckptio.save`, writing in a background thread.
@@ -241,13 +257,22 @@ def async_save(
         obj, f, pickle_module, pickle_protocol: as :func:`ckptio.save`. A file object must not
             be used by the caller until the future is done. An ``s3://bucket/key`` URL is
             uploaded in the background (docs/remote.md, "Saving").
+        format, metadata, clone_shared: as :func:`ckptio.save`. A safetensors file is written
+            from a snapshot of its tensors, byte for byte what ``save`` writes.
+        max_shard_size, manifest: as :func:`ckptio.save`: `f` is a model directory, written
+            in the background exactly as ``save(..., max_shard_size=...)`` writes it (the same
+            shards and index, swapped into place atomically; docs/directories.md, "Saving in
+            the background"). The snapshot holds one copy of each storage, and tensors that
+            share a storage share its copy, so tied tensors are kept as ``save`` keeps them.
         storage_options: for an ``s3://`` URL, as :func:`ckptio.save`.
 
     Returns:
-        A :class:`concurrent.futures.Future` whose ``result()`` is None once the file is
-        complete (renamed into place, and fsynced with ``durable``), or raises the write's
-        error (e.g. ``OSError``). Errors while taking the snapshot (an object that cannot be
-        pickled, a bad argument) raise from ``async_save`` itself.
+        A :class:`concurrent.futures.Future` whose ``result()`` is None once the file (or
+        directory) is complete (renamed into place, and fsynced with ``durable``), or raises
+        the write's error (e.g. ``OSError``; for a directory also what ``save`` refuses about
+        the path as it then is, e.g. a directory holding other files). Errors while taking
+        the snapshot (an object that cannot be pickled, a bad argument, a state dict a
+        directory or a safetensors file cannot hold) raise from ``async_save`` itself.
 
     Saves to the same path (or file object) complete in call order; saves to different
     paths may overlap. At most ``async_max_pending`` saves are in flight: one more waits
@@ -258,23 +283,13 @@ def async_save(
         >>> fut = ckptio.async_save(model.state_dict(), "step100.pt")
         >>> optimizer.step()  # modifies the parameters: the file keeps the old values
         >>> fut.result()      # raises if the write failed
+        >>> ckptio.async_save(model.state_dict(), "llm", max_shard_size="5GB", format="safetensors")
     """
-    upload = _upload.upload_for(f, storage_options, "async_save")
-    if not is_path(f) and not callable(getattr(f, "write", None)):
-        raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
     opts = get_options()
-    limit = opts.async_max_pending
     key: object = os.path.realpath(os.fsdecode(f)) if is_path(f) else id(f)  # type: ignore[arg-type]
-    if upload is not None:
-        key = upload.url
     target = os.fsdecode(f) if is_path(f) else repr(f)  # type: ignore[arg-type]
-    tls = getattr(torch.serialization, "_serialization_tls", None)
-    if not _use_new_zipfile_serialization or getattr(tls, "skip_data", False):
-        # Formats only torch writes (legacy, skip_data): saved now, after any pending save
-        # to the same target (call order), and the future is done.
-        _scheduler.wait_for_target(key)
-        future = SaveFuture(target)
-        future._observed = True  # the caller sees any error right here
+
+    def save_now() -> None:
         save(
             obj,
             f,
@@ -282,12 +297,203 @@ def async_save(
             pickle_protocol,
             _use_new_zipfile_serialization=_use_new_zipfile_serialization,
             _disable_byteorder_record=_disable_byteorder_record,
+            format=format,
+            metadata=metadata,
+            clone_shared=clone_shared,
+            max_shard_size=max_shard_size,
+            manifest=manifest,
             storage_options=storage_options,
         )
-        future.set_result(None)
-        return future
+
+    if max_shard_size is not None:
+        if is_url(f) or not is_path(f) or clone_shared:
+            # save refuses these before it writes anything (a directory goes to a local path;
+            # clone_shared is a file save's option): its own error is raised here.
+            return _save_now(key, target, save_now)
+        return _save_directory(
+            obj,
+            f,
+            key,
+            target,
+            opts,
+            max_shard_size,
+            format,
+            metadata,
+            manifest,
+            pickle_module,
+            pickle_protocol,
+            None if _disable_byteorder_record else sys.byteorder,
+        )
+    upload = _upload.upload_for(f, storage_options, "async_save")
+    if not is_path(f) and not callable(getattr(f, "write", None)):
+        raise TypeError(f"f must be a path or a writable binary file object, got {type(f)!r}")
+    if upload is not None:
+        key = upload.url
+    if format == "safetensors" and not manifest:
+        _safetensors.plan(obj, metadata, clone_shared)  # save's checks, raised here
+        kept = None if metadata is None else dict(metadata)
+        buffer, snapshot, _ = _stage_tensors(obj, [], opts)  # type: ignore[arg-type]
+
+        def write_safetensors() -> None:
+            save(
+                snapshot,
+                f,
+                format="safetensors",
+                metadata=kept,
+                clone_shared=clone_shared,
+                storage_options=storage_options,
+            )
+
+        return _submit(key, target, opts, buffer, write_safetensors)
+    tls = getattr(torch.serialization, "_serialization_tls", None)
+    if (
+        format != "torch"
+        or metadata is not None
+        or clone_shared
+        or manifest
+        or not _use_new_zipfile_serialization
+        or getattr(tls, "skip_data", False)
+    ):
+        # Formats only torch writes (legacy, skip_data) are saved now, after any pending save
+        # to the same target (call order), and the future is done; so are the arguments save
+        # refuses for a torch file, which raise here.
+        return _save_now(key, target, save_now)
 
     pickle_bytes, storages = dumps(obj, pickle_module, pickle_protocol)
+    buffer, payloads = _stage(storages, opts)
+    del storages
+    name = archive_name_for(f)
+    byteorder = None if _disable_byteorder_record else sys.byteorder
+
+    def archive(target: Any) -> None:
+        write_torch_archive(target, name, pickle_bytes, payloads, byteorder=byteorder)
+
+    def write() -> None:
+        if upload is None:
+            write_to(f, archive, opts.durable)
+        else:
+            upload.write(archive)
+
+    return _submit(key, target, opts, buffer, write)
+
+
+def _save_directory(
+    state_dict: Any,
+    f: FileLike,
+    key: object,
+    target: str,
+    opts: Options,
+    max_shard_size: int | str,
+    format: str,
+    metadata: Mapping[str, str] | None,
+    manifest: bool,
+    pickle_module: Any,
+    pickle_protocol: int,
+    byteorder: str | None,
+) -> SaveFuture:
+    """async_save of a model directory. Checked now as save_directory checks it (the plan of
+    the caller's state dict, every safetensors shard's layout). Torch shards are pickled now,
+    from the caller's tensors, as the file path pickles; every storage is copied into the
+    staging buffer and the state dict rebuilt over those copies. The background thread runs
+    save_directory on that snapshot, its torch shards written from the pickles made here."""
+    plan = plan_directory(state_dict, parse_size(max_shard_size), format, metadata)
+    pickles: dict[str, tuple[bytes, list[torch.UntypedStorage]]] = {}
+    if plan.format == "safetensors":
+        for tensors in plan.shards.values():  # save_directory's check of every shard
+            _safetensors.plan(tensors, plan.file_metadata)
+    else:
+        pickles = {
+            name: dumps(tensors, pickle_module, pickle_protocol)
+            for name, tensors in plan.shards.items()
+        }
+    more = [s for _, storages in pickles.values() for s in storages]
+    del plan
+    buffer, snapshot, payload_of = _stage_tensors(state_dict, more, opts)
+    archives = {
+        name: (data, [payload_of[_region(s)] for s in storages])
+        for name, (data, storages) in pickles.items()
+    }
+    del pickles, more
+    kept = None if metadata is None else dict(metadata)
+
+    def save_torch_shard(
+        tensors: dict[str, torch.Tensor], file: str, file_crc32: bool
+    ) -> int | None:
+        data, payloads = archives[os.path.basename(file)]
+        name = archive_name_for(file)
+
+        def archive(destination: Any) -> int | None:
+            return write_torch_archive(
+                destination, name, data, payloads, byteorder=byteorder, file_crc32=file_crc32
+            )
+
+        return write_to(file, archive, get_options().durable)
+
+    def write() -> None:
+        save_directory(
+            snapshot,
+            f,
+            max_shard_size,
+            format,
+            kept,
+            False,
+            get_options().durable,
+            manifest,
+            save_torch_shard,
+        )
+
+    return _submit(key, target, opts, buffer, write)
+
+
+_Region = tuple[torch.device, int, int]
+
+
+def _region(storage: torch.UntypedStorage) -> _Region:
+    """The memory a storage covers: (device, address, bytes); one staged copy each."""
+    if storage.device.type == "meta":
+        return storage.device, 0, 0
+    return storage.device, storage.data_ptr(), storage.nbytes()
+
+
+def _stage_tensors(
+    tensors: Mapping[str, torch.Tensor], more: list[torch.UntypedStorage], opts: Options
+) -> tuple[_StagingBuffer | None, dict[str, torch.Tensor], dict[_Region, Any]]:
+    """Copies the storages of `tensors` (and `more`) into a staging buffer, one copy per
+    region of memory; returns the buffer, `tensors` rebuilt over those copies (same dtypes,
+    sizes, strides and storage offsets; tensors that shared a storage share its copy, each
+    copy the size of its storage; meta tensors as they are) and each region's payload."""
+    storages = [t.untyped_storage() for t in tensors.values()]
+    regions: dict[_Region, torch.UntypedStorage] = {}
+    for storage in [*storages, *more]:
+        regions.setdefault(_region(storage), storage)
+    buffer, payloads = _stage(list(regions.values()), opts)
+    payload_of = dict(zip(regions, payloads, strict=True))
+    copies: dict[int, torch.UntypedStorage] = {}  # original storage (_cdata) -> its copy
+    snapshot: dict[str, torch.Tensor] = {}
+    for (name, t), storage in zip(tensors.items(), storages, strict=True):
+        if t.device.type == "meta":
+            snapshot[name] = t
+            continue
+        copy = copies.get(storage._cdata)
+        if copy is None:
+            payload = payload_of[_region(storage)]
+            if isinstance(payload, tuple) and buffer is not None:
+                copy = buffer.storage(payload[0] - buffer.address, payload[1])
+            else:
+                copy = torch.UntypedStorage(0)
+            copies[storage._cdata] = copy
+        view = torch.empty(0, dtype=t.dtype)
+        snapshot[name] = view.set_(copy, t.storage_offset(), t.size(), t.stride())
+    return buffer, snapshot, payload_of
+
+
+def _stage(
+    storages: list[torch.UntypedStorage], opts: Options
+) -> tuple[_StagingBuffer | None, list[Any]]:
+    """Takes a staging buffer (waiting while ``async_max_pending`` saves are in flight) and
+    copies `storages` into it; returns it and each storage's payload (:func:`_snapshot`).
+    Returns once GPU copies are complete; on an error the buffer goes back first."""
+    limit = opts.async_max_pending
     sizes = [s.nbytes() if s.device.type != "meta" else 0 for s in storages]
     offsets = []
     total = 0
@@ -309,29 +515,44 @@ def async_save(
     except BaseException:
         _scheduler.release(buffer, limit)
         raise
-    del storages
-    future = SaveFuture(target)
-    name = archive_name_for(f)
-    byteorder = None if _disable_byteorder_record else sys.byteorder
+    return buffer, payloads
 
-    def archive(target: Any) -> None:
-        write_torch_archive(target, name, pickle_bytes, payloads, byteorder=byteorder)
 
-    def write() -> None:
+def _submit(
+    key: object,
+    target: str,
+    opts: Options,
+    buffer: _StagingBuffer | None,
+    write: Callable[[], None],
+) -> SaveFuture:
+    """Schedules `write` (run under the caller's options `opts`) after the pending saves to
+    `key`; `buffer` goes back to the scheduler once it has run."""
+    limit = opts.async_max_pending
+
+    def run() -> None:
         try:
             with options(**_as_changes(opts)):
-                if upload is None:
-                    write_to(f, archive, opts.durable)
-                else:
-                    upload.write(archive)
+                write()
         finally:
             _scheduler.release(buffer, limit)
 
+    future = SaveFuture(target)
     try:
-        _scheduler.submit(key, future, write)
+        _scheduler.submit(key, future, run)
     except BaseException:
         _scheduler.release(buffer, limit)
         raise
+    return future
+
+
+def _save_now(key: object, target: str, call: Callable[[], None]) -> SaveFuture:
+    """Runs `call` (a synchronous save) after the pending saves to `key`; returns its future,
+    already done: its errors raise here."""
+    _scheduler.wait_for_target(key)
+    future = SaveFuture(target)
+    future._observed = True  # the caller sees any error right here
+    call()
+    future.set_result(None)
     return future
 
 
