@@ -242,7 +242,7 @@ def load_into(
         )
     from ._remote import _cache
 
-    hit = _cache.optimistic(f, storage_options, cache_dir, False)
+    hit = _cache.optimistic(f, storage_options, cache_dir, False, "load_into")
     if hit is not None:  # the cached copy, read in while a thread checks it is current
         try:
             keys, error = load_into(target, hit.path, strict=strict), None

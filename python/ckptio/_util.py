@@ -17,6 +17,7 @@ __all__ = [
     "is_environment_error",
     "is_torch_refusal",
     "json_without_duplicates",
+    "mmap_shared",
     "torch_load_state",
     "walk_leaves",
 ]
@@ -116,6 +117,15 @@ def gc_paused() -> Iterator[None]:
 
 class DuplicateKeyError(ValueError):
     """A JSON object repeats a key."""
+
+
+def mmap_shared() -> bool:
+    """Whether torch's default mmap flags (``torch.serialization.set_default_mmap_options``)
+    are MAP_SHARED: mappings ``mmap=True`` makes then write through to the file."""
+    import mmap
+
+    getter = getattr(torch.serialization, "get_default_mmap_options", None)
+    return getter is not None and getter() == getattr(mmap, "MAP_SHARED", -1)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

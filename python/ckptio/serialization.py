@@ -32,7 +32,13 @@ from ._unpickler import (
     refused_globals_error,
     scan_pickle,
 )
-from ._util import gc_paused, is_environment_error, is_torch_refusal, torch_load_state
+from ._util import (
+    gc_paused,
+    is_environment_error,
+    is_torch_refusal,
+    mmap_shared,
+    torch_load_state,
+)
 from ._writer import save_object
 from .errors import CheckpointError
 from .settings import get_options, options
@@ -323,7 +329,7 @@ def load(
     from ._remote import _cache
 
     hit = _cache.optimistic(
-        f, storage_options, cache_dir, bool(_default_mmap() if mmap is None else mmap)
+        f, storage_options, cache_dir, bool(_default_mmap() if mmap is None else mmap), "load"
     )
     if hit is not None:  # a cached copy, loaded while a thread checks it is current
         try:
@@ -365,7 +371,7 @@ def load(
             bool(mmap),
             pickle_load_args,
         )
-    shared = bool(mmap) and _mmap_shared()
+    shared = bool(mmap) and mmap_shared()
     start: int | None = None  # where a file object was read from, to hand it on to torch
     if remote is None and isinstance(f, (str, bytes, os.PathLike)):
         path = os.fsdecode(f)
@@ -556,7 +562,7 @@ def _load_directory(
     over every file, device memory through one staging target per device. Shards ckptio
     hands to torch (legacy, TorchScript, byte-swapped) are loaded whole on their own.
     """
-    shared = mmap and _mmap_shared()
+    shared = mmap and mmap_shared()
     mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
     placement = Placement(map_location, layout.name)
     files: list[Any] = []  # File, or RemoteSource in object storage
@@ -657,13 +663,6 @@ def _default_mmap() -> bool:
     except ImportError:
         return False
     return bool(config.load.mmap)
-
-
-def _mmap_shared() -> bool:
-    import mmap as _mmap
-
-    getter = getattr(torch.serialization, "get_default_mmap_options", None)
-    return getter is not None and getter() == getattr(_mmap, "MAP_SHARED", -1)
 
 
 def _load_with_torch(

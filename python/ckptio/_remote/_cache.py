@@ -57,6 +57,7 @@ import warnings
 from typing import Any, Iterator, Mapping
 
 from .. import _files
+from .._util import mmap_shared
 from ..settings import get_options
 from ._transport import (
     Changed,
@@ -87,26 +88,16 @@ def resolve(
     both unchanged. `cache_dir` with anything but a URL raises ValueError, as
     storage_options does. `current`: the object's (size, ETag) as just asked (a stale
     :class:`Hit`'s), so it is not asked again."""
-    from . import is_url
-
-    if cache_dir is None:
-        if not is_url(f):
-            return f, storage_options
-        cache_dir = get_options().remote_cache_dir
-        if cache_dir is None:
-            return f, storage_options
-    elif not is_url(f):
-        raise ValueError(f"{what}: cache_dir applies to s3:// and http(s):// URLs, not to {f!r}")
-    assert isinstance(f, str)
-    if f.endswith(("/", ".index.json")):
-        return f, storage_options  # a model directory or its index: not cached
-    if mmap and _mmap_shared():
+    cache = _cache_for(f, cache_dir, what)
+    if cache is None:
+        return f, storage_options
+    if mmap and mmap_shared():
         raise ValueError(
             f"{f}: a MAP_SHARED mapping (torch.serialization.set_default_mmap_options) of a "
             "cached object would write into the cache: load it with MAP_PRIVATE or without mmap"
         )
     try:
-        path = Cache(os.fsdecode(os.fspath(cache_dir))).local_path(f, storage_options, current)
+        path = cache.local_path(f, storage_options, current)
     except OSError as e:
         if e.filename == f:
             raise  # the store's error (every one names the URL)
@@ -148,26 +139,40 @@ class Hit:
 
 
 def optimistic(
-    f: Any, storage_options: Mapping[str, Any] | None, cache_dir: Any, mmap: bool
+    f: Any, storage_options: Mapping[str, Any] | None, cache_dir: Any, mmap: bool, what: str
 ) -> Hit | None:
     """A :class:`Hit` when `f` is an object's URL with an entry in the cache in force: the
     caller loads its local file while the entry is validated, and keeps the result only if
     :meth:`Hit.valid` (a hit then costs the local load, not the load plus a round trip and,
     in a fresh process, the client's set-up). None otherwise: :func:`resolve` decides."""
-    from . import is_url
-
-    directory = cache_dir if cache_dir is not None else get_options().remote_cache_dir
-    if not is_url(f) or directory is None:
+    cache = _cache_for(f, cache_dir, what)
+    if cache is None or (mmap and mmap_shared()):
         return None
-    assert isinstance(f, str)
-    if f.endswith(("/", ".index.json")) or (mmap and _mmap_shared()):
-        return None
-    cache = Cache(os.fsdecode(os.fspath(directory)))
     key = entry_key(f, storage_options)
     entry = cache.entry(key)
     if entry is None:
         return None
     return Hit(cache.paths(key)[0], f, storage_options, entry)
+
+
+def _cache_for(f: Any, cache_dir: Any, what: str) -> Cache | None:
+    """The cache in force for `f` (`cache_dir`, else the ``remote_cache_dir`` setting) when
+    `f` is the URL of an object; None for anything else (a local path, a model directory's or
+    index's URL, no cache directory). `cache_dir` with anything but a URL raises ValueError,
+    as storage_options does, for the entry point `what`."""
+    from . import is_url
+
+    if cache_dir is None:
+        if not is_url(f):
+            return None
+        cache_dir = get_options().remote_cache_dir
+        if cache_dir is None:
+            return None
+    elif not is_url(f):
+        raise ValueError(f"{what}: cache_dir applies to s3:// and http(s):// URLs, not to {f!r}")
+    if f.endswith(("/", ".index.json")):
+        return None  # a model directory or its index: not cached (its shards may be)
+    return Cache(os.fsdecode(os.fspath(cache_dir)))
 
 
 def entry_key(url: str, storage_options: Mapping[str, Any] | None) -> str:
@@ -201,13 +206,6 @@ def _endpoint(url: str, storage_options: Mapping[str, Any] | None) -> str:
         os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     )
     return str(endpoint).rstrip("/").lower()
-
-
-def _mmap_shared() -> bool:
-    import torch
-
-    getter = getattr(torch.serialization, "get_default_mmap_options", None)
-    return getter is not None and getter() == getattr(_mmap, "MAP_SHARED", -1)
 
 
 class Cache:
