@@ -279,6 +279,26 @@ def test_a_local_header_naming_another_record_is_refused_when_predicted(
         ckptio.load(f"{http_server.url}/bad.pt")
 
 
+@pytest.mark.parametrize("how", ["ckptio", "torch"])
+def test_the_locator_reads_a_local_header_as_the_zip_reader_does(how: str) -> None:
+    """_zip.data_offset (the remote locator's reading of a local header) gives every record's
+    payload offset as the C++ zip reader finds it, for ckptio's and torch's writers; bytes
+    that are not a local header, or too few of them, give None."""
+    from ckptio import _core
+    from ckptio._remote import _zip
+
+    data = _bytes_of(_checkpoint(), how)
+    prefix, records = _core.zip.read_zip_directory(_core.io.BufferSource(data, "f"), 1)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        infos = z.infolist()
+    assert len(infos) == len(records)
+    for info in infos:
+        h = info.header_offset
+        assert _zip.data_offset(data[h : h + 30], h) == records[info.filename[len(prefix) :]][0]
+        assert _zip.data_offset(memoryview(data)[h : h + 29], h) is None  # too short
+    assert _zip.data_offset(b"PK\x01\x02" + bytes(26), 0) is None  # a central header
+
+
 # ----------------------------------------------------------------------------------- open
 def _data_gets(server: RangeServer | FaultProxy, path: str, since: int) -> list[Any]:
     return [e for e in server.log[since:] if e.path == path and e.method == "GET"]

@@ -439,12 +439,9 @@ class RemoteSource:
         for e in records:
             if e.name.endswith("/.storage_alignment") and e.size <= 16:
                 head = self._regions.find(e.header_offset, 30)
-                if head is not None:
-                    n, m = (
-                        int.from_bytes(head[26:28], "little"),
-                        int.from_bytes(head[28:30], "little"),
-                    )
-                    found = self._regions.find(e.header_offset + 30 + n + m, e.size)
+                start = None if head is None else _zip.data_offset(head, e.header_offset)
+                if start is not None:
+                    found = self._regions.find(start, e.size)
                     alignment = _zip.storage_alignment(bytes(found) if found is not None else None)
         return _zip.predict_storage_headers(records, end, alignment)
 

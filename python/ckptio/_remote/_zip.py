@@ -19,6 +19,7 @@ __all__ = [
     "Entry",
     "Prediction",
     "central_directory_span",
+    "data_offset",
     "entries",
     "header_regions",
     "is_storage",
@@ -120,6 +121,15 @@ def header_regions(
             stop = max(stop, min(limit, stop + _MAX_LOCAL_EXTRA + e.size))
         regions.append((start, min(stop, end)))
     return regions
+
+
+def data_offset(header: bytes | bytearray | memoryview, header_offset: int) -> int | None:
+    """Where the payload of the record whose local header is `header` (at least its first
+    30 bytes, read at `header_offset`) starts; None when `header` is not a local header."""
+    if len(header) < _LOCAL_HEADER_SIZE or bytes(header[:4]) != b"PK\x03\x04":
+        return None
+    name_len, extra_len = struct.unpack_from("<HH", header, 26)
+    return header_offset + _LOCAL_HEADER_SIZE + name_len + extra_len
 
 
 def is_storage(name: str) -> bool:
