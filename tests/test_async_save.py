@@ -48,29 +48,37 @@ def _payload() -> dict[str, Any]:
 
 
 class Gate:
-    """Holds every background write until opened, recording the order writes start."""
+    """Holds every background write through `async_module.<function>` until opened,
+    recording the order writes start (by the name of the target, argument `target` of the
+    call)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, function: str, target: int) -> None:
         self.open = threading.Event()
         self.started: list[str] = []
-        real = async_module.write_to
+        real = getattr(async_module, function)
 
-        def gated(f: Any, *args: Any) -> None:
+        def gated(*args: Any) -> None:
+            f = args[target]
             self.started.append(Path(f).name if isinstance(f, (str, os.PathLike)) else repr(f))
             assert self.open.wait(60), "the gate was never opened"
-            real(f, *args)
+            real(*args)
 
-        monkeypatch.setattr(async_module, "write_to", gated)
+        monkeypatch.setattr(async_module, function, gated)
 
 
-@pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    g = Gate(monkeypatch)
+def _gate(monkeypatch: pytest.MonkeyPatch, function: str, target: int) -> Iterator[Gate]:
+    g = Gate(monkeypatch, function, target)
     try:
         yield g
     finally:
         g.open.set()
         assert ckptio.wait_all(60)
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    """File writes held (write_to(f, write, durable))."""
+    yield from _gate(monkeypatch, "write_to", 0)
 
 
 @pytest.mark.parametrize("target", ["path", "buffer"])
@@ -353,30 +361,10 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
-class DirectoryGate:
-    """Holds every background directory write until opened, recording the order they start."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.open = threading.Event()
-        self.started: list[str] = []
-        real = async_module.save_directory
-
-        def gated(state_dict: Any, path: Any, *args: Any) -> None:
-            self.started.append(Path(path).name)
-            assert self.open.wait(60), "the gate was never opened"
-            real(state_dict, path, *args)
-
-        monkeypatch.setattr(async_module, "save_directory", gated)
-
-
 @pytest.fixture
-def directory_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[DirectoryGate]:
-    g = DirectoryGate(monkeypatch)
-    try:
-        yield g
-    finally:
-        g.open.set()
-        assert ckptio.wait_all(60)
+def directory_gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    """Directory writes held (save_directory(state_dict, path, ...))."""
+    yield from _gate(monkeypatch, "save_directory", 1)
 
 
 INDEX = {"safetensors": "model.safetensors.index.json", "torch": "pytorch_model.bin.index.json"}
@@ -420,7 +408,7 @@ def test_directory_is_what_save_writes(tmp_path: Path, fmt: str, limit: Any) -> 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_directory_holds_the_values_at_the_call(
-    tmp_path: Path, fmt: str, directory_gate: DirectoryGate
+    tmp_path: Path, fmt: str, directory_gate: Gate
 ) -> None:
     """The tensors are modified in place (and freed) right after async_save returns, before
     the write starts: the directory holds the values of the call."""
@@ -441,7 +429,7 @@ def test_directory_holds_the_values_at_the_call(
 
 
 def test_directory_saves_to_one_directory_complete_in_call_order(
-    tmp_path: Path, directory_gate: DirectoryGate
+    tmp_path: Path, directory_gate: Gate
 ) -> None:
     d = tmp_path / "d"
     first_state = {"w": torch.zeros(600), "v": torch.zeros(600)}
@@ -465,9 +453,7 @@ def test_directory_saves_to_one_directory_complete_in_call_order(
     assert async_module._scheduler._in_flight == 0  # every staging buffer went back
 
 
-def test_directory_saves_in_flight_are_bounded(
-    tmp_path: Path, directory_gate: DirectoryGate
-) -> None:
+def test_directory_saves_in_flight_are_bounded(tmp_path: Path, directory_gate: Gate) -> None:
     with ckptio.options(async_max_pending=1):
         first = ckptio.async_save({"w": torch.ones(10)}, tmp_path / "a", max_shard_size="1GB")
         returned = threading.Event()
@@ -609,7 +595,7 @@ def test_a_safetensors_file_is_written_from_a_snapshot(
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("fmt", ["safetensors", "torch"])
 def test_cuda_directory_is_staged_in_pinned_memory(
-    tmp_path: Path, fmt: str, directory_gate: DirectoryGate
+    tmp_path: Path, fmt: str, directory_gate: Gate
 ) -> None:
     sd = {k: v.cuda() for k, v in _directory_state().items()}
     sd["lm_head.weight"] = sd["embed.weight"]
