@@ -13,6 +13,8 @@ Helpers (import them with ``from conftest import ...``):
 * :func:`zip_records` - the records of a zip archive with their header and payload offsets.
 * :func:`write_plain_zip` - a torch archive written by Python's zipfile (independent of ckptio),
   used to craft hostile or unusual files.
+* :func:`shift_payload` - a ckptio archive with one record's local header no writer would
+  write (a valid file whose payload offset is not the predicted one).
 """
 
 from __future__ import annotations
@@ -365,6 +367,25 @@ def write_plain_zip(target: Any, records: dict[str, bytes], archive: str = "arch
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_STORED) as zf:
         for name, payload in records.items():
             zf.writestr(f"{archive}/{name}", payload)
+
+
+def shift_payload(data: bytes, name: str, by: int) -> bytes:
+    """`data` (a ckptio archive) with record `name`'s local extra field `by` bytes shorter,
+    its payload moved up as much, `by` zero bytes after it: every header at the same offset,
+    a valid archive, one local header no writer would write."""
+    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
+    h = info.header_offset
+    n, m = struct.unpack_from("<HH", data, h + 26)
+    extra_at = h + 30 + n
+    assert data[extra_at : extra_at + 2] == b"FB"
+    (pad,) = struct.unpack_from("<H", data, extra_at + 2)
+    assert m == 4 + pad and pad >= by
+    start, size = extra_at + m, info.compress_size
+    header = bytearray(data[h:extra_at])
+    struct.pack_into("<H", header, 28, m - by)
+    extra = b"FB" + struct.pack("<H", pad - by) + b"Z" * (pad - by)
+    moved = bytes(header) + extra + data[start : start + size] + bytes(by)
+    return data[:h] + moved + data[start + size :]
 
 
 def torch_archive_parts(obj: Any) -> tuple[bytes, list[bytes]]:

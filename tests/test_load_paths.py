@@ -333,8 +333,8 @@ def test_background_read_errors_surface(tmp_path: Path, monkeypatch: pytest.Monk
     ckptio.save(_many_small(50), path)
     original = _archive.ArchiveReader.__init__
 
-    def init(self: _archive.ArchiveReader, source: object) -> None:
-        original(self, source)  # type: ignore[arg-type]
+    def init(self: _archive.ArchiveReader, source: object, predict: bool = False) -> None:
+        original(self, source, predict)  # type: ignore[arg-type]
         self.source = _FailingSource(self.source)  # type: ignore[assignment]
 
     monkeypatch.setattr(_archive.ArchiveReader, "__init__", init)

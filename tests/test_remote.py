@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ from safetensors import torch as safetensors_torch
 
 import ckptio
 from _remote_servers import FaultProxy, Logged, MotoS3, RangeServer, aws_environment
+
+from conftest import shift_payload
 
 # The servers and clients come from requirements-dev.txt (make test); the compat environments
 # of make test-compat (requirements-compat.txt: torch's dependencies and the tests' core set)
@@ -227,25 +228,6 @@ def test_eager_load_fetches_no_local_header_on_its_own(http_server: RangeServer,
     assert sum(e.sent for e in gets) <= len(data) + (2 << 20)
 
 
-def _shift_payload(data: bytes, name: str, by: int) -> bytes:
-    """`data` (a ckptio archive) with record `name`'s local extra field `by` bytes shorter,
-    its payload moved up as much, `by` zero bytes after it: every header at the same offset,
-    a valid archive, one local header no writer would write."""
-    info = zipfile.ZipFile(io.BytesIO(data)).getinfo(name)
-    h = info.header_offset
-    n, m = struct.unpack_from("<HH", data, h + 26)
-    extra_at = h + 30 + n
-    assert data[extra_at : extra_at + 2] == b"FB"
-    (pad,) = struct.unpack_from("<H", data, extra_at + 2)
-    assert m == 4 + pad and pad >= by
-    start, size = extra_at + m, info.compress_size
-    header = bytearray(data[h:extra_at])
-    struct.pack_into("<H", header, 28, m - by)
-    extra = b"FB" + struct.pack("<H", pad - by) + b"Z" * (pad - by)
-    moved = bytes(header) + extra + data[start : start + size] + bytes(by)
-    return data[:h] + moved + data[start + size :]
-
-
 def test_a_wrong_prediction_is_caught_and_the_archive_read_again(
     http_server: RangeServer,
 ) -> None:
@@ -254,7 +236,7 @@ def test_a_wrong_prediction_is_caught_and_the_archive_read_again(
     is caught by its check, and the load is done again with the headers fetched. Same
     tensors as torch.load of the same bytes."""
     sd = _big_storages()
-    data = _shift_payload(_bytes_of(sd, "ckptio"), "archive/data/2", 64)
+    data = shift_payload(_bytes_of(sd, "ckptio"), "archive/data/2", 64)
     _same(torch.load(io.BytesIO(data), weights_only=True), sd)  # the oracle: a valid file
     http_server.objects["/mispredicted.pt"] = data
     since = len(http_server.log)

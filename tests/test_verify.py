@@ -324,9 +324,9 @@ def test_verify_off_costs_nothing_extra(saved: Path, monkeypatch: pytest.MonkeyP
     real_dir = _core.zip.read_zip_directory
     asked: list[bool] = []
 
-    def read_dir(source: Any, threads: int = 1, crcs: bool = False) -> Any:
+    def read_dir(source: Any, threads: int = 1, crcs: bool = False, **predict: bool) -> Any:
         asked.append(crcs)
-        return real_dir(source, threads, crcs) if crcs else real_dir(source, threads)
+        return real_dir(source, threads, crcs, **predict)
 
     monkeypatch.setattr(_core.zip, "read_zip_directory", read_dir)
     ckptio.load(saved)

@@ -62,19 +62,25 @@ void register_zip(py::module_& m) {
 
   m.def(
       "read_zip_directory",
-      [](const File& file, std::size_t threads, bool crcs) {
+      [](const File& file, std::size_t threads, bool crcs, bool predict_cold) -> py::tuple {
         ZipDirectory dir;
         {
           py::gil_scoped_release nogil;
           auto pool = threads > 1 ? shared_pool(threads) : nullptr;
-          dir = read_zip_directory(file, pool.get());
+          dir = read_zip_directory(file, pool.get(), predict_cold);
         }
-        return directory_tuple(dir, crcs);
+        py::tuple out = directory_tuple(dir, crcs);
+        if (!predict_cold) return out;
+        return py::make_tuple(out[0], out[1], crcs ? py::object(out[2]) : py::none(),
+                              dir.predicted);
       },
       py::arg("source"), py::arg("threads") = 1, py::arg("crcs") = false,
+      py::arg("predict_cold") = false,
       "Parses and validates the container: (prefix, {name: (data_offset, size, method)}), "
       "names relative to the prefix; with crcs, a third item {name: CRC-32 the central "
-      "directory declares}.");
+      "directory declares}. With predict_cold: (prefix, records, crcs or None, predicted), "
+      "where predicted says the data offsets of a cold file were predicted from its layout "
+      "and its local headers are unchecked (csrc zip.hpp).");
   m.def(
       "read_zip_directory",
       [](const BufferSource& buffer, std::size_t /*threads*/, bool crcs) {

@@ -306,7 +306,7 @@ std::vector<ZipEntry> parse_central_directory(const Reader& r, const EndRecords&
       r.fail("stored record " + quote(name) + " has compressed size " + num(csize) +
              " but uncompressed size " + num(usize));
     }
-    entries.push_back(ZipEntry{std::move(name), lho, 0, csize, usize, crc, method});
+    entries.push_back(ZipEntry{std::move(name), lho, 0, csize, usize, crc, method, flags});
     pos += entry_len;
   }
   if (entries.size() != end.entry_count) {
@@ -343,11 +343,42 @@ void check_unique_names(const Reader& r, const std::vector<ZipEntry>& entries) {
   }
 }
 
+// The payload offsets of records laid out one after the other as torch's writer (miniz) and
+// ckptio's lay them out: header, name, extra field, payload, then a data descriptor of 16
+// bytes, 24 for a zip64 record (a payload or header offset of 4 GiB or more), none for an
+// empty one (flag bit 3 clear), then the next record or the central directory. False, with
+// nothing set, when any record's payload would not fit between its name and the next record
+// as such a layout puts it.
+bool predict_data_offsets(std::vector<ZipEntry>& entries, const std::vector<std::size_t>& order,
+                          std::uint64_t cd_offset) {
+  std::vector<std::uint64_t> offsets(order.size());
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    const ZipEntry& e = entries[order[i]];
+    const std::uint64_t next = i + 1 < order.size() ? entries[order[i + 1]].header_offset
+                                                    : cd_offset;
+    const std::uint64_t descriptor =
+        (e.flags & kFlagDescriptor) == 0                   ? 0
+        : e.size >= kMax32 || e.header_offset >= kMax32 ? 24
+                                                           : 16;
+    const std::uint64_t name_end = e.header_offset + kLocalHeaderSize + e.name.size();
+    if (next < name_end || next - name_end < descriptor || next - name_end - descriptor < e.size) {
+      return false;
+    }
+    offsets[i] = next - descriptor - e.size;
+    if (offsets[i] - name_end > kMax16) return false;  // more than an extra field holds
+  }
+  for (std::size_t i = 0; i < order.size(); ++i) entries[order[i]].data_offset = offsets[i];
+  return true;
+}
+
 // Reads every local header to learn where each payload starts (the local extra length may
 // differ from the central one, e.g. torch's "FB" padding), then checks that records stay
-// before the central directory and do not overlap.
-void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
-                           std::uint64_t cd_offset, ThreadPool* pool) {
+// before the central directory and do not overlap. With `predict_cold` and a cold source,
+// predicts the payload offsets instead where the layout allows (predict_data_offsets) and
+// returns true: nothing is read and the records lie in order without overlap by
+// construction, but the local headers are unchecked.
+bool resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
+                           std::uint64_t cd_offset, ThreadPool* pool, bool predict_cold) {
   std::vector<std::size_t> order(entries.size());
   std::iota(order.begin(), order.end(), std::size_t{0});
   std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
@@ -423,6 +454,7 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
   constexpr std::size_t kMinGroupsPerTask = 256;
   constexpr std::size_t kColdReaders = 32;
   const bool cold = groups.size() > 1 && !r.cached(groups[groups.size() / 2].window_start);
+  if (cold && predict_cold && predict_data_offsets(entries, order, cd_offset)) return true;
   const std::size_t tasks =
       cold ? std::min(groups.size(), kColdReaders)
       : pool == nullptr
@@ -460,6 +492,7 @@ void resolve_local_headers(const Reader& r, std::vector<ZipEntry>& entries,
              num(cur.header_offset) + ") overlap");
     }
   }
+  return false;
 }
 
 // ---------------------------------------------------------------- writing helpers
@@ -490,7 +523,7 @@ std::uint64_t checked_add(std::uint64_t a, std::uint64_t b) {
 
 // ---------------------------------------------------------------- reading
 
-ZipDirectory read_zip_directory(const ByteSource& source, ThreadPool* pool) {
+ZipDirectory read_zip_directory(const ByteSource& source, ThreadPool* pool, bool predict_cold) {
   const Reader r(source);
   const EndRecords end = read_end_records(r);
   if (end.cd_offset > end.end_start || end.cd_size > end.end_start - end.cd_offset) {
@@ -508,7 +541,7 @@ ZipDirectory read_zip_directory(const ByteSource& source, ThreadPool* pool) {
   dir.entries = parse_central_directory(r, end);
   dir.prefix = archive_prefix(r, dir.entries);
   check_unique_names(r, dir.entries);
-  resolve_local_headers(r, dir.entries, end.cd_offset, pool);
+  dir.predicted = resolve_local_headers(r, dir.entries, end.cd_offset, pool, predict_cold);
   return dir;
 }
 

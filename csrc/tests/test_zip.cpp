@@ -829,3 +829,95 @@ TEST(zip_a_cold_file_reads_its_local_headers_concurrently_with_the_same_result) 
     CHECK(message.find("data/89") != std::string::npos);
   }
 }
+
+// Memory that says it is out of the page cache: read_zip_directory's predict_cold path without
+// evicting a file.
+class ColdSource final : public ckptio::ByteSource {
+ public:
+  explicit ColdSource(const Bytes& bytes) : bytes_(bytes) {}
+  std::uint64_t size() const override { return bytes_.size(); }
+  const std::string& name() const override { return name_; }
+  void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override {
+    if (offset > bytes_.size() || n > bytes_.size() - offset) {
+      throw ckptio::FormatError(name_ + ": truncated");
+    }
+    std::memcpy(dst, bytes_.data() + offset, n);
+  }
+  bool cached(std::uint64_t) const override { return false; }
+
+ private:
+  const Bytes& bytes_;
+  std::string name_ = "<cold>";
+};
+
+bool same_offsets(const ZipDirectory& a, const ZipDirectory& b) {
+  bool same = a.entries.size() == b.entries.size();
+  for (std::size_t i = 0; same && i < a.entries.size(); ++i) {
+    same = a.entries[i].name == b.entries[i].name &&
+           a.entries[i].data_offset == b.entries[i].data_offset &&
+           a.entries[i].size == b.entries[i].size;
+  }
+  return same;
+}
+
+TEST(zip_a_cold_archive_of_the_writers_layout_gets_the_offsets_its_headers_give) {
+  // Records of every kind the writer lays out (empty: no descriptor; varied alignments and
+  // sizes), far enough apart to be read as several groups: predicted from the layout, the
+  // offsets are those the local headers give; asked without predict_cold, or warm, they are
+  // read.
+  std::vector<Record> records;
+  records.push_back({".format_version", harness::pattern(1, 9), 64});
+  for (int i = 0; i < 40; ++i) {
+    const std::size_t size = i % 7 == 0 ? 0 : static_cast<std::size_t>(1 + i * 977);
+    records.push_back({"data/" + std::to_string(i),
+                       harness::pattern(size, static_cast<std::uint64_t>(i)),
+                       i % 3 == 0 ? 4096u : 64u});
+  }
+  records.push_back({"data.pkl", harness::pattern(300, 2), 64});
+  const Bytes bytes = build("archive", records);
+  ckptio::MemorySource warm(bytes.data(), bytes.size(), "warm.pt");
+  const ZipDirectory expected = ckptio::read_zip_directory(warm);
+  CHECK(!expected.predicted);
+  CHECK(!ckptio::read_zip_directory(warm, nullptr, true).predicted);  // warm: read
+  const ColdSource cold(bytes);
+  const ZipDirectory read = ckptio::read_zip_directory(cold);
+  CHECK(!read.predicted && same_offsets(read, expected));
+  const ZipDirectory predicted = ckptio::read_zip_directory(cold, nullptr, true);
+  CHECK(predicted.predicted);
+  CHECK(same_offsets(predicted, expected));
+}
+
+TEST(zip_a_layout_that_cannot_be_the_writers_is_read_not_predicted) {
+  // A record moved up so that the next header lies closer to its payload than a data
+  // descriptor: no payload fits where the writer's layout would put it, so the headers are
+  // read (and the error they give is the usual one).
+  std::vector<Record> records;
+  for (int i = 0; i < 8; ++i) {
+    records.push_back({"data/" + std::to_string(i), harness::pattern(20000, 3), 4096});
+  }
+  const Bytes bytes = build("archive", records);
+  const ArchiveLayout layout = ckptio::plan_archive("archive", specs_of(records));
+  Bytes shrunk(bytes);
+  // Claim in the central directory that record 3 runs one byte farther than a payload and a
+  // data descriptor can before record 4's header.
+  auto u16 = [&](std::size_t at) {
+    return static_cast<std::size_t>(shrunk[at] | (shrunk[at + 1] << 8));
+  };
+  std::size_t at = static_cast<std::size_t>(layout.central_directory_offset);
+  for (int i = 0; i < 3; ++i) at += 46 + u16(at + 28) + u16(at + 30) + u16(at + 32);
+  const std::uint64_t name_end = layout.records[3].header_offset + 30 + layout.records[3].name.size();
+  const auto grown = static_cast<std::uint32_t>(layout.records[4].header_offset - name_end - 16 + 1);
+  for (std::size_t field : {std::size_t{20}, std::size_t{24}}) {
+    for (int b = 0; b < 4; ++b) {
+      shrunk[at + field + b] = static_cast<std::uint8_t>((grown >> (8 * b)) & 0xFF);
+    }
+  }
+  const ColdSource cold(shrunk);
+  std::string message;
+  try {
+    ckptio::read_zip_directory(cold, nullptr, true);
+  } catch (const ckptio::FormatError& e) {
+    message = e.what();
+  }
+  CHECK(message.find("overlap") != std::string::npos);
+}

@@ -19,6 +19,7 @@ from .settings import get_options
 
 __all__ = [
     "ArchiveReader",
+    "Mispredicted",
     "Record",
     "archive_name_for",
     "check_version",
@@ -37,14 +38,27 @@ class Record:
     method: int
 
 
+class Mispredicted(Exception):
+    """A record's real local header differs from its prediction (:class:`ArchiveReader` with
+    ``predict``): what was read with the predicted offsets is dropped and read again."""
+
+
 class ArchiveReader:
     """The records of a torch zip archive, validated by the C++ reader.
 
     ``records`` maps each name (relative to the archive prefix) to its ``(data_offset, size,
     method)``: plain tuples, as an archive of 20,000 storages holds 20,000 of them.
+
+    With ``predict`` (an eager load), the payload offsets may be predicted from the layout
+    instead of read from each record's local header: for a local file out of the page cache
+    (``_core.zip.read_zip_directory``'s ``predict_cold``: one random read per record saved
+    before the first payload read) and for a remote object (``_remote``: one round of GETs
+    saved). ``predicted`` then says so, and :meth:`check_predictions` must pass before
+    anything read through them is kept; :meth:`reopen` reads the archive again without
+    predictions.
     """
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, predict: bool = False) -> None:
         self.source = source
         self.name = source.name
         opts = get_options()
@@ -52,20 +66,59 @@ class ArchiveReader:
         #: attached to `source` so that every read of it is checked (_verify.py); None when
         #: verify is off or the file recorded no CRCs.
         self.checker: _verify.RecordChecker | None = None
+        #: the payload offsets were predicted and are not checked yet
+        self.predicted = False
         # A remote source hands the C++ reader the bytes it reads as a BufferSource
         # (_remote/_source.py); payloads are still read from `source`.
         directory = getattr(source, "zip_directory_source", None)
+        if directory is not None:
+            source.predict_headers = predict  # type: ignore[union-attr]
         parsed = source if directory is None else directory()
+        crcs: dict[str, int] | None = None
         with gc_paused():  # 20,000 new tuples would otherwise trigger full collections
-            if opts.verify:
+            if predict and isinstance(parsed, _core.io.File):
+                prefix, records, crcs, self.predicted = _core.zip.read_zip_directory(
+                    parsed, opts.threads, opts.verify, predict_cold=True
+                )
+            elif opts.verify:
                 prefix, records, crcs = _core.zip.read_zip_directory(parsed, opts.threads, True)
-                self.checker = _verify.checker_for(self.name, prefix, records, crcs)
-                if self.checker is not None:
-                    _verify.attach(source, self.checker)
             else:
                 prefix, records = _core.zip.read_zip_directory(parsed, opts.threads)
+        if directory is not None:
+            self.predicted = source.predicting  # type: ignore[union-attr]
+        if crcs is not None:
+            self.checker = _verify.checker_for(self.name, prefix, records, crcs)
+            if self.checker is not None:
+                _verify.attach(source, self.checker)
         self.prefix: str = prefix
         self.records: dict[str, tuple[int, int, int]] = records
+
+    def check_predictions(self) -> None:
+        """Checks the predicted payload offsets against the real local headers (read now:
+        after the payload reads, mostly from the page cache); raises :class:`Mispredicted`
+        if any differs. Nothing to do when nothing was predicted."""
+        if not self.predicted:
+            return
+        check = getattr(self.source, "check_predictions", None)
+        if check is not None:
+            check()  # a remote source checks the headers its GETs fetched
+        else:
+            with gc_paused():
+                _, real = _core.zip.read_zip_directory(self.source, get_options().threads)
+            if real != self.records:
+                wrong = next(n for n in self.records if real.get(n) != self.records[n])
+                raise Mispredicted(
+                    f"{self.name}: the local header of record '{self.prefix}{wrong}' is not "
+                    "the predicted one"
+                )
+        self.predicted = False
+
+    def reopen(self) -> ArchiveReader:
+        """The archive read again with every local header read, after a misprediction."""
+        forget = getattr(self.source, "forget_predictions", None)
+        if forget is not None:
+            forget()
+        return ArchiveReader(self.source)
 
     def has(self, name: str) -> bool:
         return name in self.records

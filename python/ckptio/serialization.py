@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Mapping, Sequence, TypeVar, Union, cast
 import torch
 
 from . import _core, _directory, _remote, _safetensors, _verify
-from ._archive import ArchiveReader, archive_name_for, check_version
+from ._archive import ArchiveReader, Mispredicted, archive_name_for, check_version
 from ._files import for_torch, is_path, open_source, write_to
 from ._legacy import check_legacy
 from ._placement import Placement
@@ -411,61 +411,59 @@ def load(
                 source.pread(0, source.size),
                 pickle_load_args,
             )
-        if remote is not None:
-            remote.predict_headers = True  # checked before the result is kept (_unpickle_remote)
-        archive = ArchiveReader(source)
-        if _needs_torch(archive):
-            # _load_with_torch checks data.pkl first.
-            pickles = []
-            if archive.has("data.pkl") and not archive.has("constants.pkl"):
-                pickles.append(archive.read("data.pkl"))
-            return _load_with_torch(
-                for_torch(f, start) if remote is None else _remote.whole_object(remote),
-                map_location,
-                pickle_module,
-                weights_only,
-                mmap,
-                pickle_load_args,
-                archive.name,
-                pickles,
+        # An eager load may take the payload offsets from the layout instead of each record's
+        # local header (ArchiveReader's predict); they are checked before the result is kept.
+        archive = ArchiveReader(source, predict=not mmap)
+
+        def load_archive(archive: ArchiveReader) -> Any:
+            if _needs_torch(archive):
+                # _load_with_torch checks data.pkl first.
+                pickles = []
+                if archive.has("data.pkl") and not archive.has("constants.pkl"):
+                    pickles.append(archive.read("data.pkl"))
+                return _load_with_torch(
+                    for_torch(f, start) if remote is None else _remote.whole_object(remote),
+                    map_location,
+                    pickle_module,
+                    weights_only,
+                    mmap,
+                    pickle_load_args,
+                    archive.name,
+                    pickles,
+                )
+            check_version(archive)
+            mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
+            return _unpickle(
+                archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
             )
-        check_version(archive)
-        if remote is not None:
-            args = (map_location, None, weights_only, pickle_module, pickle_load_args)
-            return _unpickle_remote(archive, remote, lambda a: _unpickle(a, *args))
-        mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
-        return _unpickle(
-            archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
-        )
+
+        return _with_predictions(archive, load_archive)
     finally:
         if file is not None:
             file.close()
 
 
-def _unpickle_remote(
-    archive: ArchiveReader, remote: Any, unpickle: Callable[[ArchiveReader], Any]
-) -> Any:
-    """``unpickle(archive)`` of a remote archive whose storages' local headers were
-    predicted, not fetched (_remote/_source.py): the result is kept only once every
-    prediction is checked against the real header; if one was wrong, the result (or the
-    error it led to) is dropped and the archive read again with its headers fetched."""
+def _with_predictions(archive: ArchiveReader, load: Callable[[ArchiveReader], Any]) -> Any:
+    """``load(archive)``, kept only once the archive's predicted payload offsets (if any:
+    ArchiveReader's predict) are checked against the real local headers. If one was wrong,
+    the result (or the error it led to) is dropped and the archive read again with every
+    header read."""
     try:
-        result = unpickle(archive)
+        result = load(archive)
     except Exception as error:
         try:
-            remote.check_predictions()
-        except _remote.Mispredicted:
+            archive.check_predictions()
+        except Mispredicted:
             pass
         else:
             raise error
     else:
         try:
-            remote.check_predictions()
+            archive.check_predictions()
             return result
-        except _remote.Mispredicted:
+        except Mispredicted:
             del result
-    remote.forget_predictions()
-    return unpickle(ArchiveReader(remote))
+    return load(archive.reopen())
 
 
 def _safetensors_checker(f: Any, source: Any, local: bool) -> _verify.FileChecker | None:

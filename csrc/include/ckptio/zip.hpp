@@ -22,12 +22,16 @@ struct ZipEntry {
   std::uint64_t uncompressed_size;
   std::uint32_t crc32;
   std::uint16_t method;        ///< 0 = stored; anything else is reported, not decoded
+  std::uint16_t flags = 0;     ///< general purpose bit flag (central directory)
 };
 
 struct ZipDirectory {
   std::string prefix;                 ///< "<archive>/" taken from the first entry
   std::vector<ZipEntry> entries;      ///< in central-directory order
   std::uint64_t central_directory_offset;
+  /// The data offsets were predicted from the layout, not read from the local headers
+  /// (read_zip_directory's `predict_cold`): nothing about the local headers is checked yet.
+  bool predicted = false;
 };
 
 /// Parses the end records (EOCD, zip64 locator and zip64 EOCD), the central directory and
@@ -37,7 +41,17 @@ struct ZipDirectory {
 /// naming the source and the problem. With a pool, the local headers (one read per record
 /// whose neighbours lie more than a few KiB away) are read in parallel; the result and the
 /// error raised for a bad file are the same either way.
-ZipDirectory read_zip_directory(const ByteSource& source, ThreadPool* pool = nullptr);
+///
+/// With `predict_cold`, when the source is out of the page cache and its records lie one
+/// after the other as torch's writer (and ckptio's) lays them out, each payload offset is
+/// predicted instead of read: it ends where the record's data descriptor, and then the next
+/// record (or the central directory), begins. The result has `predicted` set and its local
+/// headers unchecked: a caller must compare it with a full read_zip_directory (the headers'
+/// pages are then mostly cached by the payload reads) before trusting what it read. A cold
+/// file of thousands of small records thus skips one random read per record before its
+/// first payload read.
+ZipDirectory read_zip_directory(const ByteSource& source, ThreadPool* pool = nullptr,
+                                bool predict_cold = false);
 
 /// True if `head` (at least 4 bytes) starts with a local file header signature.
 bool looks_like_zip(const void* head, std::size_t n) noexcept;

@@ -16,6 +16,10 @@ def read_zip_directory(
 def read_zip_directory(
     source: File | BufferSource, threads: int, crcs: Literal[True]
 ) -> tuple[str, dict[str, tuple[int, int, int]], dict[str, int]]: ...
+@overload
+def read_zip_directory(
+    source: File, threads: int, crcs: bool, predict_cold: Literal[True]
+) -> tuple[str, dict[str, tuple[int, int, int]], dict[str, int] | None, bool]: ...
 
 class ArchiveLayout:
     @property

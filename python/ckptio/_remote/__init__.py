@@ -11,10 +11,9 @@ from __future__ import annotations
 import io
 from typing import Any, Mapping, cast
 
-from ._source import Mispredicted, RemoteSource, connections
+from ._source import RemoteSource, connections
 
 __all__ = [
-    "Mispredicted",
     "RemoteSource",
     "connections",
     "is_directory_url",

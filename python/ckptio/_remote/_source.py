@@ -54,6 +54,7 @@ import time
 from typing import Any, Callable, Sequence, TypeVar
 
 from .. import _core
+from .._archive import Mispredicted
 from ..errors import CheckpointError
 from ..settings import get_options
 from . import _zip
@@ -196,11 +197,6 @@ def connections() -> int:
     options, so that they share one cached S3 client."""
     opts = get_options()
     return max(2, min(64, opts.remote_inflight_bytes // opts.chunk_bytes))
-
-
-class Mispredicted(Exception):
-    """A storage's real local header differs from its prediction: the load that used it is
-    dropped and done again with the headers fetched."""
 
 
 class RemoteSource:
@@ -361,6 +357,11 @@ class RemoteSource:
             self._mispredicted = self._mispredicted or (
                 f"the local header at offset {p.header_offset} is not the predicted one"
             )
+
+    @property
+    def predicting(self) -> bool:
+        """Whether predicted local headers are waiting to be checked (predict_headers)."""
+        return bool(self._predicted)
 
     def check_predictions(self) -> None:
         """Checks every predicted local header not checked yet (fetching the missing ones in

@@ -1,0 +1,172 @@
+"""An eager load of a local archive out of the page cache predicts its payload offsets from the
+layout instead of reading every local header first (``ArchiveReader(predict=True)``,
+``_core.zip.read_zip_directory(predict_cold=True)``), and checks them against the real headers
+before the result is kept.
+
+Each test evicts its file with ``posix_fadvise(DONTNEED)`` and checks with ``mincore`` that
+its pages left; a file system that keeps them cannot be made cold, and the test says so.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import ckptio
+from ckptio import _archive, _core
+from ckptio.benchmark.limits import evict, evicted
+
+from conftest import assert_same, shift_payload
+
+
+def _storages() -> dict[str, torch.Tensor]:
+    """Records of every kind a layout has: many small ones (a few KiB apart, so their headers
+    share reads), large ones, an empty one (no data descriptor), a 0-d one, odd dtypes and a
+    non-contiguous view."""
+    g = torch.Generator().manual_seed(5)
+    sd: dict[str, torch.Tensor] = {}
+    for part in range(2):  # the middle of the file far from both ends, as in a real one
+        for i in range(150):
+            sd[f"small.{part}.{i}"] = torch.randn(1 + (i * 37) % 900, generator=g)
+        sd[f"big.{part}"] = torch.randn(400_000, generator=g)
+    sd["empty"] = torch.empty(0)
+    sd["scalar"] = torch.tensor(3.5, dtype=torch.float64)
+    sd["half"] = torch.randn(1000, generator=g).half()
+    sd["bool"] = torch.rand(777, generator=g) > 0.5
+    sd["int8"] = torch.randint(-128, 127, (513,), dtype=torch.int8, generator=g)
+    sd["view"] = torch.randn(64, 48, generator=g).t()
+    return sd
+
+
+def _bytes_of(obj: Any, how: str) -> bytes:
+    buf = io.BytesIO()
+    (ckptio.save if how == "ckptio" else torch.save)(obj, buf)
+    return buf.getvalue()
+
+
+def _cold(path: Path) -> None:
+    if not evicted(evict(str(path))):
+        pytest.skip(f"the file system of {path.parent} keeps the file's pages in the cache")
+
+
+class _Spy:
+    """Records what each eager load's archive predicted and whether it was read again."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.predicted: list[bool] = []
+        self.reopened = 0
+        check, reopen = _archive.ArchiveReader.check_predictions, _archive.ArchiveReader.reopen
+
+        def spy_check(archive: _archive.ArchiveReader) -> None:
+            self.predicted.append(archive.predicted)
+            check(archive)
+
+        def spy_reopen(archive: _archive.ArchiveReader) -> _archive.ArchiveReader:
+            self.reopened += 1
+            return reopen(archive)
+
+        monkeypatch.setattr(_archive.ArchiveReader, "check_predictions", spy_check)
+        monkeypatch.setattr(_archive.ArchiveReader, "reopen", spy_reopen)
+
+
+@pytest.mark.parametrize("how", ["ckptio", "torch"])
+def test_a_cold_file_is_loaded_with_predicted_offsets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """ckptio's and torch's writers lay records out as predicted: the cold load predicts,
+    the check passes, nothing is read twice, and the result is torch.load's."""
+    sd = _storages()
+    path = tmp_path / "cold.pt"
+    path.write_bytes(_bytes_of(sd, how))
+    spy = _Spy(monkeypatch)
+    _cold(path)
+    got = ckptio.load(path)
+    assert spy.predicted == [True] and spy.reopened == 0
+    assert_same(got, torch.load(path, weights_only=True))
+    assert_same(got, sd)
+
+
+def test_the_prediction_is_the_zip_readers_offsets(tmp_path: Path) -> None:
+    """The predicted directory of a cold file equals the one read from its local headers,
+    the CRC-32s included; a warm file is read, not predicted."""
+    path = tmp_path / "cold.pt"
+    path.write_bytes(_bytes_of(_storages(), "ckptio"))
+    with _core.io.File.open(str(path), _core.io.FileMode.READ) as f:
+        prefix, records, crcs = _core.zip.read_zip_directory(f, 2, True)
+        warm = _core.zip.read_zip_directory(f, 2, True, predict_cold=True)
+        assert warm == (prefix, records, crcs, False)
+        _cold(path)
+        cold = _core.zip.read_zip_directory(f, 2, False, predict_cold=True)
+        assert cold == (prefix, records, None, True)
+
+
+def test_a_warm_file_and_a_mapping_are_not_predicted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sd = _storages()
+    path = tmp_path / "warm.pt"
+    path.write_bytes(_bytes_of(sd, "ckptio"))
+    spy = _Spy(monkeypatch)
+    assert_same(ckptio.load(path), sd)
+    _cold(path)
+    assert_same(ckptio.load(path, mmap=True), sd)
+    assert spy.predicted == [False, False] and spy.reopened == 0
+
+
+@pytest.mark.parametrize("verify", [False, True])
+def test_a_wrong_prediction_is_caught_and_the_file_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify: bool
+) -> None:
+    """A valid archive with one local header no writer writes (a shorter extra field, its
+    payload moved): the prediction reads the wrong bytes for that record, the check catches
+    it, and the file is read again with its headers: torch.load's result, with or without
+    verify (whose CRC check of the mispredicted record fails first)."""
+    sd = _storages()
+    with ckptio.options(write_crc32=True):
+        data = shift_payload(_bytes_of(sd, "ckptio"), "archive/data/150", 64)
+    path = tmp_path / "cold.pt"
+    path.write_bytes(data)
+    expected = torch.load(path, weights_only=True)  # the oracle: a valid file
+    assert_same(expected, sd)
+    spy = _Spy(monkeypatch)
+    _cold(path)
+    with ckptio.options(verify=verify):
+        got = ckptio.load(path)
+    assert spy.predicted[0] is True and spy.reopened == 1
+    assert_same(got, expected)
+
+
+def test_a_misplaced_metadata_record_is_caught(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.pkl itself mispredicted: its predicted bytes are not the pickle, the error that
+    leads to is dropped for the check's verdict, and the file is read again."""
+    sd = _storages()
+    data = shift_payload(_bytes_of(sd, "ckptio"), "archive/data.pkl", 32)
+    path = tmp_path / "cold.pt"
+    path.write_bytes(data)
+    assert_same(torch.load(path, weights_only=True), sd)
+    spy = _Spy(monkeypatch)
+    _cold(path)
+    assert_same(ckptio.load(path), sd)
+    assert spy.predicted[0] is True and spy.reopened == 1
+
+
+def test_a_local_header_naming_another_record_is_refused_cold(tmp_path: Path) -> None:
+    """A header the prediction skipped is still checked: one that names another record gets
+    the zip reader's CheckpointError, as when the file is warm."""
+    data = bytearray(_bytes_of(_storages(), "ckptio"))
+    h = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("archive/data/40").header_offset
+    data[h + 30 + len("archive/data/")] ^= 0x01  # "40" -> "50"
+    path = tmp_path / "cold.pt"
+    path.write_bytes(data)
+    _cold(path)
+    with pytest.raises(ckptio.CheckpointError, match="names a different record"):
+        ckptio.load(path)
+    with pytest.raises(ckptio.CheckpointError, match="names a different record"):
+        ckptio.load(path)  # warm: the same refusal
