@@ -7,6 +7,13 @@
 
 namespace ckptio {
 
+void ByteSource::read_vectored(struct iovec* iov, int count, std::uint64_t offset) const {
+  for (int i = 0; i < count; ++i) {
+    read_exact(iov[i].iov_base, iov[i].iov_len, offset);
+    offset += iov[i].iov_len;
+  }
+}
+
 MemorySource::MemorySource(const void* data, std::uint64_t size, std::string name)
     : data_(static_cast<const std::uint8_t*>(data)), size_(size), name_(std::move(name)) {
   if (data_ == nullptr && size_ != 0) {

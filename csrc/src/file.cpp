@@ -110,6 +110,53 @@ void File::read_exact(void* dst, std::size_t n, std::uint64_t offset) const {
   }
 }
 
+void File::read_vectored(struct iovec* iov, int count, std::uint64_t offset) const {
+  std::uint64_t total = 0;
+  for (int i = 0; i < count; ++i) total += iov[i].iov_len;
+  std::uint64_t pos = offset;
+  int first = 0;
+  while (first < count) {
+    if (iov[first].iov_len == 0) {
+      ++first;
+      continue;
+    }
+    if (pos > kMaxOffset) break;  // no file is that large: truncated
+    // preadv takes at most IOV_MAX buffers and its total must fit in ssize_t.
+    int batch = 0;
+    std::size_t batch_bytes = 0;
+    while (first + batch < count && batch < IOV_MAX) {
+      const std::size_t len = iov[first + batch].iov_len;
+      if (batch > 0 && len > kMaxTransfer - std::min(batch_bytes, kMaxTransfer)) break;
+      batch_bytes += len;
+      ++batch;
+    }
+    const ssize_t got = ::preadv(fd_, iov + first, batch, static_cast<off_t>(pos));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw IoError(errno, "preadv", path_);
+    }
+    if (got == 0) break;
+    pos += static_cast<std::uint64_t>(got);
+    auto left = static_cast<std::size_t>(got);
+    while (left > 0) {
+      if (left >= iov[first].iov_len) {
+        left -= iov[first].iov_len;
+        iov[first].iov_len = 0;
+        ++first;
+      } else {
+        iov[first].iov_base = static_cast<std::uint8_t*>(iov[first].iov_base) + left;
+        iov[first].iov_len -= left;
+        left = 0;
+      }
+    }
+  }
+  if (pos - offset < total) {
+    throw FormatError(path_ + ": truncated: wanted " + std::to_string(total) +
+                      " bytes at offset " + std::to_string(offset) + ", file has " +
+                      std::to_string(size()) + " bytes");
+  }
+}
+
 bool File::cached(std::uint64_t offset) const {
 #ifdef RWF_NOWAIT
   if (offset > kMaxOffset) return true;

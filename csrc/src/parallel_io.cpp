@@ -80,25 +80,78 @@ void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
       requests.size(), [&](std::size_t i) { return requests[i]->length; }, chunk_bytes, workers);
   // One slot per piece, so tasks never share a CRC; combined per request afterwards.
   std::vector<std::uint32_t> piece_crcs(crcs != nullptr ? plan.pieces.size() : 0);
+  auto source_of = [&](std::size_t p) { return sources[plan.pieces[p].request]; };
+  auto dst_of = [&](std::size_t p) {
+    return static_cast<std::uint8_t*>(requests[plan.pieces[p].request]->dst) +
+           plan.pieces[p].offset;
+  };
+  auto at_of = [&](std::size_t p) {
+    return requests[plan.pieces[p].request]->offset + plan.pieces[p].offset;
+  };
+  auto read_piece = [&](std::size_t p) {
+    const detail::Piece& piece = plan.pieces[p];
+    std::uint8_t* dst = dst_of(p);
+    const std::uint64_t at = at_of(p);
+    if (crcs == nullptr) {
+      source_of(p)->read_exact(dst, static_cast<std::size_t>(piece.length), at);
+      return;
+    }
+    std::uint32_t crc = 0;
+    for (std::uint64_t done = 0; done < piece.length;) {
+      const auto step = static_cast<std::size_t>(
+          std::min<std::uint64_t>(kCrcStepBytes, piece.length - done));
+      source_of(p)->read_exact(dst + done, step, at + done);
+      crc = crc32_update(crc, dst + done, step);
+      done += step;
+    }
+    piece_crcs[p] = crc;
+  };
+  // Cold, pieces that follow one another in the file at most kColdGap bytes apart (small
+  // records: a data descriptor, the next local header and its padding between two payloads)
+  // are read by one preadv, each gap into scratch memory: one device request per run of
+  // records instead of one per record. On the development VM, the 20,000 records (~32 KiB
+  // each) of a 700 MB file took 0.51 s cold with one pread each, 0.38 s in 8 MiB reads.
+  constexpr std::uint64_t kColdGap = std::uint64_t{16} << 10;
+  constexpr std::size_t kMaxRunPieces = 512;  // 2 buffers each, under IOV_MAX
+  auto run_end_of = [&](std::size_t p, std::size_t end) {
+    std::size_t q = p + 1;
+    if (!cold) return q;
+    std::uint64_t at = at_of(p) + plan.pieces[p].length;
+    while (q < end && q - p < kMaxRunPieces && source_of(q) == source_of(p) && at_of(q) >= at &&
+           at_of(q) - at <= kColdGap) {
+      at = at_of(q) + plan.pieces[q].length;
+      ++q;
+    }
+    return q;
+  };
   auto task = [&](std::size_t t) {
-    for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
-      const detail::Piece& piece = plan.pieces[p];
-      const ReadRequest& r = *requests[piece.request];
-      auto* dst = static_cast<std::uint8_t*>(r.dst) + piece.offset;
-      const std::uint64_t at = r.offset + piece.offset;
-      if (crcs == nullptr) {
-        sources[piece.request]->read_exact(dst, static_cast<std::size_t>(piece.length), at);
+    std::vector<std::uint8_t> gap;
+    std::vector<struct iovec> iov;
+    const std::size_t end = plan.task_start[t + 1];
+    for (std::size_t p = plan.task_start[t]; p < end;) {
+      const std::size_t q = run_end_of(p, end);
+      if (q - p == 1) {
+        read_piece(p);
+        p = q;
         continue;
       }
-      std::uint32_t crc = 0;
-      for (std::uint64_t done = 0; done < piece.length;) {
-        const auto step = static_cast<std::size_t>(
-            std::min<std::uint64_t>(kCrcStepBytes, piece.length - done));
-        sources[piece.request]->read_exact(dst + done, step, at + done);
-        crc = crc32_update(crc, dst + done, step);
-        done += step;
+      if (gap.empty()) gap.resize(static_cast<std::size_t>(kColdGap));
+      iov.clear();
+      for (std::size_t k = p; k < q; ++k) {
+        if (k > p) {
+          const std::uint64_t skip = at_of(k) - (at_of(k - 1) + plan.pieces[k - 1].length);
+          if (skip > 0) iov.push_back({gap.data(), static_cast<std::size_t>(skip)});
+        }
+        iov.push_back({dst_of(k), static_cast<std::size_t>(plan.pieces[k].length)});
       }
-      piece_crcs[p] = crc;
+      source_of(p)->read_vectored(iov.data(), static_cast<int>(iov.size()), at_of(p));
+      if (crcs != nullptr) {
+        for (std::size_t k = p; k < q; ++k) {
+          piece_crcs[k] =
+              crc32_update(0, dst_of(k), static_cast<std::size_t>(plan.pieces[k].length));
+        }
+      }
+      p = q;
     }
   };
   if (workers > pool.size()) {

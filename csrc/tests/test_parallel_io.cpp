@@ -381,3 +381,111 @@ TEST(read_ranges_of_a_cold_file_use_more_readers_with_the_same_bytes) {
   CHECK(std::memcmp(tail.data(), data.data() + data.size() - 4099, 4099) == 0);
   CHECK(harness::page_cached(path, data.size() / 2));
 }
+
+namespace {
+
+// Memory that says it is out of the page cache and counts its reads: the cold path of
+// read_ranges_many without evicting a file.
+class ColdCountingSource final : public ckptio::ByteSource {
+ public:
+  explicit ColdCountingSource(const std::vector<std::uint8_t>& data)
+      : inner_(data.data(), data.size(), "<cold>") {}
+  std::uint64_t size() const override { return inner_.size(); }
+  void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override {
+    reads.fetch_add(1);
+    inner_.read_exact(dst, n, offset);
+  }
+  void read_vectored(struct iovec* iov, int count, std::uint64_t offset) const override {
+    vectored.fetch_add(1);
+    for (int i = 0; i < count; ++i) {
+      inner_.read_exact(iov[i].iov_base, iov[i].iov_len, offset);
+      offset += iov[i].iov_len;
+    }
+  }
+  bool cached(std::uint64_t) const override { return false; }
+  const std::string& name() const override { return inner_.name(); }
+  mutable std::atomic<int> reads{0};
+  mutable std::atomic<int> vectored{0};
+
+ private:
+  ckptio::MemorySource inner_;
+};
+
+// Small records as a torch archive holds them: payloads in file order, a few hundred bytes to
+// 40 KiB apart, some adjacent, one out of order, one empty.
+std::vector<ReadRequest> record_like_requests(std::vector<std::uint8_t>& out, std::uint64_t size) {
+  Lcg rng{7};
+  std::vector<ReadRequest> reqs;
+  std::uint64_t at = 100;
+  std::size_t used = 0;
+  while (true) {
+    const std::uint64_t len = 1 + rng.next(9000);
+    const std::uint64_t kind = rng.next(4);  // adjacent, near (twice as often), far
+    const std::uint64_t gap = kind == 0 ? 0 : kind < 3 ? rng.next(6000) : 20000 + rng.next(20000);
+    if (at + gap + len > size || used + len > out.size()) break;
+    reqs.push_back({at + gap, len, out.data() + used});
+    at += gap + len;
+    used += static_cast<std::size_t>(len);
+  }
+  reqs.push_back({7, 0, nullptr});
+  reqs.push_back({50, 30, out.data() + used});  // behind the previous one: a run of its own
+  return reqs;
+}
+
+}  // namespace
+
+TEST(read_ranges_of_cold_small_records_read_runs_at_once_with_the_same_bytes_and_crcs) {
+  // Cold, requests a few KiB apart are read as runs by one vectored read each (the gaps into
+  // scratch memory); requests farther apart, or behind the previous one, on their own. Every
+  // destination gets its bytes and every CRC is the one of its bytes.
+  const auto data = harness::pattern(8u << 20, 31);
+  std::vector<std::uint8_t> out(8u << 20, 0xEE);
+  const std::vector<ReadRequest> reqs = record_like_requests(out, data.size());
+  CHECK(reqs.size() > 300);
+  for (std::size_t threads : {1, 3}) {
+    ThreadPool pool(threads);
+    for (std::size_t chunk : {std::size_t{64} << 10, std::size_t{8} << 20}) {
+      std::fill(out.begin(), out.end(), 0xEE);
+      ColdCountingSource cold(data);
+      std::vector<std::uint32_t> crcs;
+      ckptio::read_ranges(cold, reqs, pool, chunk, ckptio::crc32_available() ? &crcs : nullptr);
+      bool same = true;
+      for (const ReadRequest& r : reqs) {
+        same = same && (r.length == 0 ||
+                        std::memcmp(r.dst, data.data() + r.offset, static_cast<std::size_t>(r.length)) == 0);
+      }
+      CHECK(same);
+      CHECK(cold.vectored.load() > 0);
+      CHECK(cold.vectored.load() + cold.reads.load() < static_cast<int>(reqs.size()) / 2);
+      if (ckptio::crc32_available()) {
+        bool crcs_ok = crcs.size() == reqs.size();
+        for (std::size_t i = 0; crcs_ok && i < reqs.size(); ++i) {
+          crcs_ok = crcs[i] == (reqs[i].length == 0 ? 0u
+                                : ckptio::crc32_update(0, data.data() + reqs[i].offset,
+                                                       static_cast<std::size_t>(reqs[i].length)));
+        }
+        CHECK(crcs_ok);
+      }
+    }
+  }
+}
+
+TEST(file_read_vectored_fills_every_buffer_and_refuses_a_short_file) {
+  harness::TempDir dir;
+  const auto data = harness::pattern(100000, 5);
+  File f = File::open(make_file(dir, data), File::Mode::kRead);
+  std::vector<std::uint8_t> a(10), b(0), c(70000), gap(5);
+  struct iovec iov[] = {{a.data(), a.size()}, {b.data(), 0}, {gap.data(), gap.size()},
+                        {c.data(), c.size()}};
+  f.read_vectored(iov, 4, 1234);
+  CHECK(std::memcmp(a.data(), data.data() + 1234, a.size()) == 0);
+  CHECK(std::memcmp(c.data(), data.data() + 1234 + 15, c.size()) == 0);
+  struct iovec past[] = {{c.data(), c.size()}};
+  std::string message;
+  try {
+    f.read_vectored(past, 1, 50000);
+  } catch (const ckptio::FormatError& e) {
+    message = e.what();
+  }
+  CHECK(message.find("truncated") != std::string::npos);
+}

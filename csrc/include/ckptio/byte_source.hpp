@@ -3,6 +3,8 @@
 // (BytesIO) alike.
 #pragma once
 
+#include <sys/uio.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -26,6 +28,11 @@ class ByteSource {
   /// False when reading the byte at `offset` would wait for the disk (its page is not in the
   /// page cache); true when it would not, or when the source cannot tell. Never blocks.
   virtual bool cached(std::uint64_t /*offset*/) const { return true; }
+
+  /// Reads the bytes from `offset` on into `count` buffers one after the other (as preadv),
+  /// exactly filling each; `iov` may be modified. Same errors as read_exact. The default
+  /// reads buffer by buffer.
+  virtual void read_vectored(struct iovec* iov, int count, std::uint64_t offset) const;
 };
 
 /// A ByteSource over memory the caller owns and keeps alive and unchanged while it is used.

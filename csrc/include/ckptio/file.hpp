@@ -45,6 +45,9 @@ class File final : public ByteSource {
   /// pread loop. Hitting end of file before `n` bytes throws FormatError ("truncated").
   void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override;
 
+  /// preadv loop (IOV_MAX buffers per call, partial reads resumed).
+  void read_vectored(struct iovec* iov, int count, std::uint64_t offset) const override;
+
   /// A one-byte preadv2(RWF_NOWAIT): false when the byte's page is not in the page cache.
   /// True where the kernel or file system cannot say (no RWF_NOWAIT, an error). A miss
   /// starts the kernel's readahead of that page (the probe asks only, it does not wait), so
