@@ -38,6 +38,10 @@ struct SourceReads {
 /// it receives, per request, the CRC-32 of the bytes read, computed from the destination
 /// right after each step of kCrcStepBytes is read (while those bytes are still in the CPU's
 /// cache) and combined per request.
+///
+/// When the source is out of the page cache (its middle request's first page), more threads
+/// than the pool's wait on the device, and requests a few KiB apart are read as one run (one
+/// vectored read, the gaps into scratch memory).
 void read_ranges(const ByteSource& source, const std::vector<ReadRequest>& requests,
                  ThreadPool& pool, std::size_t chunk_bytes,
                  std::vector<std::uint32_t>* crcs = nullptr);
