@@ -15,6 +15,10 @@ Helpers (import them with ``from conftest import ...``):
   used to craft hostile or unusual files.
 * :func:`shift_payload` - a ckptio archive with one record's local header no writer would
   write (a valid file whose payload offset is not the predicted one).
+
+Fixtures for the object-storage tests: ``moto`` (an S3 server on loopback for the test module,
+its ``BUCKET`` made) and ``http_server`` (a range-serving HTTP server), both from
+``_remote_servers``.
 """
 
 from __future__ import annotations
@@ -404,6 +408,25 @@ def torch_archive_parts(obj: Any) -> tuple[bytes, list[bytes]]:
 
 
 # --------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def moto(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A moto S3 server on loopback for the test module, with the module's ``BUCKET`` made."""
+    from _remote_servers import MotoS3
+
+    with MotoS3() as server:
+        server.client.create_bucket(Bucket=request.module.BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[Any]:
+    """An HTTP server on loopback that serves byte ranges of the objects it is given."""
+    from _remote_servers import RangeServer
+
+    with RangeServer() as server:
+        yield server
+
+
 @pytest.fixture
 def restore_options() -> Iterator[None]:
     """Restores ckptio's process-wide options after a test that calls set_options."""

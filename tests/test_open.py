@@ -387,25 +387,14 @@ def test_open_file_object(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
 def test_staged_map_location_streams_through_the_ring(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+    tmp_path: Path, staged_cpu: list[Any], fmt: str
 ) -> None:
     """A map_location that sends storages to a staged device (CUDA on a GPU host; here the CPU
-    stands in for it) reads a handle's tensors straight into device memory through the pinned
-    ring, as load does, with the same values, dtypes, shapes and strides as torch.load; the
-    handle keeps one ring for all its reads and releases it when closed."""
-    from ckptio import _staging
-
-    copiers: list[Any] = []
-
-    def copier() -> Any:
-        made = _staging.TorchCopier(torch.device("cpu"))
-        copiers.append(made)
-        return made
-
-    def target(location: str) -> Any:
-        return _staging.DeviceTarget(torch.device("cpu"), copier) if location == "cpu" else None
-
-    monkeypatch.setattr(_staging, "staging_target", target)
+    stands in for it: the staged_cpu fixture) reads a handle's tensors straight into device
+    memory through the pinned ring, as load does, with the same values, dtypes, shapes and
+    strides as torch.load; the handle keeps one ring for all its reads and releases it when
+    closed."""
+    copiers = staged_cpu
     g = torch.Generator().manual_seed(5)
     base = torch.randn(64, 48, generator=g)
     sd = {

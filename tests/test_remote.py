@@ -87,19 +87,6 @@ def _same(a: Any, b: Any, ordered: bool = True) -> None:
 
 
 # ------------------------------------------------------------------------------- servers
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoS3]:
-    with MotoS3() as server:
-        server.client.create_bucket(Bucket=BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[RangeServer]:
-    with RangeServer() as server:
-        yield server
-
-
 @pytest.fixture()
 def s3_env(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> MotoS3:
     """The AWS configuration a user would set: keys and the endpoint in the environment."""

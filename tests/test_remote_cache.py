@@ -63,19 +63,6 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------- servers
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoS3]:
-    with MotoS3() as server:
-        server.client.create_bucket(Bucket=BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[RangeServer]:
-    with RangeServer() as server:
-        yield server
-
-
 @pytest.fixture()
 def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     aws_environment(monkeypatch)

@@ -38,13 +38,6 @@ FAST = {"retries": 4, "retry_backoff": 0.001}
 
 
 # ------------------------------------------------------------------------------- servers
-@pytest.fixture(scope="module")
-def moto() -> Iterator[MotoS3]:
-    with MotoS3() as server:
-        server.client.create_bucket(Bucket=BUCKET)
-        yield server
-
-
 @pytest.fixture()
 def s3(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[MotoS3]:
     """moto, configured as a user would (keys and endpoint in the environment), with parts
