@@ -505,16 +505,12 @@ def _inspect_directory(args: argparse.Namespace) -> int:
     for k, v in info["metadata"].items():
         lines.append(f"metadata:        {k} = {_short_repr(v)}")
     print("\n".join(lines))
-    header = ("file", "format", "tensors", "tensor bytes", "file bytes")
     rows = [
         (s["file"], s["format"], str(s["tensors"]), str(s["tensor_bytes"]), str(s["file_bytes"]))
         for s in info["shards"]
     ]
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     print()
-    for r in [header, *rows]:
-        left = f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}"
-        print(left + "".join(f"  {cell:>{w}}" for cell, w in zip(r[2:], widths[2:], strict=True)))
+    _print_table(("file", "format", "tensors", "tensor bytes", "file bytes"), rows, left=2)
     return 0
 
 
@@ -536,8 +532,6 @@ def _inspect(args: argparse.Namespace) -> int:
             with _open(args.file) as handle:
                 info = _summary(handle, args.file)
     except UnsafeGlobalError:
-        if found is None:
-            raise
         if found is None:
             raise
         # The listing needs the weights-only rules: show what the file needs, then fail.
@@ -582,12 +576,8 @@ def _inspect(args: argparse.Namespace) -> int:
         for t in info["tensors"]
     ]
     if rows:
-        header = ("name", "dtype", "shape", "bytes")
-        widths = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
         print()
-        print(_row(header, widths))
-        for r in rows:
-            print(_row(r, widths))
+        _print_table(("name", "dtype", "shape", "bytes"), rows, left=3)
     if info["non_tensors"]:
         print("\nnon-tensor entries:")
         for name, value in info["non_tensors"].items():
@@ -595,9 +585,17 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
-    name, dtype, shape, nbytes = cells
-    return f"{name:<{widths[0]}}  {dtype:<{widths[1]}}  {shape:<{widths[2]}}  {nbytes:>{widths[3]}}"
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> None:
+    """`rows` under `header` in columns two spaces apart: the first `left` columns flush left
+    (names), the others flush right (numbers)."""
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, *rows]:
+        print(
+            "  ".join(
+                f"{cell:<{w}}" if c < left else f"{cell:>{w}}"
+                for c, (cell, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------- convert
