@@ -170,3 +170,32 @@ def test_a_local_header_naming_another_record_is_refused_cold(tmp_path: Path) ->
         ckptio.load(path)
     with pytest.raises(ckptio.CheckpointError, match="names a different record"):
         ckptio.load(path)  # warm: the same refusal
+
+
+def _rename(data: bytes, name: str, at: int, byte: int) -> bytes:
+    """`data` with byte `at` of record `name`'s name set to `byte`, in its local header and
+    in the central directory alike (a damaged name, consistent in both)."""
+    out = bytearray(data)
+    z = zipfile.ZipFile(io.BytesIO(data))
+    h = z.getinfo(name).header_offset
+    out[h + 30 + at] = byte
+    pos = data.find(name.encode(), z.start_dir)
+    assert pos > 0
+    out[pos + at] = byte
+    return bytes(out)
+
+
+@pytest.mark.parametrize("cold", [True, False])
+@pytest.mark.parametrize("name", ["archive/.data/serialization_id", "archive/data/40"])
+def test_a_record_name_that_is_not_utf8_is_refused(tmp_path: Path, cold: bool, name: str) -> None:
+    """Writers store names in UTF-8; a damaged one (the same in both headers) gets a
+    CheckpointError naming the record, cold (whose offsets are predicted) and warm alike,
+    never a UnicodeDecodeError. torch.load refuses these files too."""
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(_rename(_bytes_of(_storages(), "ckptio"), name, 9, 0xFF))
+    with pytest.raises(UnicodeDecodeError):
+        torch.load(path, weights_only=True)
+    if cold:
+        _cold(path)
+    with pytest.raises(ckptio.CheckpointError, match="is not UTF-8"):
+        ckptio.load(path)

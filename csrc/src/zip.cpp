@@ -207,9 +207,45 @@ EndRecords read_end_records(const Reader& r) {
   return EndRecords{count, cd_offset32, cd_size32, eocd};
 }
 
+// Whether `s` is well-formed UTF-8 as Python decodes it: no overlong forms, no surrogates,
+// nothing above U+10FFFF.
+bool is_utf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const auto* end = p + s.size();
+  while (p < end) {
+    const unsigned char c = *p;
+    std::size_t n = 0;
+    std::uint32_t cp = 0, min = 0;
+    if (c < 0x80) {
+      ++p;
+      continue;
+    } else if ((c & 0xE0) == 0xC0) {
+      n = 1, cp = c & 0x1F, min = 0x80;
+    } else if ((c & 0xF0) == 0xE0) {
+      n = 2, cp = c & 0x0F, min = 0x800;
+    } else if ((c & 0xF8) == 0xF0) {
+      n = 3, cp = c & 0x07, min = 0x10000;
+    } else {
+      return false;
+    }
+    if (static_cast<std::size_t>(end - p) <= n) return false;
+    for (std::size_t i = 1; i <= n; ++i) {
+      if ((p[i] & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (p[i] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    p += n + 1;
+  }
+  return true;
+}
+
 bool is_safe_name(const std::string& name, std::string* why) {
   if (name.empty()) {
     *why = "is empty";
+    return false;
+  }
+  if (!is_utf8(name)) {
+    *why = "is not UTF-8 (torch's writer stores names in UTF-8)";
     return false;
   }
   if (name.find('\0') != std::string::npos) {
