@@ -23,6 +23,38 @@ constexpr std::uint64_t kMaxOffset = static_cast<std::uint64_t>(std::numeric_lim
 // length well inside ssize_t.
 constexpr std::size_t kMaxTransfer = std::size_t{1} << 30;
 
+// How many buffers from `first` one preadv/pwritev call takes: at most IOV_MAX, and a total
+// that fits in ssize_t (kMaxTransfer).
+int iov_batch(const struct iovec* iov, int first, int count) {
+  int batch = 0;
+  std::size_t batch_bytes = 0;
+  while (first + batch < count && batch < IOV_MAX) {
+    const std::size_t len = iov[first + batch].iov_len;
+    if (batch > 0 && len > kMaxTransfer - std::min(batch_bytes, kMaxTransfer)) break;
+    batch_bytes += len;
+    ++batch;
+  }
+  return batch;
+}
+
+// Consumes `done` transferred bytes from the buffers at `first` (a partial transfer leaves the
+// rest of a buffer for the next call); returns the first buffer not fully transferred.
+int iov_advance(struct iovec* iov, int first, std::size_t done) {
+  while (done > 0) {
+    if (done >= iov[first].iov_len) {
+      done -= iov[first].iov_len;
+      iov[first].iov_len = 0;
+      ++first;
+    } else {
+      iov[first].iov_base = static_cast<std::uint8_t*>(iov[first].iov_base) + done;
+      iov[first].iov_len -= done;
+      done = 0;
+    }
+  }
+  return first;
+}
+
+
 int open_flags(File::Mode mode) {
   switch (mode) {
     case File::Mode::kRead:
@@ -121,15 +153,7 @@ void File::read_vectored(struct iovec* iov, int count, std::uint64_t offset) con
       continue;
     }
     if (pos > kMaxOffset) break;  // no file is that large: truncated
-    // preadv takes at most IOV_MAX buffers and its total must fit in ssize_t.
-    int batch = 0;
-    std::size_t batch_bytes = 0;
-    while (first + batch < count && batch < IOV_MAX) {
-      const std::size_t len = iov[first + batch].iov_len;
-      if (batch > 0 && len > kMaxTransfer - std::min(batch_bytes, kMaxTransfer)) break;
-      batch_bytes += len;
-      ++batch;
-    }
+    const int batch = iov_batch(iov, first, count);
     const ssize_t got = ::preadv(fd_, iov + first, batch, static_cast<off_t>(pos));
     if (got < 0) {
       if (errno == EINTR) continue;
@@ -137,18 +161,7 @@ void File::read_vectored(struct iovec* iov, int count, std::uint64_t offset) con
     }
     if (got == 0) break;
     pos += static_cast<std::uint64_t>(got);
-    auto left = static_cast<std::size_t>(got);
-    while (left > 0) {
-      if (left >= iov[first].iov_len) {
-        left -= iov[first].iov_len;
-        iov[first].iov_len = 0;
-        ++first;
-      } else {
-        iov[first].iov_base = static_cast<std::uint8_t*>(iov[first].iov_base) + left;
-        iov[first].iov_len -= left;
-        left = 0;
-      }
-    }
+    first = iov_advance(iov, first, static_cast<std::size_t>(got));
   }
   if (pos - offset < total) {
     throw FormatError(path_ + ": truncated: wanted " + std::to_string(total) +
@@ -205,15 +218,7 @@ void File::writev_all(struct iovec* iov, int count, std::uint64_t offset) const 
       ++first;
       continue;
     }
-    // pwritev takes at most IOV_MAX buffers and its total must fit in ssize_t.
-    int batch = 0;
-    std::size_t batch_bytes = 0;
-    while (first + batch < count && batch < IOV_MAX) {
-      const std::size_t len = iov[first + batch].iov_len;
-      if (batch > 0 && len > kMaxTransfer - std::min(batch_bytes, kMaxTransfer)) break;
-      batch_bytes += len;
-      ++batch;
-    }
+    const int batch = iov_batch(iov, first, count);
     const ssize_t put = ::pwritev(fd_, iov + first, batch, static_cast<off_t>(pos));
     if (put < 0) {
       if (errno == EINTR) continue;
@@ -221,18 +226,7 @@ void File::writev_all(struct iovec* iov, int count, std::uint64_t offset) const 
     }
     if (put == 0) throw IoError(EIO, "pwritev", path_);
     pos += static_cast<std::uint64_t>(put);
-    auto left = static_cast<std::size_t>(put);
-    while (left > 0) {
-      if (left >= iov[first].iov_len) {
-        left -= iov[first].iov_len;
-        iov[first].iov_len = 0;
-        ++first;
-      } else {
-        iov[first].iov_base = static_cast<std::uint8_t*>(iov[first].iov_base) + left;
-        iov[first].iov_len -= left;
-        left = 0;
-      }
-    }
+    first = iov_advance(iov, first, static_cast<std::size_t>(put));
   }
 }
 
