@@ -681,6 +681,50 @@ def test_legacy_torch_file(store: Store) -> None:
     _same(ckptio.load(url), torch.load(io.BytesIO(buf.getvalue())))
 
 
+def _legacy_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf, _use_new_zipfile_serialization=False)
+    return buf.getvalue()
+
+
+def _body_bytes(server: RangeServer, path: str) -> int:
+    return sum(e.sent for e in server.log if e.path == path and e.method == "GET")
+
+
+# The opening probe fetches this much of each end (twice the object when it is smaller).
+_PROBE = {"probe_bytes": 4096}
+
+
+def test_legacy_file_fetched_once(http_server: RangeServer) -> None:
+    """The bytes ckptio checks are the bytes torch loads: the object is fetched once (past
+    the size up to which a source keeps what it read, _source.CACHE_PREAD_BYTES)."""
+    obj = {"w": torch.randn(4200, 1024), "b": torch.arange(10)}  # 17 MB
+    data = _legacy_bytes(obj)
+    http_server.objects["/once-legacy.pt"] = data
+    _same(ckptio.load(f"{http_server.url}/once-legacy.pt", storage_options=_PROBE), obj)
+    sent = _body_bytes(http_server, "/once-legacy.pt")
+    assert len(data) <= sent <= len(data) + 2 * _PROBE["probe_bytes"]
+
+
+def test_directory_legacy_shard_fetched_once(http_server: RangeServer, tmp_path: Path) -> None:
+    """A legacy shard of a remote directory is handed to torch from the shard already opened
+    (each shard's bytes fetched once), beside a torch zip shard ckptio reads itself."""
+    sd = _sharded_state_dict()
+    names = list(sd)
+    legacy = {k: sd[k] for k in names[:4]}
+    zipped = {k: sd[k] for k in names[4:]}
+    http_server.objects["/dir-legacy/a.bin"] = _legacy_bytes(legacy)
+    http_server.objects["/dir-legacy/b.bin"] = _bytes_of(zipped, "ckptio")
+    weight_map = {**{k: "a.bin" for k in legacy}, **{k: "b.bin" for k in zipped}}
+    http_server.objects["/dir-legacy/pytorch_model.bin.index.json"] = json.dumps(
+        {"metadata": {}, "weight_map": weight_map}
+    ).encode()
+    index = f"{http_server.url}/dir-legacy/pytorch_model.bin.index.json"
+    _same(ckptio.load(index, storage_options=_PROBE), {k: sd[k] for k in weight_map})
+    size = len(http_server.objects["/dir-legacy/a.bin"])
+    assert size <= _body_bytes(http_server, "/dir-legacy/a.bin") <= size + 2 * 4096
+
+
 # ---------------------------------------------------------------------- model directories
 def _sharded_state_dict() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(11)

@@ -9,6 +9,7 @@ batch, or maps the file once with ``mmap=True``.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
@@ -397,18 +398,18 @@ def load(
             if checker is not None:
                 checker.finish(source)  # the whole file against its manifest
             return tensors
-        head = head[:4]
-        if not _core.zip.looks_like_zip(head):
+        if not _core.zip.looks_like_zip(head[:4]):
             if get_options().verify:
                 _verify.warn_unverified(source.name, "a legacy (pre-1.6) file has no checksums")
             return _load_legacy(
-                for_torch(f, start) if remote is None else _remote.whole_object(remote),
+                source,
+                # A file object is left where torch leaves it (legacy files are a stream).
+                None if is_path(f) or remote is not None else for_torch(f, start),
+                f if isinstance(f, str) else None,  # as torch's refusal names it
                 map_location,
                 pickle_module,
                 weights_only,
                 mmap,
-                source.name,
-                source.pread(0, source.size),
                 pickle_load_args,
             )
         # An eager load may take the payload offsets from the layout instead of each record's
@@ -417,19 +418,16 @@ def load(
 
         def load_archive(archive: ArchiveReader) -> Any:
             if _needs_torch(archive):
-                # _load_with_torch checks data.pkl first.
-                pickles = []
-                if archive.has("data.pkl") and not archive.has("constants.pkl"):
-                    pickles.append(archive.read("data.pkl"))
-                return _load_with_torch(
-                    for_torch(f, start) if remote is None else _remote.whole_object(remote),
+                # A path or a file object is torch's to read again; an object in storage is
+                # not fetched twice: torch reads the bytes of `source`.
+                return _archive_with_torch(
+                    archive,
+                    for_torch(f, start) if remote is None else _whole(source),
                     map_location,
                     pickle_module,
                     weights_only,
                     mmap,
                     pickle_load_args,
-                    archive.name,
-                    pickles,
                 )
             check_version(archive)
             mapping = _core.io.Mapping(file, shared) if file is not None and mmap else None
@@ -558,7 +556,8 @@ def _load_directory(
     Every shard's container is parsed and unpickled first (each checked against the index),
     then the storages of all of them are read as one plan: host memory in one parallel batch
     over every file, device memory through one staging target per device. Shards ckptio
-    hands to torch (legacy, TorchScript, byte-swapped) are loaded whole on their own.
+    hands to torch (legacy, TorchScript, byte-swapped) are loaded whole on their own, from
+    the file already open (a shard is opened once).
     """
     shared = mmap and mmap_shared()
     mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
@@ -607,16 +606,33 @@ def _load_directory(
                     tensors = _unpickle_pending(
                         archive, loaders[-1], weights_only, pickle_module, pickle_load_args
                     )
-                else:
-                    tensors = load(
-                        path,
+                elif archive is not None:  # torch reads it: by its path, or its bytes
+                    local = file.name if isinstance(file, _core.io.File) else None
+                    tensors = _archive_with_torch(
+                        archive,
+                        local if local is not None else _whole(file),
                         map_location,
                         pickle_module,
-                        weights_only=weights_only,
-                        mmap=mmap,
-                        storage_options=layout.storage_options,
-                        cache_dir=layout.cache_dir,
-                        **pickle_load_args,
+                        weights_only,
+                        mmap,
+                        pickle_load_args,
+                    )
+                else:
+                    if verify and whole is None:
+                        _verify.warn_unverified(
+                            path,
+                            "a legacy (pre-1.6) shard has no checksums and the directory's "
+                            f"{_verify.MANIFEST_NAME} does not list it",
+                        )
+                    tensors = _load_legacy(
+                        file,
+                        None,
+                        path if not layout.remote else None,
+                        map_location,
+                        pickle_module,
+                        weights_only,
+                        mmap,
+                        pickle_load_args,
                     )
                 tensors = _directory.shard_tensors(layout, shard, tensors)
                 _directory.check_shard_names(layout, shard, tensors)
@@ -738,19 +754,57 @@ def _watched(map_location: Any, raised: list[BaseException]) -> Any:
     return restore
 
 
-def _load_legacy(
+def _whole(source: Any) -> io.BytesIO:
+    """The bytes of `source`, read once, as a file object for torch's own loaders."""
+    return io.BytesIO(source.pread(0, source.size))
+
+
+def _archive_with_torch(
+    archive: ArchiveReader,
     f: Any,
     map_location: Any,
     pickle_module: Any,
     weights_only: bool,
     mmap: bool,
-    name: str,
-    data: bytes,
     pickle_load_args: dict[str, Any],
 ) -> Any:
-    # Legacy (pre-1.6 / _use_new_zipfile_serialization=False) files start with a pickled
-    # magic number (protocol 2: 0x80 0x02). torch's own parser reads them, under the same
-    # weights_only rules; anything else is not a checkpoint.
+    """torch.load of `f`, the file of `archive` (a TorchScript archive, a byte-swapped file,
+    or any file under a FakeTensorMode: _needs_torch), its data.pkl checked first."""
+    pickles = []
+    if archive.has("data.pkl") and not archive.has("constants.pkl"):
+        pickles.append(archive.read("data.pkl"))
+    return _load_with_torch(
+        f,
+        map_location,
+        pickle_module,
+        weights_only,
+        mmap,
+        pickle_load_args,
+        archive.name,
+        pickles,
+    )
+
+
+def _load_legacy(
+    source: Any,
+    stream: Any,
+    path: str | None,
+    map_location: Any,
+    pickle_module: Any,
+    weights_only: bool,
+    mmap: bool,
+    pickle_load_args: dict[str, Any],
+) -> Any:
+    """A legacy (pre-1.6 / _use_new_zipfile_serialization=False) file: its bytes, read whole
+    from `source` once, are checked and handed to torch's own parser (under the same
+    weights_only rules). torch reads the caller's file object `stream` (rewound), which it
+    leaves after the file as a stream; with `stream` None (a path, an object in storage, a
+    shard), the bytes checked, so that it never reads the file or the object again. `path`:
+    the path the caller named, for torch's mmap refusal."""
+    name = source.name
+    data = source.pread(0, source.size)
+    # Legacy files start with a pickled magic number (protocol 2: 0x80 0x02); anything else
+    # is not a checkpoint.
     head = data[:4]
     if len(head) < 2 or head[0] != 0x80:
         raise CheckpointError(
@@ -760,7 +814,7 @@ def _load_legacy(
     legacy_pickles = check_legacy(data, name)
     if mmap:
         # torch's refusal, word for word: the file is valid, mmap needs another format.
-        f_name = f"{f}, " if isinstance(f, str) else ""
+        f_name = f"{path}, " if path is not None else ""
         raise RuntimeError(
             "mmap can only be used with files saved with "
             f"`torch.save({f_name}_use_new_zipfile_serialization=True), "
@@ -768,7 +822,7 @@ def _load_legacy(
         )
     view = memoryview(data)
     return _load_with_torch(
-        f,
+        io.BytesIO(data) if stream is None else stream,
         map_location,
         pickle_module,
         weights_only,

@@ -8,7 +8,6 @@ extras ``pip install 'ckptio[s3]'`` / ``'ckptio[http]'``.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Mapping, cast
 
 from ._source import RemoteSource, connections
@@ -22,7 +21,6 @@ __all__ = [
     "open_source",
     "read_whole",
     "source_for",
-    "whole_object",
 ]
 
 _SCHEMES = ("s3://", "http://", "https://")
@@ -103,12 +101,6 @@ def open_source(url: str, storage_options: Mapping[str, Any] | None = None) -> R
         backoff=float(common["retry_backoff"]),
         probe_bytes=int(common["probe_bytes"]),
     )
-
-
-def whole_object(source: RemoteSource) -> io.BytesIO:
-    """The object's bytes as a file object (for torch's own loaders: legacy files,
-    TorchScript), read by the same concurrent GETs."""
-    return io.BytesIO(source.pread(0, source.size))
 
 
 def split_options(
