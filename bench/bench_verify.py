@@ -1,11 +1,13 @@
 """What ``verify`` costs a first load: ``ckptio.load(..., verify=True)`` against verify off.
 
-    python bench/bench_verify.py [--rounds 15] [--dir DIR] [--markdown out.md] [--json out.json]
+    python bench/bench_verify.py [--rounds 15] [--quick] [--dir DIR] [--markdown out.md]
+                                 [--json out.json]
 
 Files (``ckptio.benchmark.workloads``): ``llm``, ``ckpt`` and ``small`` saved by ckptio with
 ``write_crc32`` on (every record's CRC-32 recorded), and ``llm`` without its tied ``lm_head``
 in 4 safetensors shards with a manifest (``save(..., max_shard_size=..., manifest=True)``),
-whose whole-file CRC-32s a verified load checks.
+whose whole-file CRC-32s a verified load checks. ``--quick``: the workloads' small sizes, no
+warm-up round, no settling (a check that the script runs; its timings mean nothing).
 
 Every sample is the FIRST load of a fresh Python process (imports untimed) followed by a touch
 of every page (``ckptio.benchmark._measure.touch``), page cache warm: what an inference server
@@ -60,7 +62,7 @@ def _paths(root: str) -> dict[str, str]:
     }
 
 
-def prepare(root: str) -> dict[str, list[float]]:
+def prepare(root: str, quick: bool = False) -> dict[str, list[float]]:
     """Writes the four files under `root`; returns each one's expected digest."""
     import ckptio
     from ckptio.benchmark import workloads
@@ -69,15 +71,13 @@ def prepare(root: str) -> dict[str, list[float]]:
     expected: dict[str, list[float]] = {}
     with ckptio.options(write_crc32=True):
         for name in ("llm", "ckpt", "small"):
-            obj = workloads.build(name).obj
+            obj = workloads.build(name, quick).obj
             ckptio.save(obj, paths[name])
             expected[name] = _digest(obj)
-    sd = {k: v for k, v in workloads.build("llm").obj.items() if k != "lm_head.weight"}
+    sd = {k: v for k, v in workloads.build("llm", quick).obj.items() if k != "lm_head.weight"}
+    shard = sum(t.nbytes for t in sd.values()) // 3 if quick else DIRECTORY_SHARD_BYTES
     shutil.rmtree(paths[FILES[3]], ignore_errors=True)
-    ckptio.save(
-        sd, paths[FILES[3]], max_shard_size=DIRECTORY_SHARD_BYTES, format="safetensors",
-        manifest=True,
-    )  # fmt: skip
+    ckptio.save(sd, paths[FILES[3]], max_shard_size=shard, format="safetensors", manifest=True)
     expected[FILES[3]] = _digest(sd)
     return expected
 
@@ -141,6 +141,7 @@ def markdown(times: dict[str, dict[bool, list[float]]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="small workloads: a smoke run")
     ap.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--markdown", default=None)
@@ -149,14 +150,16 @@ def main(argv: list[str] | None = None) -> int:
     root = args.dir or tempfile.mkdtemp(prefix="ckptio-verifybench-")
     os.makedirs(root, exist_ok=True)
     try:
-        expected = prepare(root)
+        expected = prepare(root, args.quick)
         paths = _paths(root)
         times: dict[str, dict[bool, list[float]]] = {n: {False: [], True: []} for n in FILES}
         cells = [(n, v) for n in FILES for v in (False, True)]
         shuffle = random.Random(1)
-        for r in range(args.rounds + 1):  # round 0 warms the page cache, untimed
+        first = 1 if args.quick else 0  # round 0 warms the page cache, untimed
+        for r in range(first, args.rounds + 1):
             for name, verify in shuffle.sample(cells, len(cells)):
-                settle()
+                if not args.quick:
+                    settle()
                 got = _sample(paths[name], verify)
                 if got["digest"] != expected[name]:
                     raise RuntimeError(f"{name} (verify={verify}) returned different tensors")

@@ -282,3 +282,28 @@ def test_a_peer_that_cannot_write_a_workload_sits_it_out(
     w = res["workloads"]["small"]
     assert set(w["candidates"]) == {"torch"} and set(w["saves"]) == {"torch"}
     assert "Metadata overflow" in w["failed"]["peer"]
+
+
+def test_verify_benchmark_quick_run(tmp_path: Path) -> None:
+    """bench/bench_verify.py runs end to end (small workloads, one round): every cell
+    checked against the saved tensors, one row per file with both medians."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_verify.py"
+    md = tmp_path / "verify.md"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--rounds", "1", "--dir", str(tmp_path),
+         "--markdown", str(md)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = md.read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and " s |" in line]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| llm",
+        "| ckpt",
+        "| small",
+        "| llm, 4 safetensors shards + manifest",
+    ]
+    assert (tmp_path / "llm-4-shards" / "ckptio.manifest.json").exists()
