@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdint>
 #include <limits>
@@ -170,9 +171,50 @@ void File::read_vectored(struct iovec* iov, int count, std::uint64_t offset) con
   }
 }
 
+namespace {
+
+#if defined(__linux__)
+#ifndef __NR_cachestat
+#define __NR_cachestat 451  // the same number on every architecture (Linux 6.5)
+#endif
+// The kernel's struct cachestat_range and struct cachestat (linux/mman.h, Linux 6.5).
+struct CachestatRange {
+  std::uint64_t off;
+  std::uint64_t len;
+};
+struct Cachestat {
+  std::uint64_t nr_cache;
+  std::uint64_t nr_dirty;
+  std::uint64_t nr_writeback;
+  std::uint64_t nr_evicted;
+  std::uint64_t nr_recently_evicted;
+};
+// Set once cachestat failed for a reason other than the file (an older kernel, a seccomp
+// filter): from then on the probe read answers.
+std::atomic<bool> g_no_cachestat{false};
+#endif
+
+}  // namespace
+
 bool File::cached(std::uint64_t offset) const {
-#ifdef RWF_NOWAIT
   if (offset > kMaxOffset) return true;
+#if defined(__linux__)
+  if (!g_no_cachestat.load(std::memory_order_relaxed)) {
+    struct stat st;
+    if (::fstat(fd_, &st) == 0 && offset >= static_cast<std::uint64_t>(st.st_size)) {
+      return true;  // past the end: a read returns at once
+    }
+    CachestatRange range{offset, 1};
+    Cachestat stat{};
+    for (;;) {
+      if (::syscall(__NR_cachestat, fd_, &range, &stat, 0) == 0) return stat.nr_cache > 0;
+      if (errno != EINTR) break;
+    }
+    if (errno == EBADF) return true;  // cannot tell
+    g_no_cachestat.store(true, std::memory_order_relaxed);
+  }
+#endif
+#ifdef RWF_NOWAIT
   std::uint8_t byte = 0;
   struct iovec iov = {&byte, 1};
   for (;;) {

@@ -1,5 +1,6 @@
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -275,3 +276,31 @@ TEST(file_exchange_paths) {
   }
 }
 
+
+TEST(file_cached_tells_a_page_out_of_the_cache_without_reading_it) {
+  harness::TempDir dir;
+  const auto data = harness::pattern(4u << 20, 11);
+  const std::string path = dir.file("cold.bin");
+  {
+    File f = File::open(path, File::Mode::kCreate);
+    f.write_all(data.data(), data.size(), 0);
+  }
+  if (!harness::evict(path)) return;  // a file system that keeps every page (tmpfs)
+  File f = File::open(path, File::Mode::kRead);
+  const std::uint64_t middle = data.size() / 2;
+  CHECK(!f.cached(middle));
+  // With cachestat the question reads nothing, so asking again gets the same answer (the
+  // preadv2 fallback starts a readahead that may have finished by then).
+  struct {
+    std::uint64_t off, len;
+  } range{middle, 1};
+  std::uint64_t stat[5] = {};
+  if (::syscall(451 /* cachestat */, f.fd(), &range, stat, 0) == 0) {
+    for (int i = 0; i < 100; ++i) CHECK(!f.cached(middle));
+    CHECK(!harness::page_cached(path, middle));
+  }
+  std::vector<std::uint8_t> page(4096);
+  f.read_exact(page.data(), page.size(), middle);
+  CHECK(f.cached(middle));
+  CHECK(f.cached(data.size() + 100));  // past the end: nothing to wait for
+}

@@ -48,10 +48,11 @@ class File final : public ByteSource {
   /// preadv loop (IOV_MAX buffers per call, partial reads resumed).
   void read_vectored(struct iovec* iov, int count, std::uint64_t offset) const override;
 
-  /// A one-byte preadv2(RWF_NOWAIT): false when the byte's page is not in the page cache.
-  /// True where the kernel or file system cannot say (no RWF_NOWAIT, an error). A miss
-  /// starts the kernel's readahead of that page (the probe asks only, it does not wait), so
-  /// a second probe soon after may answer true: ask once, then act on the answer.
+  /// False when the byte's page is not in the page cache: cachestat(2) (Linux 6.5), which
+  /// reads nothing. Where cachestat is missing or refused, a one-byte preadv2(RWF_NOWAIT),
+  /// whose miss starts the kernel's readahead of that page: on a fast device that read can
+  /// finish before the probe returns, so a cold page then sometimes answers true. True where
+  /// neither can say.
   bool cached(std::uint64_t offset) const override;
 
   /// pwrite loop: writes all `n` bytes at `offset` or throws IoError.
