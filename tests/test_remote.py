@@ -248,6 +248,25 @@ def test_a_local_header_naming_another_record_is_refused_when_predicted(
         ckptio.load(f"{http_server.url}/bad.pt")
 
 
+def test_a_directory_of_torch_shards_fetches_no_local_header_on_its_own(
+    http_server: RangeServer, tmp_path: Path
+) -> None:
+    """A remote directory's zip shards are predicted as a lone archive is: after each
+    shard's two opening GETs, every GET carries payload."""
+    sd = _big_storages()
+    d = tmp_path / "dir"
+    ckptio.save(sd, d, max_shard_size=8_000_000, format="torch")
+    shards = sorted(p.name for p in d.glob("*.bin"))
+    assert len(shards) == 2
+    for p in d.iterdir():
+        http_server.objects[f"/rdir/{p.name}"] = p.read_bytes()
+    since = len(http_server.log)
+    _same(ckptio.load(f"{http_server.url}/rdir/pytorch_model.bin.index.json"), sd)
+    for shard in shards:
+        gets = _data_gets(http_server, f"/rdir/{shard}", since)
+        assert len(gets) > 2 and all(e.sent >= 1 << 20 for e in gets[2:]), [e.range for e in gets]
+
+
 @pytest.mark.parametrize("how", ["ckptio", "torch"])
 def test_the_locator_reads_a_local_header_as_the_zip_reader_does(how: str) -> None:
     """_zip.data_offset (the remote locator's reading of a local header) gives every record's

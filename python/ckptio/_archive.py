@@ -113,11 +113,16 @@ class ArchiveReader:
                 )
         self.predicted = False
 
-    def reopen(self) -> ArchiveReader:
-        """The archive read again with every local header read, after a misprediction."""
+    def forget_predictions(self) -> None:
+        """Drops what the source keeps of its predictions (a remote source's predicted
+        headers), after a misprediction, so that the next reader reads every header."""
         forget = getattr(self.source, "forget_predictions", None)
         if forget is not None:
             forget()
+
+    def reopen(self) -> ArchiveReader:
+        """The archive read again with every local header read, after a misprediction."""
+        self.forget_predictions()
         return ArchiveReader(self.source)
 
     def has(self, name: str) -> bool:

@@ -14,7 +14,7 @@ import os
 import pickle
 import sys
 import warnings
-from typing import IO, Any, Callable, Mapping, Sequence, TypeVar, Union, cast
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence, TypeVar, Union, cast
 
 import torch
 
@@ -435,33 +435,40 @@ def load(
                 archive, map_location, mapping, weights_only, pickle_module, pickle_load_args
             )
 
-        return _with_predictions(archive, load_archive)
+        return _with_predictions(
+            [archive], lambda: load_archive(archive), lambda: load_archive(archive.reopen())
+        )
     finally:
         if file is not None:
             file.close()
 
 
-def _with_predictions(archive: ArchiveReader, load: Callable[[ArchiveReader], Any]) -> Any:
-    """``load(archive)``, kept only once the archive's predicted payload offsets (if any:
-    ArchiveReader's predict) are checked against the real local headers. If one was wrong,
-    the result (or the error it led to) is dropped and the archive read again with every
-    header read."""
+def _with_predictions(
+    archives: Sequence[ArchiveReader], load: Callable[[], _T], again: Callable[[], _T]
+) -> _T:
+    """``load()``, kept only once the predicted payload offsets of `archives` (if any:
+    ArchiveReader's predict; the list may grow while `load` runs) are checked against the
+    real local headers. If one was wrong, the result (or the error it led to) is dropped
+    and ``again()`` reads the archives with every header read."""
     try:
-        result = load(archive)
-    except Exception as error:
-        try:
-            archive.check_predictions()
-        except Mispredicted:
-            pass
-        else:
-            raise error
+        result = load()
+    except Exception:
+        if _predictions_hold(archives):
+            raise
     else:
-        try:
-            archive.check_predictions()
+        if _predictions_hold(archives):
             return result
-        except Mispredicted:
-            del result
-    return load(archive.reopen())
+        del result
+    return again()
+
+
+def _predictions_hold(archives: Iterable[ArchiveReader]) -> bool:
+    try:
+        for archive in archives:
+            archive.check_predictions()
+    except Mispredicted:
+        return False
+    return True
 
 
 def _safetensors_checker(f: Any, source: Any, local: bool) -> _verify.FileChecker | None:
@@ -557,19 +564,109 @@ def _load_directory(
     then the storages of all of them are read as one plan: host memory in one parallel batch
     over every file, device memory through one staging target per device. Shards ckptio
     hands to torch (legacy, TorchScript, byte-swapped) are loaded whole on their own, from
-    the file already open (a shard is opened once).
+    the file already open (a shard is opened once). An eager load predicts the payload
+    offsets of a zip shard out of the page cache (or in object storage) as a single file's
+    load does, and reads the whole directory again with every local header read if one
+    prediction was wrong (:func:`_with_predictions`).
     """
     shared = mmap and mmap_shared()
     mode = _core.io.FileMode.READ_WRITE if shared else _core.io.FileMode.READ
     placement = Placement(map_location, layout.name)
     files: list[Any] = []  # File, or RemoteSource in object storage
-    loaders: list[StorageLoader] = []
-    held: list[tuple[str, Mapping[str, Any]]] = []
+    loaders: list[StorageLoader] = []  # of every pass, all joined at the end
+    archives: list[ArchiveReader] = []  # of the first pass, whose predictions are checked
     # verify: the directory's manifest (ckptio.manifest.json) checks each file it lists whole,
     # from the reads of it; other files are checked by their records' CRC-32s, if any.
     verify = get_options().verify
     listed = _verify.listed_in_manifest(layout.root) if verify and not layout.remote else None
-    whole_files: list[tuple[_verify.FileChecker, _core.io.File]] = []
+
+    def read_all(predict: bool, warn: bool = True) -> list[tuple[str, Mapping[str, Any]]]:
+        """Every shard's tensors, with the payload offsets of zip shards predicted where
+        `predict` allows; `warn`: the UnverifiedWarnings (the first pass only)."""
+        held: list[tuple[str, Mapping[str, Any]]] = []
+        whole_files: list[tuple[_verify.FileChecker, _core.io.File]] = []
+        pass_loaders: list[StorageLoader] = []
+        for shard, file in zip(layout.shards, files, strict=True):
+            path = layout.path(shard)
+            whole = _verify.attach_file_checker(file, shard, listed) if verify else None
+            if whole is not None:
+                whole_files.append((whole, file))
+            unverified = warn and verify and whole is None
+            mapping = _core.io.Mapping(file, shared) if mmap else None
+            head = file.pread(0, min(9, file.size))
+            archive = None
+            if _core.zip.looks_like_zip(head[:4]):
+                with options(verify=verify and whole is None):
+                    # its records' CRCs, if not the file's
+                    archive = ArchiveReader(file, predict=predict)
+                if predict:
+                    archives.append(archive)
+            if _safetensors.looks_like_safetensors(head, file.size):
+                if unverified:
+                    _verify.warn_unverified(
+                        path,
+                        "a safetensors shard has no checksums and the directory's "
+                        f"{_verify.MANIFEST_NAME} does not list it",
+                    )
+                header = _safetensors.read_header(file)
+                records = _safetensors.SafetensorsRecords(file, header)
+                loader = StorageLoader(records, map_location, mapping, placement)
+                loaders.append(loader)
+                pass_loaders.append(loader)
+                tensors: Any = _safetensors.load_pending(loader, header)
+            elif archive is not None and not _needs_torch(archive):
+                check_version(archive)
+                loader = StorageLoader(archive, map_location, mapping, placement)
+                loaders.append(loader)
+                pass_loaders.append(loader)
+                tensors = _unpickle_pending(
+                    archive, loader, weights_only, pickle_module, pickle_load_args
+                )
+            elif archive is not None:  # torch reads it: by its path, or its bytes
+                local = file.name if isinstance(file, _core.io.File) else None
+                tensors = _archive_with_torch(
+                    archive,
+                    local if local is not None else _whole(file),
+                    map_location,
+                    pickle_module,
+                    weights_only,
+                    mmap,
+                    pickle_load_args,
+                )
+            else:
+                if unverified:
+                    _verify.warn_unverified(
+                        path,
+                        "a legacy (pre-1.6) shard has no checksums and the directory's "
+                        f"{_verify.MANIFEST_NAME} does not list it",
+                    )
+                tensors = _load_legacy(
+                    file,
+                    None,
+                    path if not layout.remote else None,
+                    map_location,
+                    pickle_module,
+                    weights_only,
+                    mmap,
+                    pickle_load_args,
+                )
+            tensors = _directory.shard_tensors(layout, shard, tensors)
+            _directory.check_shard_names(layout, shard, tensors)
+            held.append((shard, tensors))
+        reads = ReadBatch(None)
+        for loader in pass_loaders:
+            loader.wait_prefetch()
+            reads.absorb(loader.reads)
+        reads.run()  # every shard's storages, one plan
+        for whole, file in whole_files:
+            whole.finish(file)  # each file listed in the manifest, whole
+        return held
+
+    def read_again() -> list[tuple[str, Mapping[str, Any]]]:
+        for archive in archives:
+            archive.forget_predictions()
+        return read_all(predict=False, warn=False)
+
     try:
         with torch_load_state(map_location, validate=not placement.is_meta):
             files = layout.open_all(mode)
@@ -578,72 +675,7 @@ def _load_directory(
                     f"{layout.name}: mmap=True needs local files; the shards of a remote "
                     "directory are mapped from a local cache (cache_dir=, docs/remote.md)"
                 )
-            for shard, file in zip(layout.shards, files, strict=True):
-                path = layout.path(shard)
-                whole = _verify.attach_file_checker(file, shard, listed) if verify else None
-                if whole is not None:
-                    whole_files.append((whole, file))
-                mapping = _core.io.Mapping(file, shared) if mmap else None
-                head = file.pread(0, min(9, file.size))
-                archive = None
-                if _core.zip.looks_like_zip(head[:4]):
-                    with options(verify=verify and whole is None):
-                        archive = ArchiveReader(file)  # its records' CRCs, if not the file's
-                if _safetensors.looks_like_safetensors(head, file.size):
-                    if verify and whole is None:
-                        _verify.warn_unverified(
-                            path,
-                            "a safetensors shard has no checksums and the directory's "
-                            f"{_verify.MANIFEST_NAME} does not list it",
-                        )
-                    header = _safetensors.read_header(file)
-                    records = _safetensors.SafetensorsRecords(file, header)
-                    loaders.append(StorageLoader(records, map_location, mapping, placement))
-                    tensors: Any = _safetensors.load_pending(loaders[-1], header)
-                elif archive is not None and not _needs_torch(archive):
-                    check_version(archive)
-                    loaders.append(StorageLoader(archive, map_location, mapping, placement))
-                    tensors = _unpickle_pending(
-                        archive, loaders[-1], weights_only, pickle_module, pickle_load_args
-                    )
-                elif archive is not None:  # torch reads it: by its path, or its bytes
-                    local = file.name if isinstance(file, _core.io.File) else None
-                    tensors = _archive_with_torch(
-                        archive,
-                        local if local is not None else _whole(file),
-                        map_location,
-                        pickle_module,
-                        weights_only,
-                        mmap,
-                        pickle_load_args,
-                    )
-                else:
-                    if verify and whole is None:
-                        _verify.warn_unverified(
-                            path,
-                            "a legacy (pre-1.6) shard has no checksums and the directory's "
-                            f"{_verify.MANIFEST_NAME} does not list it",
-                        )
-                    tensors = _load_legacy(
-                        file,
-                        None,
-                        path if not layout.remote else None,
-                        map_location,
-                        pickle_module,
-                        weights_only,
-                        mmap,
-                        pickle_load_args,
-                    )
-                tensors = _directory.shard_tensors(layout, shard, tensors)
-                _directory.check_shard_names(layout, shard, tensors)
-                held.append((shard, tensors))
-            reads = ReadBatch(None)
-            for loader in loaders:
-                loader.wait_prefetch()
-                reads.absorb(loader.reads)
-            reads.run()  # every shard's storages, one plan
-            for whole, file in whole_files:
-                whole.finish(file)  # each file listed in the manifest, whole
+            held = _with_predictions(archives, lambda: read_all(predict=not mmap), read_again)
     finally:
         for loader in loaders:
             loader.join_prefetch()  # a failed load leaves no read running
