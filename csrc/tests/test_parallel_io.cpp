@@ -36,21 +36,33 @@ std::vector<std::uint8_t> read_all(const std::string& path) {
   return out;
 }
 
-// Counts reads so a test can prove that validation happens before any I/O.
+// Memory that counts its reads (read_exact calls and vectored reads apart), so a test can prove
+// that validation happens before any I/O, or how a plan read. `cold` makes it say it is out
+// of the page cache: the cold paths without evicting a file.
 class CountingSource final : public ckptio::ByteSource {
  public:
-  explicit CountingSource(const std::vector<std::uint8_t>& data)
-      : inner_(data.data(), data.size(), "<counting>") {}
+  explicit CountingSource(const std::vector<std::uint8_t>& data, bool cold = false)
+      : inner_(data.data(), data.size(), cold ? "<cold>" : "<counting>"), cold_(cold) {}
   std::uint64_t size() const override { return inner_.size(); }
   void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override {
     reads.fetch_add(1);
     inner_.read_exact(dst, n, offset);
   }
+  void read_vectored(struct iovec* iov, int count, std::uint64_t offset) const override {
+    vectored.fetch_add(1);
+    for (int i = 0; i < count; ++i) {
+      inner_.read_exact(iov[i].iov_base, iov[i].iov_len, offset);
+      offset += iov[i].iov_len;
+    }
+  }
+  bool cached(std::uint64_t) const override { return !cold_; }
   const std::string& name() const override { return inner_.name(); }
   mutable std::atomic<int> reads{0};
+  mutable std::atomic<int> vectored{0};
 
  private:
   ckptio::MemorySource inner_;
+  bool cold_;
 };
 
 struct Lcg {
@@ -384,33 +396,6 @@ TEST(read_ranges_of_a_cold_file_use_more_readers_with_the_same_bytes) {
 
 namespace {
 
-// Memory that says it is out of the page cache and counts its reads: the cold path of
-// read_ranges_many without evicting a file.
-class ColdCountingSource final : public ckptio::ByteSource {
- public:
-  explicit ColdCountingSource(const std::vector<std::uint8_t>& data)
-      : inner_(data.data(), data.size(), "<cold>") {}
-  std::uint64_t size() const override { return inner_.size(); }
-  void read_exact(void* dst, std::size_t n, std::uint64_t offset) const override {
-    reads.fetch_add(1);
-    inner_.read_exact(dst, n, offset);
-  }
-  void read_vectored(struct iovec* iov, int count, std::uint64_t offset) const override {
-    vectored.fetch_add(1);
-    for (int i = 0; i < count; ++i) {
-      inner_.read_exact(iov[i].iov_base, iov[i].iov_len, offset);
-      offset += iov[i].iov_len;
-    }
-  }
-  bool cached(std::uint64_t) const override { return false; }
-  const std::string& name() const override { return inner_.name(); }
-  mutable std::atomic<int> reads{0};
-  mutable std::atomic<int> vectored{0};
-
- private:
-  ckptio::MemorySource inner_;
-};
-
 // Small records as a torch archive holds them: payloads in file order, a few hundred bytes to
 // 40 KiB apart, some adjacent, one out of order, one empty.
 std::vector<ReadRequest> record_like_requests(std::vector<std::uint8_t>& out, std::uint64_t size) {
@@ -446,7 +431,7 @@ TEST(read_ranges_of_cold_small_records_read_runs_at_once_with_the_same_bytes_and
     ThreadPool pool(threads);
     for (std::size_t chunk : {std::size_t{64} << 10, std::size_t{8} << 20}) {
       std::fill(out.begin(), out.end(), 0xEE);
-      ColdCountingSource cold(data);
+      CountingSource cold(data, /*cold=*/true);
       std::vector<std::uint32_t> crcs;
       ckptio::read_ranges(cold, reqs, pool, chunk, ckptio::crc32_available() ? &crcs : nullptr);
       bool same = true;
