@@ -306,4 +306,6 @@ def test_verify_benchmark_quick_run(tmp_path: Path) -> None:
         "| small",
         "| llm, 4 safetensors shards + manifest",
     ]
+    # medians, cost and interval, the paired cost and its interval, the process counts
+    assert all(len(r.split(" | ")) == 8 and r.endswith(" 1 + 1 |") for r in rows), rows
     assert (tmp_path / "llm-4-shards" / "ckptio.manifest.json").exists()
