@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
@@ -240,6 +241,27 @@ bool advise_huge_pages(void* address, std::size_t size) noexcept {
   const std::uintptr_t end = (addr + size) & ~(kPage - 1);
   if (end <= begin) return false;
   return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)address;
+  (void)size;
+  return false;
+#endif
+}
+
+bool populate_for_write(void* address, std::size_t size) noexcept {
+#if defined(__linux__)
+  constexpr int kPopulateWrite = 23;  // MADV_POPULATE_WRITE, absent from older headers
+  if (size == 0) return true;
+  const long page_size = ::sysconf(_SC_PAGESIZE);
+  const std::uintptr_t kPage = page_size > 0 ? static_cast<std::uintptr_t>(page_size) : 4096;
+  const auto addr = reinterpret_cast<std::uintptr_t>(address);
+  if (size > UINTPTR_MAX - addr - kPage) return false;
+  const std::uintptr_t begin = addr & ~(kPage - 1);
+  const std::uintptr_t end = (addr + size + kPage - 1) & ~(kPage - 1);
+  for (;;) {
+    if (madvise(reinterpret_cast<void*>(begin), end - begin, kPopulateWrite) == 0) return true;
+    if (errno != EINTR) return false;
+  }
 #else
   (void)address;
   (void)size;

@@ -11,6 +11,7 @@
 #include "ckptio/checksum.hpp"
 #include "ckptio/detail/chunking.hpp"
 #include "ckptio/errors.hpp"
+#include "ckptio/memory.hpp"
 
 namespace ckptio {
 namespace {
@@ -156,9 +157,27 @@ void read_ranges_many(const std::vector<SourceReads>& batches, ThreadPool& pool,
   };
   if (workers > pool.size()) {
     // `workers` threads take the tasks in file order; after an error none takes another.
+    // One more thread faults in the destinations of the tasks not taken yet, in the same
+    // order (populate_for_write): the readers wait on the device most of the time, and a
+    // fresh destination's 4 KiB faults, taken inside each read's copy, would otherwise add
+    // to it. On the development VM, 701 MB cold into fresh memory by 8 threads of 8 MiB
+    // reads took 0.541 s, 0.462 s with the faults taken ahead, 0.467 s into memory faulted
+    // in before (medians of 5). Where the kernel cannot populate it stops at once.
     std::atomic<std::size_t> next{0};
     std::atomic<bool> failed{false};
-    run_on_own_threads(std::min(workers, plan.task_count()), [&](std::size_t) {
+    const std::size_t readers = std::min(workers, plan.task_count());
+    auto fault_ahead = [&] {
+      for (std::size_t t = 0; t < plan.task_count() && !failed; ++t) {
+        t = std::max(t, next.load());  // a task taken is its reader's to fault
+        if (t >= plan.task_count()) return;
+        for (std::size_t p = plan.task_start[t]; p < plan.task_start[t + 1]; ++p) {
+          const auto length = static_cast<std::size_t>(plan.pieces[p].length);
+          if (!populate_for_write(dst_of(p), length)) return;
+        }
+      }
+    };
+    run_on_own_threads(readers + 1, [&](std::size_t i) {
+      if (i == readers) return fault_ahead();
       for (std::size_t t = next++; t < plan.task_count() && !failed; t = next++) {
         try {
           task(t);

@@ -1,4 +1,5 @@
 #include <fcntl.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cerrno>
@@ -392,6 +393,43 @@ TEST(read_ranges_of_a_cold_file_use_more_readers_with_the_same_bytes) {
   CHECK(whole == data);
   CHECK(std::memcmp(tail.data(), data.data() + data.size() - 4099, 4099) == 0);
   CHECK(harness::page_cached(path, data.size() / 2));
+}
+
+TEST(read_ranges_of_a_cold_file_into_fresh_memory_fill_every_destination) {
+  // Cold, one more thread faults in the destinations ahead of the readers: a fresh mapping
+  // (never touched) gets every byte, unaligned destinations and ones sharing pages included.
+  harness::TempDir dir;
+  const auto data = harness::pattern((24u << 20) + 333, 41);
+  const std::string path = make_file(dir, data);
+  if (!harness::evict(path)) return;  // a file system that keeps every page (tmpfs)
+  const std::size_t size = data.size() + (1u << 20);
+  void* map = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  CHECK(map != MAP_FAILED);
+  auto* fresh = static_cast<std::uint8_t*>(map);
+  File f = File::open(path, File::Mode::kRead);
+  ThreadPool pool(2);
+  std::vector<ReadRequest> reqs;
+  std::uint64_t at = 0;
+  std::size_t out = 5;  // unaligned, and 5 bytes apart: neighbours share pages
+  for (std::uint64_t len : {std::uint64_t{1000}, std::uint64_t{3} << 20, std::uint64_t{77},
+                            std::uint64_t{12} << 20}) {
+    reqs.push_back({at, len, fresh + out});
+    at += len + 4096;
+    out += static_cast<std::size_t>(len) + 5;
+  }
+  reqs.push_back({at, data.size() - at, fresh + out});
+  std::vector<std::uint32_t> crcs;
+  ckptio::read_ranges(f, reqs, pool, 1 << 20, ckptio::crc32_available() ? &crcs : nullptr);
+  bool same = true;
+  for (const ReadRequest& r : reqs) {
+    same = same && std::memcmp(r.dst, data.data() + r.offset, static_cast<std::size_t>(r.length)) == 0;
+  }
+  CHECK(same);
+  if (ckptio::crc32_available()) {
+    CHECK_EQ(crcs.back(), ckptio::crc32_update(0, data.data() + reqs.back().offset,
+                                               static_cast<std::size_t>(reqs.back().length)));
+  }
+  ::munmap(map, size);
 }
 
 namespace {

@@ -73,4 +73,10 @@ RecycledStats recycled_stats() noexcept;
 /// unaffected. Best effort: returns false when the kernel refused (THP off, no whole page).
 bool advise_huge_pages(void* address, std::size_t size) noexcept;
 
+/// Faults in the pages holding [address, address + size) writable without writing them
+/// (MADV_POPULATE_WRITE, Linux 5.14): what the first write to each would do, done ahead. False
+/// where the kernel does not (an older kernel, memory it will not populate, such as device
+/// mappings): then nothing changed, and each page faults on its first write as usual.
+bool populate_for_write(void* address, std::size_t size) noexcept;
+
 }  // namespace ckptio
