@@ -266,7 +266,7 @@ class CheckpointHandle(_ReadGate):
                 storage=str(i),
                 file_offset=t.offset,
             )
-        order = _safetensors._header_order(self._file, header)
+        order = header.order
         self._infos = {(k,): self._infos[(k,)] for k in order}
 
     def _open_torch(self) -> None:

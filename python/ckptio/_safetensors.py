@@ -104,6 +104,8 @@ class Header:
     tensors: list[TensorEntry]  # in data order
     metadata: dict[str, str]
     data_start: int  # 8 + header length
+    #: the tensor names in the JSON's order (what safetensors.torch.load_file returns)
+    order: list[str]
 
 
 def looks_like_safetensors(head: bytes, file_size: int) -> bool:
@@ -187,7 +189,7 @@ def read_header(source: Any) -> Header:
             f"{name}: the tensors cover {expected} bytes of a {data_size}-byte data section "
             "(truncated file or inconsistent header)"
         )
-    return Header(tensors, metadata, data_start)
+    return Header(tensors, metadata, data_start, list(parsed))
 
 
 def _check_entry(name: str, key: str, info: Any) -> tuple[int, int]:
@@ -291,14 +293,7 @@ def load_pending(loader: StorageLoader, header: Header) -> dict[str, torch.Tenso
         untyped = loader.storage(str(i), entry.nbytes, "cpu")
         t = torch.empty((0,), dtype=entry.dtype, device=untyped.device)
         tensors[entry.name] = t.set_(untyped, 0, entry.shape, contiguous_strides(entry.shape))
-    return {name: tensors[name] for name in _header_order(loader.archive.source, header)}
-
-
-def _header_order(source: Any, header: Header) -> list[str]:
-    # dict order of the JSON (what safetensors.torch.load_file returns), without re-parsing
-    # the tensors: json preserves object order.
-    raw = source.pread(8, header.data_start - 8)
-    return [k for k in json.loads(raw) if k != "__metadata__"]
+    return {name: tensors[name] for name in header.order}
 
 
 # ------------------------------------------------------------------------------------- save
