@@ -44,6 +44,12 @@ def test_quick_run_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     table = capsys.readouterr().out
     assert table.strip() == md.read_text().strip()
     assert "| ckptio load_into | reuse |" in table and "| torch.save |" in table
+    # bench/summary.py reads this run's JSON: a headline row per workload, no cold rows
+    summary = _summary_module()
+    head, goals = summary.headline(res), summary.targets(res)
+    assert sum("**first load+touch, fresh process**" in line for line in head.splitlines()) == 3
+    assert "cold" not in head and "cold" not in goals
+    assert "| small | save to a new path >= 4x torch.save |" in goals
 
     meta = res["meta"]
     assert meta["rounds"] == 1 and meta["quick"] is True and meta["statistic"] == "median"
@@ -309,3 +315,85 @@ def test_verify_benchmark_quick_run(tmp_path: Path) -> None:
     # medians, cost and interval, the paired cost and its interval, the process counts
     assert all(len(r.split(" | ")) == 8 and r.endswith(" 1 + 1 |") for r in rows), rows
     assert (tmp_path / "llm-4-shards" / "ckptio.manifest.json").exists()
+
+
+def _summary_module() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "summary.py"
+    spec = importlib.util.spec_from_file_location("bench_summary", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_holds_each_target_against_the_same_run() -> None:
+    """bench/summary.py: each ratio from the run's own medians, met or missed at the target's
+    threshold, each row with its bound; peers compared like for like."""
+    summary = _summary_module()
+
+    def cand(kind: str, first: float, cold: float | None = None, **extra: Any) -> dict[str, Any]:
+        c: dict[str, Any] = {"kind": kind, "first": {"s": first}, "load_touch_s": first / 2}
+        if cold is not None:
+            c["cold"] = {"s": cold}
+        return {**c, **extra}
+
+    rss = {"delta_rss": 1000, "base_rss": 1, "peak_rss": 1001}
+    results = {
+        "meta": {"date": "today"},
+        "workloads": {
+            "small": {
+                "tensor_bytes": 656_000_000,
+                "candidates": {
+                    "ckptio": cand("copy", 0.5, 0.8, rss=rss, file_bytes=1000),
+                    "ckptio, torch's file": cand("copy", 0.25, 0.6),
+                    "ckptio mmap": cand("mmap", 0.3),
+                    "torch": cand("copy", 2.0, 3.2),
+                    "torch mmap": cand("mmap", 1.5),
+                    "safetensors": cand("mmap", 0.29),
+                    "safetensors pread": cand("copy", 0.9),
+                },
+                "first_limits": {
+                    "read fresh 4K": {"s": 0.25},
+                    "read fresh huge": {"s": 0.2},
+                    "map + touch": {"s": 0.01},
+                },
+                "cold_limits": {"cold read": {"s": 0.64}, "cold read O_DIRECT": {"s": 0.33}},
+                "limits": {"write": {"s": 0.15}},
+                "saves": {"torch": {"save_s": 1.0}, "ckptio": {"save_s": 0.2}},
+            }
+        },
+    }
+    goals = summary.targets(results).splitlines()
+
+    def verdict(target: str) -> list[str]:
+        (line,) = [g for g in goals if f"| small | {target} |" in g]
+        return [part.strip() for part in line.split("|")[3:6]]
+
+    assert verdict("first load+touch, ckptio: >= 6x torch.load")[:2] == ["4.00x", "**missed**"]
+    assert verdict("first load+touch, ckptio, torch's file: >= 6x torch.load")[:2] == [
+        "8.00x",
+        "met",
+    ]
+    assert verdict("first load within 1.2x of read fresh huge")[:2] == ["2.50x of it", "**missed**"]
+    assert verdict("first mmap load+touch >= 6x torch mmap")[:2] == ["5.00x", "**missed**"]
+    assert verdict("cold first load, ckptio: >= 2x torch.load")[:2] == ["4.00x", "met"]
+    assert verdict("cold first load, ckptio: >= 0.9x the cold read limit")[:2] == [
+        "0.80x",
+        "**missed**",
+    ]
+    assert verdict("save to a new path >= 4x torch.save")[:2] == ["5.00x", "met"]
+    assert verdict("peak RSS of a load <= 1.1x the file")[:2] == ["1.00x", "met"]
+    # safetensors' mmap load (0.29 s) is ahead of ckptio mmap (0.3 s): missed, named
+    ahead = verdict("first loads ahead of every mmap peer")
+    assert ahead[1] == "**missed**" and "safetensors 0.290" in ahead[2]
+    assert verdict("first loads ahead of every copy peer")[1] == "met"
+    head = summary.headline(results)
+    assert (
+        "| small (656 MB) | **first load+touch, fresh process** | 2.000 s | 0.500 s | 4.00x |"
+        in (head)
+    )
+    assert (
+        "| cold first load+touch | 3.200 s | 0.800 s | 4.00x | cold read 0.640 s, O_DIRECT" in head
+    )
