@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 WORKLOADS = ("llm", "small", "ckpt")
 # Per workload: first load vs torch.load, first mmap load vs torch's, save vs torch.save.
@@ -53,17 +53,24 @@ def _cold(c: dict[str, Any], name: str) -> float | None:
     return None if entry is None else float(entry["s"])
 
 
+def _workloads(
+    results: dict[str, Any],
+) -> Iterator[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """(name, workload, candidates, first-process limits, cold limits) of each workload the
+    run measured, in WORKLOADS order."""
+    for name in WORKLOADS:
+        w = results["workloads"].get(name)
+        if w is not None:
+            yield name, w, w["candidates"], w["first_limits"], w["cold_limits"]
+
+
 def headline(results: dict[str, Any]) -> str:
     """The README's table: torch and ckptio side by side, each row with its bound."""
     lines = [
         "| workload | operation | torch | ckptio | vs torch | bound (same run) |",
         "|---|---|---:|---:|---:|---|",
     ]
-    for name in WORKLOADS:
-        w = results["workloads"].get(name)
-        if w is None:
-            continue
-        c, first_lim, cold_lim = w["candidates"], w["first_limits"], w["cold_limits"]
+    for name, w, c, first_lim, cold_lim in _workloads(results):
         torch_first = _first(c, "torch")
         label = f"{name} ({_mb(w['tensor_bytes'])})"
 
@@ -136,16 +143,12 @@ def targets(results: dict[str, Any]) -> str:
         "| workload | target | this run | | bound / peers (same run) |",
         "|---|---|---:|---|---|",
     ]
-    for name in WORKLOADS:
-        w = results["workloads"].get(name)
-        if w is None:
-            continue
+    for name, w, c, first_lim, cold_lim in _workloads(results):
 
         def row(target: str, value: str, met: bool, bound: str, workload: str = name) -> None:
             verdict = "met" if met else "**missed**"
             lines.append(f"| {workload} | {target} | {value} | {verdict} | {bound} |")
 
-        c, first_lim, cold_lim = w["candidates"], w["first_limits"], w["cold_limits"]
         ours = {
             label: c.get(key)
             for label, key in (
